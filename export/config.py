@@ -1,0 +1,138 @@
+"""Model sizes: one frozen dataclass, three presets, and the component configs derived from it.
+
+Every submodule's width comes from `ModelConfig`; the diffusers/transformers configs written into a
+checkpoint are derived here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from export.errors import DiffsrError
+
+LATENT_CHANNELS = 4
+LATENT_FACTOR = 8  # pixels per latent cell: the VAE has three 2x downsamplings
+TEXT_LENGTH = 77  # CLIP context length
+VOCAB_SIZE = 49408  # CLIP BPE vocabulary (256 bytes, 256 word-ends, 48894 merges, 2 specials)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str
+    # VAE: four encoder/decoder blocks, three of them downsample (latent factor 8)
+    vae_channels: tuple[int, int, int, int]
+    vae_layers_per_block: int
+    vae_norm_groups: int
+    # multi-layer LQ fusion -> f1
+    f1_channels: int
+    lq_fusion_heads: int
+    # CLIP text encoder
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_intermediate: int
+    # UNet and its ControlNet copy
+    unet_channels: tuple[int, ...]
+    unet_cross_attention: tuple[bool, ...]  # per level: does the block attend to the text?
+    unet_layers_per_block: int
+    unet_heads: int
+    unet_norm_groups: int
+    # fusion transformer -> f2 (the ControlNet's conditioning)
+    f2_channels: int
+    fusion_heads: int
+    fusion_blocks: int = 2
+    scaling_factor: float = 0.18215
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sizes must divide by this: the UNet halves them once per level but the last."""
+        return 2 ** (len(self.unet_channels) - 1)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise DiffsrError(f"unknown model config keys {unknown}; valid keys: {sorted(names)}")
+        tuples = {k: tuple(v) for k, v in data.items() if isinstance(v, list)}
+        return cls(**{**data, **tuples})
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # tests: a full 20-step 128->512 run in seconds on a laptop CPU
+    "tiny": ModelConfig(
+        preset="tiny",
+        vae_channels=(32, 32, 64, 64), vae_layers_per_block=1, vae_norm_groups=8,
+        f1_channels=64, lq_fusion_heads=2,
+        text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64,
+        unet_channels=(32, 64), unet_cross_attention=(False, True), unet_layers_per_block=1,
+        unet_heads=2, unet_norm_groups=8,
+        f2_channels=32, fusion_heads=2,
+    ),
+    # CPU benchmarks: a quarter of the SD 1.5 widths, SD 1.5 depth
+    "small": ModelConfig(
+        preset="small",
+        vae_channels=(32, 64, 128, 128), vae_layers_per_block=2, vae_norm_groups=16,
+        f1_channels=128, lq_fusion_heads=4,
+        text_hidden=192, text_layers=12, text_heads=3, text_intermediate=768,
+        unet_channels=(80, 160, 320, 320), unet_cross_attention=(True, True, True, False),
+        unet_layers_per_block=2, unet_heads=8, unet_norm_groups=16,
+        f2_channels=80, fusion_heads=2,
+    ),
+    # SD 1.5 widths: the realistic GPU benchmark
+    "sd15": ModelConfig(
+        preset="sd15",
+        vae_channels=(128, 256, 512, 512), vae_layers_per_block=2, vae_norm_groups=32,
+        f1_channels=512, lq_fusion_heads=8,
+        text_hidden=768, text_layers=12, text_heads=12, text_intermediate=3072,
+        unet_channels=(320, 640, 1280, 1280), unet_cross_attention=(True, True, True, False),
+        unet_layers_per_block=2, unet_heads=8, unet_norm_groups=32,
+        f2_channels=320, fusion_heads=5,
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise DiffsrError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+# --- component configs (what the checkpoint's subfolders hold) ---------------------------------
+
+
+def vae_config(cfg: ModelConfig) -> dict[str, Any]:
+    """diffusers `AutoencoderKL` arguments: the SD VAE layout at the preset's widths."""
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=cfg.vae_channels, layers_per_block=cfg.vae_layers_per_block,
+        norm_num_groups=cfg.vae_norm_groups, scaling_factor=cfg.scaling_factor,
+    )
+
+
+def unet_config(cfg: ModelConfig) -> dict[str, Any]:
+    """diffusers `UNet2DConditionModel` arguments; text attention where `unet_cross_attention` says."""
+    down = tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cfg.unet_cross_attention)
+    up = tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cfg.unet_cross_attention))
+    return dict(
+        sample_size=64, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        down_block_types=down, up_block_types=up, block_out_channels=cfg.unet_channels,
+        layers_per_block=cfg.unet_layers_per_block, attention_head_dim=cfg.unet_heads,
+        cross_attention_dim=cfg.text_hidden, norm_num_groups=cfg.unet_norm_groups,
+    )
+
+
+def text_config(cfg: ModelConfig) -> dict[str, Any]:
+    """transformers `CLIPTextConfig` arguments (CLIP-L at sd15)."""
+    return dict(
+        vocab_size=VOCAB_SIZE, hidden_size=cfg.text_hidden, num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
+        max_position_embeddings=TEXT_LENGTH, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )

@@ -1,0 +1,176 @@
+"""One declarative signature per submodule: the single source of every name, dtype and shape.
+
+A shape entry is an int (fixed), a dynamic dim's name, or "8*name" (a multiple of one). ONNX
+dynamic axes, TensorRT profiles, Triton configs, runtime buffers, runner input checks and the
+parity tests' sample inputs all derive from `signatures(model_config)` and `TARGETS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from export.config import LATENT_CHANNELS, LATENT_FACTOR, TEXT_LENGTH, ModelConfig
+from export.errors import DiffsrError
+
+Dim = int | str
+DTYPES = ("float32", "float16", "int32", "int64")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    def resolve(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(_eval(d, dims) for d in self.shape)
+
+
+@dataclass(frozen=True)
+class Signature:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def dim_names(self) -> tuple[str, ...]:
+        names = [_split(d)[1] for t in self.inputs + self.outputs for d in t.shape if isinstance(d, str)]
+        return tuple(dict.fromkeys(names))
+
+    def input_shapes(self, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.resolve(dims) for t in self.inputs}
+
+    def output_shapes(self, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.resolve(dims) for t in self.outputs}
+
+    def bind(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str]) -> dict[str, int]:
+        """Check a feed's names, dtypes and shapes; return the value of every dynamic dim."""
+        expected = [t.name for t in self.inputs]
+        if sorted(shapes) != sorted(expected):
+            raise DiffsrError(f"{self.name}: inputs {sorted(shapes)} given, expected {expected}")
+        dims: dict[str, int] = {}
+        for spec in self.inputs:
+            shape, dtype = tuple(shapes[spec.name]), dtypes[spec.name]
+            if dtype != spec.dtype:
+                raise DiffsrError(f"{self.name}.{spec.name}: dtype {dtype}, expected {spec.dtype}")
+            if len(shape) != len(spec.shape):
+                raise DiffsrError(f"{self.name}.{spec.name}: shape {shape} has rank {len(shape)}, expected {spec.shape}")
+            for size, dim in zip(shape, spec.shape):
+                if isinstance(dim, int):
+                    if size != dim:
+                        raise DiffsrError(f"{self.name}.{spec.name}: shape {shape}, expected {spec.shape}")
+                    continue
+                factor, name = _split(dim)
+                if size % factor or size < factor:
+                    raise DiffsrError(f"{self.name}.{spec.name}: size {size} of {dim} is not a positive multiple of {factor}")
+                if dims.setdefault(name, size // factor) != size // factor:
+                    raise DiffsrError(
+                        f"{self.name}.{spec.name}: shape {shape} disagrees with {name}={dims[name]} set by another input"
+                    )
+        return dims
+
+
+def _split(dim: str) -> tuple[int, str]:
+    factor, _, name = dim.rpartition("*")
+    return (int(factor) if factor else 1), name
+
+
+def _eval(dim: Dim, dims: Mapping[str, int]) -> int:
+    if isinstance(dim, int):
+        return dim
+    factor, name = _split(dim)
+    return factor * dims[name]
+
+
+def signatures(cfg: ModelConfig) -> dict[str, Signature]:
+    """The five submodules' interfaces at a model's widths, in pipeline order."""
+    img = (f"{LATENT_FACTOR}*latent_height", f"{LATENT_FACTOR}*latent_width")
+    lat = ("latent_height", "latent_width")
+    f32 = "float32"
+    sigs = [
+        Signature(
+            "text_encoder",
+            inputs=(TensorSpec("input_ids", "int32", ("text_batch", TEXT_LENGTH)),),
+            outputs=(TensorSpec("text_embeddings", f32, ("text_batch", TEXT_LENGTH, cfg.text_hidden)),),
+        ),
+        Signature(
+            "lq_encoder",
+            inputs=(TensorSpec("lq_image", f32, ("batch", 3, *img)),),
+            outputs=(
+                TensorSpec("f1", f32, ("batch", cfg.f1_channels, *lat)),
+                TensorSpec("z_lq", f32, ("batch", LATENT_CHANNELS, *lat)),
+            ),
+        ),
+        Signature(
+            "fusion_transformer",
+            inputs=(TensorSpec("f1", f32, ("batch", cfg.f1_channels, *lat)), TensorSpec("sample", f32, ("batch", LATENT_CHANNELS, *lat))),
+            outputs=(TensorSpec("f2", f32, ("batch", cfg.f2_channels, *lat)),),
+        ),
+        Signature(
+            "controlnet_unet",
+            inputs=(
+                TensorSpec("sample", f32, ("cfg_batch", LATENT_CHANNELS, *lat)),
+                TensorSpec("timestep", f32, ("cfg_batch",)),
+                TensorSpec("text_embeddings", f32, ("cfg_batch", TEXT_LENGTH, cfg.text_hidden)),
+                TensorSpec("f2", f32, ("batch", cfg.f2_channels, *lat)),
+            ),
+            outputs=(TensorSpec("noise_pred", f32, ("cfg_batch", LATENT_CHANNELS, *lat)),),
+        ),
+        Signature(
+            "vae_decoder",
+            inputs=(TensorSpec("latent", f32, ("batch", LATENT_CHANNELS, *lat)),),
+            outputs=(TensorSpec("image", f32, ("batch", 3, *img)),),
+        ),
+    ]
+    return {s.name: s for s in sigs}
+
+
+# --- deployment targets: the min/opt/max of every dynamic dim -------------------------------------
+
+
+@dataclass(frozen=True)
+class DimRange:
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise DiffsrError(f"dim range {self} must satisfy 1 <= min <= opt <= max")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Shape ranges of one deployment. Latent sides are in latent cells (x8 for pixels)."""
+
+    name: str
+    batch: DimRange
+    latent: DimRange  # both sides; the opt is the 512x512 benchmark
+
+    def dim_ranges(self, cfg: ModelConfig) -> dict[str, DimRange]:
+        """Every dynamic dim's range; sides rounded to the UNet's multiple."""
+        m = cfg.latent_multiple
+        side = DimRange(*(max(m, (v // m) * m) for v in (self.latent.min, self.latent.opt, self.latent.max)))
+        b = self.batch
+        return {
+            "batch": b,
+            "cfg_batch": DimRange(b.min, 2 * b.opt, 2 * b.max),  # the negative branch doubles it
+            "text_batch": DimRange(1, 2, 2 * b.max),  # the prompts: positive, and negative with CFG
+            "latent_height": side,
+            "latent_width": side,
+        }
+
+
+TARGETS: dict[str, Target] = {
+    # a datacenter GPU: up to 4 images a request, 64 to 1024 pixels a side
+    "server": Target("server", batch=DimRange(1, 1, 4), latent=DimRange(8, 64, 128)),
+    # a Jetson Orin class device: one image, up to 768 pixels a side
+    "edge": Target("edge", batch=DimRange(1, 1, 1), latent=DimRange(8, 64, 96)),
+}
+
+
+def target(name: str) -> Target:
+    if name not in TARGETS:
+        raise DiffsrError(f"unknown target {name!r}; choose one of {sorted(TARGETS)}")
+    return TARGETS[name]

@@ -1,0 +1,99 @@
+"""Image in and out: decoding any PIL mode to RGB, the bicubic LQ upsample, uint8 and colour fixes."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from export.config import LATENT_FACTOR
+from export.errors import DiffsrError
+
+MAX_INPUT_PIXELS = 4096 * 4096  # a decompression-bomb guard, far above what a request should send
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> (H, W, 3) uint8 RGB: alpha composited on white, 16/32-bit scaled down."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale (PNG opens as one of these)
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr / 257.0, 0, 255).round().astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 255.0 if arr.max(initial=0) > 1.0 else 1.0
+        img = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(data: bytes, source: str = "image") -> np.ndarray:
+    """Encoded bytes (PNG, JPEG, ...) -> RGB uint8; a clear error for anything undecodable."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_INPUT_PIXELS:
+                raise DiffsrError(f"{source} is {img.width}x{img.height}, above the {MAX_INPUT_PIXELS} pixel limit")
+            img.load()
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DiffsrError(f"cannot decode {source}: {e}") from None
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise DiffsrError(f"input image not found: {path}")
+    return decode_image(path.read_bytes(), str(path))
+
+
+def save_image(rgb: np.ndarray, path: str | Path) -> None:
+    path = Path(path)
+    try:
+        Image.fromarray(rgb).save(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise DiffsrError(f"cannot write {path}: {e}") from None
+
+
+def output_size(height: int, width: int, scale: int) -> tuple[int, int]:
+    """The upscaled size; it must be a multiple of the latent factor."""
+    h, w = height * scale, width * scale
+    if h % LATENT_FACTOR or w % LATENT_FACTOR:
+        raise DiffsrError(
+            f"output size {w}x{h} (input {width}x{height} x{scale}) is not a multiple of {LATENT_FACTOR}: "
+            f"crop or pad the input so that its sides times {scale} divide by {LATENT_FACTOR}"
+        )
+    return h, w
+
+
+def upsample(rgb: np.ndarray, scale: int) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, sH, sW) float32 in [-1, 1], bicubic."""
+    h, w = output_size(rgb.shape[0], rgb.shape[1], scale)
+    x = torch.tensor(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # copies: inputs may be read-only
+    if scale != 1:
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
+    return x.clamp(-1.0, 1.0)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Replicate-pad the bottom and right edges up to a multiple (the UNet's downsampling depth)."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+
+def adain(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Give x the per-channel mean and standard deviation of ref (colour correction)."""
+    mx, sx = x.mean((-2, -1), keepdim=True), x.std((-2, -1), keepdim=True)
+    mr, sr = ref.mean((-2, -1), keepdim=True), ref.std((-2, -1), keepdim=True)
+    return ((x - mx) / (sx + eps) * sr + mr).clamp(-1.0, 1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    y = ((x[0].float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return y.permute(1, 2, 0).contiguous().numpy()

@@ -1,0 +1,60 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from export.errors import DiffsrError
+from runtime.image import adain, decode_image, output_size, pad_to_multiple, to_rgb, upsample
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_greyscale_16bit_and_alpha_become_rgb8():
+    grey16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert (decode_image(_png(grey16)) == 255).all()
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))  # fully transparent: the white background shows
+    assert (to_rgb(rgba) == 255).all()
+    opaque = Image.new("RGBA", (4, 4), (10, 20, 30, 255))
+    assert to_rgb(opaque)[0, 0].tolist() == [10, 20, 30]
+    for mode in ("L", "P", "CMYK", "1", "LA"):
+        rgb = to_rgb(Image.new(mode, (5, 3)))
+        assert rgb.shape == (3, 5, 3) and rgb.dtype == np.uint8
+
+
+def test_undecodable_bytes_are_one_clear_error():
+    png = _png(Image.new("RGB", (16, 16)))
+    for bad in (b"", b"garbage", png[: len(png) // 2]):
+        with pytest.raises(DiffsrError, match="cannot decode"):
+            decode_image(bad)
+
+
+def test_output_must_be_a_multiple_of_8():
+    assert output_size(32, 48, 4) == (128, 192)
+    with pytest.raises(DiffsrError, match=r"output size 132x132 \(input 33x33 x4\) is not a multiple of 8"):
+        output_size(33, 33, 4)
+
+
+def test_upsample_range_and_size():
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    x = upsample(rgb, 4)
+    assert x.shape == (1, 3, 64, 96) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(upsample(rgb, 1), torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1)
+
+
+def test_pad_to_multiple_keeps_the_image_top_left():
+    x = torch.randn(1, 3, 72, 88)
+    y = pad_to_multiple(x, 16)
+    assert y.shape == (1, 3, 80, 96) and torch.equal(y[..., :72, :88], x)
+
+
+def test_adain_matches_reference_statistics():
+    x, ref = torch.randn(1, 3, 32, 32) * 0.1 + 0.3, torch.randn(1, 3, 32, 32) * 0.2 - 0.1
+    y = adain(x, ref)
+    torch.testing.assert_close(y.mean((-2, -1)), ref.mean((-2, -1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.std((-2, -1)), ref.std((-2, -1)), atol=1e-3, rtol=0)

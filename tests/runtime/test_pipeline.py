@@ -1,0 +1,60 @@
+"""The reference pipeline end to end on a real photo, with the tiny checkpoint."""
+
+import numpy as np
+import pytest
+
+from export.errors import DiffsrError
+from runtime.backends import load_runners
+from runtime.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    return Pipeline(load_runners("torch", tiny_checkpoint), tiny_checkpoint)
+
+
+def _cfg(pipe, **kw):
+    return pipe.checkpoint.defaults.replace(**({"steps": 3} | kw))
+
+
+def test_same_seed_same_image_other_seed_other_image(pipe, photo_lq):
+    a = pipe(photo_lq, _cfg(pipe, seed=7)).image
+    b = pipe(photo_lq, _cfg(pipe, seed=7)).image
+    c = pipe(photo_lq, _cfg(pipe, seed=8)).image
+    assert a.shape == (256, 256, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_full_20_steps_at_the_benchmark_size(pipe):
+    rgb = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    steps = []
+    result = pipe(rgb, pipe.checkpoint.defaults, on_step=lambda i, n: steps.append((i, n)))
+    assert result.image.shape == (512, 512, 3)
+    assert steps == [(i, 20) for i in range(1, 21)]
+    for stage in ("preprocess", "text_encoder", "lq_encoder", "denoise", "vae_decoder", "postprocess", "total"):
+        assert result.timings[stage] > 0
+
+
+def test_non_square_and_unaligned_sizes_are_padded_and_cropped(pipe):
+    # 18x22 -> 72x88 output, latent 9x11: padded to the UNet's multiple, cropped back
+    rgb = np.random.default_rng(1).integers(0, 256, (18, 22, 3), dtype=np.uint8)
+    assert pipe(rgb, _cfg(pipe)).image.shape == (72, 88, 3)
+
+
+def test_options_change_the_image(pipe, photo_lq):
+    base = pipe(photo_lq, _cfg(pipe)).image
+    for change in (dict(guidance_scale=1.0), dict(start="lq"), dict(color_fix="none"), dict(prompt="a cat")):
+        assert not np.array_equal(pipe(photo_lq, _cfg(pipe, **change)).image, base), change
+
+
+def test_colour_fix_follows_the_input(pipe, photo_lq):
+    out = pipe(photo_lq, _cfg(pipe, color_fix="adain")).image.reshape(-1, 3).mean(0)
+    assert np.abs(out - photo_lq.reshape(-1, 3).mean(0)).max() < 4
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(steps=10_000), dict(guidance_scale=float("nan")),
+                                 dict(scheduler="euler_x"), dict(start="middle")])
+def test_bad_settings_are_refused(pipe, bad):
+    with pytest.raises(DiffsrError):
+        pipe.checkpoint.defaults.replace(**bad)
