@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from export.errors import DiffsrError
@@ -16,6 +17,16 @@ LATENT_CHANNELS = 4
 LATENT_FACTOR = 8  # pixels per latent cell: the VAE has three 2x downsamplings
 TEXT_LENGTH = 77  # CLIP context length
 VOCAB_SIZE = 49408  # CLIP BPE vocabulary (256 bytes, 256 word-ends, 48894 merges, 2 specials)
+
+
+class Precision(str, Enum):
+    """Numeric precision of an exported graph or engine."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"  # FP16 weights and activations; the layers the FP16 check keeps stay FP32 in the graph
+
+    def filename(self, submodule: str) -> str:
+        return f"{submodule}.onnx" if self is Precision.FP32 else f"{submodule}.{self.value}.onnx"
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,10 @@ def _print_timings(timings: dict[str, float], title: str) -> None:
     console.print(table)
 
 
-def _upscale(input_rgb, checkpoint: Path, backend: str, overrides: dict, out: Path):
+def _upscale(input_rgb, checkpoint: Path, backend: str, overrides: dict, out: Path,
+             onnx: Path | None = None, precision: str = "fp32"):
     from export.checkpoint import open_checkpoint
+    from export.config import Precision
     from runtime.backends import load_runners
     from runtime.image import output_size, save_image
     from runtime.pipeline import Pipeline
@@ -43,7 +45,9 @@ def _upscale(input_rgb, checkpoint: Path, backend: str, overrides: dict, out: Pa
     ckpt = open_checkpoint(checkpoint)
     config = ckpt.defaults.replace(**overrides)
     output_size(input_rgb.shape[0], input_rgb.shape[1], config.upscale)  # fail before loading weights
-    pipe = Pipeline(load_runners(backend, ckpt), ckpt)
+    if precision not in {p.value for p in Precision}:
+        raise DiffsrError(f"precision {precision!r} is not supported; choose one of {[p.value for p in Precision]}")
+    pipe = Pipeline(load_runners(backend, ckpt, onnx_dir=onnx, precision=Precision(precision)), ckpt)
     columns = (TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("denoise", total=config.steps)
@@ -80,7 +84,9 @@ def upscale(
     guidance: Annotated[Optional[float], typer.Option(help="CFG scale; 1.0 turns CFG off")] = None,
     start: Annotated[Optional[str], typer.Option(help="noise or lq")] = None,
     color_fix: Annotated[Optional[str], typer.Option(help="adain or none")] = None,
-    backend: Annotated[str, typer.Option()] = "torch",
+    backend: Annotated[str, typer.Option(help="torch or onnxruntime")] = "torch",
+    onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder, for --backend onnxruntime")] = None,
+    precision: Annotated[str, typer.Option(help="fp32 or fp16 ONNX graphs")] = "fp32",
 ) -> None:
     """Upscale one image x4."""
     from runtime.image import load_image
@@ -88,7 +94,7 @@ def upscale(
     overrides = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
                      guidance_scale=guidance, start=start, color_fix=color_fix)
     try:
-        result = _upscale(load_image(image), checkpoint, backend, overrides, out)
+        result = _upscale(load_image(image), checkpoint, backend, overrides, out, onnx, precision)
     except DiffsrError as e:
         _fail(str(e))
     h, w = result.image.shape[:2]
@@ -102,28 +108,116 @@ def demo(
     backend: Annotated[str, typer.Option()] = "torch",
 ) -> None:
     """Upscale a real photo from scikit-image with a local checkpoint, creating it if absent."""
-    import numpy as np
-    from PIL import Image
-    from skimage import data
-
+    from calib.data import PHOTOS
+    from calib.data import photo as load_photo
     from export.checkpoint import init_checkpoint
+    from runtime.image import save_image
 
     ckpt_dir = DEMO_DIR / f"checkpoint-{preset}"
     try:
         if not (ckpt_dir / "diffsr.json").is_file():
             console.print(f"creating {preset} checkpoint in {ckpt_dir}")
             init_checkpoint(preset, 0, ckpt_dir)
-        if not hasattr(data, photo):
-            raise DiffsrError(f"skimage.data has no photo {photo!r}; try astronaut, coffee or chelsea")
-        hq = Image.fromarray(np.asarray(getattr(data, photo)())).convert("RGB")
-        lq = hq.resize((128, 128), Image.BICUBIC)  # the benchmark size: 128 in, 512 out
+        if photo not in PHOTOS:
+            raise DiffsrError(f"unknown demo photo {photo!r}; choose one of {list(PHOTOS)}")
+        lq = load_photo(photo, (128, 128))  # the benchmark size: 128 in, 512 out
         lq_path, out_path = DEMO_DIR / f"{photo}_lq.png", DEMO_DIR / f"{photo}_x4_{preset}.png"
-        lq.save(lq_path)
-        result = _upscale(np.asarray(lq), ckpt_dir, backend, {}, out_path)
+        save_image(lq, lq_path)
+        result = _upscale(lq, ckpt_dir, backend, {}, out_path)
     except DiffsrError as e:
         _fail(str(e))
     h, w = result.image.shape[:2]
     _print_timings(result.timings, f"{lq_path} (128x128) -> {out_path} ({w}x{h}, {preset}, {backend})")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise DiffsrError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 128x96") from None
+    return w, h
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the ONNX files and manifest.json")],
+    opset: Annotated[int, typer.Option(help="ONNX opset (TensorRT 10 reads 9 to 20)")] = 18,
+    fp16: Annotated[bool, typer.Option("--fp16", help="also write FP16 graphs, layers kept FP32 by the FP16 check")] = False,
+) -> None:
+    """Export every submodule to ONNX, checked, linted for TensorRT, with a manifest."""
+    from export.checkpoint import SUBMODULES
+    from export.exporter import export_checkpoint
+
+    total = len(SUBMODULES) * (2 if fp16 else 1)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("exporting", total=total)
+
+        def done(what: str) -> None:
+            if what.endswith(("fp32", "fp16")):
+                progress.update(task, advance=1, description=f"exported {what}")
+            else:
+                progress.update(task, description=what)
+
+        try:
+            manifest = export_checkpoint(checkpoint, out, opset=opset, fp16=fp16, on_progress=done)
+        except DiffsrError as e:
+            _fail(str(e))
+    table = Table()
+    for col in ("submodule", "precision", "file", "MB", "kept FP32"):
+        table.add_column(col, justify="right" if col == "MB" else "left")
+    for name, entry in manifest["submodules"].items():
+        for precision in ("fp32", "fp16"):
+            if precision in entry:
+                info = entry[precision]
+                files = [out / info["file"], out / (info["file"] + ".data")]
+                mb = sum(f.stat().st_size for f in files if f.is_file()) / 1e6
+                kept = ", ".join(k["node"] for k in info.get("kept_fp32", [])) if precision == "fp16" else ""
+                table.add_row(name, precision, info["file"], f"{mb:.1f}", kept)
+    console.print(table)
+    console.print(f"manifest: {out / 'manifest.json'}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+def parity(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
+    onnx: Annotated[Path, typer.Option(help="folder made by `diffsr export`")],
+    precision: Annotated[str, typer.Option(help="fp32 or fp16")] = "fp32",
+    size: Annotated[str, typer.Option(help="LQ size of the end-to-end check, WIDTHxHEIGHT")] = "128x96",
+    steps: Annotated[int, typer.Option(help="sampler steps of the end-to-end check")] = 20,
+    json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
+) -> None:
+    """ONNX Runtime against PyTorch per submodule (min, opt, odd shapes) and end to end; exit 1 on a breach."""
+    import json
+
+    from export.checkpoint import open_checkpoint
+    from export.config import Precision
+    from export.parity import check_parity
+
+    try:
+        if precision not in {p.value for p in Precision}:
+            raise DiffsrError(f"precision {precision!r} is not supported; choose one of {[p.value for p in Precision]}")
+        ckpt = open_checkpoint(checkpoint)
+        ckpt.defaults.replace(steps=steps)  # validates
+        with console.status("running parity checks"):
+            report = check_parity(ckpt, onnx, Precision(precision), _size(size), steps)
+    except DiffsrError as e:
+        _fail(str(e))
+    if json_out:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        tol = report.tolerance
+        table = Table(title=f"{precision}: rel <= {tol.rel:g}, PSNR >= {tol.psnr_db:g} dB")
+        for col in ("submodule", "shape", "output", "max abs", "rel", "ok"):
+            table.add_column(col)
+        for o in report.outputs:
+            table.add_row(o.submodule, o.shape, o.output, f"{o.max_abs:.3g}", f"{o.rel:.3g}", "yes" if o.passed else "NO")
+        for i in report.images:
+            table.add_row("pipeline", i.size, "image", f"{i.max_abs}", f"{i.psnr_db:.2f} dB", "yes" if i.passed else "NO")
+        Console().print(table)
+    if not report.passed:
+        raise typer.Exit(code=1)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from export.checkpoint import (
 from export.config import preset
 from export.errors import DiffsrError
 from export.signatures import signatures
-from tests.conftest import sample_inputs
+from calib.data import sample_inputs
 
 DIMS = dict(batch=1, cfg_batch=2, text_batch=2, latent_height=8, latent_width=8)
 

@@ -5,7 +5,7 @@ import torch
 
 from export.signatures import signatures
 from runtime.backends.torch_runner import TorchRunner
-from tests.conftest import sample_inputs
+from calib.data import sample_inputs
 
 DIMS = [
     dict(batch=1, cfg_batch=2, text_batch=2, latent_height=8, latent_width=8),

@@ -1,0 +1,126 @@
+"""The export manifest: what each ONNX file is, so a later step can refuse one that does not match.
+
+It records each file's sha256 (external data included), the signature it was exported with (and
+its hash), the opset, the library versions, and a digest of the checkpoint it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+from pathlib import Path
+from typing import Any
+
+from export.checkpoint import Checkpoint
+from export.config import Precision
+from export.errors import DiffsrError
+from export.signatures import Signature, signatures
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+LIBRARIES = ("diffsr", "torch", "onnx", "onnxruntime", "onnxscript", "diffusers", "transformers")
+
+
+def _sha256(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of an ONNX file and, where present, its external data file."""
+    data = path.with_name(path.name + ".data")
+    return _sha256(path, data) if data.is_file() else _sha256(path)
+
+
+def checkpoint_digest(path: Path) -> str:
+    """One sha256 over every file of a checkpoint folder (names and contents)."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(path)).encode() + b"\0" + _sha256(file).encode())
+    return h.hexdigest()
+
+
+def signature_json(sig: Signature) -> dict[str, Any]:
+    return dataclasses.asdict(sig)
+
+
+def signature_hash(sig: Signature) -> str:
+    return hashlib.sha256(json.dumps(signature_json(sig), sort_keys=True).encode()).hexdigest()
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for lib in LIBRARIES:
+        try:
+            found[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            found[lib] = "not installed"
+    return found
+
+
+def write_manifest(out: Path, ckpt: Checkpoint, opset: int, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """files: submodule -> precision -> {"file": name, ...extra}; hashes and signatures are added here."""
+    sigs = signatures(ckpt.model)
+    submodules = {}
+    for name, by_precision in files.items():
+        entry: dict[str, Any] = {"signature": signature_json(sigs[name]), "signature_sha256": signature_hash(sigs[name])}
+        for precision, info in by_precision.items():
+            entry[precision] = info | {"sha256": file_sha256(out / info["file"])}
+        submodules[name] = entry
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "checkpoint": {"path": str(ckpt.path.resolve()), "sha256": checkpoint_digest(ckpt.path)},
+        "model": ckpt.model.to_json(),
+        "opset": opset,
+        "exporter": "torch.onnx.export(dynamo=True)",
+        "versions": versions(),
+        "submodules": submodules,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(onnx_dir: Path) -> dict[str, Any]:
+    path = onnx_dir / MANIFEST
+    if not path.is_file():
+        raise DiffsrError(f"no {MANIFEST} in {onnx_dir}: export it with `diffsr export --out {onnx_dir}`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DiffsrError(f"{path} is not valid JSON: {e}") from None
+
+
+def verified_files(
+    onnx_dir: Path, ckpt: Checkpoint, names: tuple[str, ...], precision: Precision, check_checkpoint: bool = True
+) -> dict[str, Path]:
+    """The ONNX file of each submodule, after checking it is the one exported from this checkpoint
+    with today's signature. Any mismatch is an error that names it."""
+    manifest = read_manifest(onnx_dir)
+    if check_checkpoint and manifest["checkpoint"]["sha256"] != checkpoint_digest(ckpt.path):
+        raise DiffsrError(
+            f"{onnx_dir} was exported from another checkpoint ({manifest['checkpoint']['path']}), "
+            f"not {ckpt.path}: re-export with `diffsr export --checkpoint {ckpt.path}`"
+        )
+    sigs = signatures(ckpt.model)
+    paths = {}
+    for name in names:
+        entry = manifest["submodules"].get(name, {})
+        info = entry.get(precision.value)
+        if info is None:
+            hint = " (export with --fp16)" if precision is Precision.FP16 else ""
+            raise DiffsrError(f"{onnx_dir} has no {precision.value} {name} in its manifest{hint}")
+        if entry["signature_sha256"] != signature_hash(sigs[name]):
+            raise DiffsrError(f"{name}: the ONNX file was exported with another signature: re-export {onnx_dir}")
+        path = onnx_dir / info["file"]
+        if not path.is_file():
+            raise DiffsrError(f"{name}: {path} is listed in the manifest but missing")
+        if file_sha256(path) != info["sha256"]:
+            raise DiffsrError(f"{name}: {path} does not match its sha256 in the manifest (modified after export?)")
+        paths[name] = path
+    return paths

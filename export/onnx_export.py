@@ -1,0 +1,131 @@
+"""PyTorch submodule -> checked ONNX file: small steps named for what they turn into what.
+
+    onnx_from_module      torch.export (dynamo) with the signature's dynamic dims -> model.onnx
+    name_dims             the signature's dim names on the graph's inputs and outputs
+    infer_and_check       shape inference and `onnx.checker` full check (path based: > 2 GB works)
+    lint_for_tensorrt     every op and dtype against TensorRT's ONNX parser support matrix
+
+The exporter's own optimiser (onnxscript: constant folding, dead code removal) runs inside
+`torch.onnx.export`; graphs past 2 GB are written with external data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+from torch.export import Dim
+
+from export.config import ModelConfig
+from export.errors import DiffsrError
+from export.signatures import Signature
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18  # the dynamo exporter's floor; TensorRT 10's parser reads opsets 9 to 20
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB; keep a margin for the graph itself
+MAX_SIDE = 512  # export-time bound on latent sides, in units of the UNet's multiple (ONNX has none)
+TENSORRT_OPS = Path(__file__).with_name("data") / "tensorrt_onnx_ops.json"
+ONNX_TYPES = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16",
+              onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.BOOL: "BOOL",
+              onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.INT8: "INT8", onnx.TensorProto.DOUBLE: "DOUBLE"}
+
+
+def export_dims(cfg: ModelConfig) -> dict[str, int]:
+    """Example sizes for tracing: all distinct and > 1, so no dim is specialised to a constant."""
+    m = cfg.latent_multiple
+    return dict(batch=2, cfg_batch=4, text_batch=3, latent_height=2 * m, latent_width=3 * m)
+
+
+def torch_dynamic_shapes(sig: Signature, cfg: ModelConfig) -> dict[str, dict[int, Any]]:
+    """The signature's named dims as torch.export Dims; latent sides as multiples of the UNet's."""
+    m = cfg.latent_multiple
+    base = {
+        "batch": Dim("batch", min=1, max=64),
+        "cfg_batch": Dim("cfg_batch", min=1, max=128),
+        "text_batch": Dim("text_batch", min=1, max=128),
+        "latent_height": m * Dim("latent_height_units", min=1, max=MAX_SIDE),
+        "latent_width": m * Dim("latent_width_units", min=1, max=MAX_SIDE),
+    }
+    shapes: dict[str, dict[int, Any]] = {}
+    for spec in sig.inputs:
+        axes = {}
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, str):
+                factor, _, name = dim.rpartition("*")
+                axes[axis] = int(factor) * base[name] if factor else base[name]
+        shapes[spec.name] = axes
+    return shapes
+
+
+def onnx_from_module(module: nn.Module, sig: Signature, cfg: ModelConfig, path: Path, opset: int = DEFAULT_OPSET) -> Path:
+    from calib.data import sample_inputs
+
+    feed = sample_inputs(sig, export_dims(cfg))
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    try:
+        program = torch.onnx.export(
+            module, tuple(feed.values()), dynamo=True, opset_version=opset,
+            input_names=[t.name for t in sig.inputs], output_names=[t.name for t in sig.outputs],
+            dynamic_shapes=torch_dynamic_shapes(sig, cfg), optimize=True, verbose=False,
+        )
+    except Exception as e:  # the exporter raises many types; its message is what helps
+        raise DiffsrError(f"ONNX export of {sig.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=n_bytes > EXTERNAL_DATA_BYTES)
+    name_dims(path, sig)
+    return path
+
+
+def name_dims(path: Path, sig: Signature) -> None:
+    """Write the signature's dims ("batch", "8*latent_height", ...) onto the graph's inputs and outputs."""
+    model = onnx.load(str(path), load_external_data=False)
+    specs = {t.name: t for t in sig.inputs + sig.outputs}
+    for value in list(model.graph.input) + list(model.graph.output):
+        if value.name not in specs:
+            raise DiffsrError(f"{path.name}: graph value {value.name!r} is not in the {sig.name} signature")
+        for d, dim in zip(value.type.tensor_type.shape.dim, specs[value.name].shape):
+            if isinstance(dim, str):
+                d.dim_param = dim
+            else:
+                d.dim_value = dim
+    onnx.save(model, str(path))  # initializers stay in the external data file, untouched
+
+
+def infer_and_check(path: Path) -> None:
+    try:
+        onnx.shape_inference.infer_shapes_path(str(path), str(path), strict_mode=True)
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise DiffsrError(f"{path.name} fails the ONNX checker: {str(e).splitlines()[0]}") from None
+
+
+@cache
+def tensorrt_support() -> dict[str, Any]:
+    return json.loads(TENSORRT_OPS.read_text())
+
+
+def lint_for_tensorrt(path: Path) -> None:
+    """Refuse ops TensorRT's ONNX parser lacks, or dtypes it does not take for them, naming the node."""
+    data = tensorrt_support()
+    model = onnx.load(str(path), load_external_data=False)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if not data["opset_min"] <= opset <= data["opset_max"]:
+        raise DiffsrError(f"{path.name}: opset {opset} is outside TensorRT's {data['opset_min']}..{data['opset_max']}")
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    types |= {t.name: t.data_type for t in model.graph.initializer}
+    for node in model.graph.node:
+        support = data["operators"].get(node.op_type)
+        if node.domain not in ("", "ai.onnx") or support is None or not support["supported"]:
+            raise DiffsrError(f"{path.name}: node {node.name!r} is a {node.domain or 'ai.onnx'}::{node.op_type}, "
+                              f"which TensorRT's ONNX parser does not support")
+        dtype = ONNX_TYPES.get(types.get(node.input[0], 0)) if node.input else None
+        if dtype is not None and support["types"] and dtype not in support["types"]:
+            raise DiffsrError(f"{path.name}: node {node.name!r} ({node.op_type}) takes {dtype}; "
+                              f"TensorRT's parser takes {support['types']} for it")
