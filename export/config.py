@@ -85,14 +85,14 @@ PRESETS: dict[str, ModelConfig] = {
         unet_heads=2, unet_norm_groups=8,
         f2_channels=32, fusion_heads=2,
     ),
-    # CPU benchmarks: a quarter of the SD 1.5 widths, SD 1.5 depth
+    # CPU benchmarks: a quarter of the SD 1.5 widths and heads (same head dims), SD 1.5 depth
     "small": ModelConfig(
         preset="small",
         vae_channels=(32, 64, 128, 128), vae_layers_per_block=2, vae_norm_groups=16,
         f1_channels=128, lq_fusion_heads=4,
         text_hidden=192, text_layers=12, text_heads=3, text_intermediate=768,
         unet_channels=(80, 160, 320, 320), unet_cross_attention=(True, True, True, False),
-        unet_layers_per_block=2, unet_heads=8, unet_norm_groups=16,
+        unet_layers_per_block=2, unet_heads=2, unet_norm_groups=16,  # a quarter of the heads: SD 1.5's head dims
         f2_channels=80, fusion_heads=2,
     ),
     # SD 1.5 widths: the realistic GPU benchmark

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -70,11 +71,13 @@ def onnx_from_module(module: nn.Module, sig: Signature, cfg: ModelConfig, path: 
     feed = sample_inputs(sig, export_dims(cfg))
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     try:
-        program = torch.onnx.export(
-            module, tuple(feed.values()), dynamo=True, opset_version=opset,
-            input_names=[t.name for t in sig.inputs], output_names=[t.name for t in sig.outputs],
-            dynamic_shapes=torch_dynamic_shapes(sig, cfg), optimize=True, verbose=False,
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # benign dim-rename notes
+            program = torch.onnx.export(
+                module, tuple(feed.values()), dynamo=True, opset_version=opset,
+                input_names=[t.name for t in sig.inputs], output_names=[t.name for t in sig.outputs],
+                dynamic_shapes=torch_dynamic_shapes(sig, cfg), optimize=True, verbose=False,
+            )
     except Exception as e:  # the exporter raises many types; its message is what helps
         raise DiffsrError(f"ONNX export of {sig.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,76 @@
+"""The FP16 safety check: its rules on a hand-made graph, and its effect on the real UNet."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper
+
+from calib.data import sample_inputs
+from calib.fp16 import FP16_MAX, HEADROOM, fp32_layers, record_feeds
+from export.fp16 import fp16_from_fp32
+from export.signatures import signatures
+from runtime.backends import load_runners
+
+
+def _graph(tmp_path):
+    """t -> Mul(freq) -> Sin -> y ; x -> Add(x, x) -> z"""
+    t = helper.make_tensor_value_info("t", TensorProto.FLOAT, [4])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [4])
+    freq = helper.make_tensor("freq", TensorProto.FLOAT, [4], [1.0, 0.5, 0.25, 0.125])
+    nodes = [helper.make_node("Mul", ["t", "freq"], ["arg"], name="mul"),
+             helper.make_node("Sin", ["arg"], ["y"], name="sin"),
+             helper.make_node("Add", ["x", "x"], ["z"], name="add")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [t, x], [y, z], [freq]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_rules_name_overflow_and_periodic_layers(tmp_path):
+    path = _graph(tmp_path)
+    calm = {"t": 1.0, "arg": 1.0, "y": 1.0, "x": 10.0, "z": 20.0}
+    assert fp32_layers(path, calm) == []
+    hot = {"t": 951.0, "arg": 951.0, "y": 1.0, "x": 3e4, "z": 6e4}
+    kept = {k.node: k for k in fp32_layers(path, hot)}
+    assert set(kept) == {"add", "mul", "sin"}
+    assert f"above FP16's {FP16_MAX:g} / {HEADROOM:g}" in kept["add"].reason
+    assert "periodic op on arguments up to 951" in kept["sin"].reason and "spacing there is 0.5" in kept["sin"].reason
+    assert kept["mul"].reason.startswith("feeds sin:")
+
+
+def test_converted_graph_runs_and_keeps_chosen_nodes_fp32(tmp_path):
+    src = _graph(tmp_path)
+    dst = fp16_from_fp32(src, tmp_path / "g16.onnx", {"mul", "sin"}, external_data=False)
+    onnx.checker.check_model(onnx.shape_inference.infer_shapes(onnx.load(str(dst))), full_check=True)
+    session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    t = np.array([951, 900, 500, 3], np.float32)
+    y, z = session.run(None, {"t": t, "x": np.full(4, 1.5, np.float32)})
+    np.testing.assert_allclose(y, np.sin(t * [1.0, 0.5, 0.25, 0.125]), atol=1e-5)  # FP32 kept: exact
+    assert y.dtype == z.dtype == np.float32 and (z == 3.0).all()
+
+
+def test_keeping_the_timestep_embedding_fp32_cuts_the_unet_error(tiny_checkpoint, tiny_reference, tiny_onnx, tmp_path):
+    sig = signatures(tiny_checkpoint.model)["controlnet_unet"]
+    bare = fp16_from_fp32(tiny_onnx / "controlnet_unet.onnx", tmp_path / "bare.onnx", set(), external_data=False)
+    errors = {}
+    for label, path in (("bare", bare), ("checked", tiny_onnx / "controlnet_unet.fp16.onnx")):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feed = sample_inputs(sig, dict(batch=1, cfg_batch=2, text_batch=2, latent_height=16, latent_width=16))
+        feed["timestep"] = torch.full((2,), 900.0)
+        with torch.no_grad():
+            ref = tiny_reference["controlnet_unet"](*feed.values()).numpy()
+        out = session.run(None, {k: v.numpy() for k, v in feed.items()})[0]
+        errors[label] = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert errors["checked"] < errors["bare"] / 2, errors
+
+
+def test_recorder_sees_every_timestep(tiny_checkpoint, photo_lq):
+    feeds = record_feeds(tiny_checkpoint, load_runners("torch", tiny_checkpoint), [photo_lq[:32, :32]], ["a"], steps=3)
+    assert len(feeds["text_encoder"]) == len(feeds["lq_encoder"]) == len(feeds["vae_decoder"]) == 1
+    assert len(feeds["controlnet_unet"]) == len(feeds["fusion_transformer"]) == 3
+    timesteps = [f["timestep"][0].item() for f in feeds["controlnet_unet"]]
+    assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == 3
