@@ -29,6 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from export.config import ModelConfig, preset, text_config, unet_config, vae_config
 from export.errors import DiffsrError
+from export.signatures import SUBMODULES
 from export.model import (
     ControlNetUNet, FusionConfig, FusionTransformer, LQEncoder, LQEncoderConfig, TextEncoder, VAEDecoder,
     config_to_json,
@@ -38,7 +39,6 @@ from runtime.config import PipelineConfig
 from runtime.scheduler import SD_SCHEDULER_CONFIG
 
 FORMAT_VERSION = 1
-SUBMODULES = ("text_encoder", "lq_encoder", "fusion_transformer", "controlnet_unet", "vae_decoder")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS = "model.safetensors"
 

@@ -14,6 +14,7 @@ from export.config import LATENT_CHANNELS, LATENT_FACTOR, TEXT_LENGTH, ModelConf
 from export.errors import DiffsrError
 
 Dim = int | str
+SUBMODULES = ("text_encoder", "lq_encoder", "fusion_transformer", "controlnet_unet", "vae_decoder")
 DTYPES = ("float32", "float16", "int32", "int64")
 
 

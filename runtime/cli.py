@@ -146,6 +146,8 @@ def export_cmd(
     fp16: Annotated[bool, typer.Option("--fp16", help="also write FP16 graphs, layers kept FP32 by the FP16 check")] = False,
 ) -> None:
     """Export every submodule to ONNX, checked, linted for TensorRT, with a manifest."""
+    from collections import Counter
+
     from export.checkpoint import SUBMODULES
     from export.exporter import export_checkpoint
 
@@ -165,7 +167,7 @@ def export_cmd(
         except DiffsrError as e:
             _fail(str(e))
     table = Table()
-    for col in ("submodule", "precision", "file", "MB", "kept FP32"):
+    for col in ("submodule", "precision", "file", "MB", "layers kept FP32 (see manifest)"):
         table.add_column(col, justify="right" if col == "MB" else "left")
     for name, entry in manifest["submodules"].items():
         for precision in ("fp32", "fp16"):
@@ -173,7 +175,8 @@ def export_cmd(
                 info = entry[precision]
                 files = [out / info["file"], out / (info["file"] + ".data")]
                 mb = sum(f.stat().st_size for f in files if f.is_file()) / 1e6
-                kept = ", ".join(k["node"] for k in info.get("kept_fp32", [])) if precision == "fp16" else ""
+                ops = Counter(k["op_type"] for k in info.get("kept_fp32", []))
+                kept = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())) if precision == "fp16" else ""
                 table.add_row(name, precision, info["file"], f"{mb:.1f}", kept)
     console.print(table)
     console.print(f"manifest: {out / 'manifest.json'}", soft_wrap=True, highlight=False)
@@ -218,6 +221,83 @@ def parity(
         Console().print(table)
     if not report.passed:
         raise typer.Exit(code=1)
+
+
+@app.command("triton-repo")
+def triton_repo(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint folder (tokenizer, defaults, model widths)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="model repository to create")],
+    onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder, for the onnxruntime flavour")] = None,
+    engines: Annotated[Optional[Path], typer.Option(help="engine folder, for the tensorrt flavour")] = None,
+    flavour: Annotated[str, typer.Option(help="onnxruntime or tensorrt")] = "onnxruntime",
+    sampler_instances: Annotated[int, typer.Option(help="requests denoised at once")] = 2,
+) -> None:
+    """Generate the Triton model repository (ensemble, BLS sampler, per-submodule models)."""
+    from export.checkpoint import open_checkpoint
+    from triton_models.repository import ServingOptions, build_repository
+
+    try:
+        configs = build_repository(open_checkpoint(checkpoint), onnx, out, flavour, engines,
+                                   ServingOptions(sampler_instances=sampler_instances))
+    except DiffsrError as e:
+        _fail(str(e))
+    console.print(f"wrote {len(configs)} models ({flavour}) to {out}: {', '.join(configs)}", soft_wrap=True)
+
+
+@app.command()
+def serve(
+    repo: Annotated[Path, typer.Option(help="model repository made by `diffsr triton-repo`")],
+    http_port: Annotated[int, typer.Option()] = 8000,
+    grpc_port: Annotated[int, typer.Option()] = 8001,
+    metrics_port: Annotated[int, typer.Option()] = 8002,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    system: Annotated[bool, typer.Option("--system", help="use the tritonserver on PATH")] = False,
+) -> None:
+    """Run Triton on the repository until Ctrl-C, forwarding its log."""
+    import signal
+
+    from triton_models.server import Ports, TritonServer
+
+    server = TritonServer(repo, Ports(http_port, grpc_port, metrics_port), host, system,
+                          log_line=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+    try:
+        server.start()
+    except DiffsrError as e:
+        _fail(str(e))
+    console.print(f"serving diffsr: http {server.http_url}, grpc {server.grpc_url}; Ctrl-C stops", soft_wrap=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        console.print("stopping tritonserver")
+    finally:
+        server.stop()
+
+
+@app.command()
+def client(
+    image: Annotated[Path, typer.Argument(help="input image")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output PNG")],
+    url: Annotated[str, typer.Option(help="host:port of the HTTP or gRPC endpoint")] = "127.0.0.1:8000",
+    protocol: Annotated[str, typer.Option(help="http or grpc")] = "http",
+    prompt: Annotated[Optional[str], typer.Option()] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option()] = None,
+    steps: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    guidance: Annotated[Optional[float], typer.Option()] = None,
+) -> None:
+    """Upscale one image through a running endpoint and print the latency."""
+    from runtime.triton_client import TritonClient
+
+    try:
+        if not image.is_file():
+            raise DiffsrError(f"input image not found: {image}")
+        result = TritonClient(url, protocol).upscale(image.read_bytes(), prompt=prompt, negative_prompt=negative_prompt,
+                                                    steps=steps, seed=seed, guidance_scale=guidance)
+        out.write_bytes(result.png)
+    except DiffsrError as e:
+        _fail(str(e))
+    console.print(f"{image} -> {out} via {protocol}://{url}: {result.latency_s:.3f} s", soft_wrap=True, highlight=False)
 
 
 def main() -> None:

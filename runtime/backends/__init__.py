@@ -4,24 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from export.checkpoint import SUBMODULES, Checkpoint, load_submodule
 from export.config import Precision
 from export.errors import DiffsrError
-from export.signatures import signatures
+from export.signatures import SUBMODULES, signatures
 from runtime.backends.base import Runner
+
+if TYPE_CHECKING:
+    from export.checkpoint import Checkpoint
 
 BACKENDS = ("torch", "onnxruntime")
 
 
 def load_runners(
-    backend: str, ckpt: Checkpoint, device: str = "cpu", onnx_dir: Path | None = None,
+    backend: str, ckpt: "Checkpoint", device: str = "cpu", onnx_dir: Path | None = None,
     precision: Precision = Precision.FP32,
 ) -> dict[str, Runner]:
     """One loaded runner per submodule. ONNX files are checked against their manifest first."""
     sigs = signatures(ckpt.model)
     if backend == "torch":
+        from export.checkpoint import load_submodule
         from runtime.backends.torch_runner import TorchRunner
 
         dev = torch.device(device)

@@ -1,0 +1,55 @@
+"""Generated configs parse into Triton's ModelConfig and agree with the signatures, both flavours."""
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.errors import DiffsrError
+from export.signatures import SUBMODULES, signatures
+from triton_models.repository import OUTPUT, TRITON_DTYPES, ServingOptions, model_configs, write_config
+
+
+@pytest.mark.parametrize("flavour", ["onnxruntime", "tensorrt"])
+def test_configs_parse_and_match_the_signatures(tiny_checkpoint, flavour, tmp_path):
+    configs = model_configs(tiny_checkpoint, flavour, ServingOptions())
+    assert set(configs) == {*SUBMODULES, "preprocess", "sampler", "postprocess", "diffsr"}
+    sigs = signatures(tiny_checkpoint.model)
+    for name, config in configs.items():
+        write_config(config, tmp_path / flavour / name)
+        parsed = text_format.Parse((tmp_path / flavour / name / "config.pbtxt").read_text(), mc.ModelConfig())
+        assert parsed == config and parsed.name == name
+        assert list(parsed.version_policy.specific.versions) == [1]
+        if name in SUBMODULES:
+            for specs, values in ((sigs[name].inputs, parsed.input), (sigs[name].outputs, parsed.output)):
+                assert [v.name for v in values] == [s.name for s in specs]
+                for spec, value in zip(specs, values):
+                    assert value.data_type == TRITON_DTYPES[spec.dtype]
+                    assert list(value.dims) == [d if isinstance(d, int) else -1 for d in spec.shape]
+            if flavour == "tensorrt":
+                assert parsed.platform == "tensorrt_plan" and parsed.default_model_filename == "model.plan"
+                assert parsed.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+            else:
+                assert parsed.backend == "python" and parsed.parameters["onnx_file"].string_value == f"{name}.onnx"
+
+
+def test_ensemble_wires_every_step_output_to_a_later_input(tiny_checkpoint):
+    ensemble = model_configs(tiny_checkpoint, "onnxruntime", ServingOptions())["diffsr"]
+    available = {i.name for i in ensemble.input}
+    optional = {i.name for i in ensemble.input if i.optional}
+    assert optional == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed"}
+    for step in ensemble.ensemble_scheduling.step:
+        assert set(step.input_map.values()) <= available, step.model_name  # topological order
+        available |= set(step.output_map.values())
+    assert [o.name for o in ensemble.output] == [OUTPUT] and OUTPUT in available
+
+
+def test_tensorrt_flavour_keeps_tensors_on_the_gpu(tiny_checkpoint):
+    configs = model_configs(tiny_checkpoint, "tensorrt", ServingOptions())
+    for name in ("preprocess", "sampler", "postprocess"):
+        assert configs[name].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    assert configs["sampler"].parameters["device"].string_value == "cuda"
+
+
+def test_unknown_flavour_is_refused(tiny_checkpoint):
+    with pytest.raises(DiffsrError, match="unknown flavour 'tflite'"):
+        model_configs(tiny_checkpoint, "tflite", ServingOptions())

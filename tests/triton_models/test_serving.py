@@ -1,0 +1,126 @@
+"""The ensemble served by a real tritonserver, against the in-process ONNX Runtime pipeline."""
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from calib.data import photo
+from export.errors import DiffsrError
+from runtime.backends import load_runners
+from runtime.pipeline import Pipeline
+from runtime.triton_client import TritonClient
+
+SETTINGS = dict(steps=4, seed=11)
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _decode(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def lq():
+    return photo("chelsea", (40, 32))
+
+
+@pytest.fixture(scope="module")
+def local(tiny_checkpoint, tiny_onnx):
+    return Pipeline(load_runners("onnxruntime", tiny_checkpoint, onnx_dir=tiny_onnx), tiny_checkpoint)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_endpoint_matches_the_onnxruntime_pipeline(server, local, tiny_checkpoint, lq, protocol):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    remote = _decode(TritonClient(url, protocol).upscale(_png(lq), **SETTINGS).png)
+    direct = local(lq, tiny_checkpoint.defaults.replace(**SETTINGS)).image
+    assert remote.shape == direct.shape == (128, 160, 3)
+    assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
+
+
+def test_request_settings_reach_the_sampler(server, local, tiny_checkpoint, lq):
+    settings = dict(steps=3, seed=5, guidance_scale=1.0, prompt="a cat", negative_prompt="dogs")
+    remote = _decode(TritonClient(server.http_url).upscale(_png(lq), **settings).png)
+    direct = local(lq, tiny_checkpoint.defaults.replace(**settings)).image
+    assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
+
+
+def _raw_infer(server, tensors):
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(server.http_url)
+    inputs = []
+    for name, array, dtype in tensors:
+        tensor = http.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array, binary_data=True)
+        inputs.append(tensor)
+    return client.infer("diffsr", inputs, outputs=[http.InferRequestedOutput("upscaled", binary_data=True)])
+
+
+def test_bad_requests_get_errors_and_the_server_keeps_serving(server, lq):
+    from tritonclient.utils import InferenceServerException
+
+    client = TritonClient(server.http_url)
+    before = client.upscale(_png(lq), **SETTINGS).png
+    png = _png(lq)
+    big = _png(np.zeros((300, 300, 3), np.uint8))  # x4 = 1200x1200, above the 1024x1024 limit
+    bad = {
+        "corrupt": dict(image=b"\x89PNG\r\n\x1a\n" + b"\0" * 64),
+        "truncated": dict(image=png[: len(png) // 2]),
+        "one pixel": dict(image=_png(np.zeros((1, 1, 3), np.uint8))),
+        "too large": dict(image=big),
+        "zero steps": dict(image=png, steps=0),
+        "10000 steps": dict(image=png, steps=10_000),
+        "nan guidance": dict(image=png, guidance_scale=float("nan")),
+    }
+    expected = {"corrupt": "cannot decode", "truncated": "cannot decode", "one pixel": "not a multiple of 8",
+                "too large": "pixel limit", "zero steps": "steps=0", "10000 steps": "steps=10000",
+                "nan guidance": "guidance_scale=nan"}
+    for case, kwargs in bad.items():
+        with pytest.raises(DiffsrError, match=expected[case]):
+            client.upscale(**kwargs)
+    raw = {
+        "missing image": [("steps", np.array([2], np.int32), "INT32")],
+        "wrong dtype": [("image", np.array([1], np.int32), "INT32")],
+        "wrong rank": [("image", np.array([[png]], dtype=np.object_), "BYTES")],
+        "non-utf8 prompt": [("image", np.array([png], dtype=np.object_), "BYTES"),
+                            ("prompt", np.array([b"\xff\xfe bad"], dtype=np.object_), "BYTES")],
+    }
+    for case, tensors in raw.items():
+        with pytest.raises(InferenceServerException):
+            _raw_infer(server, tensors)
+    assert client.upscale(_png(lq), **SETTINGS).png == before
+
+
+def test_concurrent_requests_each_get_their_own_image(server, lq):
+    seeds = list(range(100, 108))
+    client = TritonClient(server.http_url)
+    alone = {s: client.upscale(_png(lq), steps=2, seed=s).png for s in seeds}
+
+    def one(seed):
+        return seed, TritonClient(server.http_url).upscale(_png(lq), steps=2, seed=seed).png
+
+    with ThreadPoolExecutor(8) as pool:
+        together = dict(pool.map(one, seeds))
+    assert together == alone
+    assert len(set(alone.values())) == len(seeds)
+
+
+def test_cli_client(server, lq, tmp_path):
+    from typer.testing import CliRunner
+
+    from runtime.cli import app
+
+    src, out = tmp_path / "lq.png", tmp_path / "out.png"
+    src.write_bytes(_png(lq))
+    result = CliRunner().invoke(app, ["client", str(src), "-o", str(out), "--url", server.grpc_url,
+                                      "--protocol", "grpc", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (160, 128) and "s" in result.output

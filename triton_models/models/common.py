@@ -1,0 +1,86 @@
+"""What the python-backend models share: tensors in and out, optional inputs, errors, BLS calls.
+
+Tensors cross through DLPack, so on a GPU they stay in device memory; on the CPU it copies nothing.
+Only imported inside Triton's python backend (`triton_python_backend_utils` exists there alone).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from export.errors import DiffsrError
+
+
+def parameters(args: dict[str, Any]) -> dict[str, str]:
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def to_torch(tensor: Any) -> torch.Tensor:
+    return torch.from_dlpack(tensor.to_dlpack())
+
+
+def from_torch(name: str, t: torch.Tensor) -> Any:
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(t.contiguous()))
+
+
+def optional(request: Any, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def scalar(request: Any, name: str, kind: type) -> Any:
+    """An optional one-element input as a Python value, or None when absent."""
+    value = optional(request, name)
+    if value is None:
+        return None
+    if value.size != 1:
+        raise DiffsrError(f"{name} must hold one value, got shape {list(value.shape)}")
+    item = value.reshape(-1)[0]
+    if kind is str:
+        if not isinstance(item, bytes):
+            raise DiffsrError(f"{name} must be BYTES (UTF-8 text)")
+        try:
+            return item.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DiffsrError(f"{name} is not valid UTF-8") from None
+    return kind(item)
+
+
+def respond(requests: list, handle: Callable[[Any], list]) -> list:
+    """One response per request; a DiffsrError becomes that request's error, the server serves on."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(pb_utils.InferenceResponse(output_tensors=handle(request)))
+        except DiffsrError as e:
+            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
+    return responses
+
+
+def bls(model: str, outputs: list[str]) -> Callable[..., dict[str, torch.Tensor]]:
+    """A callable `run(**inputs) -> outputs` that infers another model of this server (BLS)."""
+
+    def run(**inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        request = pb_utils.InferenceRequest(
+            model_name=model, requested_output_names=outputs,
+            inputs=[from_torch(k, v) for k, v in inputs.items()],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise DiffsrError(f"{model}: {response.error().message()}")
+        return {name: to_torch(pb_utils.get_output_tensor_by_name(response, name)) for name in outputs}
+
+    return run
+
+
+def bls_runners(models: Mapping[str, list[str]]) -> Callable[..., dict[str, torch.Tensor]]:
+    """run(submodule, **inputs), the form `runtime.pipeline.denoise` takes."""
+    calls = {name: bls(name, outputs) for name, outputs in models.items()}
+    return lambda name, **inputs: calls[name](**inputs)

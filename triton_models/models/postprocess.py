@@ -1,0 +1,28 @@
+"""Decoded image -> cropped, colour-corrected PNG: the pipeline's own step 5."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from PIL import Image
+
+from runtime.pipeline import finish
+from triton_models.models.common import parameters, respond, to_torch
+from triton_models.repository import OUTPUT
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.color_fix = parameters(args)["color_fix"]
+
+    def execute(self, requests: list) -> list:
+        return respond(requests, self._handle)
+
+    def _handle(self, request) -> list:
+        decoded, lq, size = (to_torch(pb_utils.get_input_tensor_by_name(request, n)) for n in ("decoded", "lq_image", "output_size"))
+        rgb = finish(decoded, lq, (int(size[0]), int(size[1])), self.color_fix)
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="PNG")
+        return [pb_utils.Tensor(OUTPUT, np.array([buf.getvalue()], dtype=np.object_))]

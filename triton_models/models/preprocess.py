@@ -1,0 +1,44 @@
+"""Request -> upsampled LQ, token ids, output size: the pipeline's own step 1 and tokeniser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.errors import DiffsrError
+from export.tokenizer import Tokenizer
+from runtime.config import PipelineConfig
+from runtime.image import decode_image, output_size
+from runtime.pipeline import prepare_lq, prompts
+from triton_models.models.common import from_torch, optional, parameters, respond, scalar
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        params = parameters(args)
+        self.defaults = PipelineConfig.from_json(__import__("json").loads(params["pipeline"]))
+        self.latent_multiple = int(params["latent_multiple"])
+        self.max_pixels = int(params["max_output_pixels"])
+        self.tokenizer = Tokenizer(Path(args["model_repository"]) / args["model_version"] / "tokenizer")
+
+    def execute(self, requests: list) -> list:
+        return respond(requests, self._handle)
+
+    def _handle(self, request) -> list:
+        image = optional(request, "image")
+        if image is None or image.size != 1 or not isinstance(image.reshape(-1)[0], bytes):
+            raise DiffsrError("image must be one encoded PNG or JPEG as BYTES")
+        cfg = self.defaults.replace(
+            prompt=scalar(request, "prompt", str), negative_prompt=scalar(request, "negative_prompt", str),
+            guidance_scale=scalar(request, "guidance_scale", float),
+        )
+        rgb = decode_image(image.reshape(-1)[0], "image")
+        h, w = output_size(rgb.shape[0], rgb.shape[1], cfg.upscale)
+        if h * w > self.max_pixels:
+            raise DiffsrError(f"output {w}x{h} is above this server's {self.max_pixels} pixel limit: send a smaller image")
+        lq = prepare_lq(rgb, cfg.upscale, self.latent_multiple)
+        ids = torch.from_numpy(self.tokenizer(prompts(cfg)))
+        return [from_torch("lq_image", lq), from_torch("input_ids", ids),
+                from_torch("output_size", torch.tensor([h, w], dtype=torch.int32))]

@@ -1,0 +1,213 @@
+"""`diffsr triton-repo`: a Triton model repository generated from the signatures.
+
+    diffsr (ensemble)   image, prompt, negative_prompt, steps, guidance_scale, seed -> upscaled (PNG)
+      preprocess        decode, tokenise, bicubic upsample            (python)
+      text_encoder      \\
+      lq_encoder         | one model per submodule: tensorrt_plan, or python running ONNX Runtime
+      sampler           the BLS loop over fusion_transformer and controlnet_unet   (python)
+      vae_decoder       /
+      postprocess       crop, colour correction, PNG                  (python)
+
+Configs are built as Triton's own `ModelConfig` protobuf (shipped in tritonclient) and written in
+its text format, so what is written is what Triton parses. Python models are two-line `model.py`
+files importing the implementation from `triton_models.models`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.checkpoint import Checkpoint
+from export.config import Precision
+from export.errors import DiffsrError
+from export.signatures import SUBMODULES, Signature, TensorSpec, signatures
+from runtime.config import PipelineConfig
+
+FLAVOURS = ("onnxruntime", "tensorrt")
+ENSEMBLE = "diffsr"
+TRITON_DTYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_INT32, "int64": mc.TYPE_INT64,
+                 "bytes": mc.TYPE_STRING, "bool": mc.TYPE_BOOL}
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Production settings; the README says why each is what it is."""
+
+    sampler_instances: int = 2  # requests denoised at once; each holds an instance for all its steps
+    model_instances: int = 1  # per submodule model; BLS calls from all samplers share them
+    max_queue_size: int = 16  # sampler queue bound: beyond it a request is rejected at once
+    queue_timeout_s: float = 120.0  # a request still queued after this is rejected
+    max_output_pixels: int = 1024 * 1024  # the server target's largest side (1024) squared
+    warmup: bool = True  # run each model once at the served shape before reporting ready
+
+
+def _dims(spec: TensorSpec) -> list[int]:
+    return [d if isinstance(d, int) else -1 for d in spec.shape]
+
+
+def _input(spec: TensorSpec, optional: bool = False) -> mc.ModelInput:
+    return mc.ModelInput(name=spec.name, data_type=TRITON_DTYPES[spec.dtype], dims=_dims(spec), optional=optional)
+
+
+def _output(spec: TensorSpec) -> mc.ModelOutput:
+    return mc.ModelOutput(name=spec.name, data_type=TRITON_DTYPES[spec.dtype], dims=_dims(spec))
+
+
+def _params(config: mc.ModelConfig, **values: str) -> None:
+    for key, value in values.items():
+        config.parameters[key].string_value = value
+
+
+def _config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], optional: tuple[str, ...] = ()) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=name, max_batch_size=0)
+    config.version_policy.specific.versions.append(1)  # pinned: exactly the version this tool wrote
+    config.input.extend(_input(s, s.name in optional) for s in inputs)
+    config.output.extend(_output(s) for s in outputs)
+    return config
+
+
+def request_specs() -> list[TensorSpec]:
+    """The endpoint's inputs; all but image are optional and take the checkpoint's defaults."""
+    return [TensorSpec("image", "bytes", (1,)), TensorSpec("prompt", "bytes", (1,)),
+            TensorSpec("negative_prompt", "bytes", (1,)), TensorSpec("steps", "int32", (1,)),
+            TensorSpec("guidance_scale", "float32", (1,)), TensorSpec("seed", "int64", (1,))]
+
+
+OPTIONAL = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed")
+# The endpoint's output. Not "image": an ensemble's output cannot share its input's name (Triton
+# then answers a request twice, the input echoed and the result).
+OUTPUT = "upscaled"
+
+
+def response_spec() -> TensorSpec:
+    return TensorSpec(OUTPUT, "bytes", (1,))
+
+
+def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions) -> dict[str, mc.ModelConfig]:
+    """Every model's config, keyed by model name."""
+    if flavour not in FLAVOURS:
+        raise DiffsrError(f"unknown flavour {flavour!r}; choose one of {list(FLAVOURS)}")
+    sigs = signatures(ckpt.model)
+    gpu = flavour == "tensorrt"
+    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    configs: dict[str, mc.ModelConfig] = {}
+    for name in SUBMODULES:
+        sig = sigs[name]
+        config = _config(name, list(sig.inputs), list(sig.outputs))
+        config.instance_group.add(count=options.model_instances, kind=kind)
+        if gpu:
+            config.platform = "tensorrt_plan"
+            config.default_model_filename = "model.plan"
+        else:
+            config.backend = "python"
+            _params(config, onnx_file=Precision.FP32.filename(name))
+        configs[name] = config
+
+    req = {s.name: s for s in request_specs()}
+    text, lq_enc, dec = sigs["text_encoder"], sigs["lq_encoder"], sigs["vae_decoder"]
+    pipeline_json = json.dumps(ckpt.defaults.to_json())
+
+    pre = _config("preprocess", [req[n] for n in ("image", "prompt", "negative_prompt", "guidance_scale")],
+                  [*lq_enc.inputs, *text.inputs, TensorSpec("output_size", "int32", (2,))], optional=OPTIONAL)
+    _params(pre, pipeline=pipeline_json, latent_multiple=str(ckpt.model.latent_multiple),
+            max_output_pixels=str(options.max_output_pixels))
+    pre.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+
+    sampler_inputs = [*text.outputs, *lq_enc.outputs, req["steps"], req["guidance_scale"], req["seed"]]
+    sampler = _config("sampler", sampler_inputs, [dec.inputs[0]], optional=OPTIONAL)
+    _params(sampler, pipeline=pipeline_json, scheduler=json.dumps(ckpt.scheduler_config), device="cuda" if gpu else "cpu")
+    sampler.instance_group.add(count=options.sampler_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+
+    post = _config("postprocess", [TensorSpec("decoded", "float32", dec.outputs[0].shape), *lq_enc.inputs,
+                                   TensorSpec("output_size", "int32", (2,))], [response_spec()])
+    _params(post, color_fix=ckpt.defaults.color_fix)
+    post.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+
+    for config in (pre, sampler, post):
+        config.backend = "python"
+        if gpu:  # tensors stay on the GPU between BLS calls (DLPack), not copied to the host
+            _params(config, FORCE_CPU_ONLY_INPUT_TENSORS="no")
+    configs.update(preprocess=pre, sampler=sampler, postprocess=post)
+    configs[ENSEMBLE] = _ensemble(req, sigs)
+    return configs
+
+
+def _ensemble(req: dict[str, TensorSpec], sigs: dict[str, Signature]) -> mc.ModelConfig:
+    config = _config(ENSEMBLE, list(req.values()), [response_spec()], optional=OPTIONAL)
+    config.platform = "ensemble"
+    steps = [
+        ("preprocess", {n: n for n in ("image", "prompt", "negative_prompt", "guidance_scale")},
+         {"lq_image": "lq_image", "input_ids": "input_ids", "output_size": "output_size"}),
+        ("text_encoder", {"input_ids": "input_ids"}, {"text_embeddings": "text_embeddings"}),
+        ("lq_encoder", {"lq_image": "lq_image"}, {"f1": "f1", "z_lq": "z_lq"}),
+        ("sampler", {n: n for n in ("text_embeddings", "f1", "z_lq", "steps", "guidance_scale", "seed")},
+         {"latent": "latent"}),
+        ("vae_decoder", {"latent": "latent"}, {"image": "decoded"}),
+        ("postprocess", {"decoded": "decoded", "lq_image": "lq_image", "output_size": "output_size"},
+         {OUTPUT: OUTPUT}),
+    ]
+    for model, inputs, outputs in steps:
+        step = config.ensemble_scheduling.step.add(model_name=model, model_version=1)
+        step.input_map.update(inputs)
+        step.output_map.update(outputs)
+    return config
+
+
+def write_config(config: mc.ModelConfig, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
+
+
+def build_repository(
+    ckpt: Checkpoint, onnx_dir: Path | None, out: Path, flavour: str = "onnxruntime",
+    engines_dir: Path | None = None, options: ServingOptions = ServingOptions(),
+) -> dict[str, mc.ModelConfig]:
+    """Write the model repository; ONNX files are checked against their manifest before copying."""
+    from export.manifest import verified_files
+
+    if out.exists() and any(out.iterdir()):
+        raise DiffsrError(f"output folder {out} is not empty: choose a new --out or remove it")
+    configs = model_configs(ckpt, flavour, options)
+    if flavour == "tensorrt":
+        if engines_dir is None:
+            raise DiffsrError("the tensorrt flavour needs --engines DIR (made by `diffsr build-engines`)")
+        files = {name: Path(engines_dir) / f"{name}.plan" for name in SUBMODULES}
+    else:
+        if onnx_dir is None:
+            raise DiffsrError("the onnxruntime flavour needs --onnx DIR (made by `diffsr export`)")
+        files = verified_files(Path(onnx_dir), ckpt, SUBMODULES, Precision.FP32)
+    for name, config in configs.items():
+        folder = out / name
+        write_config(config, folder)
+        version = folder / "1"
+        version.mkdir()
+        if name in SUBMODULES:
+            src = files[name]
+            if not src.is_file():
+                raise DiffsrError(f"{name}: {src} is missing")
+            if flavour == "tensorrt":
+                shutil.copy(src, version / "model.plan")
+            else:
+                shutil.copy(src, version / src.name)
+                data = src.with_name(src.name + ".data")
+                if data.is_file():
+                    shutil.copy(data, version / data.name)
+                (version / "model.py").write_text(_stub("onnx_model"))
+        elif name != ENSEMBLE:
+            (version / "model.py").write_text(_stub(name))
+    shutil.copytree(ckpt.path / "tokenizer", out / "preprocess" / "1" / "tokenizer")
+    return configs
+
+
+def _stub(module: str) -> str:
+    return f'"""Generated by diffsr triton-repo."""\nfrom triton_models.models.{module} import TritonPythonModel  # noqa: F401\n'
+
+
+def pipeline_defaults(config: mc.ModelConfig) -> PipelineConfig:
+    return PipelineConfig.from_json(json.loads(config.parameters["pipeline"].string_value))

@@ -1,0 +1,148 @@
+"""Start the Triton server bundled in `nvidia-pytriton` (or a system one) on a model repository.
+
+The wheel ships `tritonserver`, the python backend and one backend stub per Python version. The
+backend directory is assembled in a temporary folder (library, utils, this Python's stub); the
+server runs with this interpreter's libpython and the bundled libraries on LD_LIBRARY_PATH, and its
+bin first on PATH, so python-backend models run the same Python and environment (diffsr included)
+as the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.errors import DiffsrError
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+
+def _bundled() -> tuple[Path, Path, Path]:
+    """(tritonserver binary, python backend folder, bundled libraries) from nvidia-pytriton."""
+    try:
+        import pytriton
+    except ImportError:
+        raise DiffsrError("nvidia-pytriton is not installed: `pip install nvidia-pytriton`, or pass --system") from None
+    root = Path(pytriton.__file__).parent
+    return root / "tritonserver" / "bin" / "tritonserver", root / "tritonserver" / "backends" / "python", root.parent / "nvidia_pytriton.libs"
+
+
+def _backend_dir(python_backend: Path, work: Path) -> Path:
+    """backends/python: libtriton_python.so, triton_python_backend_utils.py, and this Python's stub."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = python_backend.parent.parent / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise DiffsrError(f"nvidia-pytriton has no python backend stub for Python {version}: use 3.8 to 3.13")
+    dst = work / "backends" / "python"
+    dst.mkdir(parents=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy(python_backend / name, dst / name)
+    shutil.copy(stub, dst / "triton_python_backend_stub")
+    return work / "backends"
+
+
+class TritonServer:
+    """A tritonserver process: start() waits until the ensemble is ready; stop() shuts it down."""
+
+    def __init__(self, repository: Path, ports: Ports = Ports(), host: str = "127.0.0.1", system: bool = False,
+                 log_line: Callable[[str], None] | None = None, ready_model: str = "diffsr"):
+        self.repository, self.ports, self.host, self.system = Path(repository), ports, host, system
+        self.log_line, self.ready_model = log_line, ready_model
+        self.process: subprocess.Popen[str] | None = None
+        self.logs: list[str] = []
+        self._work = tempfile.TemporaryDirectory(prefix="diffsr-triton-")
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.ports.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.ports.grpc}"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        env = os.environ.copy()
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # the stub finds this venv
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        if self.system:
+            binary = shutil.which("tritonserver")
+            if binary is None:
+                raise DiffsrError("no tritonserver on PATH: drop --system to use the one in nvidia-pytriton")
+            extra: list[str] = []
+        else:
+            binary_path, python_backend, libs = _bundled()
+            binary = str(binary_path)
+            # this interpreter's libpython first: the stub must not mix another 3.x build's with our stdlib
+            libpython = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libpython, str(libs), env.get("LD_LIBRARY_PATH")]))
+            extra = [f"--backend-directory={_backend_dir(python_backend, Path(self._work.name))}"]
+        return [
+            binary, f"--model-repository={self.repository}", f"--http-address={self.host}",
+            f"--grpc-address={self.host}", f"--metrics-address={self.host}", f"--http-port={self.ports.http}",
+            f"--grpc-port={self.ports.grpc}", f"--metrics-port={self.ports.metrics}", "--exit-on-error=true",
+            "--strict-readiness=true", "--log-verbose=0", *extra,
+        ], env
+
+    def start(self, timeout: float = 300.0) -> TritonServer:
+        if not (self.repository / self.ready_model / "config.pbtxt").is_file():
+            raise DiffsrError(f"{self.repository} has no {self.ready_model} model: build it with `diffsr triton-repo`")
+        cmd, env = self.command()
+        self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._pump, daemon=True).start()
+        import tritonclient.http as http
+
+        client = http.InferenceServerClient(self.http_url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = "".join(self.logs[-15:])
+                raise DiffsrError(f"tritonserver exited with code {self.process.returncode}; last log lines:\n{tail}")
+            try:
+                if client.is_model_ready(self.ready_model):
+                    return self
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise DiffsrError(f"tritonserver did not get {self.ready_model} ready within {timeout:.0f} s")
+
+    def _pump(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.logs.append(line)
+            if self.log_line is not None:
+                self.log_line(line.rstrip())
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: Triton drains in-flight requests and unloads models
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._work.cleanup()
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
