@@ -16,7 +16,6 @@ from export.errors import DiffsrError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Deploy a diffusion super-resolution model.")
 console = Console(stderr=True)
-DEMO_DIR = Path(".demo")
 
 
 def _fail(message: str) -> None:
@@ -105,29 +104,42 @@ def upscale(
 def demo(
     preset: Annotated[str, typer.Option(help="checkpoint preset to create if absent")] = "tiny",
     photo: Annotated[str, typer.Option(help="a skimage.data photo")] = "astronaut",
-    backend: Annotated[str, typer.Option()] = "torch",
+    serve: Annotated[bool, typer.Option(help="end by serving it from Triton and upscaling through the endpoint")] = True,
 ) -> None:
-    """Upscale a real photo from scikit-image with a local checkpoint, creating it if absent."""
-    from calib.data import PHOTOS
-    from calib.data import photo as load_photo
-    from export.checkpoint import init_checkpoint
-    from runtime.image import save_image
+    """Upscale a real photo 128 -> 512 with PyTorch, ONNX Runtime and a Triton endpoint."""
+    from runtime.demo import run_demo
 
-    ckpt_dir = DEMO_DIR / f"checkpoint-{preset}"
     try:
-        if not (ckpt_dir / "diffsr.json").is_file():
-            console.print(f"creating {preset} checkpoint in {ckpt_dir}")
-            init_checkpoint(preset, 0, ckpt_dir)
-        if photo not in PHOTOS:
-            raise DiffsrError(f"unknown demo photo {photo!r}; choose one of {list(PHOTOS)}")
-        lq = load_photo(photo, (128, 128))  # the benchmark size: 128 in, 512 out
-        lq_path, out_path = DEMO_DIR / f"{photo}_lq.png", DEMO_DIR / f"{photo}_x4_{preset}.png"
-        save_image(lq, lq_path)
-        result = _upscale(lq, ckpt_dir, backend, {}, out_path)
+        with console.status("demo") as status:
+            result = run_demo(preset, photo, serve, say=lambda text: status.update(text))
     except DiffsrError as e:
         _fail(str(e))
-    h, w = result.image.shape[:2]
-    _print_timings(result.timings, f"{lq_path} (128x128) -> {out_path} ({w}x{h}, {preset}, {backend})")
+    table = Table(title=f"{result.lq_path} (128x128) -> 512x512, {preset} preset, seconds")
+    backends = list(result.timings)
+    table.add_column("stage")
+    for backend in backends:
+        table.add_column(backend, justify="right")
+    for stage in result.timings[backends[0]]:
+        table.add_row(stage, *(f"{result.timings[b][stage]:.3f}" for b in backends))
+    console.print(table)
+    for backend, path in result.outputs.items():
+        console.print(f"{backend:>12}: {path}", highlight=False)
+    if result.endpoint_latency_s is not None:
+        console.print(f"Triton endpoint: {result.endpoint_latency_s:.3f} s end to end (HTTP); "
+                      f"max |endpoint - onnxruntime| = {result.endpoint_max_abs_diff} on uint8", highlight=False)
+
+
+def _demo_png(name: str = "astronaut") -> bytes:
+    """The demo photo at the benchmark size (128x128), PNG-encoded."""
+    import io
+
+    from PIL import Image
+
+    from calib.data import photo
+
+    buf = io.BytesIO()
+    Image.fromarray(photo(name, (128, 128))).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -264,6 +276,12 @@ def serve(
         server.start()
     except DiffsrError as e:
         _fail(str(e))
+    try:
+        warm = server.warm_up(_demo_png())
+    except DiffsrError as e:
+        server.stop()
+        _fail(f"warm-up request failed: {e}")
+    console.print(f"warm-up at 128x128 -> 512x512: {warm:.2f} s", highlight=False)
     console.print(f"serving diffsr: http {server.http_url}, grpc {server.grpc_url}; Ctrl-C stops", soft_wrap=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:

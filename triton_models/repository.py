@@ -16,6 +16,7 @@ files importing the implementation from `triton_models.models`.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export.checkpoint import Checkpoint
 from export.config import Precision
 from export.errors import DiffsrError
-from export.signatures import SUBMODULES, Signature, TensorSpec, signatures
+from export.signatures import SUBMODULES, TARGETS, Signature, TensorSpec, signatures
 from runtime.config import PipelineConfig
 
 FLAVOURS = ("onnxruntime", "tensorrt")
@@ -95,6 +96,7 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions) -> di
         raise DiffsrError(f"unknown flavour {flavour!r}; choose one of {list(FLAVOURS)}")
     sigs = signatures(ckpt.model)
     gpu = flavour == "tensorrt"
+    opt = {name: r.opt for name, r in TARGETS["server"].dim_ranges(ckpt.model).items()}
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
     configs: dict[str, mc.ModelConfig] = {}
     for name in SUBMODULES:
@@ -104,6 +106,7 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions) -> di
         if gpu:
             config.platform = "tensorrt_plan"
             config.default_model_filename = "model.plan"
+            _cuda_graph(config, sig, opt)
         else:
             config.backend = "python"
             _params(config, onnx_file=Precision.FP32.filename(name))
@@ -121,8 +124,13 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions) -> di
 
     sampler_inputs = [*text.outputs, *lq_enc.outputs, req["steps"], req["guidance_scale"], req["seed"]]
     sampler = _config("sampler", sampler_inputs, [dec.inputs[0]], optional=OPTIONAL)
-    _params(sampler, pipeline=pipeline_json, scheduler=json.dumps(ckpt.scheduler_config), device="cuda" if gpu else "cpu")
+    _params(sampler, pipeline=pipeline_json, scheduler=json.dumps(ckpt.scheduler_config), device="cuda" if gpu else "cpu",
+            cuda_memory_pool_bytes=str(cuda_pool_bytes(ckpt) if gpu else 0))
     sampler.instance_group.add(count=options.sampler_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    policy = sampler.dynamic_batching.default_queue_policy  # requests wait here, bounded, not unboundedly
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = int(options.queue_timeout_s * 1e6)
+    policy.max_queue_size = options.max_queue_size
 
     post = _config("postprocess", [TensorSpec("decoded", "float32", dec.outputs[0].shape), *lq_enc.inputs,
                                    TensorSpec("output_size", "int32", (2,))], [response_spec()])
@@ -136,6 +144,23 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions) -> di
     configs.update(preprocess=pre, sampler=sampler, postprocess=post)
     configs[ENSEMBLE] = _ensemble(req, sigs)
     return configs
+
+
+def _cuda_graph(config: mc.ModelConfig, sig: Signature, dims: dict[str, int]) -> None:
+    """The TensorRT backend's CUDA graph, captured at the served (opt) shape; other shapes run without."""
+    cuda = config.optimization.cuda
+    cuda.graphs = True
+    spec = cuda.graph_spec.add()
+    for name, shape in sig.input_shapes(dims).items():
+        spec.input[name].dim.extend(shape)
+
+
+def cuda_pool_bytes(ckpt: Checkpoint) -> int:
+    """A CUDA memory pool that holds the largest output any model returns at the server's max shape,
+    twice (one in flight between BLS calls, one being written)."""
+    dims = {name: r.max for name, r in TARGETS["server"].dim_ranges(ckpt.model).items()}
+    sizes = [4 * math.prod(shape) for sig in signatures(ckpt.model).values() for shape in sig.output_shapes(dims).values()]
+    return 2 * max(sizes)
 
 
 def _ensemble(req: dict[str, TensorSpec], sigs: dict[str, Signature]) -> mc.ModelConfig:

@@ -98,8 +98,27 @@ class TritonServer:
             binary, f"--model-repository={self.repository}", f"--http-address={self.host}",
             f"--grpc-address={self.host}", f"--metrics-address={self.host}", f"--http-port={self.ports.http}",
             f"--grpc-port={self.ports.grpc}", f"--metrics-port={self.ports.metrics}", "--exit-on-error=true",
-            "--strict-readiness=true", "--log-verbose=0", *extra,
+            "--strict-readiness=true", "--log-verbose=0", "--exit-timeout-secs=10", *self._pool_args(), *extra,
         ], env
+
+    def _pool_args(self) -> list[str]:
+        """GPU repositories ask for a CUDA memory pool sized by the generator (see cuda_pool_bytes)."""
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2 as mc
+
+        sampler = self.repository / "sampler" / "config.pbtxt"
+        if not sampler.is_file():
+            return []
+        config = text_format.Parse(sampler.read_text(), mc.ModelConfig())
+        pool = int(config.parameters["cuda_memory_pool_bytes"].string_value or 0)
+        return [f"--cuda-memory-pool-byte-size=0:{pool}"] if pool else []
+
+    def warm_up(self, image: bytes, steps: int = 2) -> float:
+        """One request at the served shape, so first-call costs (allocations, graph captures) are paid
+        before traffic; returns its latency."""
+        from runtime.triton_client import TritonClient
+
+        return TritonClient(self.http_url).upscale(image, steps=steps).latency_s
 
     def start(self, timeout: float = 300.0) -> TritonServer:
         if not (self.repository / self.ready_model / "config.pbtxt").is_file():

@@ -53,3 +53,22 @@ def test_tensorrt_flavour_keeps_tensors_on_the_gpu(tiny_checkpoint):
 def test_unknown_flavour_is_refused(tiny_checkpoint):
     with pytest.raises(DiffsrError, match="unknown flavour 'tflite'"):
         model_configs(tiny_checkpoint, "tflite", ServingOptions())
+
+
+def test_sampler_queue_is_bounded_and_times_out(tiny_checkpoint):
+    sampler = model_configs(tiny_checkpoint, "onnxruntime", ServingOptions(max_queue_size=5, queue_timeout_s=2))["sampler"]
+    policy = sampler.dynamic_batching.default_queue_policy
+    assert policy.max_queue_size == 5 and policy.default_timeout_microseconds == 2_000_000
+    assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
+
+
+def test_tensorrt_models_capture_cuda_graphs_at_the_served_shape(tiny_checkpoint):
+    from export.signatures import TARGETS
+
+    configs = model_configs(tiny_checkpoint, "tensorrt", ServingOptions())
+    opt = {n: r.opt for n, r in TARGETS["server"].dim_ranges(tiny_checkpoint.model).items()}
+    sig = signatures(tiny_checkpoint.model)["controlnet_unet"]
+    cuda = configs["controlnet_unet"].optimization.cuda
+    assert cuda.graphs
+    assert {k: list(v.dim) for k, v in cuda.graph_spec[0].input.items()} == {k: list(v) for k, v in sig.input_shapes(opt).items()}
+    assert int(configs["sampler"].parameters["cuda_memory_pool_bytes"].string_value) > 0
