@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from export.config import ModelConfig, preset, text_config, unet_config, vae_config
+from export.config import ModelConfig, dataclass_from_json, preset, text_config, unet_config, vae_config
 from export.errors import DiffsrError
 from export.signatures import SUBMODULES
 from export.model import (
@@ -122,12 +122,8 @@ def _diffusers(cls: Any, folder: Path) -> Any:
 
 
 def _ours(cls: Any, config_cls: Any, folder: Path) -> nn.Module:
-    config = _read_json(folder / "config.json")
-    config.pop("_class_name", None)
-    try:
-        model = cls(config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
-    except TypeError as e:
-        raise DiffsrError(f"{folder / 'config.json'} does not describe a {cls.__name__}: {e}") from None
+    config = dataclass_from_json(config_cls, _read_json(folder / "config.json"), str(folder / "config.json"))
+    model = cls(config)
     _load_weights(model, folder / WEIGHTS)
     return model
 

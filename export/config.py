@@ -19,6 +19,20 @@ TEXT_LENGTH = 77  # CLIP context length
 VOCAB_SIZE = 49408  # CLIP BPE vocabulary (256 bytes, 256 word-ends, 48894 merges, 2 specials)
 
 
+def dataclass_from_json(cls: Any, data: dict[str, Any], what: str) -> Any:
+    """A config dataclass from JSON: unknown or missing keys are errors naming them; lists -> tuples."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names - {"_class_name"})
+    if unknown:
+        raise DiffsrError(f"unknown {what} keys {unknown}; valid keys: {sorted(names)}")
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(data))
+    if missing:
+        raise DiffsrError(f"{what} lacks keys {missing}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "_class_name"})
+
+
 class Precision(str, Enum):
     """Numeric precision of an exported graph or engine."""
 
@@ -66,12 +80,7 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise DiffsrError(f"unknown model config keys {unknown}; valid keys: {sorted(names)}")
-        tuples = {k: tuple(v) for k, v in data.items() if isinstance(v, list)}
-        return cls(**{**data, **tuples})
+        return dataclass_from_json(cls, data, "model config")
 
 
 PRESETS: dict[str, ModelConfig] = {

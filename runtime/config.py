@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from export.config import dataclass_from_json
 from export.errors import DiffsrError
 
 DEFAULT_PROMPT = "clean, natural, high quality, rich detail, sharp focus, 8k"
@@ -61,8 +62,4 @@ class PipelineConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PipelineConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise DiffsrError(f"unknown pipeline settings {unknown}; valid: {sorted(names)}")
-        return cls(**data)
+        return dataclass_from_json(cls, data, "pipeline setting")

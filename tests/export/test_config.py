@@ -27,3 +27,10 @@ def test_unknown_config_key_is_refused():
     data = PRESETS["tiny"].to_json() | {"bogus": 1}
     with pytest.raises(DiffsrError, match="bogus"):
         ModelConfig.from_json(data)
+
+
+def test_missing_config_key_is_named():
+    data = PRESETS["tiny"].to_json()
+    del data["f1_channels"]
+    with pytest.raises(DiffsrError, match=r"lacks keys \['f1_channels'\]"):
+        ModelConfig.from_json(data)
