@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from export.errors import DiffsrError
@@ -18,7 +18,7 @@ from triton_models.models.common import from_torch, optional, parameters, respon
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         params = parameters(args)
-        self.defaults = PipelineConfig.from_json(__import__("json").loads(params["pipeline"]))
+        self.defaults = PipelineConfig.from_json(json.loads(params["pipeline"]))
         self.latent_multiple = int(params["latent_multiple"])
         self.max_pixels = int(params["max_output_pixels"])
         self.tokenizer = Tokenizer(Path(args["model_repository"]) / args["model_version"] / "tokenizer")
