@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -316,6 +317,56 @@ def client(
     except DiffsrError as e:
         _fail(str(e))
     console.print(f"{image} -> {out} via {protocol}://{url}: {result.latency_s:.3f} s", soft_wrap=True, highlight=False)
+
+
+@app.command()
+def bench(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
+    onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder (onnxruntime, triton, FLOP counts)")] = None,
+    backends: Annotated[str, typer.Option(help="comma-separated: torch,onnxruntime,triton")] = "torch,onnxruntime,triton",
+    size: Annotated[str, typer.Option(help="LQ input size WIDTHxHEIGHT (x4 out)")] = "128x128",
+    steps: Annotated[int, typer.Option()] = 20,
+    runs: Annotated[int, typer.Option(help="timed runs per backend")] = 3,
+    warmup: Annotated[int, typer.Option(help="untimed runs first")] = 1,
+    concurrency: Annotated[str, typer.Option(help="triton: requests in flight, comma-separated")] = "1,2,4",
+    triton_url: Annotated[Optional[str], typer.Option(help="a running server's HTTP host:port; else one is started")] = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="write the records as JSON")] = None,
+    plot_file: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG bar chart")] = None,
+) -> None:
+    """Per-stage latency (median, p95) of each backend, interleaved, with ratios against PyTorch."""
+    import json
+    import platform
+
+    from export.checkpoint import open_checkpoint
+    from runtime.bench import plot, run_bench, stage_flops, table_rows
+
+    try:
+        ckpt = open_checkpoint(checkpoint)
+        wh = _size(size)
+        levels = tuple(int(c) for c in concurrency.split(",") if c)
+        with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as progress:
+            task = progress.add_task("bench")
+            records = run_bench(ckpt, onnx, [b for b in backends.split(",") if b], wh, steps, runs, warmup, levels,
+                                triton_url, on_progress=lambda text: progress.update(task, description=text))
+        flops = stage_flops(ckpt, onnx, wh) if onnx is not None else None
+    except (DiffsrError, ValueError) as e:
+        _fail(str(e))
+    title = (f"{ckpt.model.preset} {wh[0]}x{wh[1]} -> {4 * wh[0]}x{4 * wh[1]}, {steps} steps, CFG, {runs} runs; "
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    table = Table(title=f"{title}\nmedian s (p95) and speed-up vs torch")
+    for col in ("stage", *(r.backend for r in records), "GFLOP"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for row in table_rows(records, flops):
+        table.add_row(*row)
+    Console().print(table)
+    for rec in records:
+        for c in rec.concurrency:
+            Console().print(f"{rec.backend} concurrency {c['concurrency']}: median {c['median_s']:.3f} s, "
+                            f"p95 {c['p95_s']:.3f} s, {c['throughput_rps']:.3f} images/s", highlight=False)
+    if json_file is not None:
+        json_file.write_text(json.dumps({"title": title, "flops": flops, "records": [r.to_json() for r in records]}, indent=2))
+    if plot_file is not None:
+        plot(records, plot_file, title)
 
 
 def main() -> None:
