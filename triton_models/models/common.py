@@ -64,13 +64,15 @@ def respond(requests: list, handle: Callable[[Any], list]) -> list:
     return responses
 
 
-def bls(model: str, outputs: list[str]) -> Callable[..., dict[str, torch.Tensor]]:
-    """A callable `run(**inputs) -> outputs` that infers another model of this server (BLS)."""
+def bls(model: str, outputs: list[str], gpu: bool = False) -> Callable[..., dict[str, torch.Tensor]]:
+    """A callable `run(**inputs) -> outputs` that infers another model of this server (BLS); with
+    `gpu`, outputs are asked for in GPU memory so the loop's tensors never visit the host."""
+    extra = {"preferred_memory": pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, 0)} if gpu else {}
 
     def run(**inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         request = pb_utils.InferenceRequest(
             model_name=model, requested_output_names=outputs,
-            inputs=[from_torch(k, v) for k, v in inputs.items()],
+            inputs=[from_torch(k, v) for k, v in inputs.items()], **extra,
         )
         response = request.exec()
         if response.has_error():
@@ -80,7 +82,7 @@ def bls(model: str, outputs: list[str]) -> Callable[..., dict[str, torch.Tensor]
     return run
 
 
-def bls_runners(models: Mapping[str, list[str]]) -> Callable[..., dict[str, torch.Tensor]]:
+def bls_runners(models: Mapping[str, list[str]], gpu: bool = False) -> Callable[..., dict[str, torch.Tensor]]:
     """run(submodule, **inputs), the form `runtime.pipeline.denoise` takes."""
-    calls = {name: bls(name, outputs) for name, outputs in models.items()}
+    calls = {name: bls(name, outputs, gpu) for name, outputs in models.items()}
     return lambda name, **inputs: calls[name](**inputs)

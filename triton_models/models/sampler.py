@@ -19,7 +19,8 @@ class TritonPythonModel:
         self.defaults = PipelineConfig.from_json(json.loads(params["pipeline"]))
         self.scheduler_config = json.loads(params["scheduler"])
         self.device = torch.device(params["device"])
-        self.run = bls_runners({"fusion_transformer": ["f2"], "controlnet_unet": ["noise_pred"]})
+        self.run = bls_runners({"fusion_transformer": ["f2"], "controlnet_unet": ["noise_pred"]},
+                               gpu=self.device.type == "cuda")
 
     def execute(self, requests: list) -> list:
         return respond(requests, self._handle)
