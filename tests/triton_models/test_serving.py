@@ -124,3 +124,4 @@ def test_cli_client(server, lq, tmp_path):
                                       "--protocol", "grpc", "--steps", "2"])
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == (160, 128) and "s" in result.output
+

@@ -8,6 +8,7 @@ import json
 import torch
 import triton_python_backend_utils as pb_utils
 
+from export.errors import DiffsrError
 from runtime.config import PipelineConfig
 from runtime.pipeline import denoise
 from triton_models.models.common import bls_runners, from_torch, parameters, respond, scalar, to_torch
@@ -32,7 +33,11 @@ class TritonPythonModel:
         )
         inputs = {n: to_torch(pb_utils.get_input_tensor_by_name(request, n)).to(self.device)
                   for n in ("text_embeddings", "f1", "z_lq")}
-        cancelled = getattr(request, "is_cancelled", lambda: False)
-        latent = denoise(self.run, inputs["f1"], inputs["z_lq"], inputs["text_embeddings"], cfg,
-                         self.scheduler_config, cancelled=cancelled)
+        try:
+            latent = denoise(self.run, inputs["f1"], inputs["z_lq"], inputs["text_embeddings"], cfg,
+                             self.scheduler_config, cancelled=request.is_cancelled)
+        except DiffsrError as e:
+            if request.is_cancelled():
+                pb_utils.Logger.log_warn(f"sampler: request {request.request_id()!r} {e}")
+            raise
         return [from_torch("latent", latent)]
