@@ -73,6 +73,8 @@ def onnx_from_module(module: nn.Module, sig: Signature, cfg: ModelConfig, path: 
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # benign dim-rename notes
+            warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's own deprecations
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
             program = torch.onnx.export(
                 module, tuple(feed.values()), dynamo=True, opset_version=opset,
                 input_names=[t.name for t in sig.inputs], output_names=[t.name for t in sig.outputs],
