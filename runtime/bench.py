@@ -169,7 +169,6 @@ def _triton(ckpt, onnx_dir, url, on_progress):
         return None, url
     import tempfile
 
-    from runtime.demo import _free_port
     from triton_models.repository import ServingOptions, build_repository
     from triton_models.server import Ports, TritonServer
 
@@ -178,7 +177,7 @@ def _triton(ckpt, onnx_dir, url, on_progress):
     repo = Path(tempfile.mkdtemp(prefix="diffsr-bench-")) / "models"
     build_repository(ckpt, onnx_dir, repo, options=ServingOptions(sampler_instances=4))
     on_progress("starting tritonserver")
-    server = TritonServer(repo, Ports(_free_port(), _free_port(), _free_port())).start()
+    server = TritonServer(repo, Ports.free()).start()
     return server, server.http_url
 
 

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import io
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +34,6 @@ class DemoResult:
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # backend -> stage -> seconds
     endpoint_latency_s: float | None = None
     endpoint_max_abs_diff: int | None = None  # endpoint image against the ONNX Runtime pipeline's
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = True,
@@ -89,7 +82,7 @@ def _serve_once(ckpt, onnx_dir: Path, repo: Path, lq: np.ndarray, say) -> tuple[
     shutil.rmtree(repo, ignore_errors=True)
     build_repository(ckpt, onnx_dir, repo)
     say("starting tritonserver")
-    with TritonServer(repo, Ports(_free_port(), _free_port(), _free_port())) as server:
+    with TritonServer(repo, Ports.free()) as server:
         buf = io.BytesIO()
         Image.fromarray(lq).save(buf, format="PNG")
         say(f"upscaling through the endpoint at {server.http_url}")

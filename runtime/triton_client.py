@@ -9,9 +9,10 @@ import numpy as np
 
 from export.errors import DiffsrError
 
+from triton_models.repository import ENSEMBLE as MODEL
+from triton_models.repository import OUTPUT
+
 PROTOCOLS = ("http", "grpc")
-MODEL = "diffsr"
-OUTPUT = "upscaled"
 
 
 @dataclass

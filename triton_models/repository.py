@@ -20,15 +20,18 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.checkpoint import Checkpoint
 from export.config import Precision
 from export.errors import DiffsrError
 from export.signatures import SUBMODULES, TARGETS, Signature, TensorSpec, signatures
 from runtime.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from export.checkpoint import Checkpoint
 
 FLAVOURS = ("onnxruntime", "tensorrt")
 ENSEMBLE = "diffsr"
