@@ -47,7 +47,7 @@ class Recorder(Runner):
         super().__init__(inner.signature)
         self.inner, self.feeds = inner, []
 
-    def _infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _infer(self, feed: Mapping[str, torch.Tensor], dims: Mapping[str, int]) -> dict[str, torch.Tensor]:
         self.feeds.append({k: v.detach().cpu().clone() for k, v in feed.items()})
         return self.inner.infer(feed)
 

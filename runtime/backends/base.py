@@ -40,7 +40,7 @@ class Runner(ABC):
     def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sig = self.signature
         dims = sig.bind({k: tuple(v.shape) for k, v in feed.items()}, {k: dtype_name(v) for k, v in feed.items()})
-        outputs = self._infer(feed)
+        outputs = self._infer(feed, dims)
         for name, shape in sig.output_shapes(dims).items():
             got = outputs.get(name)
             if got is None or tuple(got.shape) != shape:
@@ -49,4 +49,5 @@ class Runner(ABC):
         return outputs
 
     @abstractmethod
-    def _infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def _infer(self, feed: Mapping[str, torch.Tensor], dims: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        """Run a checked feed; `dims` holds the value of every dynamic dim of the signature."""

@@ -14,7 +14,7 @@ import torch
 
 from export.errors import DiffsrError
 from export.signatures import Signature
-from runtime.backends.base import Runner, dtype_name
+from runtime.backends.base import Runner
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
 
@@ -46,17 +46,16 @@ class OnnxRuntimeRunner(Runner):
     def close(self) -> None:
         self.session = None
 
-    def _infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _infer(self, feed: Mapping[str, torch.Tensor], dims: Mapping[str, int]) -> dict[str, torch.Tensor]:
         if self.session is None:
             raise DiffsrError(f"{self.signature.name}: runner used before load()")
         if self.device.type != "cuda":
             outputs = self.session.run(None, {k: v.contiguous().numpy() for k, v in feed.items()})
             return {o.name: torch.from_numpy(v) for o, v in zip(self.session.get_outputs(), outputs)}
-        return self._infer_bound(feed)
+        return self._infer_bound(feed, dims)
 
-    def _infer_bound(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _infer_bound(self, feed: Mapping[str, torch.Tensor], dims: Mapping[str, int]) -> dict[str, torch.Tensor]:
         sig = self.signature
-        dims = sig.bind({k: tuple(v.shape) for k, v in feed.items()}, {k: dtype_name(v) for k, v in feed.items()})
         binding = self.session.io_binding()
         index = self.device.index or 0
         feed = {k: v.contiguous() for k, v in feed.items()}

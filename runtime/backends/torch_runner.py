@@ -17,7 +17,7 @@ class TorchRunner(Runner):
         self.module = module.to(device)
 
     @torch.inference_mode()
-    def _infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _infer(self, feed: Mapping[str, torch.Tensor], dims: Mapping[str, int]) -> dict[str, torch.Tensor]:
         out = self.module(*(feed[t.name] for t in self.signature.inputs))
         out = out if isinstance(out, tuple) else (out,)
         return {t.name: o for t, o in zip(self.signature.outputs, out)}
