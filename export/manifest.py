@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from export.checkpoint import Checkpoint
-from export.config import Precision
+from export.config import ModelConfig, Precision
 from export.errors import DiffsrError
 from export.signatures import Signature, signatures
 
@@ -97,17 +97,19 @@ def read_manifest(onnx_dir: Path) -> dict[str, Any]:
 
 
 def verified_files(
-    onnx_dir: Path, ckpt: Checkpoint, names: tuple[str, ...], precision: Precision, check_checkpoint: bool = True
+    onnx_dir: Path, ckpt: Checkpoint | None, names: tuple[str, ...], precision: Precision
 ) -> dict[str, Path]:
-    """The ONNX file of each submodule, after checking it is the one exported from this checkpoint
-    with today's signature. Any mismatch is an error that names it."""
+    """The ONNX file of each submodule, after checking it is the one exported with today's signature
+    from this checkpoint (or, with no checkpoint, from the model the manifest names). Any mismatch
+    is an error that names it."""
     manifest = read_manifest(onnx_dir)
-    if check_checkpoint and manifest["checkpoint"]["sha256"] != checkpoint_digest(ckpt.path):
+    if ckpt is not None and manifest["checkpoint"]["sha256"] != checkpoint_digest(ckpt.path):
         raise DiffsrError(
             f"{onnx_dir} was exported from another checkpoint ({manifest['checkpoint']['path']}), "
             f"not {ckpt.path}: re-export with `diffsr export --checkpoint {ckpt.path}`"
         )
-    sigs = signatures(ckpt.model)
+    model = ckpt.model if ckpt is not None else ModelConfig.from_json(manifest["model"])
+    sigs = signatures(model)
     paths = {}
     for name in names:
         entry = manifest["submodules"].get(name, {})

@@ -8,7 +8,8 @@ parity tests' sample inputs all derive from `signatures(model_config)` and `TARG
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from export.config import LATENT_CHANNELS, LATENT_FACTOR, TEXT_LENGTH, ModelConfig
 from export.errors import DiffsrError
@@ -44,6 +45,11 @@ class Signature:
 
     def output_shapes(self, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         return {t.name: t.resolve(dims) for t in self.outputs}
+
+    def shape_ranges(self, ranges: Mapping[str, DimRange]) -> dict[str, ShapeRange]:
+        """Each input's (min, opt, max) shape over the dims' ranges: a TensorRT optimisation profile."""
+        ends = [{name: getattr(r, end) for name, r in ranges.items()} for end in ("min", "opt", "max")]
+        return {t.name: ShapeRange(*(t.resolve(dims) for dims in ends)) for t in self.inputs}
 
     def bind(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str]) -> dict[str, int]:
         """Check a feed's names, dtypes and shapes; return the value of every dynamic dim."""
@@ -130,6 +136,15 @@ def signatures(cfg: ModelConfig) -> dict[str, Signature]:
 # --- deployment targets: the min/opt/max of every dynamic dim -------------------------------------
 
 
+class ShapeRange(NamedTuple):
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def contains(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(self.min) and all(lo <= s <= hi for lo, s, hi in zip(self.min, shape, self.max))
+
+
 @dataclass(frozen=True)
 class DimRange:
     min: int
@@ -148,19 +163,32 @@ class Target:
     name: str
     batch: DimRange
     latent: DimRange  # both sides; the opt is the 512x512 benchmark
+    static: bool = False  # every dim fixed at its opt: one shape, the fastest engine
 
     def dim_ranges(self, cfg: ModelConfig) -> dict[str, DimRange]:
         """Every dynamic dim's range; sides rounded to the UNet's multiple."""
         m = cfg.latent_multiple
         side = DimRange(*(max(m, (v // m) * m) for v in (self.latent.min, self.latent.opt, self.latent.max)))
         b = self.batch
-        return {
+        ranges = {
             "batch": b,
             "cfg_batch": DimRange(b.min, 2 * b.opt, 2 * b.max),  # the negative branch doubles it
             "text_batch": DimRange(1, 2, 2 * b.max),  # the prompts: positive, and negative with CFG
             "latent_height": side,
             "latent_width": side,
         }
+        if self.static:
+            return {name: DimRange(r.opt, r.opt, r.opt) for name, r in ranges.items()}
+        return ranges
+
+    def resized(self, max_batch: int | None = None, static: bool = False) -> Target:
+        """This target with another largest batch, and/or fixed at its opt shape."""
+        batch = self.batch
+        if max_batch is not None:
+            if max_batch < batch.opt:
+                raise DiffsrError(f"--max-batch {max_batch} is below the {self.name} target's opt batch {batch.opt}")
+            batch = DimRange(batch.min, batch.opt, max_batch)
+        return replace(self, batch=batch, static=self.static or static)
 
 
 TARGETS: dict[str, Target] = {

@@ -7,10 +7,10 @@ are element-wise torch ops next to the latents, so nothing returns to the host i
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,13 +21,10 @@ from export.signatures import SUBMODULES
 from runtime.backends.base import Runner
 from runtime.config import PipelineConfig
 from runtime.image import adain, output_size, pad_to_multiple, to_uint8, upsample
-from runtime.scheduler import make_scheduler
+from runtime.sampler import StepCallback, StepGraphs, denoise
 
 if TYPE_CHECKING:
     from export.checkpoint import Checkpoint
-
-StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
-RunFn = Callable[..., dict[str, torch.Tensor]]  # run(submodule, **inputs) -> outputs
 
 
 @dataclass
@@ -37,13 +34,20 @@ class UpscaleResult:
 
 
 class Pipeline:
-    def __init__(self, runners: Mapping[str, Runner], checkpoint: "Checkpoint", device: str = "cpu"):
+    """`cuda_graph`: capture one whole denoising step as a CUDA graph and replay it for every step
+    (runners on CUDA whose calls can be captured: PyTorch and TensorRT)."""
+
+    def __init__(self, runners: Mapping[str, Runner], checkpoint: "Checkpoint", device: str = "cpu",
+                 cuda_graph: bool = False):
         missing = [name for name in SUBMODULES if name not in runners]
         if missing:
             raise DiffsrError(f"pipeline needs a runner for every submodule; missing {missing}")
         self.runners, self.checkpoint = runners, checkpoint
         self.tokenizer = checkpoint.tokenizer()
         self.device = torch.device(device)
+        if cuda_graph and self.device.type != "cuda":
+            raise DiffsrError(f"CUDA graphs need a CUDA device; this pipeline runs on {self.device}")
+        self.graphs = StepGraphs() if cuda_graph else None
         self.timings: dict[str, float] = {}
 
     def run(self, name: str, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -71,9 +75,9 @@ class Pipeline:
             lq_out = self.run("lq_encoder", lq_image=lq)
             f1, z_lq = lq_out["f1"], lq_out["z_lq"]  # (1, C1, h, w), (1, 4, h, w)
 
-        # 4. Denoise: the sampler loop, on the device, with CFG.
+        # 4. Denoise: the sampler loop, on the device, with CFG (a CUDA graph replay per step, if asked).
         with self.stage("denoise"):
-            x = denoise(self.run, f1, z_lq, text, cfg, self.checkpoint.scheduler_config, on_step)
+            x = denoise(self.run, f1, z_lq, text, cfg, self.checkpoint.scheduler_config, on_step, graphs=self.graphs)
 
         # 5. Decode; crop the padding, correct colours against the upsampled LQ, to uint8.
         with self.stage("vae_decoder"):
@@ -111,30 +115,3 @@ def finish(decoded: torch.Tensor, lq: torch.Tensor, size: tuple[int, int], color
         out = adain(out, lq[..., :h, :w])
     return to_uint8(out)
 
-
-def denoise(
-    run: RunFn, f1: torch.Tensor, z_lq: torch.Tensor, text: torch.Tensor, cfg: PipelineConfig,
-    scheduler_config: dict[str, Any], on_step: StepCallback | None = None,
-    cancelled: Callable[[], bool] | None = None,
-) -> torch.Tensor:
-    """The sampler: seeded noise (drawn on the CPU, so every device starts alike) or noised z_lq,
-    then `cfg.steps` steps. Shared by the pipeline and the Triton sampler model."""
-    scheduler = make_scheduler(cfg.scheduler, scheduler_config)
-    scheduler.set_timesteps(cfg.steps)
-    noise = torch.randn(z_lq.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(z_lq.device)
-    x = noise if cfg.start == "noise" else scheduler.add_noise(z_lq, noise, scheduler.timesteps[0])
-    for i, t in enumerate(scheduler.timesteps):
-        if cancelled is not None and cancelled():
-            raise DiffsrError(f"cancelled after {i} of {cfg.steps} steps")
-        # f2 from (f1, x_t), shared by both CFG branches; eps from ControlNet + UNet; x_{t-1}
-        f2 = run("fusion_transformer", f1=f1, sample=x)["f2"]
-        batch = torch.cat([x, x]) if text.shape[0] == 2 else x  # (negative, positive)
-        timestep = torch.full((batch.shape[0],), float(t), device=x.device)
-        eps = run("controlnet_unet", sample=batch, timestep=timestep, text_embeddings=text, f2=f2)["noise_pred"]
-        if text.shape[0] == 2:
-            eps_neg, eps_pos = eps.chunk(2)
-            eps = eps_neg + cfg.guidance_scale * (eps_pos - eps_neg)
-        x = scheduler.step(eps, t, x)
-        if on_step is not None:
-            on_step(i + 1, cfg.steps)
-    return x

@@ -8,6 +8,7 @@ few element-wise ops on the device with no host round trip. Tests hold it to dif
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -92,7 +93,16 @@ class DDIMScheduler:
             self._coef[t] = (*_sqrt_pair(self.alphas_cumprod[t]), *_sqrt_pair(a_prev))
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor) -> torch.Tensor:
-        sqrt_a, sqrt_b, sqrt_a_prev, sqrt_b_prev = self._coef[timestep]
+        return self.update(model_output, sample, self._coef[timestep])
+
+    def coefficients(self, timestep: int) -> tuple[float, float, float, float]:
+        """sqrt(a_t), sqrt(1 - a_t), sqrt(a_prev), sqrt(1 - a_prev) of a timestep set by `set_timesteps`."""
+        return self._coef[timestep]
+
+    def update(self, model_output: torch.Tensor, sample: torch.Tensor, coef: Sequence[float | torch.Tensor]) -> torch.Tensor:
+        """x_t -> x_{t-1} given a step's coefficients, as Python floats or as device scalars (what a step
+        captured in a CUDA graph reads, so one capture serves every timestep)."""
+        sqrt_a, sqrt_b, sqrt_a_prev, sqrt_b_prev = coef
         # 1. predicted x_0 and epsilon (eq. 12, "predicted x_0")
         if self.prediction_type == "epsilon":
             x0 = (sample - sqrt_b * model_output) / sqrt_a

@@ -1,12 +1,16 @@
-"""Backends: one small Runner class each, chosen by name."""
+"""Backends: one small Runner class each, chosen by name.
+
+    torch        the PyTorch reference, eager (CPU FP32 by default; `--device cuda --precision fp16` is the
+                 eager FP16 GPU baseline)
+    torch-cuda   PyTorch on CUDA in FP16, channels-last, SDPA attention; each denoising step a CUDA graph
+    onnxruntime  the exported ONNX graphs (CPU execution provider; CUDA where onnxruntime-gpu is installed)
+    tensorrt     the TensorRT plans of `diffsr build-engines`; each denoising step a CUDA graph
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import TYPE_CHECKING
-
-import torch
 
 from export.config import Precision
 from export.errors import DiffsrError
@@ -16,21 +20,36 @@ from runtime.backends.base import Runner
 if TYPE_CHECKING:
     from export.checkpoint import Checkpoint
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "torch-cuda", "onnxruntime", "tensorrt")
+DEFAULTS = {  # backend -> (device, precision)
+    "torch": ("cpu", Precision.FP32),
+    "torch-cuda": ("cuda", Precision.FP16),
+    "onnxruntime": ("cpu", Precision.FP32),
+    "tensorrt": ("cuda", Precision.FP16),
+}
+CUDA_GRAPHS = ("torch-cuda", "tensorrt")  # backends whose denoising step the pipeline captures in a CUDA graph
 
 
 def load_runners(
-    backend: str, ckpt: "Checkpoint", device: str = "cpu", onnx_dir: Path | None = None,
-    precision: Precision = Precision.FP32,
+    backend: str, ckpt: "Checkpoint", device: str | None = None, onnx_dir: Path | None = None,
+    precision: Precision | None = None, engines_dir: Path | None = None,
 ) -> dict[str, Runner]:
-    """One loaded runner per submodule. ONNX files are checked against their manifest first."""
+    """One loaded runner per submodule. ONNX files and engines are checked against their manifest or
+    metadata first."""
+    if backend not in BACKENDS:
+        raise DiffsrError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    default_device, default_precision = DEFAULTS[backend]
+    device, precision = device or default_device, precision or default_precision
+    if backend in ("torch-cuda", "tensorrt"):
+        _require_cuda(backend, device)
     sigs = signatures(ckpt.model)
-    if backend == "torch":
+    if backend in ("torch", "torch-cuda"):
         from export.checkpoint import load_submodule
         from runtime.backends.torch_runner import TorchRunner
 
-        dev = torch.device(device)
-        return {name: TorchRunner(sigs[name], load_submodule(ckpt, name), dev).load() for name in SUBMODULES}
+        layout = backend == "torch-cuda"  # channels-last convolutions
+        return {name: TorchRunner(sigs[name], load_submodule(ckpt, name), device, precision, layout).load()
+                for name in SUBMODULES}
     if backend == "onnxruntime":
         from export.manifest import verified_files
         from runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
@@ -39,4 +58,19 @@ def load_runners(
             raise DiffsrError("the onnxruntime backend needs --onnx DIR (made by `diffsr export`)")
         paths = verified_files(Path(onnx_dir), ckpt, SUBMODULES, precision)
         return {name: OnnxRuntimeRunner(sigs[name], paths[name], device).load() for name in SUBMODULES}
-    raise DiffsrError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if precision is not Precision.FP16:
+        raise DiffsrError("TensorRT engines are built from the FP16 graphs: use --precision fp16 with --backend tensorrt")
+    if engines_dir is None:
+        raise DiffsrError("the tensorrt backend needs --engines DIR (made by `diffsr build-engines`)")
+    from runtime.backends.tensorrt_runner import load_tensorrt_runners
+
+    return load_tensorrt_runners(ckpt.path, sigs, Path(engines_dir), device, onnx_dir)
+
+
+def _require_cuda(backend: str, device: str) -> None:
+    import torch
+
+    if not device.startswith("cuda"):
+        raise DiffsrError(f"the {backend} backend runs on a CUDA device, not {device!r}")
+    if not torch.cuda.is_available():
+        raise DiffsrError(f"the {backend} backend needs a CUDA GPU; torch {torch.__version__} sees none here")

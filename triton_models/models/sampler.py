@@ -10,7 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from export.errors import DiffsrError
 from runtime.config import PipelineConfig
-from runtime.pipeline import denoise
+from runtime.sampler import denoise
 from triton_models.models.common import bls_runners, from_torch, parameters, respond, scalar, to_torch
 
 
