@@ -141,3 +141,25 @@ def check_engine(
     if onnx_sha256 is not None and onnx_sha256 != meta.onnx_sha256:
         raise DiffsrError(f"{name}: the plan was built from another {meta.onnx_file} than the one in the ONNX folder: "
                           f"{rebuild}")
+
+
+def verified_plans(
+    engines_dir: Path, checkpoint: Path, signature_hashes: dict[str, str], running: Environment | None = None,
+    onnx_dir: Path | None = None,
+) -> dict[str, Path]:
+    """Each submodule's plan after its metadata is checked against this checkpoint and its signatures,
+    the plan's bytes, and (where given) the running TensorRT and GPU and the ONNX folder's files."""
+    from export.manifest import checkpoint_digest, file_sha256, read_manifest
+
+    checkpoint_sha = checkpoint_digest(checkpoint)
+    onnx = read_manifest(onnx_dir)["submodules"] if onnx_dir is not None else None
+    plans = {}
+    for name, signature_sha in signature_hashes.items():
+        plan = Path(engines_dir) / f"{name}.plan"
+        if not plan.is_file():
+            raise DiffsrError(f"{name}: no {plan.name} in {engines_dir}: build it with `diffsr build-engines`")
+        onnx_sha = None if onnx is None else onnx.get(name, {}).get("fp16", {}).get("sha256", "none")
+        check_engine(read_meta(plan), signature_sha256=signature_sha, checkpoint_sha256=checkpoint_sha,
+                     running=running, onnx_sha256=onnx_sha, plan_sha256=file_sha256(plan))
+        plans[name] = plan
+    return plans

@@ -87,7 +87,7 @@ def _builder_errors() -> Iterator[list[str]]:
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            errors.append(record.getMessage().strip().splitlines()[-1])
+            errors.append(record.getMessage().strip().splitlines()[-1].removeprefix("[E] "))
 
     handler = Collect(level=logging.ERROR)
     logger = logging.getLogger("Polygraphy")

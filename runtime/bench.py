@@ -27,7 +27,7 @@ from export.config import LATENT_FACTOR
 from export.errors import DiffsrError
 from export.signatures import SUBMODULES, signatures
 
-BACKENDS = ("torch", "onnxruntime", "triton")
+BACKENDS = ("torch", "torch-cuda", "onnxruntime", "tensorrt", "triton")
 STAGES = ("preprocess", "text_encoder", "lq_encoder", "denoise_step", "denoise", "vae_decoder", "postprocess")
 
 
@@ -37,11 +37,12 @@ class Record:
     stages: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> {median_s, p95_s}
     end_to_end: dict[str, float] = field(default_factory=dict)
     rss_mb: float = 0.0  # host memory the backend added when loaded (the server's processes for triton)
+    device_mb: float = 0.0  # GPU memory the backend added when loaded: weights, engines, buffers (CUDA only)
     concurrency: list[dict[str, float]] = field(default_factory=list)  # triton: latency and throughput
 
     def to_json(self) -> dict[str, Any]:
         return {"backend": self.backend, **self.stages, "end_to_end": self.end_to_end, "rss_mb": self.rss_mb,
-                "concurrency": self.concurrency}
+                "device_mb": self.device_mb, "concurrency": self.concurrency}
 
 
 def _stats(samples: list[float]) -> dict[str, float]:
@@ -91,10 +92,10 @@ def stage_flops(ckpt: Checkpoint, onnx_dir: Path, size: tuple[int, int]) -> dict
 def run_bench(
     ckpt: Checkpoint, onnx_dir: Path | None, backends: list[str], size: tuple[int, int] = (128, 128), steps: int = 20,
     runs: int = 3, warmup: int = 1, concurrency: tuple[int, ...] = (1, 2, 4), triton_url: str | None = None,
-    on_progress: Callable[[str], None] = lambda _: None,
+    on_progress: Callable[[str], None] = lambda _: None, device: str = "cpu", engines_dir: Path | None = None,
 ) -> list[Record]:
-    from runtime.backends import load_runners
-    from runtime.pipeline import Pipeline
+    """`device`: where torch and onnxruntime run; on cuda, `torch` is the eager FP16 baseline.
+    torch-cuda and tensorrt always run on CUDA, each denoising step a CUDA graph."""
 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
@@ -114,9 +115,11 @@ def run_bench(
             calls[backend] = _remote_call(url, _png(image), steps)
             records[backend].rss_mb = _rss_mb(_children(server.process.pid)) if server else 0.0
         else:
-            pipe = Pipeline(load_runners(backend, ckpt, onnx_dir=onnx_dir), ckpt)
+            used = _device_used_mb()
+            pipe = _pipeline(backend, ckpt, onnx_dir, engines_dir, device)
             calls[backend] = lambda pipe=pipe: pipe(image, config).timings
             records[backend].rss_mb = _rss_mb() - before
+            records[backend].device_mb = _device_used_mb() - used
     samples: dict[str, list[dict[str, float]]] = {b: [] for b in backends}
     try:
         for i in range(warmup + runs):
@@ -139,6 +142,29 @@ def run_bench(
         if server is not None:
             server.stop()
     return list(records.values())
+
+
+def _pipeline(backend: str, ckpt: Checkpoint, onnx_dir: Path | None, engines_dir: Path | None, device: str):
+    from export.config import Precision
+    from runtime.backends import CUDA_GRAPHS, DEFAULTS, load_runners
+    from runtime.pipeline import Pipeline
+
+    if backend in ("torch-cuda", "tensorrt"):
+        device = DEFAULTS[backend][0]
+    precision = Precision.FP16 if backend == "torch" and device.startswith("cuda") else None
+    runners = load_runners(backend, ckpt, device, onnx_dir, precision, engines_dir)
+    return Pipeline(runners, ckpt, device, cuda_graph=backend in CUDA_GRAPHS)
+
+
+def _device_used_mb() -> float:
+    """GPU memory in use on the current device, by every allocator (TensorRT's too); 0 without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**20
 
 
 def _png(image: np.ndarray) -> bytes:

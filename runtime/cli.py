@@ -34,26 +34,39 @@ def _print_timings(timings: dict[str, float], title: str) -> None:
     console.print(table)
 
 
-def _upscale(input_rgb, checkpoint: Path, backend: str, overrides: dict, out: Path,
-             onnx: Path | None = None, precision: str = "fp32"):
+def _upscale(input_rgb, checkpoint: Path, backend: str, overrides: dict, out: Path, onnx: Path | None = None,
+             precision: str | None = None, device: str | None = None, engines: Path | None = None,
+             cuda_graph: bool | None = None):
     from export.checkpoint import open_checkpoint
-    from export.config import Precision
-    from runtime.backends import load_runners
+    from runtime.backends import CUDA_GRAPHS, DEFAULTS, load_runners
     from runtime.image import output_size, save_image
     from runtime.pipeline import Pipeline
 
     ckpt = open_checkpoint(checkpoint)
     config = ckpt.defaults.replace(**overrides)
     output_size(input_rgb.shape[0], input_rgb.shape[1], config.upscale)  # fail before loading weights
-    if precision not in {p.value for p in Precision}:
-        raise DiffsrError(f"precision {precision!r} is not supported; choose one of {[p.value for p in Precision]}")
-    pipe = Pipeline(load_runners(backend, ckpt, onnx_dir=onnx, precision=Precision(precision)), ckpt)
+    if backend not in DEFAULTS:
+        raise DiffsrError(f"unknown backend {backend!r}; choose one of {list(DEFAULTS)}")
+    device = device or DEFAULTS[backend][0]
+    graph = backend in CUDA_GRAPHS if cuda_graph is None else cuda_graph
+    runners = load_runners(backend, ckpt, device, onnx, _precision(precision), engines)
+    pipe = Pipeline(runners, ckpt, device, cuda_graph=graph)
     columns = (TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("denoise", total=config.steps)
         result = pipe(input_rgb, config, on_step=lambda done, total: progress.update(task, completed=done))
     save_image(result.image, out)
     return result
+
+
+def _precision(value: str | None):
+    from export.config import Precision
+
+    if value is None:
+        return None
+    if value not in {p.value for p in Precision}:
+        raise DiffsrError(f"precision {value!r} is not supported; choose one of {[p.value for p in Precision]}")
+    return Precision(value)
 
 
 @app.command()
@@ -84,9 +97,13 @@ def upscale(
     guidance: Annotated[Optional[float], typer.Option(help="CFG scale; 1.0 turns CFG off")] = None,
     start: Annotated[Optional[str], typer.Option(help="noise or lq")] = None,
     color_fix: Annotated[Optional[str], typer.Option(help="adain or none")] = None,
-    backend: Annotated[str, typer.Option(help="torch or onnxruntime")] = "torch",
-    onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder, for --backend onnxruntime")] = None,
-    precision: Annotated[str, typer.Option(help="fp32 or fp16 ONNX graphs")] = "fp32",
+    backend: Annotated[str, typer.Option(help="torch, torch-cuda, onnxruntime or tensorrt")] = "torch",
+    onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder, for --backend onnxruntime (tensorrt: checked against)")] = None,
+    engines: Annotated[Optional[Path], typer.Option(help="engine folder, for --backend tensorrt")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32 or fp16 (default: the backend's)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N] (default: the backend's)")] = None,
+    cuda_graph: Annotated[Optional[bool], typer.Option("--cuda-graph/--no-cuda-graph",
+                          help="replay each denoising step as a CUDA graph (default: on for torch-cuda, tensorrt)")] = None,
 ) -> None:
     """Upscale one image x4."""
     from runtime.image import load_image
@@ -94,7 +111,8 @@ def upscale(
     overrides = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
                      guidance_scale=guidance, start=start, color_fix=color_fix)
     try:
-        result = _upscale(load_image(image), checkpoint, backend, overrides, out, onnx, precision)
+        result = _upscale(load_image(image), checkpoint, backend, overrides, out, onnx, precision, device, engines,
+                          cuda_graph)
     except DiffsrError as e:
         _fail(str(e))
     h, w = result.image.shape[:2]
@@ -212,12 +230,11 @@ def parity(
     from export.parity import check_parity
 
     try:
-        if precision not in {p.value for p in Precision}:
-            raise DiffsrError(f"precision {precision!r} is not supported; choose one of {[p.value for p in Precision]}")
+        chosen = _precision(precision) or Precision.FP32
         ckpt = open_checkpoint(checkpoint)
         ckpt.defaults.replace(steps=steps)  # validates
         with console.status("running parity checks"):
-            report = check_parity(ckpt, onnx, Precision(precision), _size(size), steps)
+            report = check_parity(ckpt, onnx, chosen, _size(size), steps)
     except DiffsrError as e:
         _fail(str(e))
     if json_out:
@@ -234,6 +251,44 @@ def parity(
         Console().print(table)
     if not report.passed:
         raise typer.Exit(code=1)
+
+
+@app.command("build-engines")
+def build_engines_cmd(
+    onnx: Annotated[Path, typer.Option(help="folder made by `diffsr export --fp16`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for <submodule>.plan and .json")],
+    target: Annotated[str, typer.Option(help="shape ranges: server or edge")] = "server",
+    timing_cache: Annotated[Optional[Path], typer.Option(help="tactic timing cache to read and extend")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(help="largest batch of images (default: the target's)")] = None,
+    static: Annotated[bool, typer.Option("--static", help="one shape, the target's opt: fastest, CUDA-graph friendly")] = False,
+    opt_level: Annotated[int, typer.Option(help="builder optimisation level 0..5")] = 3,
+) -> None:
+    """Build one TensorRT FP16 engine per submodule (strongly typed), with its metadata."""
+    from export.checkpoint import SUBMODULES
+    from export.tensorrt_build import build_engines
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("building", total=len(SUBMODULES))
+
+        def done(what: str) -> None:
+            finished = what.startswith("built") or what.endswith("up to date")
+            progress.update(task, advance=1 if finished else 0, description=what)
+
+        try:
+            metas = build_engines(onnx, out, target, timing_cache, max_batch, static, opt_level, on_progress=done)
+        except DiffsrError as e:
+            _fail(str(e))
+    table = Table(title=f"TensorRT {next(iter(metas.values())).built_with.tensorrt}, "
+                        f"{next(iter(metas.values())).built_with.gpu}, target {target}")
+    for col in ("submodule", "plan MB", "scratch MB", "build s", "profile (min .. max of the first input)"):
+        table.add_column(col, justify="left" if col in ("submodule", "profile (min .. max of the first input)") else "right")
+    for name, meta in metas.items():
+        first = next(iter(meta.profile.values()))
+        size = (out / f"{name}.plan").stat().st_size / 1e6
+        table.add_row(name, f"{size:.1f}", f"{meta.device_memory_bytes / 1e6:.1f}", f"{meta.build_seconds:.1f}",
+                      f"{first[0]} .. {first[2]}")
+    console.print(table)
 
 
 @app.command("triton-repo")
@@ -323,7 +378,9 @@ def client(
 def bench(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
     onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder (onnxruntime, triton, FLOP counts)")] = None,
-    backends: Annotated[str, typer.Option(help="comma-separated: torch,onnxruntime,triton")] = "torch,onnxruntime,triton",
+    backends: Annotated[str, typer.Option(help="comma-separated: torch,torch-cuda,onnxruntime,tensorrt,triton")] = "torch,onnxruntime,triton",
+    device: Annotated[str, typer.Option(help="where torch and onnxruntime run; on cuda, torch is eager FP16")] = "cpu",
+    engines: Annotated[Optional[Path], typer.Option(help="engine folder, for the tensorrt backend")] = None,
     size: Annotated[str, typer.Option(help="LQ input size WIDTHxHEIGHT (x4 out)")] = "128x128",
     steps: Annotated[int, typer.Option()] = 20,
     runs: Annotated[int, typer.Option(help="timed runs per backend")] = 3,
@@ -347,7 +404,8 @@ def bench(
         with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as progress:
             task = progress.add_task("bench")
             records = run_bench(ckpt, onnx, [b for b in backends.split(",") if b], wh, steps, runs, warmup, levels,
-                                triton_url, on_progress=lambda text: progress.update(task, description=text))
+                                triton_url, on_progress=lambda text: progress.update(task, description=text),
+                                device=device, engines_dir=engines)
         flops = stage_flops(ckpt, onnx, wh) if onnx is not None else None
     except (DiffsrError, ValueError) as e:
         _fail(str(e))
@@ -360,6 +418,8 @@ def bench(
         table.add_row(*row)
     Console().print(table)
     for rec in records:
+        if rec.device_mb:
+            Console().print(f"{rec.backend}: {rec.device_mb:.0f} MiB of GPU memory added by loading", highlight=False)
         for c in rec.concurrency:
             Console().print(f"{rec.backend} concurrency {c['concurrency']}: median {c['median_s']:.3f} s, "
                             f"p95 {c['p95_s']:.3f} s, {c['throughput_rps']:.3f} images/s", highlight=False)
@@ -367,6 +427,53 @@ def bench(
         json_file.write_text(json.dumps({"title": title, "flops": flops, "records": [r.to_json() for r in records]}, indent=2))
     if plot_file is not None:
         plot(records, plot_file, title)
+
+
+@app.command("gpu-check")
+def gpu_check(
+    workdir: Annotated[Path, typer.Option(help="where checkpoints are made and kept")] = Path(".demo/gpu"),
+    parity_preset: Annotated[str, typer.Option(help="preset of the parity checks (a CPU reference runs too)")] = "small",
+    bench_preset: Annotated[str, typer.Option(help="preset of the benchmark")] = "sd15",
+    runs: Annotated[int, typer.Option(help="timed runs per backend")] = 3,
+    warmup: Annotated[int, typer.Option(help="untimed runs first")] = 1,
+    engines: Annotated[Optional[Path], typer.Option(help="engines of `diffsr build-engines`, to include TensorRT")] = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="write the report as JSON")] = None,
+) -> None:
+    """On a GPU machine: parity of every GPU path against the CPU reference, the CUDA graph against eager
+    steps, and the benchmark (eager FP16 PyTorch vs torch-cuda vs tensorrt) in one run; exit 1 on a breach."""
+    import json
+
+    from runtime.bench import table_rows
+    from runtime.gpu_check import GRAPH_TOLERANCE, check_gpu
+
+    try:
+        with console.status("gpu-check") as status:
+            report = check_gpu(workdir, parity_preset, bench_preset, runs, warmup, engines,
+                               say=lambda text: status.update(text))
+    except DiffsrError as e:
+        _fail(str(e))
+    out = Console()
+    out.print(", ".join(f"{k}: {v}" for k, v in report.environment.items()), highlight=False, soft_wrap=True)
+    table = Table(title=f"parity, {parity_preset}, 64x64 -> 256x256, 20 steps: GPU path vs CPU FP32 reference")
+    for col in ("path", "PSNR dB", "max |diff|", ">= 30 dB"):
+        table.add_column(col)
+    for row in report.parity:
+        table.add_row(row["path"], f"{row['psnr_db']:.2f}", str(row["max_abs"]), "yes" if row["passed"] else "NO")
+    out.print(table)
+    out.print(f"CUDA graph vs eager steps (same runners): max |diff| {report.graph_max_abs} on uint8 "
+              f"(<= {GRAPH_TOLERANCE} passes), {report.graph_captures} capture(s) for 2 requests", highlight=False)
+    bench = Table(title=f"{report.bench_title}\nmedian s (p95) and speed-up vs eager FP16 PyTorch")
+    for col in ("stage", *(r.backend for r in report.bench)):
+        bench.add_column(col, justify="left" if col == "stage" else "right")
+    for row in table_rows(report.bench):
+        bench.add_row(*row[:-1])
+    out.print(bench)
+    for rec in report.bench:
+        out.print(f"{rec.backend}: {rec.device_mb:.0f} MiB of GPU memory added by loading", highlight=False)
+    if json_file is not None:
+        json_file.write_text(json.dumps(report.to_json(), indent=2))
+    if not report.passed:
+        raise typer.Exit(code=1)
 
 
 def main() -> None:

@@ -203,9 +203,14 @@ def build_repository(
         raise DiffsrError(f"output folder {out} is not empty: choose a new --out or remove it")
     configs = model_configs(ckpt, flavour, options)
     if flavour == "tensorrt":
+        from export.engines import verified_plans
+        from export.manifest import signature_hash
+
         if engines_dir is None:
             raise DiffsrError("the tensorrt flavour needs --engines DIR (made by `diffsr build-engines`)")
-        files = {name: Path(engines_dir) / f"{name}.plan" for name in SUBMODULES}
+        # the serving machine's TensorRT and GPU are checked by Triton when it loads the plans
+        hashes = {name: signature_hash(sig) for name, sig in signatures(ckpt.model).items()}
+        files = verified_plans(Path(engines_dir), ckpt.path, hashes)
     else:
         if onnx_dir is None:
             raise DiffsrError("the onnxruntime flavour needs --onnx DIR (made by `diffsr export`)")

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from export.engines import Environment, check_engine, current_environment, read_meta, tensorrt_module
+from export.engines import Environment, current_environment, tensorrt_module, verified_plans
 from export.errors import DiffsrError
-from export.config import Precision
-from export.manifest import checkpoint_digest, file_sha256, read_manifest, signature_hash
+from export.manifest import signature_hash
 from export.signatures import SUBMODULES, ShapeRange, Signature
 from export.tensorrt_build import check_engine_io, dims_tuple
 from runtime.backends.base import Runner
@@ -132,22 +131,11 @@ def load_tensorrt_runners(
 ) -> dict[str, Runner]:
     """One runner per submodule from `diffsr build-engines` output, every plan's metadata checked first
     against this checkpoint, the running TensorRT and GPU (`running`, by default this process's), and
-    the ONNX folder's files when one is given."""
+    the ONNX folder's files when one is given. All share one scratch allocation."""
     tensorrt_module()
     dev = torch.device(device)
     running = running or current_environment(dev.index or 0)
-    checkpoint_sha = checkpoint_digest(ckpt_path)
-    onnx = read_manifest(onnx_dir)["submodules"] if onnx_dir is not None else None
+    hashes = {name: signature_hash(sigs[name]) for name in SUBMODULES}
+    plans = verified_plans(engines_dir, ckpt_path, hashes, running, onnx_dir)
     scratch = SharedScratch(dev)
-    runners: dict[str, Runner] = {}
-    for name in SUBMODULES:
-        plan = Path(engines_dir) / f"{name}.plan"
-        if not plan.is_file():
-            raise DiffsrError(f"{name}: no {plan.name} in {engines_dir}: build it with `diffsr build-engines`")
-        meta = read_meta(plan)
-        onnx_sha = None if onnx is None else onnx.get(name, {}).get(Precision.FP16.value, {}).get("sha256", "none")
-        check_engine(meta, signature_sha256=signature_hash(sigs[name]), checkpoint_sha256=checkpoint_sha,
-                     running=running, onnx_sha256=onnx_sha, plan_sha256=file_sha256(plan))
-        runners[name] = TensorRTRunner(sigs[name], plan, scratch, dev).load()
-    return runners
-
+    return {name: TensorRTRunner(sigs[name], plans[name], scratch, dev).load() for name in SUBMODULES}
