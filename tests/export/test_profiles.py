@@ -1,0 +1,69 @@
+"""TensorRT optimisation profiles derive from the signatures and the targets, and cover what is served."""
+
+import pytest
+
+from export.config import PRESETS
+from export.errors import DiffsrError
+from export.parity import parity_shapes
+from export.signatures import TARGETS, signatures, target
+from export.tensorrt_build import engine_profiles, profile_json
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_profiles_are_ordered_and_opt_is_the_signature_at_the_opt_dims(preset, name):
+    model = PRESETS[preset]
+    deployment = target(name)
+    ranges = deployment.dim_ranges(model)
+    opt_dims = {k: r.opt for k, r in ranges.items()}
+    for sub, profile in engine_profiles(model, deployment).items():
+        sig = signatures(model)[sub]
+        assert list(profile) == [t.name for t in sig.inputs]
+        assert {k: r.opt for k, r in profile.items()} == sig.input_shapes(opt_dims)
+        for r in profile.values():
+            assert all(lo <= o <= hi for lo, o, hi in zip(r.min, r.opt, r.max)), (sub, r)
+            assert r.contains(r.min) and r.contains(r.max)
+
+
+def test_server_profile_holds_every_parity_shape_and_the_benchmark_size():
+    model = PRESETS["sd15"]
+    profiles = engine_profiles(model, target("server"))
+    for label, dims in parity_shapes(model).items():
+        for sub, sig in signatures(model).items():
+            for name, shape in sig.input_shapes(dims).items():
+                assert profiles[sub][name].contains(shape), (label, sub, name, shape)
+    # the benchmark: 512x512 out, CFG, one image -> latent 64x64, UNet batch 2
+    assert profiles["controlnet_unet"]["sample"].opt == (2, 4, 64, 64)
+    assert profiles["controlnet_unet"]["text_embeddings"].max == (8, 77, 768)
+    assert profiles["lq_encoder"]["lq_image"].max == (4, 3, 1024, 1024)
+
+
+def test_edge_is_one_image_up_to_768_pixels():
+    profiles = engine_profiles(PRESETS["sd15"], target("edge"))
+    assert profiles["controlnet_unet"]["sample"].max == (2, 4, 96, 96)
+    assert profiles["vae_decoder"]["latent"].max == (1, 4, 96, 96)
+
+
+def test_static_fixes_every_dim_at_its_opt():
+    model = PRESETS["tiny"]
+    for sub, profile in engine_profiles(model, target("server").resized(static=True)).items():
+        for name, r in profile.items():
+            assert r.min == r.opt == r.max, (sub, name)
+    unet = engine_profiles(model, target("server").resized(static=True))["controlnet_unet"]
+    assert unet["sample"].opt[0] == 2 and unet["f2"].opt[0] == 1  # CFG doubles the UNet's batch, not f2's
+
+
+def test_max_batch_widens_the_batch_dims_only():
+    model = PRESETS["small"]
+    wide = engine_profiles(model, target("server").resized(max_batch=8))
+    base = engine_profiles(model, target("server"))
+    assert wide["controlnet_unet"]["sample"].max == (16, 4, 128, 128)
+    assert wide["controlnet_unet"]["f2"].max[0] == 8 and wide["text_encoder"]["input_ids"].max == (16, 77)
+    assert wide["controlnet_unet"]["sample"].opt == base["controlnet_unet"]["sample"].opt
+    with pytest.raises(DiffsrError, match="--max-batch 0 is below the server target's opt batch 1"):
+        target("server").resized(max_batch=0)
+
+
+def test_profile_json_is_min_opt_max_lists():
+    profile = engine_profiles(PRESETS["tiny"], target("edge"))["vae_decoder"]
+    assert profile_json(profile) == {"latent": [[1, 4, 8, 8], [1, 4, 64, 64], [1, 4, 96, 96]]}
