@@ -40,8 +40,7 @@ def load_runners(
         raise DiffsrError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     default_device, default_precision = DEFAULTS[backend]
     device, precision = device or default_device, precision or default_precision
-    if backend in ("torch-cuda", "tensorrt"):
-        _require_cuda(backend, device)
+    _check_device(backend, device)
     sigs = signatures(ckpt.model)
     if backend in ("torch", "torch-cuda"):
         from export.checkpoint import load_submodule
@@ -67,10 +66,14 @@ def load_runners(
     return load_tensorrt_runners(ckpt.path, sigs, Path(engines_dir), device, onnx_dir)
 
 
-def _require_cuda(backend: str, device: str) -> None:
+def _check_device(backend: str, device: str) -> None:
     import torch
 
-    if not device.startswith("cuda"):
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise DiffsrError(f"device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if backend in ("torch-cuda", "tensorrt") and kind != "cuda":
         raise DiffsrError(f"the {backend} backend runs on a CUDA device, not {device!r}")
-    if not torch.cuda.is_available():
-        raise DiffsrError(f"the {backend} backend needs a CUDA GPU; torch {torch.__version__} sees none here")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DiffsrError(f"the {backend} backend on {device} needs a CUDA GPU; torch {torch.__version__} sees none here")

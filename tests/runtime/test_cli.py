@@ -96,3 +96,26 @@ def test_entry_point_exits_non_zero_without_a_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: input image not found: {tmp_path / 'x.png'}"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is present")
+@pytest.mark.parametrize("args, message", [
+    (["--cuda-graph"], "CUDA graphs need a CUDA device; this pipeline runs on cpu"),
+    (["--backend", "torch-cuda"], "the torch-cuda backend on cuda needs a CUDA GPU"),
+    (["--backend", "tensorrt", "--engines", "e"], "the tensorrt backend on cuda needs a CUDA GPU"),
+    (["--backend", "torch", "--device", "cuda"], "the torch backend on cuda needs a CUDA GPU"),
+    (["--device", "gpu0"], "device 'gpu0' is not a device: use cpu, cuda or cuda:N"),
+    (["--backend", "onnx"], "unknown backend 'onnx'"),
+    (["--precision", "int8"], "precision 'int8' is not supported"),
+])
+def test_gpu_options_without_a_gpu_fail_on_one_line(tiny_checkpoint, lq_png, tmp_path, args, message):
+    result = _run("upscale", lq_png, "-o", tmp_path / "o.png", "--checkpoint", tiny_checkpoint.path, "--steps", 1, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.count("error:") == 1
+
+
+def test_cli_runs_the_fp16_reference_on_the_cpu(tiny_checkpoint, lq_png, tmp_path):
+    out = tmp_path / "fp16.png"
+    result = _run("upscale", lq_png, "-o", out, "--checkpoint", tiny_checkpoint.path, "--steps", 2, "--precision", "fp16")
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (192, 128)

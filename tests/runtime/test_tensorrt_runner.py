@@ -161,7 +161,7 @@ def test_without_cuda_the_gpu_backends_say_so(tiny_checkpoint):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
     for backend in ("torch-cuda", "tensorrt"):
-        with pytest.raises(DiffsrError, match=f"the {backend} backend needs a CUDA GPU"):
+        with pytest.raises(DiffsrError, match=f"the {backend} backend on cuda needs a CUDA GPU"):
             load_runners(backend, tiny_checkpoint)
     with pytest.raises(DiffsrError, match="runs on a CUDA device, not 'cpu'"):
         load_runners("tensorrt", tiny_checkpoint, device="cpu")
