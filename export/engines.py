@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from export.config import dataclass_from_json
 from export.errors import DiffsrError
 
 FORMAT_VERSION = 1
@@ -84,13 +85,9 @@ class EngineMeta:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EngineMeta:
-        names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-        if set(data) - names or required - set(data):
-            raise DiffsrError(f"engine metadata keys {sorted(data)} do not match this version's {sorted(names)}: "
-                              "rebuild with `diffsr build-engines`")
-        return cls(**{**data, "built_with": Environment(**data["built_with"])})
+        built_with = dataclass_from_json(Environment, data.get("built_with", {}), "engine metadata built_with")
+        meta: EngineMeta = dataclass_from_json(cls, {**data, "built_with": built_with}, "engine metadata")
+        return meta
 
 
 def meta_path(plan: Path) -> Path:

@@ -279,8 +279,8 @@ def build_engines_cmd(
             metas = build_engines(onnx, out, target, timing_cache, max_batch, static, opt_level, on_progress=done)
         except DiffsrError as e:
             _fail(str(e))
-    table = Table(title=f"TensorRT {next(iter(metas.values())).built_with.tensorrt}, "
-                        f"{next(iter(metas.values())).built_with.gpu}, target {target}")
+    env = next(iter(metas.values())).built_with
+    table = Table(title=f"TensorRT {env.tensorrt}, {env.gpu}, target {target}")
     for col in ("submodule", "plan MB", "scratch MB", "build s", "profile (min .. max of the first input)"):
         table.add_column(col, justify="left" if col in ("submodule", "profile (min .. max of the first input)") else "right")
     for name, meta in metas.items():

@@ -114,4 +114,3 @@ def finish(decoded: torch.Tensor, lq: torch.Tensor, size: tuple[int, int], color
     if color_fix == "adain":
         out = adain(out, lq[..., :h, :w])
     return to_uint8(out)
-
