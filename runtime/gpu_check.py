@@ -17,7 +17,7 @@ import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from export.config import Precision
 from export.engines import tensorrt_module
 from export.errors import DiffsrError
 from export.parity import TOLERANCES, ImageParity, judge_image
+
+if TYPE_CHECKING:
+    from export.checkpoint import Checkpoint
 
 GRAPH_TOLERANCE = 2  # max |graph - eager| on uint8: the same kernels, but the graph reads device scalars
 
@@ -61,7 +64,7 @@ def environment() -> dict[str, str]:
             "cuda": str(torch.version.cuda), "tensorrt": trt, "host": platform.node()}
 
 
-def _checkpoint(preset: str, workdir: Path, say: Callable[[str], None]):
+def _checkpoint(preset: str, workdir: Path, say: Callable[[str], None]) -> Checkpoint:
     from export.checkpoint import init_checkpoint, open_checkpoint
 
     path = workdir / f"checkpoint-{preset}"
@@ -95,7 +98,7 @@ def check_gpu(
     if engines is not None and _engines_match(engines, ckpt):
         paths["tensorrt (graph)"] = lambda: Pipeline(load_runners("tensorrt", ckpt, engines_dir=engines), ckpt, "cuda",
                                                      cuda_graph=True)
-    outputs: dict[str, np.ndarray] = {}
+    outputs: dict[str, np.ndarray[Any, Any]] = {}
     for name, make in paths.items():
         say(f"parity: {name}")
         outputs[name] = make()(image, config).image
@@ -129,7 +132,7 @@ def check_gpu(
     return report
 
 
-def _engines_match(engines: Path, ckpt: Any) -> bool:
+def _engines_match(engines: Path, ckpt: Checkpoint) -> bool:
     """Whether the engine folder was built for this checkpoint (its metadata names the checkpoint)."""
     from export.engines import read_meta
     from export.manifest import checkpoint_digest

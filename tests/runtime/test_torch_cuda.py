@@ -40,6 +40,16 @@ def test_fp16_channels_last_runners_keep_the_signature_and_the_numbers(tiny_chec
             assert rel < TOLERANCES[Precision.FP16].rel, (name, spec.name, float(rel))
 
 
+def test_attention_runs_through_sdpa(tiny_checkpoint):
+    """The GPU path's attention is PyTorch's fused SDPA kernel in every submodule that attends."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for name in ("lq_encoder", "controlnet_unet", "vae_decoder"):
+        processors = [m.processor for m in load_submodule(tiny_checkpoint, name).modules() if hasattr(m, "processor")]
+        assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors), name
+    assert load_submodule(tiny_checkpoint, "text_encoder").clip.config._attn_implementation == "sdpa"
+
+
 def test_fp16_pipeline_matches_the_reference(tiny_checkpoint, photo_lq):
     config = tiny_checkpoint.defaults.replace(steps=20)
     ref = Pipeline(load_runners("torch", tiny_checkpoint), tiny_checkpoint)(photo_lq, config).image
