@@ -33,6 +33,16 @@ except ImportError:  # load_tensorrt_runners calls tensorrt_module() first, whic
     pass
 
 
+_LOGGER: list[trt.ILogger] = []
+
+
+def _logger() -> trt.ILogger:
+    """One TensorRT logger for the process (warnings and errors), alive as long as the runtimes using it."""
+    if not _LOGGER:
+        _LOGGER.append(trt.Logger(trt.Logger.WARNING))
+    return _LOGGER[0]
+
+
 class SharedScratch:
     """One device allocation used as the scratch memory of every execution context attached."""
 
@@ -66,7 +76,7 @@ class TensorRTRunner(Runner):
 
     def load(self) -> TensorRTRunner:
         sig = self.signature
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.runtime = runtime = trt.Runtime(_logger())  # kept: a runtime must outlive its engines
         engine = runtime.deserialize_cuda_engine(self.plan.read_bytes())
         if engine is None:
             raise DiffsrError(f"{sig.name}: TensorRT cannot deserialize {self.plan} (see its log above)")
@@ -86,9 +96,10 @@ class TensorRTRunner(Runner):
         return self
 
     def close(self) -> None:
+        """Release in TensorRT's order: the context, then the engine, then the runtime; then the buffers."""
+        for name in ("context", "engine", "runtime"):
+            self.__dict__.pop(name, None)
         self.buffers, self.bound = {}, {}
-        self.__dict__.pop("context", None)
-        self.__dict__.pop("engine", None)
 
     def _view(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return self.buffers[name].view(-1)[: torch.Size(shape).numel()].view(shape)
