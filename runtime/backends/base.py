@@ -15,6 +15,9 @@ from export.errors import DiffsrError
 from export.signatures import Signature
 
 
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
+
+
 def dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 

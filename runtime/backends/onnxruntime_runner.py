@@ -14,9 +14,7 @@ import torch
 
 from export.errors import DiffsrError
 from export.signatures import Signature
-from runtime.backends.base import Runner
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
+from runtime.backends.base import TORCH_DTYPES, Runner
 
 
 class OnnxRuntimeRunner(Runner):

@@ -24,8 +24,7 @@ from export.errors import DiffsrError
 from export.manifest import signature_hash
 from export.signatures import SUBMODULES, ShapeRange, Signature
 from export.tensorrt_build import check_engine_io, dims_tuple
-from runtime.backends.base import Runner
-from runtime.backends.torch_runner import SIGNATURE_DTYPES
+from runtime.backends.base import TORCH_DTYPES, Runner
 
 try:
     import tensorrt as trt
@@ -89,7 +88,7 @@ class TensorRTRunner(Runner):
         dims = sig.bind(largest, {t.name: t.dtype for t in sig.inputs})
         shapes = largest | sig.output_shapes(dims)
         for spec in sig.inputs + sig.outputs:
-            buffer = torch.empty(shapes[spec.name], dtype=SIGNATURE_DTYPES[spec.dtype], device=self.device)
+            buffer = torch.empty(shapes[spec.name], dtype=TORCH_DTYPES[spec.dtype], device=self.device)
             self.buffers[spec.name] = buffer
             if not self.context.set_tensor_address(spec.name, buffer.data_ptr()):
                 raise DiffsrError(f"{sig.name}: TensorRT refused the address of {spec.name}")

@@ -16,10 +16,9 @@ from torch import nn
 
 from export.config import Precision
 from export.signatures import Signature
-from runtime.backends.base import Runner
+from runtime.backends.base import TORCH_DTYPES, Runner
 
 COMPUTE_DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16}
-SIGNATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
 
 
 class TorchRunner(Runner):
@@ -44,4 +43,4 @@ class TorchRunner(Runner):
     def _infer(self, feed: Mapping[str, torch.Tensor], dims: Mapping[str, int]) -> dict[str, torch.Tensor]:
         out = self.module(*(self._prepare(feed[t.name]) for t in self.signature.inputs))
         outputs = out if isinstance(out, tuple) else (out,)
-        return {t.name: o.to(SIGNATURE_DTYPES[t.dtype]) for t, o in zip(self.signature.outputs, outputs)}
+        return {t.name: o.to(TORCH_DTYPES[t.dtype]) for t, o in zip(self.signature.outputs, outputs)}
