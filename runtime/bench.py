@@ -145,15 +145,14 @@ def run_bench(
 
 
 def _pipeline(backend: str, ckpt: Checkpoint, onnx_dir: Path | None, engines_dir: Path | None, device: str):
+    """torch and onnxruntime on `device` (torch in FP16 on CUDA: the eager baseline); the CUDA-only
+    backends on their own device."""
     from export.config import Precision
-    from runtime.backends import CUDA_GRAPHS, DEFAULTS, load_runners
-    from runtime.pipeline import Pipeline
+    from runtime.backends import DEFAULTS, load_pipeline
 
-    if backend in ("torch-cuda", "tensorrt"):
-        device = DEFAULTS[backend][0]
+    cuda_only = DEFAULTS[backend][0] == "cuda"
     precision = Precision.FP16 if backend == "torch" and device.startswith("cuda") else None
-    runners = load_runners(backend, ckpt, device, onnx_dir, precision, engines_dir)
-    return Pipeline(runners, ckpt, device, cuda_graph=backend in CUDA_GRAPHS)
+    return load_pipeline(backend, ckpt, None if cuda_only else device, onnx_dir, precision, engines_dir)
 
 
 def _device_used_mb() -> float:

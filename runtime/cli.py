@@ -38,19 +38,13 @@ def _upscale(input_rgb, checkpoint: Path, backend: str, overrides: dict, out: Pa
              precision: str | None = None, device: str | None = None, engines: Path | None = None,
              cuda_graph: bool | None = None):
     from export.checkpoint import open_checkpoint
-    from runtime.backends import CUDA_GRAPHS, DEFAULTS, load_runners
+    from runtime.backends import load_pipeline
     from runtime.image import output_size, save_image
-    from runtime.pipeline import Pipeline
 
     ckpt = open_checkpoint(checkpoint)
     config = ckpt.defaults.replace(**overrides)
     output_size(input_rgb.shape[0], input_rgb.shape[1], config.upscale)  # fail before loading weights
-    if backend not in DEFAULTS:
-        raise DiffsrError(f"unknown backend {backend!r}; choose one of {list(DEFAULTS)}")
-    device = device or DEFAULTS[backend][0]
-    graph = backend in CUDA_GRAPHS if cuda_graph is None else cuda_graph
-    runners = load_runners(backend, ckpt, device, onnx, _precision(precision), engines)
-    pipe = Pipeline(runners, ckpt, device, cuda_graph=graph)
+    pipe = load_pipeline(backend, ckpt, device, onnx, _precision(precision), engines, cuda_graph)
     columns = (TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("denoise", total=config.steps)

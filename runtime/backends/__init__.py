@@ -19,6 +19,7 @@ from runtime.backends.base import Runner
 
 if TYPE_CHECKING:
     from export.checkpoint import Checkpoint
+    from runtime.pipeline import Pipeline
 
 BACKENDS = ("torch", "torch-cuda", "onnxruntime", "tensorrt")
 DEFAULTS = {  # backend -> (device, precision)
@@ -64,6 +65,19 @@ def load_runners(
     from runtime.backends.tensorrt_runner import load_tensorrt_runners
 
     return load_tensorrt_runners(ckpt.path, sigs, Path(engines_dir), device, onnx_dir)
+
+
+def load_pipeline(
+    backend: str, ckpt: "Checkpoint", device: str | None = None, onnx_dir: Path | None = None,
+    precision: Precision | None = None, engines_dir: Path | None = None, cuda_graph: bool | None = None,
+) -> "Pipeline":
+    """The pipeline on one backend's runners, on their device; `cuda_graph` defaults to the backend's
+    (on for torch-cuda and tensorrt)."""
+    from runtime.pipeline import Pipeline
+
+    runners = load_runners(backend, ckpt, device, onnx_dir, precision, engines_dir)
+    graph = backend in CUDA_GRAPHS if cuda_graph is None else cuda_graph
+    return Pipeline(runners, ckpt, device or DEFAULTS[backend][0], cuda_graph=graph)
 
 
 def _check_device(backend: str, device: str) -> None:
