@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml Makefile
 	sed -i -e 's/\([(,] \)in: /\1in_: /g' -e 's/channel_axis: int) -> IScaleLayer/channel_axis: int = ...) -> IScaleLayer/' \
 		$(VENV)/typing/tensorrt_bindings/tensorrt.pyi
 	sed -i -e '/^import tensorrt_libs/d' -e "s/'tensorrt_libs', //" $(VENV)/typing/tensorrt/__init__.pyi
+	# mypy cannot follow setuptools' editable import hook (the top-level folders are installed as
+	# diffsr.<folder>), so it reads the package through links laid out as installed
+	mkdir -p $(VENV)/typing/diffsr
+	for d in export runtime calib triton_models app; do ln -sfn "$(CURDIR)/$$d" $(VENV)/typing/diffsr/$$d; done
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -35,7 +39,7 @@ demo: $(STAMP)
 test: typecheck
 	$(BIN)/python -m pytest
 
-# mypy, strict, on the TensorRT and CUDA code (the files are listed in pyproject.toml)
+# mypy, strict, on the TensorRT and CUDA code (the modules are listed in pyproject.toml)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 

@@ -7,6 +7,9 @@
 3. `fp32_layers` applies the rules (overflow headroom, periodic arguments) and names each node it
    keeps FP32 with its observed range. Everything else goes FP16.
 
+`fp16_check` runs the three over a `Calibration` (photos, prompts, steps, size); the export layer's
+`write_fp16` then converts the graphs with those keep-lists.
+
 TensorRT 11 builds FP16 only from such a graph (strongly typed: precision comes from ONNX types).
 """
 
@@ -15,29 +18,46 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-
-from export.checkpoint import Checkpoint
-from runtime.backends.base import Runner
+from diffsr.calib.data import PHOTOS, PROMPTS, photos
+from diffsr.export.checkpoint import SUBMODULES, Checkpoint
+from diffsr.export.config import Precision
+from diffsr.export.errors import DiffsrError
+from diffsr.export.fp16 import FP16_MAX, KeptLayer
+from diffsr.export.progress import OnProgress, Progress, ignore
+from diffsr.runtime.backends import load_runners
+from diffsr.runtime.backends.base import Runner
+from diffsr.runtime.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
-FP16_MAX = 65504.0
 HEADROOM = 4.0  # values above FP16_MAX / HEADROOM leave too little room for an unseen input
 PERIODIC_ARG = 4.0  # FP16 spacing reaches 0.004 rad at 4; sin/cos of larger arguments lose digits
 
 
 @dataclass(frozen=True)
-class KeptLayer:
-    node: str
-    op_type: str
-    max_abs: float
-    reason: str
+class Calibration:
+    """The real data the FP16 check runs: each photo (size x size LQ) with each prompt, every timestep
+    of `steps`. The default spans every timestep the sampler visits at its default 20 steps."""
+
+    photos: tuple[str, ...] = PHOTOS[:3]
+    prompts: tuple[str, ...] = PROMPTS[:2]
+    steps: int = 20
+    size: int = 64
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.photos if p not in PHOTOS]
+        if not self.photos or unknown:
+            raise DiffsrError(f"calibration photos {list(self.photos)} must be one or more of {list(PHOTOS)}")
+        if not self.prompts:
+            raise DiffsrError("the FP16 check needs at least one calibration prompt")
+        if not 1 <= self.steps <= 1000 or not 8 <= self.size <= 1024:
+            raise DiffsrError(f"calibration steps={self.steps} (1 to 1000) or size={self.size} (8 to 1024) is out of range")
 
 
 class Recorder(Runner):
@@ -57,8 +77,6 @@ def record_feeds(
     steps: int = 20, on_run: Callable[[], None] | None = None,
 ) -> dict[str, list[dict[str, torch.Tensor]]]:
     """Every submodule's inputs over full pipeline runs: each image with each prompt, all timesteps."""
-    from runtime.pipeline import Pipeline
-
     recorders = {name: Recorder(r) for name, r in runners.items()}
     pipe = Pipeline(recorders, ckpt)
     prompts = list(prompts)
@@ -125,5 +143,28 @@ def _fp16_spacing(x: float) -> float:
     return float(np.spacing(np.float16(min(x, FP16_MAX))))
 
 
-def kept_json(kept: list[KeptLayer]) -> list[dict]:
-    return [asdict(k) for k in kept]
+def fp16_check(
+    ckpt: Checkpoint, onnx_dir: Path, calibration: Calibration = Calibration(), on_progress: OnProgress = ignore,
+) -> dict[str, list[KeptLayer]]:
+    """Run the reference pipeline over the calibration data, replay every submodule's recorded inputs
+    through its FP32 graph in `onnx_dir`; return, per submodule, the layers to keep FP32."""
+    cal = calibration
+    runs = len(cal.photos) * len(cal.prompts)
+    total, done = runs + len(SUBMODULES), 0
+
+    def finished_run() -> None:
+        nonlocal done
+        done += 1
+        on_progress(Progress("fp16 check", f"calibration run {done}/{runs}", done, total))
+
+    on_progress(Progress("fp16 check", "calibration runs", 0, total))
+    feeds = record_feeds(ckpt, load_runners("torch", ckpt), photos((cal.size, cal.size), cal.photos), cal.prompts,
+                         cal.steps, on_run=finished_run)
+    kept = {}
+    for i, name in enumerate(SUBMODULES):
+        path = onnx_dir / Precision.FP32.filename(name)
+        kept[name] = fp32_layers(path, activation_ranges(path, feeds[name]))
+        for layer in kept[name]:
+            log.warning("%s: keeping %s (%s) in FP32: %s", name, layer.node, layer.op_type, layer.reason)
+        on_progress(Progress("fp16 check", f"{name} ranges", runs + i + 1, total))
+    return kept

@@ -15,32 +15,51 @@ Nothing cares how the weights were trained.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from diffsr.export.config import ModelConfig, dataclass_from_json, preset, text_config, unet_config, vae_config
+from diffsr.export.errors import DiffsrError
+from diffsr.export.files import read_json, require_new_folder
+from diffsr.export.model import (
+    ControlNetUNet,
+    FusionConfig,
+    FusionTransformer,
+    LQEncoder,
+    LQEncoderConfig,
+    TextEncoder,
+    VAEDecoder,
+    config_to_json,
+)
+from diffsr.export.settings import PipelineConfig
+from diffsr.export.signatures import SUBMODULES
+from diffsr.export.tokenizer import Tokenizer, build_clip_tokenizer
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from export.config import ModelConfig, dataclass_from_json, preset, text_config, unet_config, vae_config
-from export.errors import DiffsrError
-from export.signatures import SUBMODULES
-from export.model import (
-    ControlNetUNet, FusionConfig, FusionTransformer, LQEncoder, LQEncoderConfig, TextEncoder, VAEDecoder,
-    config_to_json,
-)
-from export.tokenizer import Tokenizer, build_clip_tokenizer
-from runtime.config import PipelineConfig
-from runtime.scheduler import SD_SCHEDULER_CONFIG
-
 FORMAT_VERSION = 1
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS = "model.safetensors"
+
+# Stable Diffusion 1.x's training schedule, as written into a new checkpoint's scheduler/ folder.
+SD_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "clip_sample": False,
+}
 
 
 @dataclass(frozen=True)
@@ -57,15 +76,7 @@ class Checkpoint:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise DiffsrError(f"checkpoint file missing: {path}: create one with `diffsr init` or fix --checkpoint")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DiffsrError(f"checkpoint file is not valid JSON: {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise DiffsrError(f"checkpoint file {path} holds {type(data).__name__}, not a JSON object")
-    return data
+    return read_json(path, "checkpoint file", "create one with `diffsr init` or fix --checkpoint")
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -201,6 +212,7 @@ def random_components(cfg: ModelConfig, seed: int) -> dict[str, nn.Module]:
     lq = LQEncoder(LQEncoderConfig(cfg.vae_channels, cfg.vae_layers_per_block, cfg.vae_norm_groups,
                                    cfg.f1_channels, cfg.lq_fusion_heads, cfg.scaling_factor))
     lq.encoder.load_state_dict(vae.encoder.state_dict())  # the LQ encoder starts as a copy of the VAE's
+    lq.quant_conv.load_state_dict(vae.quant_conv.state_dict())
     fusion = FusionTransformer(FusionConfig(cfg.f1_channels, cfg.f2_channels, cfg.fusion_heads, cfg.fusion_blocks))
     for module in (controlnet, lq, fusion):
         _randomize_zero_weights(module)
@@ -210,8 +222,7 @@ def random_components(cfg: ModelConfig, seed: int) -> dict[str, nn.Module]:
 
 def write_checkpoint(components: dict[str, nn.Module], cfg: ModelConfig, out: str | Path) -> Checkpoint:
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise DiffsrError(f"output folder {out} is not empty: choose a new --out or remove it")
+    require_new_folder(out)
     for name in ("vae", "unet", "controlnet"):
         config = {k: v for k, v in components[name].config.items() if not k.startswith("_")}
         config["_class_name"] = type(components[name]).__name__
@@ -230,7 +241,13 @@ def write_checkpoint(components: dict[str, nn.Module], cfg: ModelConfig, out: st
 def init_checkpoint(preset_name: str, seed: int, out: str | Path) -> Checkpoint:
     """Write a random-weight checkpoint of a preset; the same preset and seed give the same bytes."""
     cfg = preset(preset_name)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):  # checked before minutes of random init on sd15
-        raise DiffsrError(f"output folder {out} is not empty: choose a new --out or remove it")
+    require_new_folder(Path(out))  # checked before minutes of random init on sd15
     return write_checkpoint(random_components(cfg, seed), cfg, out)
+
+
+def ensure_checkpoint(preset_name: str, seed: int, out: str | Path) -> Checkpoint:
+    """The checkpoint in `out`, created there first (seeded random weights) if it is not yet there."""
+    out = Path(out)
+    if (out / "diffsr.json").is_file():
+        return open_checkpoint(out)
+    return init_checkpoint(preset_name, seed, out)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from export.errors import DiffsrError
+from diffsr.export.errors import DiffsrError
 
 LATENT_CHANNELS = 4
 LATENT_FACTOR = 8  # pixels per latent cell: the VAE has three 2x downsamplings

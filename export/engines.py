@@ -4,7 +4,8 @@ A plan is tied to the TensorRT version that built it and to the GPU (its compute
 model of the same family is refused too, as TensorRT itself warns), and it is only right for the
 ONNX file, signature and checkpoint it came from. `diffsr build-engines` writes `<submodule>.json`
 beside each `<submodule>.plan`; everything that loads a plan calls `check_engine` first, and a
-mismatch is an error naming what differs and how to rebuild.
+mismatch is an error naming what differs and how to rebuild. `check_engine_io` holds a
+deserialised engine's IO to its signature: the builder checks what it built, the runner what it loads.
 """
 
 from __future__ import annotations
@@ -17,8 +18,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from export.config import dataclass_from_json
-from export.errors import DiffsrError
+from diffsr.export.config import dataclass_from_json
+from diffsr.export.errors import DiffsrError
+from diffsr.export.files import read_json
+from diffsr.export.manifest import checkpoint_digest, file_sha256, read_manifest
+from diffsr.export.signatures import ShapeRange, Signature
+
+try:
+    import tensorrt as trt
+except ImportError:  # no TensorRT here: whatever needs it calls tensorrt_module() first, for a clear error
+    pass
 
 FORMAT_VERSION = 1
 
@@ -104,10 +113,7 @@ def read_meta(plan: Path) -> EngineMeta:
     path = meta_path(plan)
     if not path.is_file():
         raise DiffsrError(f"{plan} has no metadata {path.name} beside it: build it with `diffsr build-engines`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DiffsrError(f"{path} is not valid JSON: {e}") from None
+    data = read_json(path, "engine metadata")
     if data.get("format_version") != FORMAT_VERSION:
         raise DiffsrError(f"{path} has format version {data.get('format_version')}, this diffsr reads "
                           f"{FORMAT_VERSION}: rebuild with `diffsr build-engines`")
@@ -146,8 +152,6 @@ def verified_plans(
 ) -> dict[str, Path]:
     """Each submodule's plan after its metadata is checked against this checkpoint and its signatures,
     the plan's bytes, and (where given) the running TensorRT and GPU and the ONNX folder's files."""
-    from export.manifest import checkpoint_digest, file_sha256, read_manifest
-
     checkpoint_sha = checkpoint_digest(checkpoint)
     onnx = read_manifest(onnx_dir)["submodules"] if onnx_dir is not None else None
     plans = {}
@@ -160,3 +164,34 @@ def verified_plans(
                      running=running, onnx_sha256=onnx_sha, plan_sha256=file_sha256(plan))
         plans[name] = plan
     return plans
+
+
+# --- a deserialised engine against its signature ----------------------------------------------
+
+
+def trt_dtype_names() -> dict[Any, str]:
+    """TensorRT's data types under the signature's dtype names."""
+    return {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.INT32: "int32",
+            trt.DataType.INT64: "int64"}
+
+
+def check_engine_io(engine: trt.ICudaEngine, sig: Signature) -> dict[str, ShapeRange]:
+    """The engine's IO tensors against the signature (names, directions, dtypes); returns the shape
+    range of each input in its optimisation profile 0."""
+    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+    expected = {t.name for t in sig.inputs + sig.outputs}
+    if names != expected:
+        raise DiffsrError(f"{sig.name}: the engine's tensors {sorted(names)} are not the signature's {sorted(expected)}")
+    dtypes = trt_dtype_names()
+    for spec in sig.inputs + sig.outputs:
+        mode = trt.TensorIOMode.INPUT if spec in sig.inputs else trt.TensorIOMode.OUTPUT
+        if engine.get_tensor_mode(spec.name) != mode:
+            raise DiffsrError(f"{sig.name}.{spec.name}: the engine has it as {engine.get_tensor_mode(spec.name)}, not {mode}")
+        dtype = dtypes.get(engine.get_tensor_dtype(spec.name), str(engine.get_tensor_dtype(spec.name)))
+        if dtype != spec.dtype:
+            raise DiffsrError(f"{sig.name}.{spec.name}: the engine takes {dtype}, the signature {spec.dtype}")
+    return {t.name: ShapeRange(*map(dims_tuple, engine.get_tensor_profile_shape(t.name, 0))) for t in sig.inputs}
+
+
+def dims_tuple(dims: trt.Dims) -> tuple[int, ...]:
+    return tuple(dims[i] for i in range(len(dims)))

@@ -10,16 +10,27 @@ graphs that one leaves dangling casts on initializers feeding `Where` (the check
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+from diffsr.export.errors import DiffsrError
 from onnx import TensorProto, helper, numpy_helper
-
-from export.errors import DiffsrError
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class KeptLayer:
+    """A node to keep in FP32, and why (what the FP16 check saw)."""
+
+    node: str
+    op_type: str
+    max_abs: float
+    reason: str
+
 FLOAT_ONLY_INPUTS = {"Resize": {1, 2}}  # roi and scales are tensor(float) whatever the data type
 
 

@@ -13,10 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from export.checkpoint import Checkpoint
-from export.config import ModelConfig, Precision
-from export.errors import DiffsrError
-from export.signatures import Signature, signatures
+from diffsr.export.checkpoint import Checkpoint
+from diffsr.export.config import ModelConfig, Precision
+from diffsr.export.errors import DiffsrError
+from diffsr.export.files import read_json
+from diffsr.export.signatures import Signature, signatures
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -64,8 +65,10 @@ def versions() -> dict[str, str]:
     return found
 
 
-def write_manifest(out: Path, ckpt: Checkpoint, opset: int, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """files: submodule -> precision -> {"file": name, ...extra}; hashes and signatures are added here."""
+def write_manifest(out: Path, ckpt: Checkpoint, opset: int, files: dict[str, dict[str, Any]],
+                   **extra: Any) -> dict[str, Any]:
+    """files: submodule -> precision -> {"file": name, ...extra}; hashes and signatures are added here,
+    `extra` keys at the top level."""
     sigs = signatures(ckpt.model)
     submodules = {}
     for name, by_precision in files.items():
@@ -81,19 +84,16 @@ def write_manifest(out: Path, ckpt: Checkpoint, opset: int, files: dict[str, dic
         "exporter": "torch.onnx.export(dynamo=True)",
         "versions": versions(),
         "submodules": submodules,
+        **extra,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def read_manifest(onnx_dir: Path) -> dict[str, Any]:
-    path = onnx_dir / MANIFEST
-    if not path.is_file():
+    if not (Path(onnx_dir) / MANIFEST).is_file():
         raise DiffsrError(f"no {MANIFEST} in {onnx_dir}: export it with `diffsr export --out {onnx_dir}`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DiffsrError(f"{path} is not valid JSON: {e}") from None
+    return read_json(Path(onnx_dir) / MANIFEST, "export manifest")
 
 
 def verified_files(

@@ -20,12 +20,12 @@ from typing import Any
 
 import onnx
 import torch
+from diffsr.export.config import ModelConfig
+from diffsr.export.errors import DiffsrError
+from diffsr.export.samples import sample_inputs
+from diffsr.export.signatures import Signature, parse_dim
 from torch import nn
 from torch.export import Dim
-
-from export.config import ModelConfig
-from export.errors import DiffsrError
-from export.signatures import Signature
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,13 @@ def torch_dynamic_shapes(sig: Signature, cfg: ModelConfig) -> dict[str, dict[int
         axes = {}
         for axis, dim in enumerate(spec.shape):
             if isinstance(dim, str):
-                factor, _, name = dim.rpartition("*")
-                axes[axis] = int(factor) * base[name] if factor else base[name]
+                factor, name = parse_dim(dim)
+                axes[axis] = base[name] if factor == 1 else factor * base[name]
         shapes[spec.name] = axes
     return shapes
 
 
 def onnx_from_module(module: nn.Module, sig: Signature, cfg: ModelConfig, path: Path, opset: int = DEFAULT_OPSET) -> Path:
-    from calib.data import sample_inputs
-
     feed = sample_inputs(sig, export_dims(cfg))
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     try:

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from export.config import LATENT_CHANNELS, LATENT_FACTOR, TEXT_LENGTH, ModelConfig
-from export.errors import DiffsrError
+from diffsr.export.config import LATENT_CHANNELS, LATENT_FACTOR, TEXT_LENGTH, ModelConfig
+from diffsr.export.errors import DiffsrError
 
 Dim = int | str
 SUBMODULES = ("text_encoder", "lq_encoder", "fusion_transformer", "controlnet_unet", "vae_decoder")
@@ -37,7 +37,7 @@ class Signature:
 
     @property
     def dim_names(self) -> tuple[str, ...]:
-        names = [_split(d)[1] for t in self.inputs + self.outputs for d in t.shape if isinstance(d, str)]
+        names = [parse_dim(d)[1] for t in self.inputs + self.outputs for d in t.shape if isinstance(d, str)]
         return tuple(dict.fromkeys(names))
 
     def input_shapes(self, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
@@ -68,7 +68,7 @@ class Signature:
                     if size != dim:
                         raise DiffsrError(f"{self.name}.{spec.name}: shape {shape}, expected {spec.shape}")
                     continue
-                factor, name = _split(dim)
+                factor, name = parse_dim(dim)
                 if size % factor or size < factor:
                     raise DiffsrError(f"{self.name}.{spec.name}: size {size} of {dim} is not a positive multiple of {factor}")
                 if dims.setdefault(name, size // factor) != size // factor:
@@ -78,7 +78,8 @@ class Signature:
         return dims
 
 
-def _split(dim: str) -> tuple[int, str]:
+def parse_dim(dim: str) -> tuple[int, str]:
+    """"8*latent_height" -> (8, "latent_height"); "batch" -> (1, "batch")."""
     factor, _, name = dim.rpartition("*")
     return (int(factor) if factor else 1), name
 
@@ -86,7 +87,7 @@ def _split(dim: str) -> tuple[int, str]:
 def _eval(dim: Dim, dims: Mapping[str, int]) -> int:
     if isinstance(dim, int):
         return dim
-    factor, name = _split(dim)
+    factor, name = parse_dim(dim)
     return factor * dims[name]
 
 

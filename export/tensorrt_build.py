@@ -17,16 +17,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-from export.config import ModelConfig, Precision
-from export.engines import EngineMeta, current_environment, read_meta, tensorrt_module, write_meta
-from export.errors import DiffsrError
-from export.manifest import file_sha256, read_manifest, signature_hash, verified_files
-from export.signatures import SUBMODULES, ShapeRange, Signature, Target, signatures, target
+from diffsr.export.config import ModelConfig, Precision
+from diffsr.export.engines import (
+    EngineMeta,
+    check_engine_io,
+    current_environment,
+    read_meta,
+    tensorrt_module,
+    write_meta,
+)
+from diffsr.export.errors import DiffsrError
+from diffsr.export.manifest import file_sha256, read_manifest, signature_hash, verified_files
+from diffsr.export.progress import OnProgress, Progress, ignore
+from diffsr.export.signatures import SUBMODULES, ShapeRange, Signature, Target, signatures, target
 
 try:
     import tensorrt as trt
@@ -35,7 +42,6 @@ except ImportError:  # no TensorRT here: every entry point calls tensorrt_module
 
 log = logging.getLogger(__name__)
 DEFAULT_OPTIMIZATION_LEVEL = 3  # TensorRT's default: 0 builds fastest, 5 searches longest
-Progress = Callable[[str], None]
 
 
 def engine_profiles(model: ModelConfig, deployment: Target) -> dict[str, dict[str, ShapeRange]]:
@@ -46,34 +52,6 @@ def engine_profiles(model: ModelConfig, deployment: Target) -> dict[str, dict[st
 
 def profile_json(shapes: dict[str, ShapeRange]) -> dict[str, list[list[int]]]:
     return {name: [list(r.min), list(r.opt), list(r.max)] for name, r in shapes.items()}
-
-
-def trt_dtype_names() -> dict[Any, str]:
-    """TensorRT's data types under the signature's dtype names."""
-    return {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.INT32: "int32",
-            trt.DataType.INT64: "int64"}
-
-
-def check_engine_io(engine: trt.ICudaEngine, sig: Signature) -> dict[str, ShapeRange]:
-    """The engine's IO tensors against the signature (names, directions, dtypes); returns the shape
-    range of each input in its optimisation profile 0."""
-    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-    expected = {t.name for t in sig.inputs + sig.outputs}
-    if names != expected:
-        raise DiffsrError(f"{sig.name}: the engine's tensors {sorted(names)} are not the signature's {sorted(expected)}")
-    dtypes = trt_dtype_names()
-    for spec in sig.inputs + sig.outputs:
-        mode = trt.TensorIOMode.INPUT if spec in sig.inputs else trt.TensorIOMode.OUTPUT
-        if engine.get_tensor_mode(spec.name) != mode:
-            raise DiffsrError(f"{sig.name}.{spec.name}: the engine has it as {engine.get_tensor_mode(spec.name)}, not {mode}")
-        dtype = dtypes.get(engine.get_tensor_dtype(spec.name), str(engine.get_tensor_dtype(spec.name)))
-        if dtype != spec.dtype:
-            raise DiffsrError(f"{sig.name}.{spec.name}: the engine takes {dtype}, the signature {spec.dtype}")
-    return {t.name: ShapeRange(*map(dims_tuple, engine.get_tensor_profile_shape(t.name, 0))) for t in sig.inputs}
-
-
-def dims_tuple(dims: trt.Dims) -> tuple[int, ...]:
-    return tuple(dims[i] for i in range(len(dims)))
 
 
 @contextmanager
@@ -136,7 +114,7 @@ def inspect_plan(plan: bytes, sig: Signature, shapes: dict[str, ShapeRange]) -> 
 def build_engines(
     onnx_dir: Path, out: Path, target_name: str = "server", timing_cache: Path | None = None,
     max_batch: int | None = None, static: bool = False, opt_level: int = DEFAULT_OPTIMIZATION_LEVEL,
-    on_progress: Progress | None = None,
+    on_progress: OnProgress = ignore,
 ) -> dict[str, EngineMeta]:
     """Build (or keep, when up to date) every submodule's plan; returns their metadata."""
     deployment = target(target_name).resized(max_batch, static)  # bad arguments fail before anything is read
@@ -147,13 +125,12 @@ def build_engines(
     model = ModelConfig.from_json(manifest["model"])
     tensorrt_module()
     env = current_environment()
-    done = on_progress or (lambda _: None)
     sigs, profiles = signatures(model), engine_profiles(model, deployment)
     flags = {"strongly_typed": True, "static": deployment.static, "max_batch": deployment.batch.max,
              "builder_optimization_level": opt_level, "tf32": False}
     out.mkdir(parents=True, exist_ok=True)
     built = {}
-    for name in SUBMODULES:
+    for i, name in enumerate(SUBMODULES):
         plan_path = out / f"{name}.plan"
         meta = EngineMeta(
             submodule=name, plan_sha256="", built_with=env, onnx_file=paths[name].name,
@@ -164,9 +141,9 @@ def build_engines(
         kept = _up_to_date(plan_path, meta)
         if kept is not None:
             built[name] = kept
-            done(f"{name} up to date")
+            on_progress(Progress("build", f"{name} up to date", i + 1, len(SUBMODULES)))
             continue
-        done(f"building {name}")
+        on_progress(Progress("build", f"building {name}", i, len(SUBMODULES)))
         start = time.perf_counter()
         plan = plan_from_onnx(paths[name], profiles[name], timing_cache, opt_level)
         memory = inspect_plan(plan, sigs[name], profiles[name])
@@ -177,7 +154,7 @@ def build_engines(
                         build_seconds=round(time.perf_counter() - start, 1))
         write_meta(meta, plan_path)
         built[name] = meta
-        done(f"built {name}")
+        on_progress(Progress("build", f"built {name}", i + 1, len(SUBMODULES)))
     return built
 
 

@@ -12,10 +12,9 @@ import importlib.metadata
 from pathlib import Path
 
 import numpy as np
+from diffsr.export.config import TEXT_LENGTH, VOCAB_SIZE
+from diffsr.export.errors import DiffsrError
 from transformers import CLIPTokenizer
-
-from export.config import TEXT_LENGTH, VOCAB_SIZE
-from export.errors import DiffsrError
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = VOCAB_SIZE - 2 * 256 - 2

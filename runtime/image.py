@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffsr.export.config import LATENT_FACTOR
+from diffsr.export.errors import DiffsrError
 from PIL import Image, UnidentifiedImageError
-
-from export.config import LATENT_FACTOR
-from export.errors import DiffsrError
 
 MAX_INPUT_PIXELS = 4096 * 4096  # a decompression-bomb guard, far above what a request should send
 
@@ -57,6 +56,13 @@ def save_image(rgb: np.ndarray, path: str | Path) -> None:
         Image.fromarray(rgb).save(path)
     except (OSError, ValueError, KeyError) as e:
         raise DiffsrError(f"cannot write {path}: {e}") from None
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes (what the endpoint takes and returns)."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def output_size(height: int, width: int, scale: int) -> tuple[int, int]:

@@ -10,21 +10,17 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-
-from export.config import LATENT_FACTOR
-from export.errors import DiffsrError
-from export.signatures import SUBMODULES
-from runtime.backends.base import Runner
-from runtime.config import PipelineConfig
-from runtime.image import adain, output_size, pad_to_multiple, to_uint8, upsample
-from runtime.sampler import StepCallback, StepGraphs, denoise
-
-if TYPE_CHECKING:
-    from export.checkpoint import Checkpoint
+from diffsr.export.checkpoint import Checkpoint
+from diffsr.export.config import LATENT_FACTOR
+from diffsr.export.errors import DiffsrError
+from diffsr.export.settings import PipelineConfig
+from diffsr.export.signatures import SUBMODULES
+from diffsr.runtime.backends.base import Runner
+from diffsr.runtime.image import adain, output_size, pad_to_multiple, to_uint8, upsample
+from diffsr.runtime.sampler import StepCallback, StepGraphs, denoise
 
 
 @dataclass
@@ -37,7 +33,7 @@ class Pipeline:
     """`cuda_graph`: capture one whole denoising step as a CUDA graph and replay it for every step
     (runners on CUDA whose calls can be captured: PyTorch and TensorRT)."""
 
-    def __init__(self, runners: Mapping[str, Runner], checkpoint: "Checkpoint", device: str = "cpu",
+    def __init__(self, runners: Mapping[str, Runner], checkpoint: Checkpoint, device: str = "cpu",
                  cuda_graph: bool = False):
         missing = [name for name in SUBMODULES if name not in runners]
         if missing:

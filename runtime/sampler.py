@@ -20,10 +20,9 @@ from functools import partial
 from typing import Any
 
 import torch
-
-from export.errors import DiffsrError
-from runtime.config import MAX_STEPS, PipelineConfig
-from runtime.scheduler import DDIMScheduler, make_scheduler
+from diffsr.export.errors import DiffsrError
+from diffsr.export.settings import MAX_STEPS, PipelineConfig
+from diffsr.runtime.scheduler import DDIMScheduler, make_scheduler
 
 RunFn = Callable[..., Mapping[str, torch.Tensor]]  # run(submodule, **inputs) -> outputs
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, f1, text, row)

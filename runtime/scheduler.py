@@ -3,7 +3,7 @@
 The contract is diffusers': `set_timesteps(n)`, `timesteps`, `step(model_output, t, sample)`.
 Coefficients are Python floats computed on the host when the timesteps are set, so a step is a
 few element-wise ops on the device with no host round trip. Tests hold it to diffusers'
-`DDIMScheduler`; only the config keys below are read from a diffusers `scheduler_config.json`.
+`DDIMScheduler`; only the constructor's keys are read from a diffusers `scheduler_config.json`.
 """
 
 from __future__ import annotations
@@ -12,22 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-
-from export.errors import DiffsrError
-
-# Stable Diffusion 1.x's training schedule, as written into a checkpoint's scheduler/ folder.
-SD_SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "DDIMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "clip_sample": False,
-}
+from diffsr.export.errors import DiffsrError
 
 
 def alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str) -> torch.Tensor:

@@ -10,7 +10,7 @@
 
 Configs are built as Triton's own `ModelConfig` protobuf (shipped in tritonclient) and written in
 its text format, so what is written is what Triton parses. Python models are two-line `model.py`
-files importing the implementation from `triton_models.models`.
+files importing the implementation from `diffsr.triton_models.models`.
 """
 
 from __future__ import annotations
@@ -20,21 +20,20 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from diffsr.export.checkpoint import Checkpoint
+from diffsr.export.config import Precision
+from diffsr.export.engines import verified_plans
+from diffsr.export.errors import DiffsrError
+from diffsr.export.files import require_new_folder
+from diffsr.export.manifest import signature_hash, verified_files
+from diffsr.export.settings import PipelineConfig
+from diffsr.export.signatures import SUBMODULES, TARGETS, Signature, TensorSpec, signatures
+from diffsr.triton_models.endpoint import ENSEMBLE, OPTIONAL, OUTPUT, REQUEST, RESPONSE
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.config import Precision
-from export.errors import DiffsrError
-from export.signatures import SUBMODULES, TARGETS, Signature, TensorSpec, signatures
-from runtime.config import PipelineConfig
-
-if TYPE_CHECKING:
-    from export.checkpoint import Checkpoint
-
 FLAVOURS = ("onnxruntime", "tensorrt")
-ENSEMBLE = "diffsr"
 TRITON_DTYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_INT32, "int64": mc.TYPE_INT64,
                  "bytes": mc.TYPE_STRING, "bool": mc.TYPE_BOOL}
 
@@ -76,23 +75,6 @@ def _config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], opti
     return config
 
 
-def request_specs() -> list[TensorSpec]:
-    """The endpoint's inputs; all but image are optional and take the checkpoint's defaults."""
-    return [TensorSpec("image", "bytes", (1,)), TensorSpec("prompt", "bytes", (1,)),
-            TensorSpec("negative_prompt", "bytes", (1,)), TensorSpec("steps", "int32", (1,)),
-            TensorSpec("guidance_scale", "float32", (1,)), TensorSpec("seed", "int64", (1,))]
-
-
-OPTIONAL = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed")
-# The endpoint's output. Not "image": an ensemble's output cannot share its input's name (Triton
-# then answers a request twice, the input echoed and the result).
-OUTPUT = "upscaled"
-
-
-def response_spec() -> TensorSpec:
-    return TensorSpec(OUTPUT, "bytes", (1,))
-
-
 def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions) -> dict[str, mc.ModelConfig]:
     """Every model's config, keyed by model name."""
     if flavour not in FLAVOURS:
@@ -115,7 +97,7 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions) -> di
             _params(config, onnx_file=Precision.FP32.filename(name))
         configs[name] = config
 
-    req = {s.name: s for s in request_specs()}
+    req = {s.name: s for s in REQUEST}
     text, lq_enc, dec = sigs["text_encoder"], sigs["lq_encoder"], sigs["vae_decoder"]
     pipeline_json = json.dumps(ckpt.defaults.to_json())
 
@@ -136,7 +118,7 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions) -> di
     policy.max_queue_size = options.max_queue_size
 
     post = _config("postprocess", [TensorSpec("decoded", "float32", dec.outputs[0].shape), *lq_enc.inputs,
-                                   TensorSpec("output_size", "int32", (2,))], [response_spec()])
+                                   TensorSpec("output_size", "int32", (2,))], [RESPONSE])
     _params(post, color_fix=ckpt.defaults.color_fix)
     post.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
 
@@ -167,7 +149,7 @@ def cuda_pool_bytes(ckpt: Checkpoint) -> int:
 
 
 def _ensemble(req: dict[str, TensorSpec], sigs: dict[str, Signature]) -> mc.ModelConfig:
-    config = _config(ENSEMBLE, list(req.values()), [response_spec()], optional=OPTIONAL)
+    config = _config(ENSEMBLE, list(req.values()), [RESPONSE], optional=OPTIONAL)
     config.platform = "ensemble"
     steps = [
         ("preprocess", {n: n for n in ("image", "prompt", "negative_prompt", "guidance_scale")},
@@ -197,15 +179,9 @@ def build_repository(
     engines_dir: Path | None = None, options: ServingOptions = ServingOptions(),
 ) -> dict[str, mc.ModelConfig]:
     """Write the model repository; ONNX files are checked against their manifest before copying."""
-    from export.manifest import verified_files
-
-    if out.exists() and any(out.iterdir()):
-        raise DiffsrError(f"output folder {out} is not empty: choose a new --out or remove it")
+    require_new_folder(out)
     configs = model_configs(ckpt, flavour, options)
     if flavour == "tensorrt":
-        from export.engines import verified_plans
-        from export.manifest import signature_hash
-
         if engines_dir is None:
             raise DiffsrError("the tensorrt flavour needs --engines DIR (made by `diffsr build-engines`)")
         # the serving machine's TensorRT and GPU are checked by Triton when it loads the plans
@@ -239,7 +215,7 @@ def build_repository(
 
 
 def _stub(module: str) -> str:
-    return f'"""Generated by diffsr triton-repo."""\nfrom triton_models.models.{module} import TritonPythonModel  # noqa: F401\n'
+    return f'"""Generated by diffsr triton-repo."""\nfrom diffsr.triton_models.models.{module} import TritonPythonModel  # noqa: F401\n'
 
 
 def pipeline_defaults(config: mc.ModelConfig) -> PipelineConfig:

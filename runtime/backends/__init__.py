@@ -12,14 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from export.config import Precision
-from export.errors import DiffsrError
-from export.signatures import SUBMODULES, signatures
-from runtime.backends.base import Runner
+import torch
+from diffsr.export.checkpoint import Checkpoint, load_submodule
+from diffsr.export.config import Precision
+from diffsr.export.errors import DiffsrError
+from diffsr.export.manifest import verified_files
+from diffsr.export.signatures import SUBMODULES, signatures
+from diffsr.runtime.backends.base import Runner
 
-if TYPE_CHECKING:
-    from export.checkpoint import Checkpoint
-    from runtime.pipeline import Pipeline
+if TYPE_CHECKING:  # the pipeline imports this package's base: a module-level import would be circular
+    from diffsr.runtime.pipeline import Pipeline
 
 BACKENDS = ("torch", "torch-cuda", "onnxruntime", "tensorrt")
 DEFAULTS = {  # backend -> (device, precision)
@@ -32,7 +34,7 @@ CUDA_GRAPHS = ("torch-cuda", "tensorrt")  # backends whose denoising step the pi
 
 
 def load_runners(
-    backend: str, ckpt: "Checkpoint", device: str | None = None, onnx_dir: Path | None = None,
+    backend: str, ckpt: Checkpoint, device: str | None = None, onnx_dir: Path | None = None,
     precision: Precision | None = None, engines_dir: Path | None = None,
 ) -> dict[str, Runner]:
     """One loaded runner per submodule. ONNX files and engines are checked against their manifest or
@@ -43,16 +45,15 @@ def load_runners(
     device, precision = device or default_device, precision or default_precision
     _check_device(backend, device)
     sigs = signatures(ckpt.model)
+    # each runner module is imported when chosen: onnxruntime and tensorrt load large libraries
     if backend in ("torch", "torch-cuda"):
-        from export.checkpoint import load_submodule
-        from runtime.backends.torch_runner import TorchRunner
+        from diffsr.runtime.backends.torch_runner import TorchRunner
 
         layout = backend == "torch-cuda"  # channels-last convolutions
         return {name: TorchRunner(sigs[name], load_submodule(ckpt, name), device, precision, layout).load()
                 for name in SUBMODULES}
     if backend == "onnxruntime":
-        from export.manifest import verified_files
-        from runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
+        from diffsr.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
 
         if onnx_dir is None:
             raise DiffsrError("the onnxruntime backend needs --onnx DIR (made by `diffsr export`)")
@@ -62,18 +63,18 @@ def load_runners(
         raise DiffsrError("TensorRT engines are built from the FP16 graphs: use --precision fp16 with --backend tensorrt")
     if engines_dir is None:
         raise DiffsrError("the tensorrt backend needs --engines DIR (made by `diffsr build-engines`)")
-    from runtime.backends.tensorrt_runner import load_tensorrt_runners
+    from diffsr.runtime.backends.tensorrt_runner import load_tensorrt_runners
 
     return load_tensorrt_runners(ckpt.path, sigs, Path(engines_dir), device, onnx_dir)
 
 
 def load_pipeline(
-    backend: str, ckpt: "Checkpoint", device: str | None = None, onnx_dir: Path | None = None,
+    backend: str, ckpt: Checkpoint, device: str | None = None, onnx_dir: Path | None = None,
     precision: Precision | None = None, engines_dir: Path | None = None, cuda_graph: bool | None = None,
 ) -> "Pipeline":
     """The pipeline on one backend's runners, on their device; `cuda_graph` defaults to the backend's
     (on for torch-cuda and tensorrt)."""
-    from runtime.pipeline import Pipeline
+    from diffsr.runtime.pipeline import Pipeline
 
     runners = load_runners(backend, ckpt, device, onnx_dir, precision, engines_dir)
     graph = backend in CUDA_GRAPHS if cuda_graph is None else cuda_graph
@@ -81,8 +82,6 @@ def load_pipeline(
 
 
 def _check_device(backend: str, device: str) -> None:
-    import torch
-
     try:
         kind = torch.device(device).type
     except RuntimeError:
@@ -91,3 +90,7 @@ def _check_device(backend: str, device: str) -> None:
         raise DiffsrError(f"the {backend} backend runs on a CUDA device, not {device!r}")
     if kind == "cuda" and not torch.cuda.is_available():
         raise DiffsrError(f"the {backend} backend on {device} needs a CUDA GPU; torch {torch.__version__} sees none here")
+    index = torch.device(device).index
+    count = torch.cuda.device_count() if kind == "cuda" else 0
+    if kind == "cuda" and index is not None and index >= count:
+        raise DiffsrError(f"device {device!r} does not exist: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")

@@ -10,10 +10,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
 import torch
-
-from export.errors import DiffsrError
-from export.signatures import Signature
-
+from diffsr.export.errors import DiffsrError
+from diffsr.export.signatures import Signature
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
-
-from export.errors import DiffsrError
-from export.signatures import Signature
-from runtime.backends.base import TORCH_DTYPES, Runner
+from diffsr.export.errors import DiffsrError
+from diffsr.export.signatures import Signature
+from diffsr.runtime.backends.base import TORCH_DTYPES, Runner
 
 
 class OnnxRuntimeRunner(Runner):
@@ -59,19 +59,13 @@ class OnnxRuntimeRunner(Runner):
         feed = {k: v.contiguous() for k, v in feed.items()}
         for spec in sig.inputs:
             t = feed[spec.name]
-            binding.bind_input(spec.name, "cuda", index, _numpy_dtype(t.dtype), list(t.shape), t.data_ptr())
+            binding.bind_input(spec.name, "cuda", index, np.dtype(spec.dtype), list(t.shape), t.data_ptr())
         outputs = {}
         for spec, shape in zip(sig.outputs, sig.output_shapes(dims).values()):
             t = torch.empty(shape, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
-            binding.bind_output(spec.name, "cuda", index, _numpy_dtype(t.dtype), list(shape), t.data_ptr())
+            binding.bind_output(spec.name, "cuda", index, np.dtype(spec.dtype), list(shape), t.data_ptr())
             outputs[spec.name] = t
         binding.synchronize_inputs()
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         return outputs
-
-
-def _numpy_dtype(dtype: torch.dtype):
-    import numpy as np
-
-    return {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32, torch.int64: np.int64}[dtype]

@@ -18,13 +18,18 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-
-from export.engines import Environment, current_environment, tensorrt_module, verified_plans
-from export.errors import DiffsrError
-from export.manifest import signature_hash
-from export.signatures import SUBMODULES, ShapeRange, Signature
-from export.tensorrt_build import check_engine_io, dims_tuple
-from runtime.backends.base import TORCH_DTYPES, Runner
+from diffsr.export.engines import (
+    Environment,
+    check_engine_io,
+    current_environment,
+    dims_tuple,
+    tensorrt_module,
+    verified_plans,
+)
+from diffsr.export.errors import DiffsrError
+from diffsr.export.manifest import signature_hash
+from diffsr.export.signatures import SUBMODULES, ShapeRange, Signature
+from diffsr.runtime.backends.base import TORCH_DTYPES, Runner
 
 try:
     import tensorrt as trt

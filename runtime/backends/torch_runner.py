@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from diffsr.export.config import Precision
+from diffsr.export.signatures import Signature
+from diffsr.runtime.backends.base import TORCH_DTYPES, Runner
 from torch import nn
-
-from export.config import Precision
-from export.signatures import Signature
-from runtime.backends.base import TORCH_DTYPES, Runner
 
 COMPUTE_DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16}
 

@@ -4,13 +4,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from diffsr.calib.fp16 import HEADROOM, fp32_layers, record_feeds
+from diffsr.export.fp16 import FP16_MAX, fp16_from_fp32
+from diffsr.export.samples import sample_inputs
+from diffsr.export.signatures import signatures
+from diffsr.runtime.backends import load_runners
 from onnx import TensorProto, helper
-
-from calib.data import sample_inputs
-from calib.fp16 import FP16_MAX, HEADROOM, fp32_layers, record_feeds
-from export.fp16 import fp16_from_fp32
-from export.signatures import signatures
-from runtime.backends import load_runners
 
 
 def _graph(tmp_path):

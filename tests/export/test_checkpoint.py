@@ -3,14 +3,19 @@ import json
 
 import pytest
 import torch
-
-from export.checkpoint import (
-    SUBMODULES, assemble, init_checkpoint, load_submodule, open_checkpoint, random_components, write_checkpoint,
+from diffsr.export.checkpoint import (
+    SUBMODULES,
+    assemble,
+    init_checkpoint,
+    load_submodule,
+    open_checkpoint,
+    random_components,
+    write_checkpoint,
 )
-from export.config import preset
-from export.errors import DiffsrError
-from export.signatures import signatures
-from calib.data import sample_inputs
+from diffsr.export.config import preset
+from diffsr.export.errors import DiffsrError
+from diffsr.export.samples import sample_inputs
+from diffsr.export.signatures import signatures
 
 DIMS = dict(batch=1, cfg_batch=2, text_batch=2, latent_height=8, latent_width=8)
 

@@ -1,7 +1,6 @@
 import pytest
-
-from export.config import PRESETS, ModelConfig, preset
-from export.errors import DiffsrError
+from diffsr.export.config import PRESETS, ModelConfig, preset
+from diffsr.export.errors import DiffsrError
 
 
 def test_unknown_preset_names_the_choices():

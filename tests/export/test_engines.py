@@ -2,11 +2,19 @@
 
 import dataclasses
 import json
+import sys
 
 import pytest
-
-from export.engines import EngineMeta, Environment, check_engine, read_meta, tensorrt_available, write_meta
-from export.errors import DiffsrError
+from diffsr.export.engines import (
+    EngineMeta,
+    Environment,
+    check_engine,
+    read_meta,
+    tensorrt_available,
+    tensorrt_module,
+    write_meta,
+)
+from diffsr.export.errors import DiffsrError
 
 HERE = Environment("10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
 
@@ -71,10 +79,23 @@ def test_missing_unreadable_or_old_metadata_is_refused(meta, tmp_path):
         read_meta(plan)
 
 
-@pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here")
-def test_stub_only_tensorrt_counts_as_absent():
-    # tensorrt-stubs (installed for mypy) makes `import tensorrt` succeed with an empty package
-    from export.engines import tensorrt_module
+@pytest.fixture()
+def planted_tensorrt(tmp_path, monkeypatch):
+    """A `tensorrt` package of our own making, first on sys.path, in place of whatever is installed."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    (tmp_path / "tensorrt").mkdir()
+    return tmp_path / "tensorrt"
 
+
+def test_stub_only_tensorrt_counts_as_absent(planted_tensorrt):
+    # what tensorrt-stubs installs: a folder of .pyi files, which imports as an empty namespace package
+    (planted_tensorrt / "__init__.pyi").write_text("__version__: str\n")
     with pytest.raises(DiffsrError, match="TensorRT is not installed"):
         tensorrt_module()
+    assert not tensorrt_available()
+
+
+def test_a_real_tensorrt_module_is_returned(planted_tensorrt):
+    (planted_tensorrt / "__init__.py").write_text("__version__ = '10.13.0.35'\n")
+    assert tensorrt_module().__version__ == "10.13.0.35" and tensorrt_available()

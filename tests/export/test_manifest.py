@@ -4,11 +4,10 @@ import json
 import shutil
 
 import pytest
-
-from export.checkpoint import SUBMODULES, init_checkpoint
-from export.config import Precision
-from export.errors import DiffsrError
-from export.manifest import verified_files
+from diffsr.export.checkpoint import SUBMODULES, init_checkpoint
+from diffsr.export.config import Precision
+from diffsr.export.errors import DiffsrError
+from diffsr.export.manifest import verified_files
 
 
 @pytest.fixture()

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-
-from export.signatures import signatures
-from runtime.backends.torch_runner import TorchRunner
-from calib.data import sample_inputs
+from diffsr.export.checkpoint import random_components
+from diffsr.export.config import preset
+from diffsr.export.samples import sample_inputs
+from diffsr.export.signatures import signatures
+from diffsr.runtime.backends.torch_runner import TorchRunner
 
 DIMS = [
     dict(batch=1, cfg_batch=2, text_batch=2, latent_height=8, latent_width=8),
@@ -23,11 +24,17 @@ def test_output_shapes(tiny_checkpoint, tiny_reference, name, dims):
         assert torch.isfinite(out[spec.name]).all()
 
 
-def test_z_lq_is_the_scaled_mean_not_a_sample(tiny_reference):
+def test_z_lq_is_the_scaled_mean_of_the_vae_encoder():
+    """The LQ encoder starts as the VAE's encoder; its z_lq is the latent distribution's mean times the
+    scaling factor (never a sample), and its tapped forward is the encoder's own."""
+    components = random_components(preset("tiny"), seed=0)
+    vae, lq_encoder = components["vae"], components["lq_encoder"].eval()
     lq = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
-        a, b = tiny_reference["lq_encoder"](lq)[1], tiny_reference["lq_encoder"](lq)[1]
-    assert torch.equal(a, b)
+        want = vae.encode(lq).latent_dist.mean * vae.config.scaling_factor
+        got = lq_encoder(lq)[1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (vae.encode(lq).latent_dist.std > 1e-3).all()  # a sample would differ from the mean
 
 
 def test_decoder_output_is_in_range(tiny_reference):

@@ -4,20 +4,17 @@ import json
 
 import onnx
 import pytest
-
-from export.checkpoint import SUBMODULES
-from export.config import Precision
-from export.errors import DiffsrError
-from export.onnx_export import lint_for_tensorrt, tensorrt_support
-from export.signatures import signatures
-
-ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT32: "int32"}
+from diffsr.export.checkpoint import SUBMODULES
+from diffsr.export.config import Precision
+from diffsr.export.errors import DiffsrError
+from diffsr.export.onnx_export import lint_for_tensorrt, tensorrt_support
+from diffsr.export.signatures import signatures
 
 
 def _io(path):
     graph = onnx.load(str(path), load_external_data=False).graph
     return {
-        v.name: (ONNX_DTYPES.get(v.type.tensor_type.elem_type), tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim))
+        v.name: (str(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)), tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim))
         for v in [*graph.input, *graph.output]
     }
 
@@ -31,7 +28,7 @@ def test_graph_interface_is_the_signature(tiny_checkpoint, tiny_onnx, name, prec
 
 
 def test_manifest_records_files_signatures_checkpoint_and_versions(tiny_checkpoint, tiny_onnx):
-    from export.manifest import checkpoint_digest, file_sha256, signature_hash
+    from diffsr.export.manifest import checkpoint_digest, file_sha256, signature_hash
 
     manifest = json.loads((tiny_onnx / "manifest.json").read_text())
     assert manifest["checkpoint"]["sha256"] == checkpoint_digest(tiny_checkpoint.path)

@@ -6,12 +6,11 @@ import shutil
 
 import pytest
 import torch
+from diffsr.app.cli import app
+from diffsr.export.engines import read_meta, tensorrt_available
+from diffsr.export.errors import DiffsrError
+from diffsr.export.tensorrt_build import _builder_errors, build_engines
 from typer.testing import CliRunner
-
-from export.engines import read_meta, tensorrt_available
-from export.errors import DiffsrError
-from export.tensorrt_build import _builder_errors, build_engines
-from runtime.cli import app
 
 needs_tensorrt = pytest.mark.skipif(not (tensorrt_available() and torch.cuda.is_available()),
                                     reason="needs TensorRT and a CUDA GPU (the builder cannot be installed here)")
@@ -85,8 +84,8 @@ def test_builder_errors_reach_the_exception():
 @needs_tensorrt
 @pytest.mark.parametrize("static", [False, True])
 def test_build_writes_plans_that_match_their_metadata(tiny_onnx, tmp_path, static):
-    from export.engines import current_environment
-    from export.manifest import file_sha256
+    from diffsr.export.engines import current_environment
+    from diffsr.export.manifest import file_sha256
 
     out, cache = tmp_path / "engines", tmp_path / "timing.cache"
     metas = build_engines(tiny_onnx, out, timing_cache=cache, static=static)

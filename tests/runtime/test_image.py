@@ -3,10 +3,9 @@ import io
 import numpy as np
 import pytest
 import torch
+from diffsr.export.errors import DiffsrError
+from diffsr.runtime.image import adain, decode_image, output_size, pad_to_multiple, to_rgb, upsample
 from PIL import Image
-
-from export.errors import DiffsrError
-from runtime.image import adain, decode_image, output_size, pad_to_multiple, to_rgb, upsample
 
 
 def _png(img: Image.Image) -> bytes:

@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
+from diffsr.app.cli import app
+from diffsr.export.config import Precision
+from diffsr.runtime.backends import load_runners
+from diffsr.runtime.pipeline import Pipeline
 from PIL import Image
 from typer.testing import CliRunner
-
-from export.config import Precision
-from runtime.backends import load_runners
-from runtime.cli import app
-from runtime.pipeline import Pipeline
 
 
 def test_onnxruntime_pipeline_matches_torch(tiny_checkpoint, tiny_onnx, photo_lq):

@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-
-from export.errors import DiffsrError
-from runtime.backends import load_runners
-from runtime.pipeline import Pipeline
+from diffsr.export.errors import DiffsrError
+from diffsr.runtime.backends import load_runners
+from diffsr.runtime.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
-from export.errors import DiffsrError
-from runtime.backends import load_runners
-from runtime.pipeline import Pipeline
-from runtime.sampler import TABLE_COLUMNS, StepGraphs, denoise, step_table
-from runtime.scheduler import SD_SCHEDULER_CONFIG, DDIMScheduler
+from diffsr.export.checkpoint import SD_SCHEDULER_CONFIG
+from diffsr.export.errors import DiffsrError
+from diffsr.runtime.backends import load_runners
+from diffsr.runtime.pipeline import Pipeline
+from diffsr.runtime.sampler import TABLE_COLUMNS, StepGraphs, denoise, step_table
+from diffsr.runtime.scheduler import DDIMScheduler
 
 
 def test_step_table_rows_are_the_timesteps_guidance_and_coefficients():

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from diffsr.export.checkpoint import SD_SCHEDULER_CONFIG
+from diffsr.export.errors import DiffsrError
+from diffsr.runtime.scheduler import DDIMScheduler
 from diffusers import DDIMScheduler as Reference
-
-from export.errors import DiffsrError
-from runtime.scheduler import SD_SCHEDULER_CONFIG, DDIMScheduler
 
 
 @pytest.mark.parametrize("steps", [1, 20, 50])

@@ -6,20 +6,20 @@ import json
 import shutil
 from pathlib import Path
 
+import diffsr.export.engines as engines_module
+import diffsr.runtime.backends.tensorrt_runner as tensorrt_runner
 import numpy as np
 import pytest
 import torch
+from diffsr.export.config import Precision
+from diffsr.export.engines import EngineMeta, Environment, tensorrt_available, write_meta
+from diffsr.export.errors import DiffsrError
+from diffsr.export.manifest import file_sha256, read_manifest, signature_hash
+from diffsr.export.signatures import SUBMODULES, signatures, target
+from diffsr.export.tensorrt_build import engine_profiles, profile_json
+from diffsr.runtime.backends import load_runners
+from diffsr.runtime.pipeline import Pipeline
 
-import export.tensorrt_build
-import runtime.backends.tensorrt_runner as tensorrt_runner
-from export.config import Precision
-from export.engines import EngineMeta, Environment, tensorrt_available, write_meta
-from export.errors import DiffsrError
-from export.manifest import checkpoint_digest, file_sha256, read_manifest, signature_hash
-from export.signatures import SUBMODULES, signatures, target
-from export.tensorrt_build import engine_profiles, profile_json
-from runtime.backends import load_runners
-from runtime.pipeline import Pipeline
 from tests.runtime import fake_tensorrt
 
 HERE = Environment(fake_tensorrt.__version__, "Fake GPU", "9.0")
@@ -27,7 +27,7 @@ HERE = Environment(fake_tensorrt.__version__, "Fake GPU", "9.0")
 
 @pytest.fixture()
 def fake_trt(monkeypatch):
-    for module in (tensorrt_runner, export.tensorrt_build):
+    for module in (tensorrt_runner, engines_module):
         monkeypatch.setattr(module, "trt", fake_tensorrt, raising=False)
     monkeypatch.setattr(tensorrt_runner, "tensorrt_module", lambda: fake_tensorrt)
     return fake_tensorrt
@@ -85,9 +85,8 @@ def test_buffers_are_bound_once_and_outputs_are_views_of_them(fake_trt, tiny_che
         assert start <= image.data_ptr() < end
     assert context.address_calls == 2 and context.executions == 3
     direct = fake_trt.Runtime(None).deserialize_cuda_engine((engines / "vae_decoder.plan").read_bytes())
-    ctx = direct.create_execution_context("USER_MANAGED")
     ref = direct.session.run(None, {"latent": latent.numpy()})[0]
-    assert ctx is not None and np.array_equal(image.numpy(), ref)
+    assert np.array_equal(image.numpy(), ref)  # what the runner returns is what the engine wrote
 
 
 def test_one_scratch_allocation_serves_every_context(fake_trt, tiny_checkpoint, engines):
@@ -121,7 +120,7 @@ def test_plans_that_do_not_match_are_refused_before_loading(fake_trt, tiny_check
     elif spoil == "plan":
         (engines / "text_encoder.plan").write_text((engines / "text_encoder.plan").read_text() + " ")
     elif spoil == "checkpoint":
-        from export.checkpoint import init_checkpoint
+        from diffsr.export.checkpoint import init_checkpoint
 
         ckpt = init_checkpoint("tiny", seed=3, out=tmp_path / "other")
     else:
@@ -129,7 +128,6 @@ def test_plans_that_do_not_match_are_refused_before_loading(fake_trt, tiny_check
         manifest = json.loads((onnx_dir / "manifest.json").read_text())
         manifest["submodules"]["text_encoder"]["fp16"]["sha256"] = "0" * 64
         (onnx_dir / "manifest.json").write_text(json.dumps(manifest))
-    assert checkpoint_digest(ckpt.path)
     with pytest.raises(DiffsrError, match=message):
         load(ckpt, engines, onnx_dir, running)
 
@@ -147,7 +145,7 @@ def test_missing_plan_is_named(fake_trt, tiny_checkpoint, engines):
 
 
 def test_triton_repository_takes_only_verified_plans(tiny_checkpoint, tiny_onnx, engines, tmp_path):
-    from triton_models.repository import build_repository
+    from diffsr.triton_models.repository import build_repository
 
     build_repository(tiny_checkpoint, None, tmp_path / "repo", "tensorrt", engines)
     for name in SUBMODULES:
@@ -170,8 +168,8 @@ def test_without_cuda_the_gpu_backends_say_so(tiny_checkpoint):
 @pytest.mark.skipif(not (torch.cuda.is_available() and tensorrt_available()),
                     reason="needs TensorRT and a CUDA GPU (the builder cannot be installed here)")
 def test_real_engines_match_the_cpu_reference_with_a_graph_per_step(tiny_checkpoint, tiny_onnx, tmp_path, photo_lq):
-    from export.parity import TOLERANCES, judge_image
-    from export.tensorrt_build import build_engines
+    from diffsr.app.parity import TOLERANCES, judge_image
+    from diffsr.export.tensorrt_build import build_engines
 
     engines = tmp_path / "real"
     build_engines(tiny_onnx, engines)

@@ -6,15 +6,14 @@ parity only where a CUDA GPU is present (skipped otherwise, with the reason in t
 import numpy as np
 import pytest
 import torch
-
-from calib.data import sample_inputs
-from export.checkpoint import load_submodule
-from export.config import Precision
-from export.parity import TOLERANCES, judge_image
-from export.signatures import signatures
-from runtime.backends import load_runners
-from runtime.backends.torch_runner import TorchRunner
-from runtime.pipeline import Pipeline
+from diffsr.app.parity import TOLERANCES, judge_image
+from diffsr.export.checkpoint import load_submodule
+from diffsr.export.config import Precision
+from diffsr.export.samples import sample_inputs
+from diffsr.export.signatures import signatures
+from diffsr.runtime.backends import load_runners
+from diffsr.runtime.backends.torch_runner import TorchRunner
+from diffsr.runtime.pipeline import Pipeline
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DIMS = dict(batch=1, cfg_batch=2, text_batch=2, latent_height=8, latent_width=12)

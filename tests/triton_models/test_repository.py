@@ -1,12 +1,11 @@
 """Generated configs parse into Triton's ModelConfig and agree with the signatures, both flavours."""
 
 import pytest
+from diffsr.export.errors import DiffsrError
+from diffsr.export.signatures import SUBMODULES, signatures
+from diffsr.triton_models.repository import OUTPUT, TRITON_DTYPES, ServingOptions, model_configs, write_config
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
-
-from export.errors import DiffsrError
-from export.signatures import SUBMODULES, signatures
-from triton_models.repository import OUTPUT, TRITON_DTYPES, ServingOptions, model_configs, write_config
 
 
 @pytest.mark.parametrize("flavour", ["onnxruntime", "tensorrt"])
@@ -63,7 +62,7 @@ def test_sampler_queue_is_bounded_and_times_out(tiny_checkpoint):
 
 
 def test_tensorrt_models_capture_cuda_graphs_at_the_served_shape(tiny_checkpoint):
-    from export.signatures import TARGETS
+    from diffsr.export.signatures import TARGETS
 
     configs = model_configs(tiny_checkpoint, "tensorrt", ServingOptions())
     opt = {n: r.opt for n, r in TARGETS["server"].dim_ranges(tiny_checkpoint.model).items()}

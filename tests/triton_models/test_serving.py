@@ -1,29 +1,23 @@
 """The ensemble served by a real tritonserver, against the in-process ONNX Runtime pipeline."""
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from diffsr.app.triton_client import TritonClient
+from diffsr.calib.data import photo
+from diffsr.export.errors import DiffsrError
+from diffsr.runtime.backends import load_runners
+from diffsr.runtime.image import decode_image
+from diffsr.runtime.image import encode_png as _png
+from diffsr.runtime.pipeline import Pipeline
 from PIL import Image
-
-from calib.data import photo
-from export.errors import DiffsrError
-from runtime.backends import load_runners
-from runtime.pipeline import Pipeline
-from runtime.triton_client import TritonClient
 
 SETTINGS = dict(steps=4, seed=11)
 
 
-def _png(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _decode(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    return decode_image(png, "the endpoint's answer")
 
 
 @pytest.fixture(scope="module")
@@ -114,14 +108,15 @@ def test_concurrent_requests_each_get_their_own_image(server, lq):
 
 
 def test_cli_client(server, lq, tmp_path):
+    from diffsr.app.cli import app
     from typer.testing import CliRunner
-
-    from runtime.cli import app
 
     src, out = tmp_path / "lq.png", tmp_path / "out.png"
     src.write_bytes(_png(lq))
     result = CliRunner().invoke(app, ["client", str(src), "-o", str(out), "--url", server.grpc_url,
                                       "--protocol", "grpc", "--steps", "2"])
     assert result.exit_code == 0, result.output
-    assert Image.open(out).size == (160, 128) and "s" in result.output
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")),
+                          _decode(TritonClient(server.grpc_url, "grpc").upscale(src.read_bytes(), steps=2).png))
+    assert f"{src} -> {out} via grpc://{server.grpc_url}: " in result.output
 

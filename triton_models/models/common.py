@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
-
-from export.errors import DiffsrError
+from diffsr.export.errors import DiffsrError
 
 
 def parameters(args: dict[str, Any]) -> dict[str, str]:

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
-
-from triton_models.models.common import parameters, respond
+from diffsr.triton_models.models.common import parameters, respond
 
 
 class TritonPythonModel:

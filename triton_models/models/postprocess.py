@@ -6,11 +6,10 @@ import io
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from diffsr.runtime.pipeline import finish
+from diffsr.triton_models.endpoint import OUTPUT
+from diffsr.triton_models.models.common import parameters, respond, to_torch
 from PIL import Image
-
-from runtime.pipeline import finish
-from triton_models.models.common import parameters, respond, to_torch
-from triton_models.repository import OUTPUT
 
 
 class TritonPythonModel:

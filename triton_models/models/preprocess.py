@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 
 import torch
-
-from export.errors import DiffsrError
-from export.tokenizer import Tokenizer
-from runtime.config import PipelineConfig
-from runtime.image import decode_image, output_size
-from runtime.pipeline import prepare_lq, prompts
-from triton_models.models.common import from_torch, optional, parameters, respond, scalar
+from diffsr.export.errors import DiffsrError
+from diffsr.export.settings import PipelineConfig
+from diffsr.export.tokenizer import Tokenizer
+from diffsr.runtime.image import decode_image, output_size
+from diffsr.runtime.pipeline import prepare_lq, prompts
+from diffsr.triton_models.models.common import from_torch, optional, parameters, respond, scalar
 
 
 class TritonPythonModel:

@@ -7,11 +7,10 @@ import json
 
 import torch
 import triton_python_backend_utils as pb_utils
-
-from export.errors import DiffsrError
-from runtime.config import PipelineConfig
-from runtime.sampler import denoise
-from triton_models.models.common import bls_runners, from_torch, parameters, respond, scalar, to_torch
+from diffsr.export.errors import DiffsrError
+from diffsr.export.settings import PipelineConfig
+from diffsr.runtime.sampler import denoise
+from diffsr.triton_models.models.common import bls_runners, from_torch, parameters, respond, scalar, to_torch
 
 
 class TritonPythonModel:

@@ -11,8 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
-
-from export.signatures import Signature
+from diffsr.export.signatures import Signature
 
 
 def graph_flops(path: Path, sig: Signature, dims: Mapping[str, int]) -> int:

@@ -17,19 +17,20 @@ import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-
-from calib.data import photo
-from export.config import Precision
-from export.engines import tensorrt_module
-from export.errors import DiffsrError
-from export.parity import TOLERANCES, ImageParity, judge_image
-
-if TYPE_CHECKING:
-    from export.checkpoint import Checkpoint
+from diffsr.app.bench import Record, run_bench
+from diffsr.app.parity import TOLERANCES, ImageParity, judge_image
+from diffsr.calib.data import photo
+from diffsr.export.checkpoint import Checkpoint, ensure_checkpoint
+from diffsr.export.config import Precision
+from diffsr.export.engines import read_meta, tensorrt_module
+from diffsr.export.errors import DiffsrError
+from diffsr.export.manifest import checkpoint_digest
+from diffsr.runtime.backends import load_runners
+from diffsr.runtime.pipeline import Pipeline
 
 GRAPH_TOLERANCE = 2  # max |graph - eager| on uint8: the same kernels, but the graph reads device scalars
 
@@ -40,7 +41,7 @@ class GpuReport:
     parity: list[dict[str, Any]] = field(default_factory=list)  # ImageParity rows, with the path's name
     graph_max_abs: int | None = None
     graph_captures: int = 0
-    bench: list[Any] = field(default_factory=list)  # runtime.bench.Record, one per backend
+    bench: list[Record] = field(default_factory=list)  # one per backend
     bench_title: str = ""
 
     @property
@@ -65,23 +66,14 @@ def environment() -> dict[str, str]:
 
 
 def _checkpoint(preset: str, workdir: Path, say: Callable[[str], None]) -> Checkpoint:
-    from export.checkpoint import init_checkpoint, open_checkpoint
-
-    path = workdir / f"checkpoint-{preset}"
-    if (path / "diffsr.json").is_file():
-        return open_checkpoint(path)
-    say(f"creating a seeded random {preset} checkpoint in {path}")
-    return init_checkpoint(preset, seed=0, out=path)
+    say(f"the seeded random {preset} checkpoint in {workdir / f'checkpoint-{preset}'}")
+    return ensure_checkpoint(preset, 0, workdir / f"checkpoint-{preset}")
 
 
 def check_gpu(
     workdir: Path, parity_preset: str = "small", bench_preset: str = "sd15", runs: int = 3, warmup: int = 1,
     engines: Path | None = None, onnx: Path | None = None, say: Callable[[str], None] = lambda _: None,
 ) -> GpuReport:
-    from runtime.backends import load_runners
-    from runtime.bench import run_bench
-    from runtime.pipeline import Pipeline
-
     report = GpuReport(environment())
     say(f"GPU: {report.environment['gpu']}; TensorRT: {report.environment['tensorrt']}")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +116,7 @@ def check_gpu(
     if engines is not None and _engines_match(engines, bench_ckpt):
         backends.append("tensorrt")
     say(f"benchmark: {bench_preset}, {', '.join(backends)}")
-    records = run_bench(bench_ckpt, onnx, backends, (128, 128), 20, runs, warmup, (), on_progress=say, device="cuda",
+    records = run_bench(bench_ckpt, onnx, backends, (128, 128), 20, runs, warmup, (), say=say, device="cuda",
                         engines_dir=engines)
     report.bench = records
     report.bench_title = (f"{bench_preset} 128x128 -> 512x512, 20 steps, CFG, {runs} runs after {warmup} warm-up; "
@@ -134,9 +126,6 @@ def check_gpu(
 
 def _engines_match(engines: Path, ckpt: Checkpoint) -> bool:
     """Whether the engine folder was built for this checkpoint (its metadata names the checkpoint)."""
-    from export.engines import read_meta
-    from export.manifest import checkpoint_digest
-
     try:
         return read_meta(engines / "text_encoder.plan").checkpoint_sha256 == checkpoint_digest(ckpt.path)
     except DiffsrError:

@@ -5,10 +5,9 @@ import sys
 
 import numpy as np
 import pytest
+from diffsr.app.cli import app
 from PIL import Image
 from typer.testing import CliRunner
-
-from runtime.cli import app
 
 runner = CliRunner()
 
@@ -90,7 +89,7 @@ def test_bad_input_is_one_clear_line(case, message, tiny_checkpoint, lq_png, tmp
 
 def test_entry_point_exits_non_zero_without_a_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "y.png"),
+        [sys.executable, "-m", "diffsr.app.cli", "upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "y.png"),
          "--checkpoint", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
     )

@@ -5,12 +5,11 @@ import shutil
 
 import numpy as np
 import pytest
+from diffsr.app.cli import app
+from diffsr.app.parity import TOLERANCES, check_parity, judge_image, judge_output
+from diffsr.export.config import Precision
+from diffsr.export.manifest import file_sha256
 from typer.testing import CliRunner
-
-from export.config import Precision
-from export.manifest import file_sha256
-from export.parity import TOLERANCES, check_parity, judge_image, judge_output
-from runtime.cli import app
 
 
 @pytest.fixture(scope="module", params=list(Precision), ids=lambda p: p.value)

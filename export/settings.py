@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from export.config import dataclass_from_json
-from export.errors import DiffsrError
+from diffsr.export.config import dataclass_from_json
+from diffsr.export.errors import DiffsrError
 
 DEFAULT_PROMPT = "clean, natural, high quality, rich detail, sharp focus, 8k"
 DEFAULT_NEGATIVE_PROMPT = (

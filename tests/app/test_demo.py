@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
+from diffsr.app.demo import run_demo
+from diffsr.export.errors import DiffsrError
 from PIL import Image
-
-from export.errors import DiffsrError
-from runtime.demo import run_demo
 
 
 def test_demo_writes_every_backends_image_and_the_endpoint_agrees(tmp_path, tiny_checkpoint, tiny_onnx):

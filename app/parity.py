@@ -14,12 +14,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-
-from calib.data import photo, sample_inputs
-from export.checkpoint import SUBMODULES, Checkpoint
-from export.config import ModelConfig, Precision
-from export.signatures import TARGETS, signatures
-from runtime.backends.base import Runner
+from diffsr.calib.data import photo
+from diffsr.export.checkpoint import SUBMODULES, Checkpoint
+from diffsr.export.config import ModelConfig, Precision
+from diffsr.export.samples import sample_inputs
+from diffsr.export.signatures import TARGETS, signatures
+from diffsr.runtime.backends import load_runners
+from diffsr.runtime.backends.base import Runner
+from diffsr.runtime.pipeline import Pipeline
 
 
 @dataclass(frozen=True)
@@ -130,9 +132,6 @@ def check_parity(
     ckpt: Checkpoint, onnx_dir, precision: Precision = Precision.FP32, size: tuple[int, int] = (128, 96), steps: int = 20
 ) -> ParityReport:
     """ONNX Runtime against PyTorch: every submodule at three shapes, then the whole pipeline."""
-    from runtime.backends import load_runners
-    from runtime.pipeline import Pipeline
-
     tol = TOLERANCES[precision]
     reference = load_runners("torch", ckpt)
     candidate = load_runners("onnxruntime", ckpt, onnx_dir=onnx_dir, precision=precision)

@@ -8,20 +8,22 @@
 
 from __future__ import annotations
 
-import io
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
-from calib.data import PHOTOS, photo
-from export.checkpoint import init_checkpoint, open_checkpoint
-from export.errors import DiffsrError
-from runtime.backends import load_runners
-from runtime.image import save_image
-from runtime.pipeline import Pipeline
+from diffsr.app.triton_client import TritonClient
+from diffsr.app.triton_server import Ports, TritonServer
+from diffsr.calib.data import PHOTOS, photo
+from diffsr.export.checkpoint import Checkpoint, ensure_checkpoint
+from diffsr.export.errors import DiffsrError
+from diffsr.export.exporter import export_onnx
+from diffsr.runtime.backends import load_runners
+from diffsr.runtime.image import decode_image, encode_png, save_image
+from diffsr.runtime.pipeline import Pipeline
+from diffsr.triton_models.repository import build_repository
 
 DEMO_DIR = Path(".demo")
 LQ_SIZE = (128, 128)  # the benchmark size: 128 in, 512 out
@@ -41,10 +43,8 @@ def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = 
     if photo_name not in PHOTOS:
         raise DiffsrError(f"unknown demo photo {photo_name!r}; choose one of {list(PHOTOS)}")
     ckpt_dir, onnx_dir = folder / f"checkpoint-{preset}", folder / f"onnx-{preset}"
-    if not (ckpt_dir / "diffsr.json").is_file():
-        say(f"creating the {preset} checkpoint in {ckpt_dir}")
-        init_checkpoint(preset, 0, ckpt_dir)
-    ckpt = open_checkpoint(ckpt_dir)
+    say(f"the {preset} checkpoint in {ckpt_dir} (created once)")
+    ckpt = ensure_checkpoint(preset, 0, ckpt_dir)
     lq = photo(photo_name, LQ_SIZE)
     result = DemoResult(folder / f"{photo_name}_lq.png")
     save_image(lq, result.lq_path)
@@ -60,9 +60,7 @@ def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = 
     upscale("torch")
     if not (onnx_dir / "manifest.json").is_file():
         say(f"exporting ONNX to {onnx_dir} (once)")
-        from export.exporter import export_checkpoint
-
-        export_checkpoint(ckpt_dir, onnx_dir)
+        export_onnx(ckpt, onnx_dir)
     direct = upscale("onnxruntime", onnx_dir=onnx_dir)
     if serve:
         result.endpoint_latency_s, remote = _serve_once(ckpt, onnx_dir, folder / f"triton-{preset}", lq, say)
@@ -72,19 +70,12 @@ def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = 
     return result
 
 
-def _serve_once(ckpt, onnx_dir: Path, repo: Path, lq: np.ndarray, say) -> tuple[float, np.ndarray]:
-    import shutil
-
-    from runtime.triton_client import TritonClient
-    from triton_models.repository import build_repository
-    from triton_models.server import Ports, TritonServer
-
+def _serve_once(ckpt: Checkpoint, onnx_dir: Path, repo: Path, lq: np.ndarray,
+                say: Callable[[str], None]) -> tuple[float, np.ndarray]:
     shutil.rmtree(repo, ignore_errors=True)
     build_repository(ckpt, onnx_dir, repo)
     say("starting tritonserver")
     with TritonServer(repo, Ports.free()) as server:
-        buf = io.BytesIO()
-        Image.fromarray(lq).save(buf, format="PNG")
         say(f"upscaling through the endpoint at {server.http_url}")
-        remote = TritonClient(server.http_url).upscale(buf.getvalue())
-    return remote.latency_s, np.asarray(Image.open(io.BytesIO(remote.png)).convert("RGB"))
+        remote = TritonClient(server.http_url).upscale(encode_png(lq))
+    return remote.latency_s, decode_image(remote.png, "the endpoint's answer")

@@ -4,7 +4,8 @@ The wheel ships `tritonserver`, the python backend and one backend stub per Pyth
 backend directory is assembled in a temporary folder (library, utils, this Python's stub); the
 server runs with this interpreter's libpython and the bundled libraries on LD_LIBRARY_PATH, and its
 bin first on PATH, so python-backend models run the same Python and environment (diffsr included)
-as the caller.
+as the caller: the generated `model.py` files import `diffsr.triton_models.models`, so diffsr must be
+installed in that environment (`pip install` or `pip install -e`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.errors import DiffsrError
+from diffsr.export.errors import DiffsrError
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,7 @@ class TritonServer:
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         env = os.environ.copy()
-        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # the stub finds this venv
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # the stub finds this venv, diffsr in it
         if self.system:
             binary = shutil.which("tritonserver")
             if binary is None:
@@ -128,31 +127,44 @@ class TritonServer:
     def warm_up(self, image: bytes, steps: int = 2) -> float:
         """One request at the served shape, so first-call costs (allocations, graph captures) are paid
         before traffic; returns its latency."""
-        from runtime.triton_client import TritonClient
+        from diffsr.app.triton_client import TritonClient
 
         return TritonClient(self.http_url).upscale(image, steps=steps).latency_s
 
     def start(self, timeout: float = 300.0) -> TritonServer:
         if not (self.repository / self.ready_model / "config.pbtxt").is_file():
             raise DiffsrError(f"{self.repository} has no {self.ready_model} model: build it with `diffsr triton-repo`")
-        cmd, env = self.command()
-        self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._pump, daemon=True).start()
+        try:  # whatever fails on the way, nothing is left running and the temporary folder goes
+            cmd, env = self.command()
+            try:
+                self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            except OSError as e:
+                raise DiffsrError(f"cannot start {cmd[0]}: {e.strerror}") from None
+            threading.Thread(target=self._pump, daemon=True).start()
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
         import tritonclient.http as http
 
+        assert self.process is not None
         client = http.InferenceServerClient(self.http_url)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                tail = "".join(self.logs[-15:])
-                raise DiffsrError(f"tritonserver exited with code {self.process.returncode}; last log lines:\n{tail}")
+                time.sleep(0.2)  # let the log pump read the last lines
+                errors = [line.strip() for line in self.logs if line.startswith("E")] or [line.strip() for line in self.logs]
+                last = errors[-1] if errors else "no output"
+                raise DiffsrError(f"tritonserver exited with code {self.process.returncode}: {last}")
             try:
                 if client.is_model_ready(self.ready_model):
-                    return self
+                    return
             except Exception:  # not listening yet
                 pass
             time.sleep(0.5)
-        self.stop()
         raise DiffsrError(f"tritonserver did not get {self.ready_model} ready within {timeout:.0f} s")
 
     def _pump(self) -> None:

@@ -2,15 +2,14 @@
 
 import json
 
+from diffsr.app.bench import stats
+from diffsr.app.cli import app
 from typer.testing import CliRunner
 
-from runtime.bench import _stats
-from runtime.cli import app
 
-
-def test_stats_median_and_p95():
-    assert _stats([3.0, 1.0, 2.0]) == {"median_s": 2.0, "p95_s": 3.0}
-    assert _stats([5.0]) == {"median_s": 5.0, "p95_s": 5.0}
+def teststats_median_and_p95():
+    assert stats([3.0, 1.0, 2.0]) == {"median_s": 2.0, "p95_s": 3.0}
+    assert stats([5.0]) == {"median_s": 5.0, "p95_s": 5.0}
 
 
 def test_bench_smoke(tiny_checkpoint, tiny_onnx, server, tmp_path):

@@ -1,0 +1,110 @@
+"""The command line's tables: reports (data) in, rich tables out. Nothing here computes a result."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from diffsr.app.bench import Record
+from diffsr.app.bench_report import table_rows
+from diffsr.app.gpu_check import GRAPH_TOLERANCE, GpuReport
+from diffsr.app.parity import ParityReport
+from diffsr.export.engines import EngineMeta
+from rich.table import Table
+
+
+def timings(timings: dict[str, float]) -> Table:
+    table = Table()
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for stage, seconds in timings.items():
+        table.add_row(stage, f"{seconds:.3f}")
+    return table
+
+
+def demo(timings: dict[str, dict[str, float]], title: str) -> Table:
+    table = Table(title=title)
+    backends = list(timings)
+    table.add_column("stage")
+    for backend in backends:
+        table.add_column(backend, justify="right")
+    for stage in timings[backends[0]]:
+        table.add_row(stage, *(f"{timings[b][stage]:.3f}" for b in backends))
+    return table
+
+
+def export(manifest: dict[str, Any], out: Path) -> Table:
+    table = Table()
+    for col in ("submodule", "precision", "file", "MB", "layers kept FP32 (see manifest)"):
+        table.add_column(col, justify="right" if col == "MB" else "left")
+    for name, entry in manifest["submodules"].items():
+        for precision in ("fp32", "fp16"):
+            if precision in entry:
+                info = entry[precision]
+                files = [out / info["file"], out / (info["file"] + ".data")]
+                mb = sum(f.stat().st_size for f in files if f.is_file()) / 1e6
+                ops = Counter(k["op_type"] for k in info.get("kept_fp32", []))
+                kept = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())) if precision == "fp16" else ""
+                table.add_row(name, precision, info["file"], f"{mb:.1f}", kept)
+    return table
+
+
+def parity(report: ParityReport) -> Table:
+    tol = report.tolerance
+    table = Table(title=f"{report.precision}: rel <= {tol.rel:g}, PSNR >= {tol.psnr_db:g} dB")
+    for col in ("submodule", "shape", "output", "max abs", "rel", "ok"):
+        table.add_column(col)
+    for o in report.outputs:
+        table.add_row(o.submodule, o.shape, o.output, f"{o.max_abs:.3g}", f"{o.rel:.3g}", "yes" if o.passed else "NO")
+    for i in report.images:
+        table.add_row("pipeline", i.size, "image", f"{i.max_abs}", f"{i.psnr_db:.2f} dB", "yes" if i.passed else "NO")
+    return table
+
+
+def engines(metas: dict[str, EngineMeta], out: Path, target: str) -> Table:
+    env = next(iter(metas.values())).built_with
+    table = Table(title=f"TensorRT {env.tensorrt}, {env.gpu}, target {target}")
+    profile_col = "profile (min .. max of the first input)"
+    for col in ("submodule", "plan MB", "scratch MB", "build s", profile_col):
+        table.add_column(col, justify="left" if col in ("submodule", profile_col) else "right")
+    for name, meta in metas.items():
+        first = next(iter(meta.profile.values()))
+        size = (out / f"{name}.plan").stat().st_size / 1e6
+        table.add_row(name, f"{size:.1f}", f"{meta.device_memory_bytes / 1e6:.1f}", f"{meta.build_seconds:.1f}",
+                      f"{first[0]} .. {first[2]}")
+    return table
+
+
+def bench(records: list[Record], title: str, flops: dict[str, float] | None, base: str = "torch") -> Table:
+    table = Table(title=f"{title}\nmedian s (p95) and speed-up vs {base}")
+    for col in ("stage", *(r.backend for r in records), "GFLOP"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for row in table_rows(records, flops, base):
+        table.add_row(*row)
+    return table
+
+
+def bench_notes(records: list[Record]) -> list[str]:
+    lines = []
+    for rec in records:
+        if rec.device_mib:
+            lines.append(f"{rec.backend}: {rec.device_mib:.0f} MiB of GPU memory added by loading")
+        for c in rec.concurrency:
+            lines.append(f"{rec.backend} concurrency {c['concurrency']}: median {c['median_s']:.3f} s, "
+                         f"p95 {c['p95_s']:.3f} s, {c['throughput_rps']:.3f} images/s")
+    return lines
+
+
+def gpu_parity(report: GpuReport, preset: str) -> Table:
+    table = Table(title=f"parity, {preset}, 64x64 -> 256x256, 20 steps: GPU path vs CPU FP32 reference")
+    for col in ("path", "PSNR dB", "max |diff|", ">= 30 dB"):
+        table.add_column(col)
+    for row in report.parity:
+        table.add_row(row["path"], f"{row['psnr_db']:.2f}", str(row["max_abs"]), "yes" if row["passed"] else "NO")
+    return table
+
+
+def gpu_graph_line(report: GpuReport) -> str:
+    return (f"CUDA graph vs eager steps (same runners): max |diff| {report.graph_max_abs} on uint8 "
+            f"(<= {GRAPH_TOLERANCE} passes), {report.graph_captures} capture(s) for 2 requests")

@@ -1,0 +1,27 @@
+"""Random inputs of a signature's shapes: what tracing, parity checks and tests feed a submodule.
+
+Token ids in the vocabulary, timesteps in [0, 1000), images in [-1, 1], N(0, 1) for latents and
+features; seeded, so the same dims and seed give the same tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from diffsr.export.config import VOCAB_SIZE
+from diffsr.export.signatures import Signature
+
+_RANDOM = {
+    "input_ids": lambda shape, g: torch.randint(0, VOCAB_SIZE, shape, generator=g, dtype=torch.int32),
+    "timestep": lambda shape, g: torch.randint(0, 1000, shape, generator=g).float(),
+    "lq_image": lambda shape, g: torch.rand(shape, generator=g) * 2 - 1,
+}
+
+
+def sample_inputs(sig: Signature, dims: Mapping[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        name: _RANDOM.get(name, lambda s, g: torch.randn(s, generator=g))(shape, g)
+        for name, shape in sig.input_shapes(dims).items()
+    }

@@ -1,0 +1,25 @@
+"""The endpoint's interface, in one place and without Triton's protobuf modules: the ensemble's name,
+its request tensors and its response. The repository generator, the python models and the client
+all read it."""
+
+from __future__ import annotations
+
+from diffsr.export.signatures import TensorSpec
+
+ENSEMBLE = "diffsr"
+# The endpoint's output. Not "image": an ensemble's output cannot share its input's name (Triton
+# then answers a request twice, the input echoed and the result).
+OUTPUT = "upscaled"
+# Every request input but the image is optional; absent ones take the checkpoint's defaults.
+REQUEST = (
+    TensorSpec("image", "bytes", (1,)),
+    TensorSpec("prompt", "bytes", (1,)),
+    TensorSpec("negative_prompt", "bytes", (1,)),
+    TensorSpec("steps", "int32", (1,)),
+    TensorSpec("guidance_scale", "float32", (1,)),
+    TensorSpec("seed", "int64", (1,)),
+)
+OPTIONAL = tuple(spec.name for spec in REQUEST if spec.name != "image")
+RESPONSE = TensorSpec(OUTPUT, "bytes", (1,))
+# the protocol's names of the request's dtypes
+PROTOCOL_DTYPES = {"bytes": "BYTES", "int32": "INT32", "int64": "INT64", "float32": "FP32"}
