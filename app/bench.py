@@ -28,11 +28,12 @@ from diffsr.export.checkpoint import Checkpoint
 from diffsr.export.config import LATENT_FACTOR, Precision
 from diffsr.export.errors import DiffsrError
 from diffsr.export.signatures import SUBMODULES, signatures
-from diffsr.runtime.backends import BACKENDS as PIPELINE_BACKENDS
-from diffsr.runtime.backends import DEFAULTS, load_pipeline
+from diffsr.runtime.backend_names import BACKENDS as PIPELINE_BACKENDS
+from diffsr.runtime.backend_names import DEFAULTS, SERVED
+from diffsr.runtime.backends import load_pipeline
 from diffsr.runtime.image import encode_png
 
-BACKENDS = (*PIPELINE_BACKENDS, "triton")
+BACKENDS = (*PIPELINE_BACKENDS, SERVED)
 STAGES = ("preprocess", "text_encoder", "lq_encoder", "denoise_step", "denoise", "vae_decoder", "postprocess")
 Say = Callable[[str], None]
 
@@ -104,7 +105,7 @@ def run_bench(
                     server = stack.enter_context(_triton_server(ckpt, onnx_dir, stack, say))
                     url = server.http_url
                     records[backend].host_mib = tree_rss_mib(server.process.pid if server.process else None)
-                calls[backend] = _remote_call(url, encode_png(image), steps)
+                calls[backend] = _remote_call(url, encode_png(image), steps, stack)
             else:
                 before, used = rss_mib(), device_used_mib()
                 pipe = _pipeline(backend, ckpt, onnx_dir, engines_dir, device)
@@ -139,14 +140,14 @@ def _pipeline(backend: str, ckpt: Checkpoint, onnx_dir: Path | None, engines_dir
     return load_pipeline(backend, ckpt, None if cuda_only else device, onnx_dir, precision, engines_dir)
 
 
-def _remote_call(url: str, png: bytes, steps: int) -> Callable[[], dict[str, float]]:
+def _remote_call(url: str, png: bytes, steps: int, stack: ExitStack) -> Callable[[], dict[str, float]]:
     """One request through the endpoint; a client per thread (tritonclient's HTTP client is not
-    thread-safe), so the same call serves the concurrency sweep."""
+    thread-safe), so the same call serves the concurrency sweep. `stack` closes the clients."""
     local = threading.local()
 
     def call() -> dict[str, float]:
         if not hasattr(local, "client"):
-            local.client = TritonClient(url)
+            local.client = stack.enter_context(TritonClient(url))
         return {"total": local.client.upscale(png, steps=steps).latency_s}
 
     return call

@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from diffsr.app.bench import STAGES, Record
 
-MEMORY_HEADER = "host MiB added by loading"  # the one meaning of Record.host_mib (see its comment)
+MEMORY_HEADER = "host memory added by loading, MiB"  # the one meaning of Record.host_mib (see its comment)
 
 
 def table_rows(records: list[Record], flops: dict[str, float] | None = None, base: str = "torch") -> list[list[str]]:
     """stage, then per backend 'median (p95) ratio' where ratio = the `base` backend's median over this
-    one's (a speed-up), then the stage's GFLOP; a last row with each backend's host memory."""
+    one's (a speed-up), then the stage's GFLOP."""
     reference = next((r for r in records if r.backend == base), None)
     rows = []
     for stage in [*STAGES, "end_to_end"]:
@@ -29,8 +30,13 @@ def table_rows(records: list[Record], flops: dict[str, float] | None = None, bas
             row.append(f"{s['median_s']:.3f} ({s['p95_s']:.3f}){ratio}")
         row.append(f"{flops[stage] / 1e9:.1f}" if flops and stage in flops else "")
         rows.append(row)
-    rows.append([MEMORY_HEADER, *("-" if r.host_mib is None else f"{r.host_mib:.0f}" for r in records), ""])
     return rows
+
+
+def memory_line(records: list[Record]) -> str:
+    """Each backend's host memory; "-" where it was not measured (a server given by its URL)."""
+    values = ", ".join(f"{r.backend} {'-' if r.host_mib is None else f'{r.host_mib:.0f}'}" for r in records)
+    return f"{MEMORY_HEADER}: {values}"
 
 
 def plot(records: list[Record], path: Path, title: str) -> None:

@@ -2,7 +2,8 @@
 
 Every command is registered through `command`, the one error boundary: a `DiffsrError` (anything
 the user can cause and fix) or an `OSError` on a path becomes one line on stderr and exit code 2.
-Output paths are checked before the work that ends in writing them. Long work reports `Progress`
+Output paths are checked before the work that ends in writing them. Commands import what they run
+inside their bodies, so `diffsr --help` starts without loading torch. Long work reports `Progress`
 events, drawn as bars by `Bars`.
 """
 
@@ -21,14 +22,15 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
-from diffsr.app import tables
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+
 from diffsr.export.config import PRESETS, Precision
 from diffsr.export.errors import DiffsrError
 from diffsr.export.files import require_writable
 from diffsr.export.progress import Progress
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
-from rich.progress import Progress as RichProgress
+from diffsr.runtime.backend_names import BACKENDS, SERVED
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Deploy a diffusion super-resolution model.")
 console = Console(stderr=True)  # messages, progress and errors; results that scripts read go to stdout
@@ -139,7 +141,7 @@ def upscale(
     guidance: Annotated[Optional[float], typer.Option(help="CFG scale; 1.0 turns CFG off")] = None,
     start: Annotated[Optional[str], typer.Option(help="noise or lq")] = None,
     color_fix: Annotated[Optional[str], typer.Option(help="adain or none")] = None,
-    backend: Annotated[str, typer.Option(help="torch, torch-cuda, onnxruntime or tensorrt")] = "torch",
+    backend: Annotated[str, typer.Option(help=", ".join(BACKENDS))] = "torch",
     onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder, for --backend onnxruntime (tensorrt: checked against)")] = None,
     engines: Annotated[Optional[Path], typer.Option(help="engine folder, for --backend tensorrt")] = None,
     precision: Annotated[Optional[str], typer.Option(help="fp32 or fp16 (default: the backend's)")] = None,
@@ -148,6 +150,7 @@ def upscale(
                           help="replay each denoising step as a CUDA graph (default: on for torch-cuda, tensorrt)")] = None,
 ) -> None:
     """Upscale one image x4."""
+    from diffsr.app import tables
     from diffsr.export.checkpoint import open_checkpoint
     from diffsr.runtime.backends import load_pipeline
     from diffsr.runtime.image import load_image, output_size, save_image
@@ -174,6 +177,7 @@ def demo(
     serve: Annotated[bool, typer.Option(help="end by serving it from Triton and upscaling through the endpoint")] = True,
 ) -> None:
     """Upscale a real photo 128 -> 512 with PyTorch, ONNX Runtime and a Triton endpoint."""
+    from diffsr.app import tables
     from diffsr.app.demo import run_demo
 
     with console.status("demo") as status:
@@ -198,6 +202,7 @@ def export_cmd(
     """Export every submodule to ONNX, checked, linted for TensorRT, with a manifest."""
     from dataclasses import asdict
 
+    from diffsr.app import tables
     from diffsr.calib.fp16 import Calibration, fp16_check
     from diffsr.export.checkpoint import open_checkpoint
     from diffsr.export.exporter import export_onnx, write_fp16
@@ -223,6 +228,7 @@ def parity(
     json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
 ) -> None:
     """ONNX Runtime against PyTorch per submodule (min, opt, odd shapes) and end to end; exit 1 on a breach."""
+    from diffsr.app import tables
     from diffsr.app.parity import check_parity
     from diffsr.export.checkpoint import open_checkpoint
 
@@ -251,6 +257,7 @@ def build_engines_cmd(
     opt_level: Annotated[int, typer.Option(help="builder optimisation level 0..5")] = 3,
 ) -> None:
     """Build one TensorRT FP16 engine per submodule (strongly typed), with its metadata."""
+    from diffsr.app import tables
     from diffsr.export.tensorrt_build import build_engines
 
     with bars() as draw:
@@ -325,8 +332,9 @@ def client(
     if not image.is_file():
         raise DiffsrError(f"input image not found: {image}")
     writable(out_file)
-    result = TritonClient(url, protocol).upscale(image.read_bytes(), prompt=prompt, negative_prompt=negative_prompt,
-                                                steps=steps, seed=seed, guidance_scale=guidance)
+    with TritonClient(url, protocol) as remote:
+        result = remote.upscale(image.read_bytes(), prompt=prompt, negative_prompt=negative_prompt, steps=steps,
+                                seed=seed, guidance_scale=guidance)
     out_file.write_bytes(result.png)
     console.print(f"{image} -> {out_file} via {protocol}://{url}: {result.latency_s:.3f} s", soft_wrap=True,
                   highlight=False)
@@ -336,7 +344,7 @@ def client(
 def bench(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
     onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder (onnxruntime, triton, FLOP counts)")] = None,
-    backends: Annotated[str, typer.Option(help="comma-separated: torch,torch-cuda,onnxruntime,tensorrt,triton")] = "torch,onnxruntime,triton",
+    backends: Annotated[str, typer.Option(help=f"comma-separated, of {','.join((*BACKENDS, SERVED))}")] = f"torch,onnxruntime,{SERVED}",
     device: Annotated[str, typer.Option(help="where torch and onnxruntime run; on cuda, torch is eager FP16")] = "cpu",
     engines: Annotated[Optional[Path], typer.Option(help="engine folder, for the tensorrt backend")] = None,
     size: Annotated[str, typer.Option(help="LQ input size WIDTHxHEIGHT (x4 out)")] = "128x128",
@@ -349,6 +357,7 @@ def bench(
     plot_file: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG bar chart")] = None,
 ) -> None:
     """Per-stage latency (median, p95) of each backend, interleaved, with ratios against PyTorch."""
+    from diffsr.app import tables
     from diffsr.app.bench import check_backends, run_bench, stage_flops
     from diffsr.app.bench_report import plot
     from diffsr.export.checkpoint import open_checkpoint
@@ -385,6 +394,7 @@ def gpu_check(
 ) -> None:
     """On a GPU machine: parity of every GPU path against the CPU reference, the CUDA graph against eager
     steps, and the benchmark (eager FP16 PyTorch vs torch-cuda vs tensorrt) in one run; exit 1 on a breach."""
+    from diffsr.app import tables
     from diffsr.app.gpu_check import check_gpu
 
     writable(json_file)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from diffsr.app.triton_client import TritonClient
 from diffsr.app.triton_server import Ports, TritonServer
 from diffsr.calib.data import PHOTOS, photo
@@ -39,7 +40,9 @@ class DemoResult:
 
 
 def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = True,
-             say: Callable[[str], None] = lambda _: None, folder: Path = DEMO_DIR) -> DemoResult:
+             say: Callable[[str], None] = lambda _: None, folder: Path = DEMO_DIR,
+             triton_url: str | None = None) -> DemoResult:
+    """`triton_url`: send the photo to a running server of this checkpoint instead of starting one."""
     if photo_name not in PHOTOS:
         raise DiffsrError(f"unknown demo photo {photo_name!r}; choose one of {list(PHOTOS)}")
     ckpt_dir, onnx_dir = folder / f"checkpoint-{preset}", folder / f"onnx-{preset}"
@@ -63,7 +66,10 @@ def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = 
         export_onnx(ckpt, onnx_dir)
     direct = upscale("onnxruntime", onnx_dir=onnx_dir)
     if serve:
-        result.endpoint_latency_s, remote = _serve_once(ckpt, onnx_dir, folder / f"triton-{preset}", lq, say)
+        if triton_url is None:
+            result.endpoint_latency_s, remote = _serve_once(ckpt, onnx_dir, folder / f"triton-{preset}", lq, say)
+        else:
+            result.endpoint_latency_s, remote = _ask(triton_url, lq, say)
         result.outputs["triton"] = folder / f"{photo_name}_x4_{preset}_triton.png"
         save_image(remote, result.outputs["triton"])
         result.endpoint_max_abs_diff = int(np.abs(remote.astype(int) - direct.astype(int)).max())
@@ -76,6 +82,11 @@ def _serve_once(ckpt: Checkpoint, onnx_dir: Path, repo: Path, lq: np.ndarray,
     build_repository(ckpt, onnx_dir, repo)
     say("starting tritonserver")
     with TritonServer(repo, Ports.free()) as server:
-        say(f"upscaling through the endpoint at {server.http_url}")
-        remote = TritonClient(server.http_url).upscale(encode_png(lq))
+        return _ask(server.http_url, lq, say)
+
+
+def _ask(url: str, lq: np.ndarray, say: Callable[[str], None]) -> tuple[float, np.ndarray]:
+    say(f"upscaling through the endpoint at {url}")
+    with TritonClient(url) as client:
+        remote = client.upscale(encode_png(lq))
     return remote.latency_s, decode_image(remote.png, "the endpoint's answer")

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
+
 from diffsr.export.signatures import Signature
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from diffsr.app.bench import Record, run_bench
 from diffsr.app.parity import TOLERANCES, ImageParity, judge_image
 from diffsr.calib.data import photo

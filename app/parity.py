@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+
 from diffsr.calib.data import photo
 from diffsr.export.checkpoint import SUBMODULES, Checkpoint
 from diffsr.export.config import ModelConfig, Precision

@@ -6,12 +6,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 from diffsr.app.bench import Record
-from diffsr.app.bench_report import table_rows
+from diffsr.app.bench_report import memory_line, table_rows
 from diffsr.app.gpu_check import GRAPH_TOLERANCE, GpuReport
 from diffsr.app.parity import ParityReport
 from diffsr.export.engines import EngineMeta
-from rich.table import Table
 
 
 def timings(timings: dict[str, float]) -> Table:
@@ -86,7 +87,7 @@ def bench(records: list[Record], title: str, flops: dict[str, float] | None, bas
 
 
 def bench_notes(records: list[Record]) -> list[str]:
-    lines = []
+    lines = [memory_line(records)]
     for rec in records:
         if rec.device_mib:
             lines.append(f"{rec.backend}: {rec.device_mib:.0f} MiB of GPU memory added by loading")

@@ -8,6 +8,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+
 from diffsr.export.errors import DiffsrError
 from diffsr.triton_models.endpoint import ENSEMBLE, OUTPUT, PROTOCOL_DTYPES, REQUEST
 
@@ -71,7 +72,19 @@ class TritonClient:
         try:
             result = self.client.infer(ENSEMBLE, inputs, outputs=outputs, **extra)
         except InferenceServerException as e:
+            if e.status() == "StatusCode.UNAVAILABLE" and "connect" in (e.message() or ""):  # gRPC: nobody there
+                raise DiffsrError(f"cannot reach the server at {self.url} ({self.protocol}): {e.message()}") from None
             raise DiffsrError(f"server refused the request: {e.message()}") from None
         except OSError as e:  # refused, unreachable, unknown host
             raise DiffsrError(f"cannot reach the server at {self.url} ({self.protocol}): {e}") from None
         return RemoteResult(result.as_numpy(OUTPUT).reshape(-1)[0], time.perf_counter() - start)
+
+    def close(self) -> None:
+        """Close the connection: a server shutting down waits (up to its exit timeout) for open ones."""
+        self.client.close()
+
+    def __enter__(self) -> TritonClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from diffsr.export.errors import DiffsrError
 
@@ -80,7 +81,7 @@ class TritonServer:
         self.log_line, self.ready_model = log_line, ready_model
         self.process: subprocess.Popen[str] | None = None
         self.logs: list[str] = []
-        self._work = tempfile.TemporaryDirectory(prefix="diffsr-triton-")
+        self._work: tempfile.TemporaryDirectory[str] | None = None  # the backend folder, while running
 
     @property
     def http_url(self) -> str:
@@ -104,6 +105,7 @@ class TritonServer:
             # this interpreter's libpython first: the stub must not mix another 3.x build's with our stdlib
             libpython = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
             env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libpython, str(libs), env.get("LD_LIBRARY_PATH")]))
+            self._work = self._work or tempfile.TemporaryDirectory(prefix="diffsr-triton-")
             extra = [f"--backend-directory={_backend_dir(python_backend, Path(self._work.name))}"]
         return [
             binary, f"--model-repository={self.repository}", f"--http-address={self.host}",
@@ -129,7 +131,8 @@ class TritonServer:
         before traffic; returns its latency."""
         from diffsr.app.triton_client import TritonClient
 
-        return TritonClient(self.http_url).upscale(image, steps=steps).latency_s
+        with TritonClient(self.http_url) as client:
+            return client.upscale(image, steps=steps).latency_s
 
     def start(self, timeout: float = 300.0) -> TritonServer:
         if not (self.repository / self.ready_model / "config.pbtxt").is_file():
@@ -151,7 +154,11 @@ class TritonServer:
         import tritonclient.http as http
 
         assert self.process is not None
-        client = http.InferenceServerClient(self.http_url)
+        with http.InferenceServerClient(self.http_url) as client:  # closed after: Triton's shutdown waits for open connections
+            self._poll_ready(client, timeout)
+
+    def _poll_ready(self, client: Any, timeout: float) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -182,7 +189,9 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self._work.cleanup()
+        if self._work is not None:
+            self._work.cleanup()
+            self._work = None
 
     def __enter__(self) -> TritonServer:
         return self.start()

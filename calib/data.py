@@ -4,6 +4,7 @@ scikit-image, and a few prompts (the checkpoint's default first)."""
 from __future__ import annotations
 
 import numpy as np
+
 from diffsr.export.settings import DEFAULT_PROMPT
 from diffsr.runtime.image import to_rgb
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+
 from diffsr.calib.data import PHOTOS, PROMPTS, photos
 from diffsr.export.checkpoint import SUBMODULES, Checkpoint
 from diffsr.export.config import Precision

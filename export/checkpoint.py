@@ -21,6 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
 from diffsr.export.config import ModelConfig, dataclass_from_json, preset, text_config, unet_config, vae_config
 from diffsr.export.errors import DiffsrError
 from diffsr.export.files import read_json, require_new_folder
@@ -37,11 +43,6 @@ from diffsr.export.model import (
 from diffsr.export.settings import PipelineConfig
 from diffsr.export.signatures import SUBMODULES
 from diffsr.export.tokenizer import Tokenizer, build_clip_tokenizer
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
 FORMAT_VERSION = 1
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"

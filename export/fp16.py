@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from diffsr.export.errors import DiffsrError
 from onnx import TensorProto, helper, numpy_helper
+
+from diffsr.export.errors import DiffsrError
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = 65504.0

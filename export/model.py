@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffsr.export.config import LATENT_CHANNELS
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import Encoder
 from torch import nn
 from transformers import CLIPTextModel
+
+from diffsr.export.config import LATENT_CHANNELS
 
 
 class Attention(nn.Module):

@@ -20,12 +20,13 @@ from typing import Any
 
 import onnx
 import torch
+from torch import nn
+from torch.export import Dim
+
 from diffsr.export.config import ModelConfig
 from diffsr.export.errors import DiffsrError
 from diffsr.export.samples import sample_inputs
 from diffsr.export.signatures import Signature, parse_dim
-from torch import nn
-from torch.export import Dim
 
 log = logging.getLogger(__name__)
 

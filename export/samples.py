@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+
 from diffsr.export.config import VOCAB_SIZE
 from diffsr.export.signatures import Signature
 

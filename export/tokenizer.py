@@ -12,9 +12,10 @@ import importlib.metadata
 from pathlib import Path
 
 import numpy as np
+from transformers import CLIPTokenizer
+
 from diffsr.export.config import TEXT_LENGTH, VOCAB_SIZE
 from diffsr.export.errors import DiffsrError
-from transformers import CLIPTokenizer
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = VOCAB_SIZE - 2 * 256 - 2

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
 from diffsr.export.config import LATENT_FACTOR
 from diffsr.export.errors import DiffsrError
-from PIL import Image, UnidentifiedImageError
 
 MAX_INPUT_PIXELS = 4096 * 4096  # a decompression-bomb guard, far above what a request should send
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from diffsr.export.checkpoint import Checkpoint
 from diffsr.export.config import LATENT_FACTOR
 from diffsr.export.errors import DiffsrError

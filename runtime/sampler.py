@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any
 
 import torch
+
 from diffsr.export.errors import DiffsrError
 from diffsr.export.settings import MAX_STEPS, PipelineConfig
 from diffsr.runtime.scheduler import DDIMScheduler, make_scheduler

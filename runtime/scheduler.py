@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
 from diffsr.export.errors import DiffsrError
 
 

@@ -1,21 +1,20 @@
 """Shared fixtures: a seeded tiny checkpoint, its ONNX export, a real photo, a real Triton server.
 
-Everything session-scoped is made once; the FP16 check of `tiny_onnx` runs the smallest
-calibration that still exercises its path (one photo, one prompt, three steps: timesteps 667, 334
-and 1, so the timestep embedding's arguments pass FP16's trouble zone).
+Everything session-scoped is made once. `tiny_onnx` goes through `diffsr export --fp16` with the
+smallest calibration that still exercises the FP16 check's path (one photo with the two default
+prompts, three steps: timesteps 667, 334 and 1, so the timestep embedding's arguments pass through
+FP16's trouble zone).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import json
 
 import pytest
-from diffsr.calib.data import photo
-from diffsr.calib.fp16 import Calibration, fp16_check
-from diffsr.export.checkpoint import init_checkpoint, load_reference
-from diffsr.export.exporter import export_onnx, write_fp16
+from typer.testing import CliRunner
 
-SMALL_CALIBRATION = Calibration(photos=("astronaut",), prompts=("a photo",), steps=3, size=32)
+from diffsr.calib.data import photo
+from diffsr.export.checkpoint import init_checkpoint, load_reference
 
 
 @pytest.fixture(scope="session")
@@ -36,11 +35,15 @@ def photo_lq():
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint exported FP32 and FP16 (with a small real-data FP16 check)."""
+    """The tiny checkpoint exported FP32 and FP16 through the CLI (with a small real-data FP16 check)."""
+    from diffsr.app.cli import app
+
     out = tmp_path_factory.mktemp("onnx")
-    export_onnx(tiny_checkpoint, out)
-    kept = fp16_check(tiny_checkpoint, out, SMALL_CALIBRATION)
-    write_fp16(out, tiny_checkpoint, kept, asdict(SMALL_CALIBRATION))
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(tiny_checkpoint.path), "--out", str(out), "--fp16",
+                                      "--calib-photos", "astronaut", "--calib-steps", "3"])
+    assert result.exit_code == 0, result.output
+    calibration = json.loads((out / "manifest.json").read_text())["fp16_calibration"]
+    assert calibration["photos"] == ["astronaut"] and calibration["steps"] == 3, calibration
     return out
 
 

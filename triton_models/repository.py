@@ -21,6 +21,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
 from diffsr.export.checkpoint import Checkpoint
 from diffsr.export.config import Precision
 from diffsr.export.engines import verified_plans
@@ -30,8 +33,6 @@ from diffsr.export.manifest import signature_hash, verified_files
 from diffsr.export.settings import PipelineConfig
 from diffsr.export.signatures import SUBMODULES, TARGETS, Signature, TensorSpec, signatures
 from diffsr.triton_models.endpoint import ENSEMBLE, OPTIONAL, OUTPUT, REQUEST, RESPONSE
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
 
 FLAVOURS = ("onnxruntime", "tensorrt")
 TRITON_DTYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_INT32, "int64": mc.TYPE_INT64,

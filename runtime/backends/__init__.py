@@ -13,24 +13,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
 from diffsr.export.checkpoint import Checkpoint, load_submodule
 from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError
 from diffsr.export.manifest import verified_files
 from diffsr.export.signatures import SUBMODULES, signatures
+from diffsr.runtime.backend_names import BACKENDS, CUDA_GRAPHS, DEFAULTS
 from diffsr.runtime.backends.base import Runner
+
+__all__ = ["BACKENDS", "CUDA_GRAPHS", "DEFAULTS", "Runner", "load_pipeline", "load_runners"]
 
 if TYPE_CHECKING:  # the pipeline imports this package's base: a module-level import would be circular
     from diffsr.runtime.pipeline import Pipeline
 
-BACKENDS = ("torch", "torch-cuda", "onnxruntime", "tensorrt")
-DEFAULTS = {  # backend -> (device, precision)
-    "torch": ("cpu", Precision.FP32),
-    "torch-cuda": ("cuda", Precision.FP16),
-    "onnxruntime": ("cpu", Precision.FP32),
-    "tensorrt": ("cuda", Precision.FP16),
-}
-CUDA_GRAPHS = ("torch-cuda", "tensorrt")  # backends whose denoising step the pipeline captures in a CUDA graph
 
 
 def load_runners(

@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
 import torch
+
 from diffsr.export.errors import DiffsrError
 from diffsr.export.signatures import Signature
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from diffsr.export.errors import DiffsrError
 from diffsr.export.signatures import Signature
 from diffsr.runtime.backends.base import TORCH_DTYPES, Runner

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
 from diffsr.export.engines import (
     Environment,
     check_engine_io,

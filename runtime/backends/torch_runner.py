@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch import nn
+
 from diffsr.export.config import Precision
 from diffsr.export.signatures import Signature
 from diffsr.runtime.backends.base import TORCH_DTYPES, Runner
-from torch import nn
 
 COMPUTE_DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16}
 

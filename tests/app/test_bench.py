@@ -1,13 +1,25 @@
-"""The benchmark command as a smoke test on tiny: one run, every backend, valid JSON and a chart."""
+"""The benchmark: a smoke run on tiny (every backend, valid JSON and a chart), its memory column, and a
+server it starts being stopped, its repository removed, when a later step fails."""
 
 import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
-from diffsr.app.bench import stats
-from diffsr.app.cli import app
+import psutil
+import pytest
 from typer.testing import CliRunner
 
+import diffsr.app.triton_server
+from diffsr.app.bench import run_bench, stats
+from diffsr.app.bench_report import MEMORY_HEADER, memory_line
+from diffsr.app.cli import app
+from diffsr.app.process_memory import tree_rss_mib
+from diffsr.export.errors import DiffsrError
 
-def teststats_median_and_p95():
+
+def test_stats_median_and_p95():
     assert stats([3.0, 1.0, 2.0]) == {"median_s": 2.0, "p95_s": 3.0}
     assert stats([5.0]) == {"median_s": 5.0, "p95_s": 5.0}
 
@@ -27,4 +39,51 @@ def test_bench_smoke(tiny_checkpoint, tiny_onnx, server, tmp_path):
     for stage in ("text_encoder", "lq_encoder", "denoise_step", "vae_decoder"):
         assert records["onnxruntime"][stage]["median_s"] > 0 and data["flops"][stage] > 0
     assert [c["concurrency"] for c in records["triton"]["concurrency"]] == [1, 2]
+    # one memory column, one meaning: in-process backends measured, a server given by URL not accounted for
+    assert isinstance(records["torch"]["host_mib"], float) and records["triton"]["host_mib"] is None
+    assert f"{MEMORY_HEADER}: torch " in result.output and "triton -" in result.output
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_row_says_what_was_not_measured(tiny_checkpoint):
+    from diffsr.app.bench import Record
+
+    line = memory_line([Record("torch", host_mib=812.4), Record("triton", host_mib=None)])
+    assert line == f"{MEMORY_HEADER}: torch 812, triton -"
+
+
+def test_tree_rss_counts_children():
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        proc = psutil.Process(parent.pid)
+        for _ in range(100):
+            if proc.children():
+                break
+            __import__("time").sleep(0.05)
+        child = proc.children()[0]
+        alone = proc.memory_info().rss / 2**20
+        assert tree_rss_mib(parent.pid) >= alone + child.memory_info().rss / 2**20 * 0.9
+    finally:
+        for p in psutil.Process(parent.pid).children(recursive=True):
+            p.kill()
+        parent.kill()
+        parent.wait()
+
+
+def test_a_started_server_is_stopped_and_its_repository_removed_on_failure(tiny_checkpoint, tiny_onnx, monkeypatch):
+    started = []
+
+    class Recorded(diffsr.app.triton_server.TritonServer):
+        def start(self, timeout: float = 300.0):
+            started.append(self)
+            return super().start(timeout)
+
+    monkeypatch.setattr(diffsr.app.triton_server, "TritonServer", Recorded)
+    before = set(Path(tempfile.gettempdir()).glob("diffsr-bench-*"))
+    # triton loads first (a real server starts), then the tensorrt backend cannot load on this machine
+    with pytest.raises(DiffsrError, match="tensorrt"):
+        run_bench(tiny_checkpoint, tiny_onnx, ["triton", "tensorrt"], (32, 32), steps=1, runs=1, warmup=0)
+    (server,) = started
+    assert server.process is not None and server.process.poll() is not None  # stopped
+    assert set(Path(tempfile.gettempdir()).glob("diffsr-bench-*")) == before  # its repository removed

@@ -5,9 +5,10 @@ import sys
 
 import numpy as np
 import pytest
-from diffsr.app.cli import app
 from PIL import Image
 from typer.testing import CliRunner
+
+from diffsr.app.cli import app
 
 runner = CliRunner()
 
@@ -118,3 +119,16 @@ def test_cli_runs_the_fp16_reference_on_the_cpu(tiny_checkpoint, lq_png, tmp_pat
     result = _run("upscale", lq_png, "-o", out, "--checkpoint", tiny_checkpoint.path, "--steps", 2, "--precision", "fp16")
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == (192, 128)
+
+
+def test_client_writes_what_the_endpoint_answers(server, tmp_path, photo_lq):
+    from diffsr.app.triton_client import TritonClient
+    from diffsr.runtime.image import decode_image, encode_png
+
+    src, out = tmp_path / "lq.png", tmp_path / "out.png"
+    src.write_bytes(encode_png(photo_lq[:32, :40]))
+    result = _run("client", src, "-o", out, "--url", server.grpc_url, "--protocol", "grpc", "--steps", 2)
+    assert result.exit_code == 0, result.output
+    direct = TritonClient(server.http_url).upscale(src.read_bytes(), steps=2).png
+    assert np.array_equal(decode_image(out.read_bytes()), decode_image(direct))
+    assert f"{src} -> {out} via grpc://{server.grpc_url}: " in result.output

@@ -2,17 +2,20 @@
 
 import numpy as np
 import pytest
-from diffsr.app.demo import run_demo
-from diffsr.export.errors import DiffsrError
 from PIL import Image
 
+from diffsr.app.demo import run_demo
+from diffsr.export.errors import DiffsrError
 
-def test_demo_writes_every_backends_image_and_the_endpoint_agrees(tmp_path, tiny_checkpoint, tiny_onnx):
+
+def test_demo_writes_every_backends_image_and_the_endpoint_agrees(tmp_path, tiny_checkpoint, tiny_onnx, server):
     import shutil
 
     shutil.copytree(tiny_checkpoint.path, tmp_path / "checkpoint-tiny")  # reuse what the session made
     shutil.copytree(tiny_onnx, tmp_path / "onnx-tiny")
-    result = run_demo("tiny", "coffee", serve=True, folder=tmp_path)
+    # the session's server serves this checkpoint and export: the demo's request goes there (starting a
+    # server from a generated repository is what that fixture and the bench test already do)
+    result = run_demo("tiny", "coffee", serve=True, folder=tmp_path, triton_url=server.http_url)
     assert set(result.outputs) == {"torch", "onnxruntime", "triton"}
     images = {k: np.asarray(Image.open(p)) for k, p in result.outputs.items()}
     assert all(img.shape == (512, 512, 3) for img in images.values())

@@ -5,11 +5,12 @@ import shutil
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
+
 from diffsr.app.cli import app
 from diffsr.app.parity import TOLERANCES, check_parity, judge_image, judge_output
 from diffsr.export.config import Precision
 from diffsr.export.manifest import file_sha256
-from typer.testing import CliRunner
 
 
 @pytest.fixture(scope="module", params=list(Precision), ids=lambda p: p.value)

@@ -4,12 +4,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import TensorProto, helper
+
 from diffsr.calib.fp16 import HEADROOM, fp32_layers, record_feeds
 from diffsr.export.fp16 import FP16_MAX, fp16_from_fp32
 from diffsr.export.samples import sample_inputs
 from diffsr.export.signatures import signatures
 from diffsr.runtime.backends import load_runners
-from onnx import TensorProto, helper
 
 
 def _graph(tmp_path):

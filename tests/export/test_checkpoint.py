@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+
 from diffsr.export.checkpoint import (
     SUBMODULES,
     assemble,

@@ -1,4 +1,5 @@
 import pytest
+
 from diffsr.export.config import PRESETS, ModelConfig, preset
 from diffsr.export.errors import DiffsrError
 

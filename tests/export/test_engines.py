@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+
 from diffsr.export.engines import (
     EngineMeta,
     Environment,

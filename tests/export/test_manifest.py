@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+
 from diffsr.export.checkpoint import SUBMODULES, init_checkpoint
 from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from diffsr.export.checkpoint import random_components
 from diffsr.export.config import preset
 from diffsr.export.samples import sample_inputs

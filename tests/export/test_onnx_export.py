@@ -4,6 +4,7 @@ import json
 
 import onnx
 import pytest
+
 from diffsr.export.checkpoint import SUBMODULES
 from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError

@@ -1,6 +1,7 @@
 """TensorRT optimisation profiles derive from the signatures and the targets, and cover what is served."""
 
 import pytest
+
 from diffsr.app.parity import parity_shapes
 from diffsr.export.config import PRESETS
 from diffsr.export.errors import DiffsrError

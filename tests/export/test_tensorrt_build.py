@@ -6,11 +6,12 @@ import shutil
 
 import pytest
 import torch
+from typer.testing import CliRunner
+
 from diffsr.app.cli import app
 from diffsr.export.engines import read_meta, tensorrt_available
 from diffsr.export.errors import DiffsrError
 from diffsr.export.tensorrt_build import _builder_errors, build_engines
-from typer.testing import CliRunner
 
 needs_tensorrt = pytest.mark.skipif(not (tensorrt_available() and torch.cuda.is_available()),
                                     reason="needs TensorRT and a CUDA GPU (the builder cannot be installed here)")

@@ -3,9 +3,10 @@ import io
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from diffsr.export.errors import DiffsrError
 from diffsr.runtime.image import adain, decode_image, output_size, pad_to_multiple, to_rgb, upsample
-from PIL import Image
 
 
 def _png(img: Image.Image) -> bytes:

@@ -2,12 +2,13 @@
 
 import numpy as np
 import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
 from diffsr.app.cli import app
 from diffsr.export.config import Precision
 from diffsr.runtime.backends import load_runners
 from diffsr.runtime.pipeline import Pipeline
-from PIL import Image
-from typer.testing import CliRunner
 
 
 def test_onnxruntime_pipeline_matches_torch(tiny_checkpoint, tiny_onnx, photo_lq):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from diffsr.export.checkpoint import SD_SCHEDULER_CONFIG
 from diffsr.export.errors import DiffsrError
 from diffsr.runtime.backends import load_runners

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from diffusers import DDIMScheduler as Reference
+
 from diffsr.export.checkpoint import SD_SCHEDULER_CONFIG
 from diffsr.export.errors import DiffsrError
 from diffsr.runtime.scheduler import DDIMScheduler
-from diffusers import DDIMScheduler as Reference
 
 
 @pytest.mark.parametrize("steps", [1, 20, 50])

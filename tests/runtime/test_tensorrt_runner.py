@@ -6,11 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
-import diffsr.export.engines as engines_module
-import diffsr.runtime.backends.tensorrt_runner as tensorrt_runner
 import numpy as np
 import pytest
 import torch
+
+import diffsr.export.engines as engines_module
+import diffsr.runtime.backends.tensorrt_runner as tensorrt_runner
 from diffsr.export.config import Precision
 from diffsr.export.engines import EngineMeta, Environment, tensorrt_available, write_meta
 from diffsr.export.errors import DiffsrError
@@ -19,7 +20,6 @@ from diffsr.export.signatures import SUBMODULES, signatures, target
 from diffsr.export.tensorrt_build import engine_profiles, profile_json
 from diffsr.runtime.backends import load_runners
 from diffsr.runtime.pipeline import Pipeline
-
 from tests.runtime import fake_tensorrt
 
 HERE = Environment(fake_tensorrt.__version__, "Fake GPU", "9.0")

@@ -6,6 +6,7 @@ parity only where a CUDA GPU is present (skipped otherwise, with the reason in t
 import numpy as np
 import pytest
 import torch
+
 from diffsr.app.parity import TOLERANCES, judge_image
 from diffsr.export.checkpoint import load_submodule
 from diffsr.export.config import Precision

@@ -1,11 +1,12 @@
 """Generated configs parse into Triton's ModelConfig and agree with the signatures, both flavours."""
 
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
 from diffsr.export.errors import DiffsrError
 from diffsr.export.signatures import SUBMODULES, signatures
 from diffsr.triton_models.repository import OUTPUT, TRITON_DTYPES, ServingOptions, model_configs, write_config
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
 
 
 @pytest.mark.parametrize("flavour", ["onnxruntime", "tensorrt"])

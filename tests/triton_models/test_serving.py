@@ -4,6 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+
 from diffsr.app.triton_client import TritonClient
 from diffsr.calib.data import photo
 from diffsr.export.errors import DiffsrError
@@ -11,7 +12,6 @@ from diffsr.runtime.backends import load_runners
 from diffsr.runtime.image import decode_image
 from diffsr.runtime.image import encode_png as _png
 from diffsr.runtime.pipeline import Pipeline
-from PIL import Image
 
 SETTINGS = dict(steps=4, seed=11)
 
@@ -105,18 +105,3 @@ def test_concurrent_requests_each_get_their_own_image(server, lq):
         together = dict(pool.map(one, seeds))
     assert together == alone
     assert len(set(alone.values())) == len(seeds)
-
-
-def test_cli_client(server, lq, tmp_path):
-    from diffsr.app.cli import app
-    from typer.testing import CliRunner
-
-    src, out = tmp_path / "lq.png", tmp_path / "out.png"
-    src.write_bytes(_png(lq))
-    result = CliRunner().invoke(app, ["client", str(src), "-o", str(out), "--url", server.grpc_url,
-                                      "--protocol", "grpc", "--steps", "2"])
-    assert result.exit_code == 0, result.output
-    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")),
-                          _decode(TritonClient(server.grpc_url, "grpc").upscale(src.read_bytes(), steps=2).png))
-    assert f"{src} -> {out} via grpc://{server.grpc_url}: " in result.output
-

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+from diffsr.runtime.image import encode_png
 from diffsr.runtime.pipeline import finish
 from diffsr.triton_models.endpoint import OUTPUT
 from diffsr.triton_models.models.common import parameters, respond, to_torch
-from PIL import Image
 
 
 class TritonPythonModel:
@@ -22,6 +21,4 @@ class TritonPythonModel:
     def _handle(self, request) -> list:
         decoded, lq, size = (to_torch(pb_utils.get_input_tensor_by_name(request, n)) for n in ("decoded", "lq_image", "output_size"))
         rgb = finish(decoded, lq, (int(size[0]), int(size[1])), self.color_fix)
-        buf = io.BytesIO()
-        Image.fromarray(rgb).save(buf, format="PNG")
-        return [pb_utils.Tensor(OUTPUT, np.array([buf.getvalue()], dtype=np.object_))]
+        return [pb_utils.Tensor(OUTPUT, np.array([encode_png(rgb)], dtype=np.object_))]

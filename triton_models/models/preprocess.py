@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+
 from diffsr.export.errors import DiffsrError
 from diffsr.export.settings import PipelineConfig
 from diffsr.export.tokenizer import Tokenizer

@@ -7,6 +7,7 @@ import json
 
 import torch
 import triton_python_backend_utils as pb_utils
+
 from diffsr.export.errors import DiffsrError
 from diffsr.export.settings import PipelineConfig
 from diffsr.runtime.sampler import denoise

@@ -1,0 +1,67 @@
+"""The FP16 step of the export: a keep-list in, checked FP16 graphs and a manifest out, progress as events."""
+
+import shutil
+
+import pytest
+from rich.console import Console
+from rich.progress import Progress as RichProgress
+
+from diffsr.app.cli import Bars
+from diffsr.export.checkpoint import SUBMODULES
+from diffsr.export.errors import DiffsrError
+from diffsr.export.exporter import write_fp16
+from diffsr.export.fp16 import KeptLayer
+from diffsr.export.manifest import read_manifest
+from diffsr.export.progress import Progress
+
+
+@pytest.fixture()
+def onnx_copy(tiny_onnx, tmp_path):
+    return shutil.copytree(tiny_onnx, tmp_path / "onnx")
+
+
+def _kept(manifest):
+    return {name: [KeptLayer(**k) for k in manifest["submodules"][name]["fp16"]["kept_fp32"]] for name in SUBMODULES}
+
+
+def test_write_fp16_reproduces_the_export_and_reports_progress(tiny_checkpoint, onnx_copy):
+    before = read_manifest(onnx_copy)
+    events: list[Progress] = []
+    after = write_fp16(onnx_copy, tiny_checkpoint, _kept(before), {"note": "again"}, on_progress=events.append)
+    for name in SUBMODULES:  # the same keep-list gives the same bytes
+        assert after["submodules"][name]["fp16"]["sha256"] == before["submodules"][name]["fp16"]["sha256"], name
+    assert after["fp16_calibration"] == {"note": "again"}
+    assert {e.task for e in events} == {"fp16"}
+    assert [e.done for e in events] == sorted(e.done for e in events)
+    assert events[-1].done == events[-1].total == len(SUBMODULES)
+
+
+def test_keeping_fewer_layers_changes_the_graph(tiny_checkpoint, onnx_copy):
+    before = read_manifest(onnx_copy)
+    kept = _kept(before) | {"controlnet_unet": []}
+    after = write_fp16(onnx_copy, tiny_checkpoint, kept, {})
+    assert after["submodules"]["controlnet_unet"]["fp16"]["kept_fp32"] == []
+    assert after["submodules"]["controlnet_unet"]["fp16"]["sha256"] != before["submodules"]["controlnet_unet"]["fp16"]["sha256"]
+
+
+def test_a_missing_keep_list_or_foreign_folder_is_refused(tiny_checkpoint, onnx_copy, tmp_path):
+    kept = _kept(read_manifest(onnx_copy))
+    del kept["vae_decoder"]
+    with pytest.raises(DiffsrError, match=r"no FP16 keep-list for \['vae_decoder'\]"):
+        write_fp16(onnx_copy, tiny_checkpoint, kept, {})
+    (onnx_copy / "lq_encoder.onnx").write_bytes(b"changed")
+    with pytest.raises(DiffsrError, match="lq_encoder: .* does not match its sha256"):
+        write_fp16(onnx_copy, tiny_checkpoint, _kept(read_manifest(onnx_copy)), {})
+
+
+def test_the_cli_draws_events_by_their_fields():
+    progress = RichProgress(console=Console(file=open("/dev/null", "w")))
+    draw = Bars(progress)
+    draw(Progress("export", "text_encoder fp32", 0, 5))
+    draw(Progress("export", "lq_encoder fp32", 1, 5))
+    draw(Progress("fp16 check", "calibration run 1/2", 1, 7))
+    tasks = {t.description.split(":")[0]: t for t in progress.tasks}
+    assert set(tasks) == {"export", "fp16 check"}
+    assert (tasks["export"].completed, tasks["export"].total) == (1, 5)
+    assert tasks["export"].description == "export: lq_encoder fp32"
+    assert (tasks["fp16 check"].completed, tasks["fp16 check"].total) == (1, 7)
