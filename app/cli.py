@@ -122,7 +122,7 @@ def init(
     seed: Annotated[int, typer.Option(help="weights seed: same seed, same bytes")] = 0,
 ) -> None:
     """Write a seeded random-weight checkpoint of a preset."""
-    from diffsr.export.checkpoint import init_checkpoint
+    from diffsr.export.random_init import init_checkpoint
 
     with console.status(f"creating a {preset} checkpoint"):
         init_checkpoint(preset, seed, out_dir)

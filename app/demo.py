@@ -18,9 +18,10 @@ import numpy as np
 from diffsr.app.triton_client import TritonClient
 from diffsr.app.triton_server import Ports, TritonServer
 from diffsr.calib.data import PHOTOS, photo
-from diffsr.export.checkpoint import Checkpoint, ensure_checkpoint
+from diffsr.export.checkpoint import Checkpoint
 from diffsr.export.errors import DiffsrError
 from diffsr.export.exporter import export_onnx
+from diffsr.export.random_init import ensure_checkpoint
 from diffsr.runtime.backends import load_runners
 from diffsr.runtime.image import decode_image, encode_png, save_image
 from diffsr.runtime.pipeline import Pipeline

@@ -4,7 +4,8 @@
     2. parity: a real photo through the CPU FP32 reference and through each GPU path (eager FP16
        PyTorch, torch-cuda, tensorrt when engines are given), same seed; FP16 passes at PSNR >= 30 dB
     3. the CUDA graph: replaying the captured step gives the eager step's image on the same runners
-    4. benchmark: `bench_preset` 128 -> 512, 20 steps with CFG, eager FP16 PyTorch against torch-cuda
+    4. benchmark: `bench_preset` at its native output size (SD 128 -> 512, SDXL 256 -> 1024), 20 steps
+       with CFG, eager FP16 PyTorch against torch-cuda
        (and tensorrt): per stage and end to end, medians, speed-ups, GPU memory added by loading
 
 Running and judging are apart, as in `diffsr parity`: the report is data (JSON) with a verdict.
@@ -25,11 +26,12 @@ import torch
 from diffsr.app.bench import Record, run_bench
 from diffsr.app.parity import TOLERANCES, ImageParity, judge_image
 from diffsr.calib.data import photo
-from diffsr.export.checkpoint import Checkpoint, ensure_checkpoint
-from diffsr.export.config import Precision
+from diffsr.export.checkpoint import Checkpoint
+from diffsr.export.config import LATENT_FACTOR, Precision
 from diffsr.export.engines import read_meta, tensorrt_module
 from diffsr.export.errors import DiffsrError
 from diffsr.export.manifest import checkpoint_digest
+from diffsr.export.random_init import ensure_checkpoint
 from diffsr.runtime.backends import load_runners
 from diffsr.runtime.pipeline import Pipeline
 
@@ -117,10 +119,11 @@ def check_gpu(
     if engines is not None and _engines_match(engines, bench_ckpt):
         backends.append("tensorrt")
     say(f"benchmark: {bench_preset}, {', '.join(backends)}")
-    records = run_bench(bench_ckpt, onnx, backends, (128, 128), 20, runs, warmup, (), say=say, device="cuda",
+    side = bench_ckpt.model.native_latent * LATENT_FACTOR // 4  # x4 gives the model's native output size
+    records = run_bench(bench_ckpt, onnx, backends, (side, side), 20, runs, warmup, (), say=say, device="cuda",
                         engines_dir=engines)
     report.bench = records
-    report.bench_title = (f"{bench_preset} 128x128 -> 512x512, 20 steps, CFG, {runs} runs after {warmup} warm-up; "
+    report.bench_title = (f"{bench_preset} {side}x{side} -> {4 * side}x{4 * side}, 20 steps, CFG, {runs} runs after {warmup} warm-up; "
                           f"{report.environment['gpu']}")
     return report
 

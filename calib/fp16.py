@@ -7,7 +7,12 @@
 3. `fp32_layers` applies the rules (overflow headroom, periodic arguments) and names each node it
    keeps FP32 with its observed range. Everything else goes FP16.
 
-`fp16_check` runs the three over a `Calibration` (photos, prompts, steps, size); the export layer's
+4. A VAE whose config says `force_upcast` (diffusers' mark of a VAE that overflows in FP16: SDXL's)
+   stays entirely FP32 in its two submodules (LQ encoder, decoder) unless calibration proves FP16
+   safe: the FP16 graph with the kept layers, run on the recorded inputs, finite and within
+   PROOF_REL of the FP32 graph.
+
+`fp16_check` runs them over a `Calibration` (photos, prompts, steps, size); the export layer's
 `write_fp16` then converts the graphs with those keep-lists.
 
 TensorRT 11 builds FP16 only from such a graph (strongly typed: precision comes from ONNX types).
@@ -29,7 +34,8 @@ from diffsr.calib.data import PHOTOS, PROMPTS, photos
 from diffsr.export.checkpoint import SUBMODULES, Checkpoint
 from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError
-from diffsr.export.fp16 import FP16_MAX, KeptLayer
+from diffsr.export.files import read_json
+from diffsr.export.fp16 import FP16_MAX, KeptLayer, fp16_from_fp32
 from diffsr.export.progress import OnProgress, Progress, ignore
 from diffsr.runtime.backends import load_runners
 from diffsr.runtime.backends.base import Runner
@@ -39,6 +45,8 @@ log = logging.getLogger(__name__)
 
 HEADROOM = 4.0  # values above FP16_MAX / HEADROOM leave too little room for an unseen input
 PERIODIC_ARG = 4.0  # FP16 spacing reaches 0.004 rad at 4; sin/cos of larger arguments lose digits
+PROOF_REL = 1e-2  # a force_upcast VAE goes FP16 only if every recorded output is within this (parity's FP16 bound)
+VAE_SUBMODULES = ("lq_encoder", "vae_decoder")  # the networks made of the VAE: its encoder, its decoder
 
 
 @dataclass(frozen=True)
@@ -94,16 +102,17 @@ def activation_ranges(onnx_path: Path, feeds: list[dict[str, torch.Tensor]]) -> 
     FP32 graph, read from the graph itself."""
     import onnxruntime as ort
 
-    model = onnx.load(str(onnx_path))  # exported with inferred shapes: value_info holds every type
+    # exported with inferred shapes, value_info holds every type; the weights stay where they are
+    model = onnx.load(str(onnx_path), load_external_data=False)
     graph_outputs = [o.name for o in model.graph.output]
     watched = [v.name for v in model.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
     model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in watched)
 
     peak: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "ranges.onnx"
-        onnx.save(model, str(path), save_as_external_data=True, location="ranges.onnx.data")
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # beside the original, so that its external data (located relative to the model file) is found
+    with tempfile.NamedTemporaryFile(dir=onnx_path.parent, prefix=".ranges-", suffix=".onnx") as tmp:
+        onnx.save(model, tmp.name)
+        session = ort.InferenceSession(tmp.name, providers=["CPUExecutionProvider"])
         names = graph_outputs + watched
         for feed in feeds:
             arrays = {k: v.numpy() for k, v in feed.items()}
@@ -117,6 +126,7 @@ def activation_ranges(onnx_path: Path, feeds: list[dict[str, torch.Tensor]]) -> 
 def fp32_layers(onnx_path: Path, peak: Mapping[str, float]) -> list[KeptLayer]:
     """The nodes that must stay FP32, each with why:
     - outputs within HEADROOM of FP16's largest value (or not finite): they would overflow;
+    - inputs that large: an FP16 node would receive them cast to FP16, that is as infinities;
     - Sin/Cos of arguments beyond PERIODIC_ARG, with every float node feeding them: FP16's spacing
       there is a visible fraction of a radian (the timestep embedding: t up to 999 has spacing 0.5)."""
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
@@ -125,9 +135,13 @@ def fp32_layers(onnx_path: Path, peak: Mapping[str, float]) -> list[KeptLayer]:
     kept: dict[str, KeptLayer] = {}
     for node in graph.node:
         out_peak = max((peak.get(o, 0.0) for o in node.output), default=0.0)
+        in_peak = max((peak.get(i, 0.0) for i in node.input), default=0.0)
         if not np.isfinite(out_peak) or out_peak > limit:
             reason = f"outputs up to {out_peak:.4g}, above FP16's {FP16_MAX:g} / {HEADROOM:g} headroom"
             kept[node.name] = KeptLayer(node.name, node.op_type, out_peak, reason)
+        elif not np.isfinite(in_peak) or in_peak > limit:
+            reason = f"takes inputs up to {in_peak:.4g}, above FP16's {FP16_MAX:g} / {HEADROOM:g} headroom"
+            kept[node.name] = KeptLayer(node.name, node.op_type, in_peak, reason)
         if node.op_type in ("Sin", "Cos") and peak.get(node.input[0], 0.0) > PERIODIC_ARG:
             arg = peak[node.input[0]]
             reason = f"periodic op on arguments up to {arg:.4g}: FP16 spacing there is {_fp16_spacing(arg):.3g}"
@@ -162,10 +176,52 @@ def fp16_check(
     feeds = record_feeds(ckpt, load_runners("torch", ckpt), photos((cal.size, cal.size), cal.photos), cal.prompts,
                          cal.steps, on_run=finished_run)
     kept = {}
+    upcast = force_upcast(ckpt)
     for i, name in enumerate(SUBMODULES):
         path = onnx_dir / Precision.FP32.filename(name)
         kept[name] = fp32_layers(path, activation_ranges(path, feeds[name]))
+        if upcast and name in VAE_SUBMODULES:
+            error = fp16_error(path, kept[name], feeds[name])
+            if not error <= PROOF_REL:
+                reason = (f"the VAE's config says force_upcast and FP16 is not proven safe: relative error "
+                          f"{error:.3g} > {PROOF_REL:g} on the calibration data")
+                log.warning("%s: keeping the whole graph in FP32: %s", name, reason)
+                kept[name] = all_layers(path, reason)
+                on_progress(Progress("fp16 check", f"{name} ranges", runs + i + 1, total))
+                continue
         for layer in kept[name]:
             log.warning("%s: keeping %s (%s) in FP32: %s", name, layer.node, layer.op_type, layer.reason)
         on_progress(Progress("fp16 check", f"{name} ranges", runs + i + 1, total))
     return kept
+
+
+def force_upcast(ckpt: Checkpoint) -> bool:
+    """Whether the checkpoint's VAE config marks it as overflowing in FP16 (diffusers' `force_upcast`)."""
+    return bool(read_json(ckpt.path / "vae" / "config.json", "checkpoint file").get("force_upcast", False))
+
+
+def fp16_error(onnx_path: Path, keep: list[KeptLayer], feeds: list[dict[str, torch.Tensor]], limit: int = 8) -> float:
+    """The largest relative error over the outputs of up to `limit` recorded feeds, of the FP16 graph with
+    `keep` in FP32 against the FP32 graph; infinity where the FP16 graph gives a NaN or infinity."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        large = onnx_path.with_name(onnx_path.name + ".data").is_file()
+        half = fp16_from_fp32(onnx_path, Path(tmp) / "half.onnx", {k.node for k in keep}, external_data=large)
+        full_session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        half_session = ort.InferenceSession(str(half), providers=["CPUExecutionProvider"])
+        worst = 0.0
+        for feed in feeds[:limit]:
+            arrays = {k: v.numpy() for k, v in feed.items()}
+            for want, got in zip(full_session.run(None, arrays), half_session.run(None, arrays)):
+                if not np.isfinite(got).all():
+                    return float("inf")
+                diff = got.astype(np.float64) - want
+                worst = max(worst, float(np.linalg.norm(diff) / max(np.linalg.norm(want.astype(np.float64)), 1e-30)))
+    return worst
+
+
+def all_layers(onnx_path: Path, reason: str) -> list[KeptLayer]:
+    """Every node of a graph, kept FP32 for one reason."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return [KeptLayer(n.name, n.op_type, 0.0, reason) for n in graph.node]

@@ -1,7 +1,9 @@
-"""Model sizes: one frozen dataclass, three presets, and the component configs derived from it.
+"""Model sizes: one frozen dataclass, the presets, and the component configs derived from it.
 
 Every submodule's width comes from `ModelConfig`; the diffusers/transformers configs written into a
-checkpoint are derived here, once.
+checkpoint are derived here, once. Two families share it: SD 1.x (one CLIP text encoder) and SDXL
+(a second, projected text encoder: `text2_*`; the UNet's "text_time" additional embedding of the pooled
+text and six size micro-conditioning values, `time_ids`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ LATENT_CHANNELS = 4
 LATENT_FACTOR = 8  # pixels per latent cell: the VAE has three 2x downsamplings
 TEXT_LENGTH = 77  # CLIP context length
 VOCAB_SIZE = 49408  # CLIP BPE vocabulary (256 bytes, 256 word-ends, 48894 merges, 2 specials)
+TIME_IDS = 6  # SDXL micro-conditioning: original (h, w), crop top-left (y, x), target (h, w)
 
 
 def dataclass_from_json(cls: Any, data: dict[str, Any], what: str) -> Any:
@@ -62,18 +65,44 @@ class ModelConfig:
     unet_channels: tuple[int, ...]
     unet_cross_attention: tuple[bool, ...]  # per level: does the block attend to the text?
     unet_layers_per_block: int
-    unet_heads: int
+    unet_heads: int | tuple[int, ...]  # attention heads, per level where a tuple (SDXL: head width 64)
     unet_norm_groups: int
     # fusion transformer -> f2 (the ControlNet's conditioning)
     f2_channels: int
     fusion_heads: int
     fusion_blocks: int = 2
     scaling_factor: float = 0.18215
+    # SDXL: transformer blocks per level (the mid block takes the last), the second text encoder
+    # (OpenCLIP bigG with projection; 0 = none), the size micro-conditioning's embedding width, and
+    # whether the VAE must run in FP32 unless proven safe in FP16 (diffusers' `force_upcast`)
+    unet_transformer_depth: tuple[int, ...] = ()
+    text2_hidden: int = 0
+    text2_layers: int = 0
+    text2_heads: int = 0
+    text2_intermediate: int = 0
+    addition_time_embed_dim: int = 0
+    vae_force_upcast: bool = False
+    # the latent side the UNet was trained at: SD 64 (512 px), SDXL 128 (1024 px); the engines' opt
+    native_latent: int = 64
 
     @property
     def latent_multiple(self) -> int:
         """Latent sizes must divide by this: the UNet halves them once per level but the last."""
         return 2 ** (len(self.unet_channels) - 1)
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text2_hidden > 0
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the text states the UNet attends to: SDXL concatenates both encoders' (768 + 1280)."""
+        return self.text_hidden + self.text2_hidden
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of SDXL's pooled, projected text embedding (`text_embeds`); 0 for SD."""
+        return self.text2_hidden
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +143,29 @@ PRESETS: dict[str, ModelConfig] = {
         unet_layers_per_block=2, unet_heads=8, unet_norm_groups=32,
         f2_channels=320, fusion_heads=5,
     ),
+    # SDXL base, the paper's backbone: UNet 2.57 B parameters (transformer depth 1, 2, 10, mid 10),
+    # ControlNet 1.25 B, CLIP-L + OpenCLIP bigG (context 2048, pooled 1280), VAE scaling 0.13025
+    "sdxl": ModelConfig(
+        preset="sdxl",
+        vae_channels=(128, 256, 512, 512), vae_layers_per_block=2, vae_norm_groups=32,
+        f1_channels=512, lq_fusion_heads=8,
+        text_hidden=768, text_layers=12, text_heads=12, text_intermediate=3072,
+        text2_hidden=1280, text2_layers=32, text2_heads=20, text2_intermediate=5120,
+        unet_channels=(320, 640, 1280), unet_cross_attention=(False, True, True), unet_transformer_depth=(1, 2, 10),
+        unet_layers_per_block=2, unet_heads=(5, 10, 20), unet_norm_groups=32, addition_time_embed_dim=256,
+        f2_channels=320, fusion_heads=5, scaling_factor=0.13025, vae_force_upcast=True, native_latent=128,
+    ),
+    # SDXL's structure at tiny widths (and SD's 512 px native side, so its tests stay fast): every SDXL code path in the test suite, in seconds
+    "sdxl-tiny": ModelConfig(
+        preset="sdxl-tiny",
+        vae_channels=(32, 32, 64, 64), vae_layers_per_block=1, vae_norm_groups=8,
+        f1_channels=64, lq_fusion_heads=2,
+        text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64,
+        text2_hidden=48, text2_layers=2, text2_heads=2, text2_intermediate=96,
+        unet_channels=(32, 64, 64), unet_cross_attention=(False, True, True), unet_transformer_depth=(1, 2, 2),
+        unet_layers_per_block=1, unet_heads=(1, 2, 2), unet_norm_groups=8, addition_time_embed_dim=8,
+        f2_channels=32, fusion_heads=2, scaling_factor=0.13025, vae_force_upcast=True,
+    ),
 }
 
 
@@ -132,27 +184,38 @@ def vae_config(cfg: ModelConfig) -> dict[str, Any]:
         in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=cfg.vae_channels, layers_per_block=cfg.vae_layers_per_block,
-        norm_num_groups=cfg.vae_norm_groups, scaling_factor=cfg.scaling_factor,
+        norm_num_groups=cfg.vae_norm_groups, scaling_factor=cfg.scaling_factor, force_upcast=cfg.vae_force_upcast,
     )
 
 
 def unet_config(cfg: ModelConfig) -> dict[str, Any]:
-    """diffusers `UNet2DConditionModel` arguments; text attention where `unet_cross_attention` says."""
+    """diffusers `UNet2DConditionModel` arguments; text attention where `unet_cross_attention` says;
+    SDXL's "text_time" additional embedding (pooled text + six time ids, each `addition_time_embed_dim`)."""
     down = tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cfg.unet_cross_attention)
     up = tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cfg.unet_cross_attention))
-    return dict(
+    args: dict[str, Any] = dict(
         sample_size=64, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
         down_block_types=down, up_block_types=up, block_out_channels=cfg.unet_channels,
         layers_per_block=cfg.unet_layers_per_block, attention_head_dim=cfg.unet_heads,
-        cross_attention_dim=cfg.text_hidden, norm_num_groups=cfg.unet_norm_groups,
+        cross_attention_dim=cfg.context_dim, norm_num_groups=cfg.unet_norm_groups,
     )
+    if cfg.unet_transformer_depth:
+        args["transformer_layers_per_block"] = cfg.unet_transformer_depth
+    if cfg.sdxl:
+        args.update(sample_size=128, use_linear_projection=True, addition_embed_type="text_time",
+                    addition_time_embed_dim=cfg.addition_time_embed_dim,
+                    projection_class_embeddings_input_dim=cfg.pooled_dim + TIME_IDS * cfg.addition_time_embed_dim)
+    return args
 
 
-def text_config(cfg: ModelConfig) -> dict[str, Any]:
-    """transformers `CLIPTextConfig` arguments (CLIP-L at sd15)."""
-    return dict(
-        vocab_size=VOCAB_SIZE, hidden_size=cfg.text_hidden, num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
-        max_position_embeddings=TEXT_LENGTH, hidden_act="quick_gelu",
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    )
+def text_config(cfg: ModelConfig, second: bool = False) -> dict[str, Any]:
+    """transformers `CLIPTextConfig` arguments: CLIP-L at sd15 and sdxl; with `second`, SDXL's OpenCLIP
+    bigG (GELU, a projection of the pooled output as wide as its states)."""
+    ids = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=TEXT_LENGTH, bos_token_id=49406, eos_token_id=49407)
+    if second:
+        return dict(ids, hidden_size=cfg.text2_hidden, num_hidden_layers=cfg.text2_layers,
+                    num_attention_heads=cfg.text2_heads, intermediate_size=cfg.text2_intermediate,
+                    hidden_act="gelu", projection_dim=cfg.text2_hidden, pad_token_id=0)
+    return dict(ids, hidden_size=cfg.text_hidden, num_hidden_layers=cfg.text_layers,
+                num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
+                hidden_act="quick_gelu", pad_token_id=49407)

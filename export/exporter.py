@@ -16,14 +16,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from diffsr.export.checkpoint import SUBMODULES, Checkpoint, load_submodule
+from diffsr.export.checkpoint import SUBMODULES, Checkpoint
 from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError
 from diffsr.export.fp16 import KeptLayer, fp16_from_fp32
 from diffsr.export.manifest import read_manifest, verified_files, write_manifest
-from diffsr.export.onnx_export import DEFAULT_OPSET, infer_and_check, lint_for_tensorrt, onnx_from_module
+from diffsr.export.onnx_export import DEFAULT_OPSET, infer_and_check, lint_for_tensorrt, onnx_from_checkpoint
 from diffsr.export.progress import OnProgress, Progress, ignore
-from diffsr.export.signatures import signatures
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +31,12 @@ def export_onnx(ckpt: Checkpoint, out: Path, opset: int = DEFAULT_OPSET, on_prog
     """Export every submodule in FP32; returns the manifest."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sigs = signatures(ckpt.model)
     files: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(SUBMODULES):
         on_progress(Progress("export", f"{name} fp32", i, len(SUBMODULES)))
         start = time.perf_counter()
         path = out / Precision.FP32.filename(name)
-        onnx_from_module(load_submodule(ckpt, name), sigs[name], ckpt.model, path, opset)
+        onnx_from_checkpoint(ckpt, name, path, opset)
         infer_and_check(path)
         lint_for_tensorrt(path)
         files[name] = {Precision.FP32.value: {"file": path.name, "seconds": round(time.perf_counter() - start, 2)}}

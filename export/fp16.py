@@ -6,16 +6,20 @@ the only FP16 form TensorRT 11 builds (precision follows the ONNX types), and 10
 
 Written here rather than taken from onnxruntime's float16 converter: on the dynamo exporter's
 graphs that one leaves dangling casts on initializers feeding `Where` (the checker rejects them).
+The graph is read without its external data; weights are then read, converted and written one at a
+time, so converting SDXL's 15 GB ControlNet + UNet holds one tensor, not the model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from diffsr.export.errors import DiffsrError
 
@@ -36,7 +40,7 @@ FLOAT_ONLY_INPUTS = {"Resize": {1, 2}}  # roi and scales are tensor(float) whate
 
 
 def fp16_from_fp32(src: Path, dst: Path, keep_fp32: set[str], external_data: bool) -> Path:
-    model = onnx.load(str(src))
+    model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         raise DiffsrError(f"{src.name}: graphs with subgraphs (If, Loop) are not supported by the FP16 conversion")
@@ -58,12 +62,8 @@ def fp16_from_fp32(src: Path, dst: Path, keep_fp32: set[str], external_data: boo
     #    FP32 consumers read, and for kept nodes' outputs; FP16 for everything else.
     precision = {x.name: F32 for x in graph.input if x.name in is_float}
     for init in graph.initializer:
-        if init.name in is_float and not all(consumers.get(init.name, [True])):
-            array = numpy_helper.to_array(init)
-            init.CopyFrom(numpy_helper.from_array(np.clip(array, -FP16_MAX, FP16_MAX).astype(np.float16), init.name))
-            precision[init.name] = F16
-        elif init.name in is_float:
-            precision[init.name] = F32
+        if init.name in is_float:
+            precision[init.name] = F32 if all(consumers.get(init.name, [True])) else F16
     for node, k in zip(graph.node, kept):
         for out in node.output:
             if out in is_float:
@@ -103,8 +103,38 @@ def fp16_from_fp32(src: Path, dst: Path, keep_fp32: set[str], external_data: boo
     graph.ClearField("node")
     graph.node.extend(nodes + tail)
     del graph.value_info[:]  # re-inferred by the checker step
-    onnx.save(model, str(dst), save_as_external_data=external_data, location=dst.name + ".data")
+
+    # 4. The weights, one at a time: FP16 where read by FP16 nodes, into the new file or its data file.
+    with _tensor_store(dst, external_data) as store:
+        for init in graph.initializer:
+            to_half = precision.get(init.name) == F16
+            if to_half or init.data_location == TensorProto.EXTERNAL:
+                array = numpy_helper.to_array(init, base_dir=str(src.parent))
+                store(init, np.clip(array, -FP16_MAX, FP16_MAX).astype(np.float16) if to_half else array)
+    onnx.save(model, str(dst))
     return dst
+
+
+@contextmanager
+def _tensor_store(dst: Path, external: bool) -> Iterator[Callable[[TensorProto, np.ndarray], None]]:
+    """store(initializer, array): the array becomes the initializer's data, inline or appended to
+    `<dst>.data` (external data, as ONNX locates it: relative to the model file)."""
+    if not external:
+        yield lambda init, array: init.CopyFrom(numpy_helper.from_array(array, init.name))
+        return
+    location = dst.name + ".data"
+    with open(dst.with_name(location), "wb") as data:
+
+        def store(init: TensorProto, array: np.ndarray) -> None:
+            tensor = numpy_helper.from_array(array, init.name)
+            raw = tensor.raw_data
+            external_data_helper.set_external_data(tensor, location, offset=data.tell(), length=len(raw))
+            tensor.ClearField("raw_data")
+            tensor.data_location = TensorProto.EXTERNAL
+            data.write(raw)
+            init.CopyFrom(tensor)
+
+        yield store
 
 
 def _retype_node(node: onnx.NodeProto) -> None:

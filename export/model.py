@@ -1,10 +1,12 @@
 """The PyTorch reference: the five submodules the runtime, the exporters and the parity tests share.
 
     text_encoder        input_ids (B, 77)                     -> text_embeddings (B, 77, D)
+      SDXL              + input_ids_2 (B, 77)                 -> D = 768 + 1280, + text_embeds (B, 1280)
     lq_encoder          lq_image (B, 3, 8h, 8w) in [-1, 1]     -> f1 (B, C1, h, w), z_lq (B, 4, h, w)
     fusion_transformer  f1, sample x_t (B, 4, h, w)           -> f2 (B, C2, h, w)
     controlnet_unet     sample (2B, 4, h, w), timestep (2B,),
                         text_embeddings (2B, 77, D), f2 (B, ..) -> noise_pred (2B, 4, h, w)
+      SDXL              + text_embeds (2B, 1280), time_ids (2B, 6), before f2
     vae_decoder         latent (B, 4, h, w)                   -> image (B, 3, 8h, 8w) in [-1, 1]
 
 Each `forward` takes exactly the signature's inputs in order and returns its outputs, so a module
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import Encoder
 from torch import nn
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from diffsr.export.config import LATENT_CHANNELS
 
@@ -160,13 +162,35 @@ class FusionTransformer(nn.Module):
 # --- wrappers that give the standard parts the signatures' interfaces -----------------------------
 
 
-class TextEncoder(nn.Module):
-    def __init__(self, clip: CLIPTextModel):
-        super().__init__()
-        self.clip = clip
+# Wrappers hold their components under the checkpoint's folder names (text_encoder, controlnet, ...), so
+# a parameter's name in the wrapper says where its weights are stored (see checkpoint.weight_source).
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.clip(input_ids.long()).last_hidden_state  # (B, 77, D)
+
+def _positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """0..76 computed in the graph, rather than read from CLIP's non-persistent buffer (which a model
+    traced with fake weights would need a value for)."""
+    return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+
+
+class TextEncoder(nn.Module):
+    """SD: CLIP's last hidden states. SDXL (with `text_encoder_2`): the penultimate hidden states of
+    CLIP-L and OpenCLIP bigG concatenated, and bigG's pooled, projected output as `text_embeds`."""
+
+    def __init__(self, text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection | None = None):
+        super().__init__()
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+
+    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None):
+        ids = input_ids.long()
+        if self.text_encoder_2 is None:
+            return self.text_encoder(ids, position_ids=_positions(ids)).last_hidden_state  # (B, 77, D)
+        if input_ids_2 is None:
+            raise ValueError("SDXL's text encoder takes input_ids_2 (the second tokenizer's ids)")
+        ids_2 = input_ids_2.long()
+        first = self.text_encoder(ids, position_ids=_positions(ids), output_hidden_states=True)
+        second = self.text_encoder_2(ids_2, position_ids=_positions(ids_2), output_hidden_states=True)
+        states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)  # (B, 77, 768 + 1280)
+        return states, second.text_embeds  # (B, 1280): pooled at the end token, projected
 
 
 class ControlNetUNet(nn.Module):
@@ -184,14 +208,31 @@ class ControlNetUNet(nn.Module):
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor, f2: torch.Tensor
     ) -> torch.Tensor:
+        return self.predict(sample, timestep, text_embeddings, f2, None)
+
+    def predict(self, sample: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor, f2: torch.Tensor,
+                added: dict[str, torch.Tensor] | None) -> torch.Tensor:
         control = f2.repeat(sample.shape[0] // f2.shape[0], 1, 1, 1)  # (2B, C2, h, w)
         down, mid = self.controlnet(
-            sample, timestep, encoder_hidden_states=text_embeddings, controlnet_cond=control, return_dict=False
+            sample, timestep, encoder_hidden_states=text_embeddings, controlnet_cond=control,
+            added_cond_kwargs=added, return_dict=False,
         )
         return self.unet(
-            sample, timestep, encoder_hidden_states=text_embeddings,
+            sample, timestep, encoder_hidden_states=text_embeddings, added_cond_kwargs=added,
             down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
         )[0]
+
+
+class ControlNetUNetXL(ControlNetUNet):
+    """SDXL: the pooled text (`text_embeds`) and the size micro-conditioning (`time_ids`) reach both
+    networks' "text_time" embedding. time_ids are a graph input, computed by the pipeline per image
+    (and per tile), never constants of the graph."""
+
+    def forward(  # type: ignore[override]
+        self, sample: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor, text_embeds: torch.Tensor,
+        time_ids: torch.Tensor, f2: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.predict(sample, timestep, text_embeddings, f2, {"text_embeds": text_embeds, "time_ids": time_ids})
 
 
 class VAEDecoder(nn.Module):

@@ -1,32 +1,41 @@
-"""PyTorch submodule -> checked ONNX file: small steps named for what they turn into what.
+"""Checkpoint submodule -> checked ONNX file: small steps named for what they turn into what.
 
-    onnx_from_module      torch.export (dynamo) with the signature's dynamic dims -> model.onnx
+    onnx_from_checkpoint  the submodule built with fake tensors (no weights in memory) -> torch.export
+                          (dynamo) with the signature's dynamic dims -> onnxscript's optimiser -> each
+                          parameter bound to its stored tensor, read when written -> model.onnx
     name_dims             the signature's dim names on the graph's inputs and outputs
     infer_and_check       shape inference and `onnx.checker` full check (path based: > 2 GB works)
     lint_for_tensorrt     every op and dtype against TensorRT's ONNX parser support matrix
 
-The exporter's own optimiser (onnxscript: constant folding, dead code removal) runs inside
-`torch.onnx.export`; graphs past 2 GB are written with external data.
+Tracing never holds the weights: the network is built under a FakeTensorMode, and each stored
+tensor is read (FP16 on disk -> FP32), written and released in turn as the file is saved. SDXL's
+ControlNet + UNet (15 GB in FP32) exports in a few GB of memory. Graphs past 2 GB are written with
+external data (`<file>.data`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_ir as ir
+import onnxscript
 import torch
-from torch import nn
+from safetensors import safe_open
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 
+from diffsr.export.checkpoint import Checkpoint, build, stored_shapes, weight_source, weights_file
 from diffsr.export.config import ModelConfig
 from diffsr.export.errors import DiffsrError
 from diffsr.export.samples import sample_inputs
-from diffsr.export.signatures import Signature, parse_dim
+from diffsr.export.signatures import Signature, parse_dim, signatures
 
 log = logging.getLogger(__name__)
 
@@ -66,25 +75,75 @@ def torch_dynamic_shapes(sig: Signature, cfg: ModelConfig) -> dict[str, dict[int
     return shapes
 
 
-def onnx_from_module(module: nn.Module, sig: Signature, cfg: ModelConfig, path: Path, opset: int = DEFAULT_OPSET) -> Path:
-    feed = sample_inputs(sig, export_dims(cfg))
-    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+def onnx_from_checkpoint(ckpt: Checkpoint, name: str, path: Path, opset: int = DEFAULT_OPSET) -> Path:
+    sig = signatures(ckpt.model)[name]
+    real_feed = sample_inputs(sig, export_dims(ckpt.model))
+    fake = FakeTensorMode()
     try:
-        with warnings.catch_warnings():
+        with fake, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # benign dim-rename notes
             warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's own deprecations
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
+            module = build(ckpt, name)
+            parameters = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+            feed = tuple(fake.from_tensor(t) for t in real_feed.values())
             program = torch.onnx.export(
-                module, tuple(feed.values()), dynamo=True, opset_version=opset,
+                module, feed, dynamo=True, opset_version=opset,
                 input_names=[t.name for t in sig.inputs], output_names=[t.name for t in sig.outputs],
-                dynamic_shapes=torch_dynamic_shapes(sig, cfg), optimize=True, verbose=False,
+                dynamic_shapes=torch_dynamic_shapes(sig, ckpt.model), optimize=False, verbose=False,
             )
+    except DiffsrError:
+        raise
     except Exception as e:  # the exporter raises many types; its message is what helps
-        raise DiffsrError(f"ONNX export of {sig.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise DiffsrError(f"ONNX export of {name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    model = program.model
+    for init in model.graph.initializers.values():  # fake values must not reach the optimiser
+        if init.name in parameters:
+            init.const_value = None
+        elif init.const_value is not None and "Fake" in type(getattr(init.const_value, "raw", None)).__name__:
+            raise DiffsrError(f"ONNX export of {name}: {init.name!r} is neither a stored parameter nor a constant")
+    # constant folding and dead code removal; parameters (no value yet) untouched, which its
+    # initializer deduplication notes once per parameter
+    logging.getLogger("onnx_ir.passes.common.initializer_deduplication").setLevel(logging.ERROR)
+    onnxscript.optimizer.optimize_ir(model)
+    n_bytes = bind_weights(model, ckpt, name, parameters)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path), external_data=n_bytes > EXTERNAL_DATA_BYTES)
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    large = n_bytes > EXTERNAL_DATA_BYTES
+    ir.save(model, str(path), external_data=path.name + ".data" if large else None)
     name_dims(path, sig)
     return path
+
+
+def bind_weights(model: ir.Model, ckpt: Checkpoint, name: str, parameters: dict[str, tuple[int, ...]]) -> int:
+    """Bind every parameter initializer to its stored tensor, read (as FP32) only when the file is written;
+    returns their bytes. A tensor the checkpoint lacks, or of another shape, is an error naming it."""
+    shapes: dict[Path, dict[str, tuple[int, ...]]] = {}
+    total = 0
+    for init in model.graph.initializers.values():
+        if init.const_value is not None:
+            continue
+        if init.name not in parameters:
+            raise DiffsrError(f"ONNX export of {name}: initializer {init.name!r} has no value")
+        folder, key = weight_source(ckpt.model, name, init.name)
+        file = weights_file(ckpt, folder)
+        stored = shapes.setdefault(file, stored_shapes(file)).get(key)
+        if stored != parameters[init.name]:
+            raise DiffsrError(f"weights in {file} do not match its config.json: {key} is {stored}, "
+                              f"expected {parameters[init.name]}")
+        init.const_value = ir.LazyTensor(_reader(file, key), dtype=ir.DataType.FLOAT, shape=ir.Shape(stored),
+                                         name=init.name)
+        total += 4 * math.prod(stored)
+    return total
+
+
+def _reader(file: Path, key: str) -> Any:
+    def read() -> ir.Tensor:
+        with safe_open(str(file), "pt") as f:
+            return ir.Tensor(f.get_tensor(key).float().numpy())
+
+    return read
 
 
 def name_dims(path: Path, sig: Signature) -> None:

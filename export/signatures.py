@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from diffsr.export.config import LATENT_CHANNELS, LATENT_FACTOR, TEXT_LENGTH, ModelConfig
+from diffsr.export.config import LATENT_CHANNELS, LATENT_FACTOR, TEXT_LENGTH, TIME_IDS, ModelConfig
 from diffsr.export.errors import DiffsrError
 
 Dim = int | str
@@ -92,16 +92,22 @@ def _eval(dim: Dim, dims: Mapping[str, int]) -> int:
 
 
 def signatures(cfg: ModelConfig) -> dict[str, Signature]:
-    """The five submodules' interfaces at a model's widths, in pipeline order."""
+    """The five submodules' interfaces at a model's widths, in pipeline order. SDXL adds the second
+    tokenizer's ids and the pooled `text_embeds` to the text encoder, and `text_embeds` and `time_ids`
+    (the size micro-conditioning) to ControlNet + UNet."""
     img = (f"{LATENT_FACTOR}*latent_height", f"{LATENT_FACTOR}*latent_width")
     lat = ("latent_height", "latent_width")
     f32 = "float32"
+    ids = [TensorSpec("input_ids", "int32", ("text_batch", TEXT_LENGTH))]
+    text_out = [TensorSpec("text_embeddings", f32, ("text_batch", TEXT_LENGTH, cfg.context_dim))]
+    added: list[TensorSpec] = []
+    if cfg.sdxl:
+        ids.append(TensorSpec("input_ids_2", "int32", ("text_batch", TEXT_LENGTH)))
+        text_out.append(TensorSpec("text_embeds", f32, ("text_batch", cfg.pooled_dim)))
+        added = [TensorSpec("text_embeds", f32, ("cfg_batch", cfg.pooled_dim)),
+                 TensorSpec("time_ids", f32, ("cfg_batch", TIME_IDS))]
     sigs = [
-        Signature(
-            "text_encoder",
-            inputs=(TensorSpec("input_ids", "int32", ("text_batch", TEXT_LENGTH)),),
-            outputs=(TensorSpec("text_embeddings", f32, ("text_batch", TEXT_LENGTH, cfg.text_hidden)),),
-        ),
+        Signature("text_encoder", inputs=tuple(ids), outputs=tuple(text_out)),
         Signature(
             "lq_encoder",
             inputs=(TensorSpec("lq_image", f32, ("batch", 3, *img)),),
@@ -120,7 +126,8 @@ def signatures(cfg: ModelConfig) -> dict[str, Signature]:
             inputs=(
                 TensorSpec("sample", f32, ("cfg_batch", LATENT_CHANNELS, *lat)),
                 TensorSpec("timestep", f32, ("cfg_batch",)),
-                TensorSpec("text_embeddings", f32, ("cfg_batch", TEXT_LENGTH, cfg.text_hidden)),
+                TensorSpec("text_embeddings", f32, ("cfg_batch", TEXT_LENGTH, cfg.context_dim)),
+                *added,
                 TensorSpec("f2", f32, ("batch", cfg.f2_channels, *lat)),
             ),
             outputs=(TensorSpec("noise_pred", f32, ("cfg_batch", LATENT_CHANNELS, *lat)),),
@@ -159,17 +166,21 @@ class DimRange:
 
 @dataclass(frozen=True)
 class Target:
-    """Shape ranges of one deployment. Latent sides are in latent cells (x8 for pixels)."""
+    """Shape ranges of one deployment. Latent sides are in latent cells (x8 for pixels): from
+    `min_latent` to `max_scale` times the model's native side (`ModelConfig.native_latent`: SD 512 px,
+    SDXL 1024 px), the native side being the opt (the benchmark's output size)."""
 
     name: str
     batch: DimRange
-    latent: DimRange  # both sides; the opt is the 512x512 benchmark
+    min_latent: int
+    max_scale: float
     static: bool = False  # every dim fixed at its opt: one shape, the fastest engine
 
     def dim_ranges(self, cfg: ModelConfig) -> dict[str, DimRange]:
         """Every dynamic dim's range; sides rounded to the UNet's multiple."""
         m = cfg.latent_multiple
-        side = DimRange(*(max(m, (v // m) * m) for v in (self.latent.min, self.latent.opt, self.latent.max)))
+        ends = (self.min_latent, cfg.native_latent, int(cfg.native_latent * self.max_scale))
+        side = DimRange(*(max(m, (v // m) * m) for v in ends))
         b = self.batch
         ranges = {
             "batch": b,
@@ -193,10 +204,11 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {
-    # a datacenter GPU: up to 4 images a request, 64 to 1024 pixels a side
-    "server": Target("server", batch=DimRange(1, 1, 4), latent=DimRange(8, 64, 128)),
-    # a Jetson Orin class device: one image, up to 768 pixels a side
-    "edge": Target("edge", batch=DimRange(1, 1, 1), latent=DimRange(8, 64, 96)),
+    # a datacenter GPU: up to 4 images a request, 64 pixels a side to twice the native side
+    # (SD: 512 opt, 1024 max; SDXL: 1024 opt, 2048 max)
+    "server": Target("server", batch=DimRange(1, 1, 4), min_latent=8, max_scale=2.0),
+    # a Jetson Orin class device: one image, up to 1.5 times the native side (SD 768, SDXL 1536 pixels)
+    "edge": Target("edge", batch=DimRange(1, 1, 1), min_latent=8, max_scale=1.5),
 }
 
 

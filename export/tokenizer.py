@@ -44,23 +44,32 @@ def _bpe_merges() -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]  # line 0 is a header
 
 
-def build_clip_tokenizer() -> CLIPTokenizer:
-    """The real CLIP tokenizer: 49408 tokens, ids identical to OpenAI's."""
+END_OF_TEXT = "<|endoftext|>"
+OPENCLIP_PAD = "!"  # SDXL's second tokenizer (OpenCLIP bigG) pads with "!", id 0
+
+
+def build_clip_tokenizer(pad_token: str = END_OF_TEXT) -> CLIPTokenizer:
+    """The real CLIP tokenizer: 49408 tokens, ids identical to OpenAI's; padded with `pad_token`."""
     alphabet = _bytes_to_unicode()
     merges = _bpe_merges()
     tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
+    tokens += ["<|startoftext|>", END_OF_TEXT]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, pad_token=pad_token)
 
 
 class Tokenizer:
-    """Prompts -> (N, 77) int32 ids, padded with end-of-text, long prompts truncated."""
+    """Prompts -> {input name: (N, 77) int32 ids}, long prompts truncated. One CLIP tokenizer per
+    folder: `tokenizer/` gives input_ids (padded with end-of-text); SDXL's `tokenizer_2/` gives
+    input_ids_2 (padded as its config says, "!")."""
 
-    def __init__(self, folder: Path):
-        if not (folder / "tokenizer.json").is_file():
-            raise DiffsrError(f"tokenizer file missing: {folder / 'tokenizer.json'}: the checkpoint is incomplete")
-        self._tok = CLIPTokenizer.from_pretrained(str(folder))
+    def __init__(self, folders: list[Path]):
+        self._toks = []
+        for folder in folders:
+            if not (folder / "tokenizer.json").is_file():
+                raise DiffsrError(f"tokenizer file missing: {folder / 'tokenizer.json'}: the checkpoint is incomplete")
+            self._toks.append(CLIPTokenizer.from_pretrained(str(folder)))
 
-    def __call__(self, prompts: list[str]) -> np.ndarray:
-        ids = self._tok(prompts, padding="max_length", max_length=TEXT_LENGTH, truncation=True).input_ids
-        return np.asarray(ids, dtype=np.int32)
+    def __call__(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        names = ["input_ids", *(f"input_ids_{i}" for i in range(2, len(self._toks) + 1))]
+        return {name: np.asarray(tok(prompts, padding="max_length", max_length=TEXT_LENGTH, truncation=True).input_ids,
+                                 dtype=np.int32) for name, tok in zip(names, self._toks)}

@@ -21,7 +21,7 @@ from diffsr.export.settings import PipelineConfig
 from diffsr.export.signatures import SUBMODULES
 from diffsr.runtime.backends.base import Runner
 from diffsr.runtime.image import adain, output_size, pad_to_multiple, to_uint8, upsample
-from diffsr.runtime.sampler import StepCallback, StepGraphs, denoise
+from diffsr.runtime.sampler import StepCallback, StepGraphs, conditioning, denoise
 
 
 @dataclass
@@ -62,10 +62,12 @@ class Pipeline:
             size = output_size(image.shape[0], image.shape[1], cfg.upscale)
             lq = prepare_lq(image, cfg.upscale, self.checkpoint.model.latent_multiple).to(self.device)
 
-        # 2. Text: the prompt, and with CFG the negative prompt first (the batch order of the loop).
+        # 2. Text: the prompt, and with CFG the negative prompt first (the batch order of the loop); SDXL
+        #    tokenises for both its encoders and adds the size micro-conditioning (time_ids).
         with self.stage("text_encoder"):
-            ids = torch.from_numpy(self.tokenizer(prompts(cfg))).to(self.device)
-            text = self.run("text_encoder", input_ids=ids)["text_embeddings"]  # (1 or 2, 77, D)
+            ids = {name: torch.from_numpy(v).to(self.device) for name, v in self.tokenizer(prompts(cfg)).items()}
+            text = self.run("text_encoder", **ids)  # text_embeddings (1 or 2, 77, D) [, text_embeds (1 or 2, P)]
+            cond = conditioning(self.checkpoint.model, text, size)
 
         # 3. LQ encoder: the fused multi-layer feature f1 and the LQ latent z_lq.
         with self.stage("lq_encoder"):
@@ -74,7 +76,7 @@ class Pipeline:
 
         # 4. Denoise: the sampler loop, on the device, with CFG (a CUDA graph replay per step, if asked).
         with self.stage("denoise"):
-            x = denoise(self.run, f1, z_lq, text, cfg, self.checkpoint.scheduler_config, on_step, graphs=self.graphs)
+            x = denoise(self.run, f1, z_lq, cond, cfg, self.checkpoint.scheduler_config, on_step, graphs=self.graphs)
 
         # 5. Decode; crop the padding, correct colours against the upsampled LQ, to uint8.
         with self.stage("vae_decoder"):

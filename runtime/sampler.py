@@ -10,6 +10,9 @@ row of a small device table (`step_table`) rather than from Python floats, so
   index selects the step's row. Fusion transformer, ControlNet/UNet, CFG and the update are then
   one graph launch per step.
 
+The UNet's conditioning (`Conditioning`: the text encoder's outputs, and for SDXL the size
+micro-conditioning `time_ids`) is a dict fed to ControlNet + UNet by name, as the signature says.
+
 Shared by the in-process pipeline and the Triton sampler model (which passes `cancelled`).
 """
 
@@ -21,14 +24,30 @@ from typing import Any
 
 import torch
 
+from diffsr.export.config import ModelConfig
 from diffsr.export.errors import DiffsrError
 from diffsr.export.settings import MAX_STEPS, PipelineConfig
 from diffsr.runtime.scheduler import DDIMScheduler, make_scheduler
 
 RunFn = Callable[..., Mapping[str, torch.Tensor]]  # run(submodule, **inputs) -> outputs
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, f1, text, row)
+Conditioning = Mapping[str, torch.Tensor]  # ControlNet + UNet inputs shared by every step, text batch first
+StepFn = Callable[[torch.Tensor, torch.Tensor, Conditioning, torch.Tensor], torch.Tensor]  # (x, f1, cond, row)
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
 TABLE_COLUMNS = ("timestep", "guidance_scale", "sqrt_a", "sqrt_1_minus_a", "sqrt_a_prev", "sqrt_1_minus_a_prev")
+
+
+def conditioning(model: ModelConfig, text: Mapping[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """What ControlNet + UNet take besides the latent, f2 and the timestep: the text encoder's outputs
+    (a row per prompt: negative, positive with CFG) and, for SDXL, `time_ids` per row: the original
+    size (h, w), the crop's top-left corner (0, 0) and the target size (h, w), all the output's size
+    in pixels (for SR the image is neither resized nor cropped; a tile's own corner once tiled)."""
+    cond = dict(text)
+    if model.sdxl:
+        h, w = size
+        rows = cond["text_embeddings"].shape[0]
+        device = cond["text_embeddings"].device
+        cond["time_ids"] = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=device).repeat(rows, 1)
+    return cond
 
 
 def step_table(scheduler: DDIMScheduler, guidance_scale: float) -> torch.Tensor:
@@ -38,14 +57,14 @@ def step_table(scheduler: DDIMScheduler, guidance_scale: float) -> torch.Tensor:
 
 
 def denoise_step(
-    run: RunFn, scheduler: DDIMScheduler, x: torch.Tensor, f1: torch.Tensor, text: torch.Tensor, row: torch.Tensor
+    run: RunFn, scheduler: DDIMScheduler, x: torch.Tensor, f1: torch.Tensor, cond: Conditioning, row: torch.Tensor
 ) -> torch.Tensor:
     """x_t -> x_{t-1}. With CFG the text batch is (negative, positive) and the latent batch doubled."""
     f2 = run("fusion_transformer", f1=f1, sample=x)["f2"]  # (B, C2, h, w), shared by both branches
-    cfg = text.shape[0] == 2
+    cfg = cond["text_embeddings"].shape[0] == 2 * x.shape[0]
     batch = torch.cat([x, x]) if cfg else x  # (2B, 4, h, w)
     timestep = row[:1].expand(batch.shape[0])
-    eps = run("controlnet_unet", sample=batch, timestep=timestep, text_embeddings=text, f2=f2)["noise_pred"]
+    eps = run("controlnet_unet", sample=batch, timestep=timestep, f2=f2, **cond)["noise_pred"]
     if cfg:
         eps_neg, eps_pos = eps.chunk(2)
         eps = eps_neg + row[1] * (eps_pos - eps_neg)
@@ -56,34 +75,36 @@ class StepGraph:
     """One denoising step captured as a CUDA graph at fixed shapes, replayed for every step."""
 
     @torch.inference_mode()
-    def __init__(self, step: StepFn, x: torch.Tensor, f1: torch.Tensor, text: torch.Tensor, table: torch.Tensor):
+    def __init__(self, step: StepFn, x: torch.Tensor, f1: torch.Tensor, cond: Conditioning, table: torch.Tensor):
         device = x.device
-        self.shapes = shapes_of(x, f1, text)
-        self.x, self.f1, self.text = torch.empty_like(x), torch.empty_like(f1), torch.empty_like(text)
+        self.shapes = shapes_of(x, f1, *cond.values())
+        self.x, self.f1 = torch.empty_like(x), torch.empty_like(f1)
+        self.cond = {name: torch.empty_like(t) for name, t in cond.items()}
         self.table = torch.zeros((MAX_STEPS, len(TABLE_COLUMNS)), dtype=torch.float32, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
-        self.load(x, f1, text, table)
+        self.load(x, f1, cond, table)
         # 1. Warm up on a side stream: lazy initialisation (cuBLAS workspaces, TensorRT's work on a
         #    first enqueue after a shape change) must not happen while capturing.
         current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            step(self.x, self.f1, self.text, self._row())
+            step(self.x, self.f1, self.cond, self._row())
         current.wait_stream(side)
         # 2. Capture the step and the write of its result back into x, so replays chain.
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.x.copy_(step(self.x, self.f1, self.text, self._row()))
+            self.x.copy_(step(self.x, self.f1, self.cond, self._row()))
 
     def _row(self) -> torch.Tensor:
         return self.table.index_select(0, self.index).view(-1)  # (6,), read on the device
 
     @torch.inference_mode()
-    def load(self, x: torch.Tensor, f1: torch.Tensor, text: torch.Tensor, table: torch.Tensor) -> None:
+    def load(self, x: torch.Tensor, f1: torch.Tensor, cond: Conditioning, table: torch.Tensor) -> None:
         """Copy a request's tensors into the static buffers (device to device)."""
         self.x.copy_(x)
         self.f1.copy_(f1)
-        self.text.copy_(text)
+        for name, t in cond.items():
+            self.cond[name].copy_(t)
         self.table[: table.shape[0]].copy_(table)
 
     @torch.inference_mode()
@@ -106,20 +127,20 @@ class StepGraphs:
         self.current: StepGraph | None = None
         self.captures = 0
 
-    def prepare(self, step: StepFn, x: torch.Tensor, f1: torch.Tensor, text: torch.Tensor, table: torch.Tensor) -> StepGraph:
+    def prepare(self, step: StepFn, x: torch.Tensor, f1: torch.Tensor, cond: Conditioning, table: torch.Tensor) -> StepGraph:
         if x.device.type != "cuda":
             raise DiffsrError(f"CUDA graphs need the latents on a CUDA device, not {x.device}")
-        if self.current is not None and self.current.shapes == shapes_of(x, f1, text):
-            self.current.load(x, f1, text, table)
+        if self.current is not None and self.current.shapes == shapes_of(x, f1, *cond.values()):
+            self.current.load(x, f1, cond, table)
             return self.current
         self.current = None  # free the old graph's memory before capturing the new one
-        self.current = StepGraph(step, x, f1, text, table)
+        self.current = StepGraph(step, x, f1, cond, table)
         self.captures += 1
         return self.current
 
 
 def denoise(
-    run: RunFn, f1: torch.Tensor, z_lq: torch.Tensor, text: torch.Tensor, cfg: PipelineConfig,
+    run: RunFn, f1: torch.Tensor, z_lq: torch.Tensor, cond: Conditioning, cfg: PipelineConfig,
     scheduler_config: dict[str, Any], on_step: StepCallback | None = None,
     cancelled: Callable[[], bool] | None = None, graphs: StepGraphs | None = None,
 ) -> torch.Tensor:
@@ -131,11 +152,11 @@ def denoise(
     x = noise if cfg.start == "noise" else scheduler.add_noise(z_lq, noise, scheduler.timesteps[0])
     table = step_table(scheduler, cfg.guidance_scale).to(x.device)  # one small copy per request
     step: StepFn = partial(denoise_step, run, scheduler)
-    graph = graphs.prepare(step, x, f1, text, table) if graphs is not None else None
+    graph = graphs.prepare(step, x, f1, cond, table) if graphs is not None else None
     for i in range(cfg.steps):
         if cancelled is not None and cancelled():
             raise DiffsrError(f"cancelled after {i} of {cfg.steps} steps")
-        x = graph(i) if graph is not None else step(x, f1, text, table[i])
+        x = graph(i) if graph is not None else step(x, f1, cond, table[i])
         if on_step is not None:
             on_step(i + 1, cfg.steps)
     return x.clone() if graph is not None else x  # a graph's x is overwritten by its next request

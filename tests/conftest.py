@@ -14,12 +14,18 @@ import pytest
 from typer.testing import CliRunner
 
 from diffsr.calib.data import photo
-from diffsr.export.checkpoint import init_checkpoint, load_reference
+from diffsr.export.checkpoint import load_reference
+from diffsr.export.random_init import init_checkpoint
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return init_checkpoint("tiny", seed=0, out=tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def sdxl_checkpoint(tmp_path_factory):
+    return init_checkpoint("sdxl-tiny", seed=0, out=tmp_path_factory.mktemp("ckpt") / "sdxl-tiny")
 
 
 @pytest.fixture(scope="session")
@@ -33,18 +39,28 @@ def photo_lq():
     return photo("astronaut", (64, 64))
 
 
-@pytest.fixture(scope="session")
-def tiny_onnx(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint exported FP32 and FP16 through the CLI (with a small real-data FP16 check)."""
+def _export(ckpt, out):
+    """`diffsr export --fp16` with the smallest calibration."""
     from diffsr.app.cli import app
 
-    out = tmp_path_factory.mktemp("onnx")
-    result = CliRunner().invoke(app, ["export", "--checkpoint", str(tiny_checkpoint.path), "--out", str(out), "--fp16",
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(ckpt.path), "--out", str(out), "--fp16",
                                       "--calib-photos", "astronaut", "--calib-steps", "3"])
     assert result.exit_code == 0, result.output
     calibration = json.loads((out / "manifest.json").read_text())["fp16_calibration"]
     assert calibration["photos"] == ["astronaut"] and calibration["steps"] == 3, calibration
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint exported FP32 and FP16 through the CLI (with a small real-data FP16 check)."""
+    return _export(tiny_checkpoint, tmp_path_factory.mktemp("onnx"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_onnx(sdxl_checkpoint, tmp_path_factory):
+    """The sdxl-tiny checkpoint exported the same way."""
+    return _export(sdxl_checkpoint, tmp_path_factory.mktemp("onnx-sdxl"))
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from diffsr.export.checkpoint import Checkpoint
-from diffsr.export.config import Precision
+from diffsr.export.config import LATENT_FACTOR, Precision
 from diffsr.export.engines import verified_plans
 from diffsr.export.errors import DiffsrError
 from diffsr.export.files import require_new_folder
@@ -47,8 +47,11 @@ class ServingOptions:
     model_instances: int = 1  # per submodule model; BLS calls from all samplers share them
     max_queue_size: int = 16  # sampler queue bound: beyond it a request is rejected at once
     queue_timeout_s: float = 120.0  # a request still queued after this is rejected
-    max_output_pixels: int = 1024 * 1024  # the server target's largest side (1024) squared
+    max_output_pixels: int | None = None  # default: the server target's largest side squared (SD 1024, SDXL 2048)
     warmup: bool = True  # run each model once at the served shape before reporting ready
+
+
+OUTPUT_SIZE = TensorSpec("output_size", "int32", (2,))  # (h, w) of the upscaled image, before padding
 
 
 def _dims(spec: TensorSpec) -> list[int]:
@@ -103,15 +106,16 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions) -> di
     pipeline_json = json.dumps(ckpt.defaults.to_json())
 
     pre = _config("preprocess", [req[n] for n in ("image", "prompt", "negative_prompt", "guidance_scale")],
-                  [*lq_enc.inputs, *text.inputs, TensorSpec("output_size", "int32", (2,))], optional=OPTIONAL)
+                  [*lq_enc.inputs, *text.inputs, OUTPUT_SIZE], optional=OPTIONAL)
+    largest = LATENT_FACTOR * TARGETS["server"].dim_ranges(ckpt.model)["latent_height"].max
     _params(pre, pipeline=pipeline_json, latent_multiple=str(ckpt.model.latent_multiple),
-            max_output_pixels=str(options.max_output_pixels))
+            max_output_pixels=str(options.max_output_pixels or largest * largest))
     pre.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
 
-    sampler_inputs = [*text.outputs, *lq_enc.outputs, req["steps"], req["guidance_scale"], req["seed"]]
+    sampler_inputs = [*text.outputs, *lq_enc.outputs, OUTPUT_SIZE, req["steps"], req["guidance_scale"], req["seed"]]
     sampler = _config("sampler", sampler_inputs, [dec.inputs[0]], optional=OPTIONAL)
     _params(sampler, pipeline=pipeline_json, scheduler=json.dumps(ckpt.scheduler_config), device="cuda" if gpu else "cpu",
-            cuda_memory_pool_bytes=str(cuda_pool_bytes(ckpt) if gpu else 0))
+            cuda_memory_pool_bytes=str(cuda_pool_bytes(ckpt) if gpu else 0), model=json.dumps(ckpt.model.to_json()))
     sampler.instance_group.add(count=options.sampler_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     policy = sampler.dynamic_batching.default_queue_policy  # requests wait here, bounded, not unboundedly
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
@@ -119,7 +123,7 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions) -> di
     policy.max_queue_size = options.max_queue_size
 
     post = _config("postprocess", [TensorSpec("decoded", "float32", dec.outputs[0].shape), *lq_enc.inputs,
-                                   TensorSpec("output_size", "int32", (2,))], [RESPONSE])
+                                   OUTPUT_SIZE], [RESPONSE])
     _params(post, color_fix=ckpt.defaults.color_fix)
     post.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
 
@@ -152,12 +156,15 @@ def cuda_pool_bytes(ckpt: Checkpoint) -> int:
 def _ensemble(req: dict[str, TensorSpec], sigs: dict[str, Signature]) -> mc.ModelConfig:
     config = _config(ENSEMBLE, list(req.values()), [RESPONSE], optional=OPTIONAL)
     config.platform = "ensemble"
+    ids = [t.name for t in sigs["text_encoder"].inputs]
+    text = [t.name for t in sigs["text_encoder"].outputs]
+    same = lambda names: {n: n for n in names}  # noqa: E731
     steps = [
-        ("preprocess", {n: n for n in ("image", "prompt", "negative_prompt", "guidance_scale")},
-         {"lq_image": "lq_image", "input_ids": "input_ids", "output_size": "output_size"}),
-        ("text_encoder", {"input_ids": "input_ids"}, {"text_embeddings": "text_embeddings"}),
+        ("preprocess", same(("image", "prompt", "negative_prompt", "guidance_scale")),
+         same(("lq_image", *ids, "output_size"))),
+        ("text_encoder", same(ids), same(text)),
         ("lq_encoder", {"lq_image": "lq_image"}, {"f1": "f1", "z_lq": "z_lq"}),
-        ("sampler", {n: n for n in ("text_embeddings", "f1", "z_lq", "steps", "guidance_scale", "seed")},
+        ("sampler", same((*text, "f1", "z_lq", "output_size", "steps", "guidance_scale", "seed")),
          {"latent": "latent"}),
         ("vae_decoder", {"latent": "latent"}, {"image": "decoded"}),
         ("postprocess", {"decoded": "decoded", "lq_image": "lq_image", "output_size": "output_size"},
@@ -211,7 +218,8 @@ def build_repository(
                 (version / "model.py").write_text(_stub("onnx_model"))
         elif name != ENSEMBLE:
             (version / "model.py").write_text(_stub(name))
-    shutil.copytree(ckpt.path / "tokenizer", out / "preprocess" / "1" / "tokenizer")
+    for tokenizer in ("tokenizer", "tokenizer_2") if ckpt.model.sdxl else ("tokenizer",):
+        shutil.copytree(ckpt.path / tokenizer, out / "preprocess" / "1" / tokenizer)
     return configs
 
 

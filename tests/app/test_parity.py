@@ -13,9 +13,12 @@ from diffsr.export.config import Precision
 from diffsr.export.manifest import file_sha256
 
 
-@pytest.fixture(scope="module", params=list(Precision), ids=lambda p: p.value)
-def report(request, tiny_checkpoint, tiny_onnx):
-    return check_parity(tiny_checkpoint, tiny_onnx, request.param)
+@pytest.fixture(scope="module", params=[(m, p) for m in ("tiny", "sdxl") for p in Precision],
+                ids=lambda param: f"{param[0]}-{param[1].value}")
+def report(request):
+    model, precision = request.param
+    ckpt, onnx_dir = (request.getfixturevalue(f"{model}_{kind}") for kind in ("checkpoint", "onnx"))
+    return check_parity(ckpt, onnx_dir, precision)
 
 
 def test_every_submodule_at_three_shapes_and_the_image_pass(report):

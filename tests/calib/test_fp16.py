@@ -1,13 +1,27 @@
 """The FP16 safety check: its rules on a hand-made graph, and its effect on the real UNet."""
 
+import shutil
+
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from onnx import TensorProto, helper
+from safetensors.torch import load_file, save_file
 
-from diffsr.calib.fp16 import HEADROOM, fp32_layers, record_feeds
+from diffsr.calib.fp16 import (
+    HEADROOM,
+    Calibration,
+    activation_ranges,
+    fp16_check,
+    fp16_error,
+    fp32_layers,
+    record_feeds,
+)
+from diffsr.export.checkpoint import open_checkpoint
 from diffsr.export.fp16 import FP16_MAX, fp16_from_fp32
+from diffsr.export.onnx_export import onnx_from_checkpoint
 from diffsr.export.samples import sample_inputs
 from diffsr.export.signatures import signatures
 from diffsr.runtime.backends import load_runners
@@ -74,3 +88,41 @@ def test_recorder_sees_every_timestep(tiny_checkpoint, photo_lq):
     assert len(feeds["controlnet_unet"]) == len(feeds["fusion_transformer"]) == 3
     timesteps = [f["timestep"][0].item() for f in feeds["controlnet_unet"]]
     assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == 3
+
+
+@pytest.fixture()
+def overflowing_decoder(tiny_checkpoint, tmp_path):
+    """The tiny VAE with its decoder's first convolution scaled 30000x: activations reach 2e5, past FP16's
+    65504 (random weights never do; SDXL's real VAE does, in its up blocks)."""
+    ckpt_dir = shutil.copytree(tiny_checkpoint.path, tmp_path / "ckpt")
+    file = ckpt_dir / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(file))
+    state["decoder.conv_in.weight"] = (state["decoder.conv_in.weight"].float() * 3e4).half()
+    save_file(state, str(file), {"format": "pt"})
+    path = onnx_from_checkpoint(open_checkpoint(ckpt_dir), "vae_decoder", tmp_path / "vae_decoder.onnx")
+    g = torch.Generator().manual_seed(0)
+    return path, [{"latent": torch.randn(1, 4, 8, 8, generator=g)} for _ in range(3)]
+
+
+def test_a_planted_overflow_is_found_and_the_fp16_decoder_stays_finite(overflowing_decoder, tmp_path):
+    path, feeds = overflowing_decoder
+    kept = fp32_layers(path, activation_ranges(path, feeds))
+    assert any("above FP16's" in k.reason for k in kept) and {"Conv", "Add"} <= {k.op_type for k in kept}
+    tolerance = 1e-2  # parity's FP16 bound
+    assert fp16_error(path, kept, feeds) <= tolerance  # the kept layers in FP32: finite, within tolerance
+    assert fp16_error(path, [], feeds) == float("inf")  # without the FP32 fallback: NaN or infinity
+
+
+def test_a_force_upcast_vae_stays_fp32_unless_fp16_is_proven(sdxl_checkpoint, sdxl_onnx, monkeypatch):
+    from diffsr.calib import fp16 as check
+
+    small = Calibration(photos=("coffee",), prompts=("",), steps=1, size=16)
+    assert check.force_upcast(sdxl_checkpoint)
+    proven = fp16_check(sdxl_checkpoint, sdxl_onnx, small)  # random weights: FP16 is within tolerance
+    monkeypatch.setattr(check, "PROOF_REL", 0.0)  # nothing can be proven now
+    unproven = fp16_check(sdxl_checkpoint, sdxl_onnx, small)
+    for name in check.VAE_SUBMODULES:
+        nodes = {n.name for n in onnx.load(str(sdxl_onnx / f"{name}.onnx"), load_external_data=False).graph.node}
+        assert {k.node for k in unproven[name]} == nodes and "force_upcast" in unproven[name][0].reason
+        assert len(proven[name]) < len(nodes)
+    assert unproven["controlnet_unet"] == proven["controlnet_unet"]  # only the VAE's submodules are concerned

@@ -3,18 +3,12 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from diffsr.export.checkpoint import (
-    SUBMODULES,
-    assemble,
-    init_checkpoint,
-    load_submodule,
-    open_checkpoint,
-    random_components,
-    write_checkpoint,
-)
-from diffsr.export.config import preset
+from diffsr.export.checkpoint import SUBMODULES, load_submodule, open_checkpoint, weights_file
+from diffsr.export.config import PRESETS
 from diffsr.export.errors import DiffsrError
+from diffsr.export.random_init import init_checkpoint, networks
 from diffsr.export.samples import sample_inputs
 from diffsr.export.signatures import signatures
 
@@ -32,6 +26,15 @@ def test_layout(tiny_checkpoint):
                      "fusion_transformer/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
                      "controlnet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
         assert expected in names
+    assert not any(n.startswith(("text_encoder_2/", "tokenizer_2/")) for n in names)  # SD: one text encoder
+
+
+def test_sdxl_layout_has_the_second_encoder(sdxl_checkpoint):
+    names = set(_digest(sdxl_checkpoint.path))
+    assert {"text_encoder_2/model.safetensors", "tokenizer_2/tokenizer.json"} <= names
+    config = json.loads((sdxl_checkpoint.path / "unet" / "config.json").read_text())
+    assert config["addition_embed_type"] == "text_time" and config["transformer_layers_per_block"] == [1, 2, 2]
+    assert json.loads((sdxl_checkpoint.path / "vae" / "config.json").read_text())["force_upcast"] is True
 
 
 def test_same_seed_same_bytes_other_seed_other_weights(tiny_checkpoint, tmp_path):
@@ -42,17 +45,51 @@ def test_same_seed_same_bytes_other_seed_other_weights(tiny_checkpoint, tmp_path
     assert "unet/diffusion_pytorch_model.safetensors" in differ
 
 
-def test_round_trip_is_bit_identical(tmp_path):
-    components = random_components(preset("tiny"), seed=3)
-    ckpt = write_checkpoint(components, preset("tiny"), tmp_path / "c")
+def test_weights_are_stored_fp16_and_load_as_fp32_exactly(tiny_checkpoint):
+    file = weights_file(tiny_checkpoint, "unet")
+    with safe_open(str(file), "pt") as f:
+        key = "conv_in.weight"
+        stored = f.get_tensor(key)
+    assert stored.dtype == torch.float16
+    module = load_submodule(tiny_checkpoint, "controlnet_unet")
+    loaded = module.unet.conv_in.weight
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, stored.float())
+
+
+def test_copies_are_copies_and_the_control_path_is_not_zero(tiny_checkpoint):
+    """ControlNet starts as the UNet's encoder, the LQ encoder as the VAE's; zero convs are drawn."""
+    cn = load_submodule(tiny_checkpoint, "controlnet_unet")
+    assert torch.equal(cn.controlnet.conv_in.weight, cn.unet.conv_in.weight)
+    assert torch.equal(cn.controlnet.down_blocks[0].resnets[0].conv1.weight, cn.unet.down_blocks[0].resnets[0].conv1.weight)
+    assert cn.controlnet.controlnet_mid_block.weight.abs().max() > 0
+    lq = load_submodule(tiny_checkpoint, "lq_encoder")
+    with safe_open(str(weights_file(tiny_checkpoint, "vae")), "pt") as f:
+        assert torch.equal(lq.encoder.conv_in.weight, f.get_tensor("encoder.conv_in.weight").float())
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_builds_its_networks_without_memory(preset):
+    found = networks(PRESETS[preset])
+    expected = {"text_encoder", "lq_encoder", "fusion_transformer", "controlnet", "unet", "vae"}
+    assert set(found) == expected | ({"text_encoder_2"} if PRESETS[preset].sdxl else set())
+    assert all(p.is_meta for net, _ in found.values() for p in net.parameters())
+
+
+def test_sdxl_has_the_published_sizes():
+    found = networks(PRESETS["sdxl"])
+    count = {name: sum(p.numel() for p in net.parameters()) for name, (net, _) in found.items()}
+    assert round(count["unet"] / 1e9, 2) == 2.57 and round(count["controlnet"] / 1e9, 2) == 1.25
+    assert round(count["text_encoder_2"] / 1e6) == 695 and round(count["text_encoder"] / 1e6) == 123
+
+
+@pytest.mark.parametrize("fixture", ["tiny_checkpoint", "sdxl_checkpoint"])
+def test_every_submodule_loads_and_runs_at_its_signature(fixture, request):
+    ckpt = request.getfixturevalue(fixture)
     sigs = signatures(ckpt.model)
     for name in SUBMODULES:
-        feed = sample_inputs(sigs[name], DIMS)
-        with torch.no_grad():
-            before = assemble(name, components)(*feed.values())
-            after = load_submodule(ckpt, name)(*feed.values())
-        for x, y in zip(before if isinstance(before, tuple) else (before,), after if isinstance(after, tuple) else (after,)):
-            assert torch.equal(x, y), name
+        out = load_submodule(ckpt, name)(*sample_inputs(sigs[name], DIMS).values())
+        outs = out if isinstance(out, tuple) else (out,)
+        assert [tuple(o.shape) for o in outs] == [t.resolve(DIMS) for t in sigs[name].outputs], name
 
 
 def test_refuses_a_non_empty_output_folder(tiny_checkpoint):

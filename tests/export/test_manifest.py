@@ -5,10 +5,11 @@ import shutil
 
 import pytest
 
-from diffsr.export.checkpoint import SUBMODULES, init_checkpoint
+from diffsr.export.checkpoint import SUBMODULES
 from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError
 from diffsr.export.manifest import verified_files
+from diffsr.export.random_init import init_checkpoint
 
 
 @pytest.fixture()

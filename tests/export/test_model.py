@@ -1,10 +1,13 @@
 """Every submodule's output shapes at two sizes and two batch sizes, driven by the signatures."""
 
+import json
+
 import pytest
 import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
 
-from diffsr.export.checkpoint import random_components
-from diffsr.export.config import preset
+from diffsr.export.checkpoint import weights_file
 from diffsr.export.samples import sample_inputs
 from diffsr.export.signatures import signatures
 from diffsr.runtime.backends.torch_runner import TorchRunner
@@ -25,11 +28,13 @@ def test_output_shapes(tiny_checkpoint, tiny_reference, name, dims):
         assert torch.isfinite(out[spec.name]).all()
 
 
-def test_z_lq_is_the_scaled_mean_of_the_vae_encoder():
+def test_z_lq_is_the_scaled_mean_of_the_vae_encoder(tiny_checkpoint, tiny_reference):
     """The LQ encoder starts as the VAE's encoder; its z_lq is the latent distribution's mean times the
     scaling factor (never a sample), and its tapped forward is the encoder's own."""
-    components = random_components(preset("tiny"), seed=0)
-    vae, lq_encoder = components["vae"], components["lq_encoder"].eval()
+    config = json.loads((tiny_checkpoint.path / "vae" / "config.json").read_text())
+    vae = AutoencoderKL.from_config(config).eval()
+    vae.load_state_dict({k: v.float() for k, v in load_file(str(weights_file(tiny_checkpoint, "vae"))).items()})
+    lq_encoder = tiny_reference["lq_encoder"]
     lq = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         want = vae.encode(lq).latent_dist.mean * vae.config.scaling_factor

@@ -20,12 +20,22 @@ def _io(path):
     }
 
 
+@pytest.mark.parametrize("model", ["tiny", "sdxl"])
 @pytest.mark.parametrize("precision", list(Precision))
 @pytest.mark.parametrize("name", SUBMODULES)
-def test_graph_interface_is_the_signature(tiny_checkpoint, tiny_onnx, name, precision):
-    sig = signatures(tiny_checkpoint.model)[name]
+def test_graph_interface_is_the_signature(request, model, name, precision):
+    ckpt, onnx_dir = (request.getfixturevalue(f"{model}_{kind}") for kind in ("checkpoint", "onnx"))
+    sig = signatures(ckpt.model)[name]
     expected = {t.name: (t.dtype, t.shape) for t in sig.inputs + sig.outputs}
-    assert _io(tiny_onnx / precision.filename(name)) == expected
+    assert _io(onnx_dir / precision.filename(name)) == expected
+
+
+def test_sdxl_graphs_take_the_second_text_and_the_micro_conditioning(sdxl_onnx):
+    unet = _io(sdxl_onnx / "controlnet_unet.onnx")
+    assert unet["text_embeds"] == ("float32", ("cfg_batch", 48)) and unet["time_ids"] == ("float32", ("cfg_batch", 6))
+    assert unet["text_embeddings"] == ("float32", ("cfg_batch", 77, 80))  # 32 + 48: both encoders' states
+    text = _io(sdxl_onnx / "text_encoder.onnx")
+    assert set(text) == {"input_ids", "input_ids_2", "text_embeddings", "text_embeds"}
 
 
 def test_manifest_records_files_signatures_checkpoint_and_versions(tiny_checkpoint, tiny_onnx):

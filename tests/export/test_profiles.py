@@ -80,3 +80,14 @@ def test_max_batch_widens_the_batch_dims_only():
 def test_profile_json_is_min_opt_max_lists():
     profile = engine_profiles(PRESETS["tiny"], target("edge"))["vae_decoder"]
     assert profile_json(profile) == {"latent": [[1, 4, 8, 8], [1, 4, 64, 64], [1, 4, 96, 96]]}
+
+
+def test_sdxl_profiles_are_at_its_native_1024_pixels():
+    profiles = engine_profiles(PRESETS["sdxl"], target("server"))
+    unet = profiles["controlnet_unet"]
+    assert unet["sample"].opt == (2, 4, 128, 128) and unet["sample"].max == (8, 4, 256, 256)
+    assert unet["text_embeds"].opt == (2, 1280) and unet["time_ids"].max == (8, 6)
+    assert unet["text_embeddings"].opt == (2, 77, 2048)
+    assert profiles["text_encoder"]["input_ids_2"].opt == (2, 77)
+    assert profiles["vae_decoder"]["latent"].opt == (1, 4, 128, 128)  # 1024 x 1024 pixels
+    assert engine_profiles(PRESETS["sdxl"], target("edge"))["lq_encoder"]["lq_image"].max == (1, 3, 1536, 1536)

@@ -7,7 +7,7 @@ from diffsr.export.checkpoint import SD_SCHEDULER_CONFIG
 from diffsr.export.errors import DiffsrError
 from diffsr.runtime.backends import load_runners
 from diffsr.runtime.pipeline import Pipeline
-from diffsr.runtime.sampler import TABLE_COLUMNS, StepGraphs, denoise, step_table
+from diffsr.runtime.sampler import TABLE_COLUMNS, StepGraphs, conditioning, denoise, step_table
 from diffsr.runtime.scheduler import DDIMScheduler
 
 
@@ -42,7 +42,7 @@ def test_denoise_is_the_textbook_loop(tiny_checkpoint, tiny_reference):
     g = torch.Generator().manual_seed(1)
     f1, z_lq = torch.randn(1, 64, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
     text = torch.randn(2, 77, 32, generator=g)
-    got = denoise(run, f1, z_lq, text, cfg, tiny_checkpoint.scheduler_config)
+    got = denoise(run, f1, z_lq, {"text_embeddings": text}, cfg, tiny_checkpoint.scheduler_config)
 
     scheduler = DDIMScheduler.from_config(tiny_checkpoint.scheduler_config)
     scheduler.set_timesteps(cfg.steps)
@@ -61,4 +61,14 @@ def test_cuda_graphs_are_refused_off_cuda(tiny_checkpoint):
         Pipeline(load_runners("torch", tiny_checkpoint), tiny_checkpoint, "cpu", cuda_graph=True)
     x = torch.zeros(1, 4, 8, 8)
     with pytest.raises(DiffsrError, match="CUDA graphs need the latents on a CUDA device, not cpu"):
-        StepGraphs().prepare(lambda *a: a[0], x, x, x, torch.zeros(1, 6))
+        StepGraphs().prepare(lambda *a: a[0], x, x, {"text_embeddings": x}, torch.zeros(1, 6))
+
+
+def test_conditioning_adds_sdxl_time_ids_from_the_output_size():
+    from diffsr.export.config import PRESETS
+
+    text = {"text_embeddings": torch.zeros(2, 77, 80), "text_embeds": torch.zeros(2, 48)}
+    cond = conditioning(PRESETS["sdxl-tiny"], text, (600, 800))
+    assert cond["time_ids"].tolist() == [[600, 800, 0, 0, 600, 800]] * 2  # original, crop corner, target
+    assert cond["text_embeds"] is text["text_embeds"]
+    assert set(conditioning(PRESETS["tiny"], {"text_embeddings": text["text_embeddings"]}, (600, 800))) == {"text_embeddings"}

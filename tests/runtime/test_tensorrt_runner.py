@@ -120,7 +120,7 @@ def test_plans_that_do_not_match_are_refused_before_loading(fake_trt, tiny_check
     elif spoil == "plan":
         (engines / "text_encoder.plan").write_text((engines / "text_encoder.plan").read_text() + " ")
     elif spoil == "checkpoint":
-        from diffsr.export.checkpoint import init_checkpoint
+        from diffsr.export.random_init import init_checkpoint
 
         ckpt = init_checkpoint("tiny", seed=3, out=tmp_path / "other")
     else:

@@ -47,7 +47,7 @@ def test_attention_runs_through_sdpa(tiny_checkpoint):
     for name in ("lq_encoder", "controlnet_unet", "vae_decoder"):
         processors = [m.processor for m in load_submodule(tiny_checkpoint, name).modules() if hasattr(m, "processor")]
         assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors), name
-    assert load_submodule(tiny_checkpoint, "text_encoder").clip.config._attn_implementation == "sdpa"
+    assert load_submodule(tiny_checkpoint, "text_encoder").text_encoder.config._attn_implementation == "sdpa"
 
 
 def test_fp16_pipeline_matches_the_reference(tiny_checkpoint, photo_lq):

@@ -105,3 +105,27 @@ def test_concurrent_requests_each_get_their_own_image(server, lq):
         together = dict(pool.map(one, seeds))
     assert together == alone
     assert len(set(alone.values())) == len(seeds)
+
+
+@pytest.fixture(scope="module")
+def sdxl_server(sdxl_checkpoint, sdxl_onnx, tmp_path_factory):
+    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
+    from diffsr.app.triton_server import Ports, TritonServer
+    from diffsr.triton_models.repository import build_repository
+
+    repo = tmp_path_factory.mktemp("repo-sdxl") / "models"
+    build_repository(sdxl_checkpoint, sdxl_onnx, repo, "onnxruntime")
+    with TritonServer(repo, Ports.free()) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_sdxl_endpoint_matches_the_onnxruntime_pipeline(sdxl_server, sdxl_checkpoint, sdxl_onnx, lq, protocol):
+    """Same request as SD's: the preprocess model tokenises for both encoders, the sampler builds time_ids."""
+    url = sdxl_server.http_url if protocol == "http" else sdxl_server.grpc_url
+    with TritonClient(url, protocol) as client:
+        remote = _decode(client.upscale(_png(lq), prompt="a cat", **SETTINGS).png)
+    local = Pipeline(load_runners("onnxruntime", sdxl_checkpoint, onnx_dir=sdxl_onnx), sdxl_checkpoint)
+    direct = local(lq, sdxl_checkpoint.defaults.replace(prompt="a cat", **SETTINGS)).image
+    assert remote.shape == direct.shape == (128, 160, 3)
+    assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1

@@ -21,7 +21,8 @@ class TritonPythonModel:
         self.defaults = PipelineConfig.from_json(json.loads(params["pipeline"]))
         self.latent_multiple = int(params["latent_multiple"])
         self.max_pixels = int(params["max_output_pixels"])
-        self.tokenizer = Tokenizer(Path(args["model_repository"]) / args["model_version"] / "tokenizer")
+        folder = Path(args["model_repository"]) / args["model_version"]
+        self.tokenizer = Tokenizer(sorted(folder.glob("tokenizer*")))  # tokenizer (and SDXL's tokenizer_2)
 
     def execute(self, requests: list) -> list:
         return respond(requests, self._handle)
@@ -39,6 +40,5 @@ class TritonPythonModel:
         if h * w > self.max_pixels:
             raise DiffsrError(f"output {w}x{h} is above this server's {self.max_pixels} pixel limit: send a smaller image")
         lq = prepare_lq(rgb, cfg.upscale, self.latent_multiple)
-        ids = torch.from_numpy(self.tokenizer(prompts(cfg)))
-        return [from_torch("lq_image", lq), from_torch("input_ids", ids),
-                from_torch("output_size", torch.tensor([h, w], dtype=torch.int32))]
+        ids = [from_torch(name, torch.from_numpy(v)) for name, v in self.tokenizer(prompts(cfg)).items()]
+        return [from_torch("lq_image", lq), *ids, from_torch("output_size", torch.tensor([h, w], dtype=torch.int32))]
