@@ -96,13 +96,22 @@ def run_submodules(
             ref, out = reference[name].infer(feed), candidate[name].infer(feed)
             for spec in sigs[name].outputs:
                 results.append((name, label, dims, spec.name, _np(ref[spec.name]), _np(out[spec.name])))
+        reference[name].release()  # one submodule's two copies in memory at a time (lean runners reload)
+        candidate[name].release()
     return results
 
 
-def run_pipelines(reference, candidate, ckpt: Checkpoint, size: tuple[int, int], steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """The final uint8 image of both pipelines on a real photo (size = width, height), same seed."""
+def run_pipelines(reference: Mapping[str, Runner], candidate: Mapping[str, Runner], ckpt: Checkpoint,
+                  size: tuple[int, int], steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The final uint8 image of both pipelines on a real photo (size = width, height), same seed; one
+    pipeline's weights in memory at a time."""
     image, config = photo("astronaut", size), ckpt.defaults.replace(steps=steps)
-    return reference(image, config).image, candidate(image, config).image
+    images = []
+    for runners in (reference, candidate):
+        images.append(Pipeline(runners, ckpt)(image, config).image)
+        for runner in runners.values():
+            runner.release()
+    return images[0], images[1]
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -132,12 +141,13 @@ def judge_image(size: tuple[int, int], ref: np.ndarray, out: np.ndarray, tol: To
 def check_parity(
     ckpt: Checkpoint, onnx_dir, precision: Precision = Precision.FP32, size: tuple[int, int] = (128, 96), steps: int = 20
 ) -> ParityReport:
-    """ONNX Runtime against PyTorch: every submodule at three shapes, then the whole pipeline."""
+    """ONNX Runtime against PyTorch: every submodule at three shapes, then the whole pipeline. Runners
+    are lean (loaded on use, released after), so SDXL's FP32 reference and graphs are never both in memory."""
     tol = TOLERANCES[precision]
-    reference = load_runners("torch", ckpt)
-    candidate = load_runners("onnxruntime", ckpt, onnx_dir=onnx_dir, precision=precision)
+    reference = load_runners("torch", ckpt, lean=True)
+    candidate = load_runners("onnxruntime", ckpt, onnx_dir=onnx_dir, precision=precision, lean=True)
     report = ParityReport(precision.value, tol)
     report.outputs = [judge_output(*row, tol) for row in run_submodules(ckpt, reference, candidate)]
-    ref_img, out_img = run_pipelines(Pipeline(reference, ckpt), Pipeline(candidate, ckpt), ckpt, size, steps)
+    ref_img, out_img = run_pipelines(reference, candidate, ckpt, size, steps)
     report.images.append(judge_image(size, ref_img, out_img, tol))
     return report

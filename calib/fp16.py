@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -98,29 +99,47 @@ def record_feeds(
 
 
 def activation_ranges(onnx_path: Path, feeds: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """value name -> largest |value| over all feeds, for every float input and intermediate of the
-    FP32 graph, read from the graph itself."""
+    """value name -> largest |value| over all feeds, for every float input, intermediate and output of
+    the FP32 graph. The graph computes each value's max |x| itself (Abs, ReduceMax: a scalar output
+    per value), so ONNX Runtime frees every intermediate as usual and a replay holds the weights and one
+    inference's activations, not every activation at once."""
     import onnxruntime as ort
 
     # exported with inferred shapes, value_info holds every type; the weights stay where they are
     model = onnx.load(str(onnx_path), load_external_data=False)
-    graph_outputs = [o.name for o in model.graph.output]
-    watched = [v.name for v in model.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in watched)
+    floats = [v.name for v in [*model.graph.value_info, *model.graph.output]
+              if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    for i, name in enumerate(floats):
+        model.graph.node.extend([
+            onnx.helper.make_node("Abs", [name], [f"__abs_{i}"], name=f"__abs_{i}"),
+            onnx.helper.make_node("ReduceMax", [f"__abs_{i}"], [f"__absmax_{i}"], keepdims=0, name=f"__absmax_{i}"),
+        ])
+        model.graph.output.append(onnx.helper.make_tensor_value_info(f"__absmax_{i}", onnx.TensorProto.FLOAT, []))
+    fetch = [f"__absmax_{i}" for i in range(len(floats))]
 
     peak: dict[str, float] = {}
     # beside the original, so that its external data (located relative to the model file) is found
     with tempfile.NamedTemporaryFile(dir=onnx_path.parent, prefix=".ranges-", suffix=".onnx") as tmp:
         onnx.save(model, tmp.name)
-        session = ort.InferenceSession(tmp.name, providers=["CPUExecutionProvider"])
-        names = graph_outputs + watched
+        session = ort.InferenceSession(tmp.name, _lean_options(), providers=["CPUExecutionProvider"])
         for feed in feeds:
             arrays = {k: v.numpy() for k, v in feed.items()}
-            values = dict(zip(names, session.run(names, arrays))) | arrays
+            values = dict(zip(floats, (float(v) for v in session.run(fetch, arrays))))
+            values |= {k: float(np.abs(v).max()) for k, v in arrays.items() if v.dtype == np.float32 and v.size}
             for name, value in values.items():
-                if value.dtype == np.float32 and value.size:
-                    peak[name] = max(peak.get(name, 0.0), float(np.abs(value).max()))
+                peak[name] = max(peak.get(name, 0.0), value)
     return peak
+
+
+def _lean_options() -> Any:
+    """ONNX Runtime sessions for checking, not serving: no pre-packed copies of the weights and no memory
+    arena holding freed blocks, so SDXL's 15 GB ControlNet + UNet is held once."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
 
 
 def fp32_layers(onnx_path: Path, peak: Mapping[str, float]) -> list[KeptLayer]:
@@ -173,8 +192,9 @@ def fp16_check(
         on_progress(Progress("fp16 check", f"calibration run {done}/{runs}", done, total))
 
     on_progress(Progress("fp16 check", "calibration runs", 0, total))
-    feeds = record_feeds(ckpt, load_runners("torch", ckpt), photos((cal.size, cal.size), cal.photos), cal.prompts,
-                         cal.steps, on_run=finished_run)
+    # lean runners: one stage's FP32 weights in memory at a time (SDXL's reference does not fit twice)
+    feeds = record_feeds(ckpt, load_runners("torch", ckpt, lean=True), photos((cal.size, cal.size), cal.photos),
+                         cal.prompts, cal.steps, on_run=finished_run)
     kept = {}
     upcast = force_upcast(ckpt)
     for i, name in enumerate(SUBMODULES):
@@ -208,8 +228,8 @@ def fp16_error(onnx_path: Path, keep: list[KeptLayer], feeds: list[dict[str, tor
     with tempfile.TemporaryDirectory() as tmp:
         large = onnx_path.with_name(onnx_path.name + ".data").is_file()
         half = fp16_from_fp32(onnx_path, Path(tmp) / "half.onnx", {k.node for k in keep}, external_data=large)
-        full_session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        half_session = ort.InferenceSession(str(half), providers=["CPUExecutionProvider"])
+        full_session = ort.InferenceSession(str(onnx_path), _lean_options(), providers=["CPUExecutionProvider"])
+        half_session = ort.InferenceSession(str(half), _lean_options(), providers=["CPUExecutionProvider"])
         worst = 0.0
         for feed in feeds[:limit]:
             arrays = {k: v.numpy() for k, v in feed.items()}

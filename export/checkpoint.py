@@ -223,12 +223,30 @@ def load_submodule(ckpt: Checkpoint, name: str) -> nn.Module:
     for folder, keys in wanted.items():
         file = weights_file(ckpt, folder)
         check_weights(file, {k: shape for k, (_, shape) in keys.items()}, others_allowed=name == "vae_decoder")
-        with safe_open(str(file), "pt") as f:
-            for key, (parameter, _) in keys.items():
-                tensor = f.get_tensor(key)
-                state[parameter] = tensor.float() if tensor.is_floating_point() else tensor
+        for key, tensor in read_tensors(file, list(keys)):
+            state[keys[key][0]] = tensor.float() if tensor.is_floating_point() else tensor
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
+
+
+def read_tensors(file: Path, keys: list[str], window: int = 1 << 29) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) from a safetensors file, reopened after every `window` bytes read: a mapping keeps
+    the pages it touched resident, and SDXL's files are 5 GB."""
+    done = 0
+    while done < len(keys):
+        read = 0
+        with safe_open(str(file), "pt") as f:
+            while done < len(keys) and read < window:
+                tensor = f.get_tensor(keys[done])
+                read += tensor.numel() * tensor.element_size()
+                yield keys[done], tensor
+                done += 1
+
+
+def parameter_bytes(ckpt: Checkpoint, name: str) -> int:
+    """The bytes a submodule's parameters take in FP32, from its configs (nothing is loaded)."""
+    with torch.device("meta"):
+        return sum(4 * t.numel() for t in build(ckpt, name).state_dict().values())
 
 
 def load_reference(path: str | Path) -> tuple[Checkpoint, dict[str, nn.Module]]:

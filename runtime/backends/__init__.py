@@ -9,18 +9,20 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from diffsr.export.checkpoint import Checkpoint, load_submodule
+from diffsr.export.checkpoint import Checkpoint, load_submodule, parameter_bytes
 from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError
 from diffsr.export.manifest import verified_files
 from diffsr.export.signatures import SUBMODULES, signatures
 from diffsr.runtime.backend_names import BACKENDS, CUDA_GRAPHS, DEFAULTS
 from diffsr.runtime.backends.base import Runner
+from diffsr.runtime.backends.on_demand import on_demand
 
 __all__ = ["BACKENDS", "CUDA_GRAPHS", "DEFAULTS", "Runner", "load_pipeline", "load_runners"]
 
@@ -31,10 +33,11 @@ if TYPE_CHECKING:  # the pipeline imports this package's base: a module-level im
 
 def load_runners(
     backend: str, ckpt: Checkpoint, device: str | None = None, onnx_dir: Path | None = None,
-    precision: Precision | None = None, engines_dir: Path | None = None,
+    precision: Precision | None = None, engines_dir: Path | None = None, lean: bool = False,
 ) -> dict[str, Runner]:
     """One loaded runner per submodule. ONNX files and engines are checked against their manifest or
-    metadata first."""
+    metadata first. `lean` (torch and onnxruntime): each runner loads on first use and is released when
+    another needs the room, so a pipeline holds one stage's weights at a time (see `on_demand`)."""
     if backend not in BACKENDS:
         raise DiffsrError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     default_device, default_precision = DEFAULTS[backend]
@@ -46,14 +49,26 @@ def load_runners(
         from diffsr.runtime.backends.torch_runner import TorchRunner
 
         layout = backend == "torch-cuda"  # channels-last convolutions
-        return {name: TorchRunner(sigs[name], load_submodule(ckpt, name), device, precision, layout).load()
-                for name in SUBMODULES}
+
+        def torch_runner(name: str) -> Runner:
+            return TorchRunner(sigs[name], load_submodule(ckpt, name), device, precision, layout).load()
+
+        if lean:
+            sizes = {name: parameter_bytes(ckpt, name) for name in SUBMODULES}
+            return on_demand(sigs, {name: partial(torch_runner, name) for name in SUBMODULES}, sizes)
+        return {name: torch_runner(name) for name in SUBMODULES}
     if backend == "onnxruntime":
         from diffsr.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
 
         if onnx_dir is None:
             raise DiffsrError("the onnxruntime backend needs --onnx DIR (made by `diffsr export`)")
         paths = verified_files(Path(onnx_dir), ckpt, SUBMODULES, precision)
+        if lean:
+            sizes = {name: sum(f.stat().st_size for f in (p, p.with_name(p.name + ".data")) if f.is_file())
+                     for name, p in paths.items()}
+            loaders = {name: partial(lambda n: OnnxRuntimeRunner(sigs[n], paths[n], device).load(), name)
+                       for name in SUBMODULES}
+            return on_demand(sigs, loaders, sizes)
         return {name: OnnxRuntimeRunner(sigs[name], paths[name], device).load() for name in SUBMODULES}
     if precision is not Precision.FP16:
         raise DiffsrError("TensorRT engines are built from the FP16 graphs: use --precision fp16 with --backend tensorrt")

@@ -33,6 +33,9 @@ class Runner(ABC):
     def close(self) -> None:
         pass
 
+    def release(self) -> None:
+        """Give back the memory a next call can take again (on-demand runners); a no-op otherwise."""
+
     def __enter__(self) -> Runner:
         return self.load()
 

@@ -21,7 +21,7 @@ from diffsr.calib.fp16 import (
 )
 from diffsr.export.checkpoint import open_checkpoint
 from diffsr.export.fp16 import FP16_MAX, fp16_from_fp32
-from diffsr.export.onnx_export import onnx_from_checkpoint
+from diffsr.export.onnx_export import infer_and_check, onnx_from_checkpoint
 from diffsr.export.samples import sample_inputs
 from diffsr.export.signatures import signatures
 from diffsr.runtime.backends import load_runners
@@ -100,6 +100,7 @@ def overflowing_decoder(tiny_checkpoint, tmp_path):
     state["decoder.conv_in.weight"] = (state["decoder.conv_in.weight"].float() * 3e4).half()
     save_file(state, str(file), {"format": "pt"})
     path = onnx_from_checkpoint(open_checkpoint(ckpt_dir), "vae_decoder", tmp_path / "vae_decoder.onnx")
+    infer_and_check(path)  # as `diffsr export` does: the FP16 conversion reads the inferred types
     g = torch.Generator().manual_seed(0)
     return path, [{"latent": torch.randn(1, 4, 8, 8, generator=g)} for _ in range(3)]
 

@@ -37,3 +37,16 @@ def test_cli_onnxruntime_needs_an_onnx_folder(tiny_checkpoint, tmp_path, photo_l
     result = CliRunner().invoke(app, ["upscale", str(src), "-o", str(tmp_path / "o.png"), "--checkpoint",
                                       str(tiny_checkpoint.path), "--backend", "onnxruntime"])
     assert result.exit_code == 2 and "needs --onnx DIR" in result.output
+
+
+def test_cli_upscales_with_sdxl(sdxl_checkpoint, sdxl_onnx, tmp_path, photo_lq):
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_lq[:16, :24]).save(src)
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / f"{backend}.png"
+        result = CliRunner().invoke(app, ["upscale", str(src), "-o", str(out), "--checkpoint", str(sdxl_checkpoint.path),
+                                          "--backend", backend, "--onnx", str(sdxl_onnx), "--steps", "2"])
+        assert result.exit_code == 0, result.output
+        assert Image.open(out).size == (96, 64)
+    a, b = (np.asarray(Image.open(tmp_path / f"{x}.png")).astype(int) for x in ("torch", "onnxruntime"))
+    assert np.abs(a - b).max() <= 1

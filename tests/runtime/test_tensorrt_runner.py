@@ -180,3 +180,13 @@ def test_real_engines_match_the_cpu_reference_with_a_graph_per_step(tiny_checkpo
     graphed = Pipeline(runners, tiny_checkpoint, "cuda", cuda_graph=True)(photo_lq, config).image
     assert judge_image((64, 64), ref, graphed, TOLERANCES[Precision.FP16]).passed
     assert np.abs(graphed.astype(int) - eager.astype(int)).max() <= 2
+
+
+def test_sdxl_pipeline_on_tensorrt_runners_matches_onnxruntime(fake_trt, sdxl_checkpoint, sdxl_onnx, tmp_path, photo_lq):
+    """SDXL's extra inputs (input_ids_2, text_embeds, time_ids) through the runner's buffers and profiles."""
+    engines = write_plans(sdxl_checkpoint, sdxl_onnx, tmp_path / "engines")
+    config = sdxl_checkpoint.defaults.replace(steps=3)
+    got = Pipeline(load(sdxl_checkpoint, engines, sdxl_onnx), sdxl_checkpoint)(photo_lq, config).image
+    ref_runners = load_runners("onnxruntime", sdxl_checkpoint, onnx_dir=sdxl_onnx, precision=Precision.FP16)
+    want = Pipeline(ref_runners, sdxl_checkpoint)(photo_lq, config).image
+    assert np.array_equal(got, want)

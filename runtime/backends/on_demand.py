@@ -1,0 +1,73 @@
+"""Runners that load on first use and are released when another needs the room: the pipeline then holds
+one stage's weights at a time (SDXL in FP32: 15 GB for ControlNet + UNet, not the 19 GB of all five).
+
+The budget is the pipeline's smallest working set: the largest submodule plus the fusion transformer,
+which the denoising loop calls alternately with ControlNet + UNet and must not evict. A runner about to
+load releases the least recently used others until it fits. Over repeated runs the stages before the
+loop reload each time: what calibration and parity trade for memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Mapping
+
+import torch
+
+from diffsr.export.signatures import Signature
+from diffsr.runtime.backends.base import Runner
+
+
+class Residency:
+    """Which on-demand runners hold their weights now, least recently used first, within a budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.loaded: list[OnDemandRunner] = []
+
+    def admit(self, runner: OnDemandRunner) -> None:
+        if runner in self.loaded:
+            self.loaded.remove(runner)
+        else:
+            while self.loaded and sum(r.nbytes for r in self.loaded) + runner.nbytes > self.budget:
+                self.loaded.pop(0).release()
+        self.loaded.append(runner)
+
+
+class OnDemandRunner(Runner):
+    def __init__(self, signature: Signature, load: Callable[[], Runner], nbytes: int, residency: Residency):
+        super().__init__(signature)
+        self._load, self.nbytes, self.residency = load, nbytes, residency
+        self.inner: Runner | None = None
+
+    def _infer(self, feed: Mapping[str, torch.Tensor], dims: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        self.residency.admit(self)
+        if self.inner is None:
+            self.inner = self._load()
+        return self.inner.infer(feed)
+
+    def release(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+            self.inner = None  # its tensors go with the last reference (no cycle holds a network)
+            _return_freed_memory()
+
+    def close(self) -> None:
+        self.release()
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed heap memory for reuse: the tensors of a released network (most under its 32 MB
+    mmap threshold) would stay in the process's resident set. malloc_trim hands them back."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def on_demand(signatures: Mapping[str, Signature], loaders: Mapping[str, Callable[[], Runner]],
+              nbytes: Mapping[str, int]) -> dict[str, Runner]:
+    """One on-demand runner per submodule, sharing the budget of the pipeline's smallest working set."""
+    budget = max(nbytes.values()) + nbytes["fusion_transformer"]
+    residency = Residency(budget)
+    return {name: OnDemandRunner(signatures[name], loaders[name], nbytes[name], residency) for name in loaders}
