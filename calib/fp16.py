@@ -107,14 +107,22 @@ def activation_ranges(onnx_path: Path, feeds: list[dict[str, torch.Tensor]]) -> 
 
     # exported with inferred shapes, value_info holds every type; the weights stay where they are
     model = onnx.load(str(onnx_path), load_external_data=False)
-    floats = [v.name for v in [*model.graph.value_info, *model.graph.output]
-              if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
-    for i, name in enumerate(floats):
-        model.graph.node.extend([
-            onnx.helper.make_node("Abs", [name], [f"__abs_{i}"], name=f"__abs_{i}"),
-            onnx.helper.make_node("ReduceMax", [f"__abs_{i}"], [f"__absmax_{i}"], keepdims=0, name=f"__absmax_{i}"),
-        ])
-        model.graph.output.append(onnx.helper.make_tensor_value_info(f"__absmax_{i}", onnx.TensorProto.FLOAT, []))
+    is_float = {v.name for v in [*model.graph.value_info, *model.graph.output]
+                if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    floats: list[str] = []
+    nodes = []
+    for node in model.graph.node:  # each reduction right after its producer: the value is freed as usual
+        nodes.append(node)
+        for name in node.output:
+            if name in is_float:
+                i = len(floats)
+                floats.append(name)
+                nodes += [onnx.helper.make_node("Abs", [name], [f"__abs_{i}"], name=f"__abs_{i}"),
+                          onnx.helper.make_node("ReduceMax", [f"__abs_{i}"], [f"__absmax_{i}"], keepdims=0,
+                                                name=f"__absmax_{i}")]
+                model.graph.output.append(onnx.helper.make_tensor_value_info(f"__absmax_{i}", onnx.TensorProto.FLOAT, []))
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
     fetch = [f"__absmax_{i}" for i in range(len(floats))]
 
     peak: dict[str, float] = {}
@@ -132,11 +140,16 @@ def activation_ranges(onnx_path: Path, feeds: list[dict[str, torch.Tensor]]) -> 
 
 
 def _lean_options() -> Any:
-    """ONNX Runtime sessions for checking, not serving: no pre-packed copies of the weights and no memory
-    arena holding freed blocks, so SDXL's 15 GB ControlNet + UNet is held once."""
+    """ONNX Runtime sessions for checking, not serving: the graph as exported (no optimisation: the
+    layout transformer would hold reordered copies of every convolution's weights), no pre-packed
+    copies, no memory arena holding freed blocks, and nodes run in priority order, which runs the range
+    reductions as soon as their values exist (the default order keeps thousands of activations alive
+    for them: SDXL's ControlNet + UNet replay peaked at 23 GiB, 15 with this order)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     options.enable_cpu_mem_arena = False
     options.add_session_config_entry("session.disable_prepacking", "1")
     return options
@@ -192,9 +205,13 @@ def fp16_check(
         on_progress(Progress("fp16 check", f"calibration run {done}/{runs}", done, total))
 
     on_progress(Progress("fp16 check", "calibration runs", 0, total))
-    # lean runners: one stage's FP32 weights in memory at a time (SDXL's reference does not fit twice)
-    feeds = record_feeds(ckpt, load_runners("torch", ckpt, lean=True), photos((cal.size, cal.size), cal.photos),
-                         cal.prompts, cal.steps, on_run=finished_run)
+    # lean runners: one stage's FP32 weights in memory at a time (SDXL's reference does not fit twice),
+    # all released before ONNX Runtime loads the graphs
+    runners = load_runners("torch", ckpt, lean=True)
+    feeds = record_feeds(ckpt, runners, photos((cal.size, cal.size), cal.photos), cal.prompts, cal.steps,
+                         on_run=finished_run)
+    for runner in runners.values():
+        runner.release()
     kept = {}
     upcast = force_upcast(ckpt)
     for i, name in enumerate(SUBMODULES):

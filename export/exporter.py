@@ -21,6 +21,7 @@ from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError
 from diffsr.export.fp16 import KeptLayer, fp16_from_fp32
 from diffsr.export.manifest import read_manifest, verified_files, write_manifest
+from diffsr.export.memory import return_freed_memory
 from diffsr.export.onnx_export import DEFAULT_OPSET, infer_and_check, lint_for_tensorrt, onnx_from_checkpoint
 from diffsr.export.progress import OnProgress, Progress, ignore
 
@@ -40,6 +41,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, opset: int = DEFAULT_OPSET, on_prog
         infer_and_check(path)
         lint_for_tensorrt(path)
         files[name] = {Precision.FP32.value: {"file": path.name, "seconds": round(time.perf_counter() - start, 2)}}
+        return_freed_memory(collect=True)  # what tracing left behind, before the next submodule (or the FP16 check)
     on_progress(Progress("export", "fp32 graphs", len(SUBMODULES), len(SUBMODULES)))
     return write_manifest(out, ckpt, opset, files)
 

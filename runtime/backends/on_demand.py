@@ -9,29 +9,30 @@ loop reload each time: what calibration and parity trade for memory.
 
 from __future__ import annotations
 
-import ctypes
+import weakref
 from collections.abc import Callable, Mapping
 
 import torch
 
+from diffsr.export.memory import return_freed_memory
 from diffsr.export.signatures import Signature
 from diffsr.runtime.backends.base import Runner
 
 
 class Residency:
-    """Which on-demand runners hold their weights now, least recently used first, within a budget."""
+    """Which on-demand runners hold their weights now, least recently used first, within a budget.
+    It refers to them weakly: runners dropped by their owner are freed, weights and all, at once."""
 
     def __init__(self, budget_bytes: int):
         self.budget = budget_bytes
-        self.loaded: list[OnDemandRunner] = []
+        self.loaded: list[weakref.ref[OnDemandRunner]] = []
 
     def admit(self, runner: OnDemandRunner) -> None:
-        if runner in self.loaded:
-            self.loaded.remove(runner)
-        else:
-            while self.loaded and sum(r.nbytes for r in self.loaded) + runner.nbytes > self.budget:
-                self.loaded.pop(0).release()
-        self.loaded.append(runner)
+        alive = [ref() for ref in self.loaded]
+        loaded = [r for r in alive if r is not None and r is not runner]
+        while loaded and sum(r.nbytes for r in loaded) + runner.nbytes > self.budget:
+            loaded.pop(0).release()
+        self.loaded = [weakref.ref(r) for r in (*loaded, runner)]
 
 
 class OnDemandRunner(Runner):
@@ -49,20 +50,11 @@ class OnDemandRunner(Runner):
     def release(self) -> None:
         if self.inner is not None:
             self.inner.close()
-            self.inner = None  # its tensors go with the last reference (no cycle holds a network)
-            _return_freed_memory()
+            self.inner = None  # its tensors go with the last reference
+            return_freed_memory()
 
     def close(self) -> None:
         self.release()
-
-
-def _return_freed_memory() -> None:
-    """glibc keeps freed heap memory for reuse: the tensors of a released network (most under its 32 MB
-    mmap threshold) would stay in the process's resident set. malloc_trim hands them back."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def on_demand(signatures: Mapping[str, Signature], loaders: Mapping[str, Callable[[], Runner]],
