@@ -225,6 +225,7 @@ def parity(
     precision: Annotated[str, typer.Option(help="fp32 or fp16")] = "fp32",
     size: Annotated[str, typer.Option(help="LQ size of the end-to-end check, WIDTHxHEIGHT")] = "128x96",
     steps: Annotated[int, typer.Option(help="sampler steps of the end-to-end check")] = 20,
+    shapes: Annotated[str, typer.Option(help="submodule shapes, of min,opt,odd (SDXL's opt is 1024 px)")] = "min,opt,odd",
     json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
 ) -> None:
     """ONNX Runtime against PyTorch per submodule (min, opt, odd shapes) and end to end; exit 1 on a breach."""
@@ -237,7 +238,7 @@ def parity(
     ckpt = open_checkpoint(checkpoint)
     ckpt.defaults.replace(steps=steps)  # validates
     with console.status("running parity checks"):
-        report = check_parity(ckpt, onnx, chosen, wh, steps)
+        report = check_parity(ckpt, onnx, chosen, wh, steps, tuple(s for s in shapes.split(",") if s))
     if json_out:
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:

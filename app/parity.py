@@ -18,6 +18,7 @@ import torch
 from diffsr.calib.data import photo
 from diffsr.export.checkpoint import SUBMODULES, Checkpoint
 from diffsr.export.config import ModelConfig, Precision
+from diffsr.export.errors import DiffsrError
 from diffsr.export.samples import sample_inputs
 from diffsr.export.signatures import TARGETS, signatures
 from diffsr.runtime.backends import load_runners
@@ -71,33 +72,45 @@ class ParityReport:
                 "outputs": [asdict(o) for o in self.outputs], "images": [asdict(i) for i in self.images]}
 
 
-def parity_shapes(cfg: ModelConfig) -> dict[str, dict[str, int]]:
-    """min and opt of the server profile, and an odd non-square shape with a batch of two."""
+SHAPES = ("min", "opt", "odd")
+
+
+def parity_shapes(cfg: ModelConfig, labels: tuple[str, ...] = SHAPES) -> dict[str, dict[str, int]]:
+    """min and opt of the server profile, and an odd non-square shape with a batch of two (those of
+    `labels`: SDXL's opt is 1024 x 1024, minutes per submodule on a CPU)."""
+    unknown = [label for label in labels if label not in SHAPES]
+    if not labels or unknown:
+        raise DiffsrError(f"parity shapes {list(labels)} must be one or more of {list(SHAPES)}")
     ranges = TARGETS["server"].dim_ranges(cfg)
     m = cfg.latent_multiple
-    return {
+    shapes = {
         "min": {name: r.min for name, r in ranges.items()},
         "opt": {name: r.opt for name, r in ranges.items()},
         "odd": dict(batch=2, cfg_batch=4, text_batch=3, latent_height=3 * m, latent_width=5 * m),
     }
+    return {label: shapes[label] for label in labels}
 
 
 # --- running -----------------------------------------------------------------------------------
 
 
 def run_submodules(
-    ckpt: Checkpoint, reference: Mapping[str, Runner], candidate: Mapping[str, Runner], seed: int = 0
+    ckpt: Checkpoint, reference: Mapping[str, Runner], candidate: Mapping[str, Runner], seed: int = 0,
+    labels: tuple[str, ...] = SHAPES,
 ) -> list[tuple[str, str, dict[str, int], str, np.ndarray, np.ndarray]]:
-    """(submodule, shape label, dims, output name, reference, candidate) on fresh random inputs."""
-    sigs, results = signatures(ckpt.model), []
+    """(submodule, shape label, dims, output name, reference, candidate) on fresh random inputs. Each
+    side runs every shape, then is released before the other loads: one copy of a submodule's weights in
+    memory at a time (SDXL's ControlNet + UNet is 14 GiB in FP32, on either side)."""
+    sigs, shapes, results = signatures(ckpt.model), parity_shapes(ckpt.model, labels), []
     for name in SUBMODULES:
-        for label, dims in parity_shapes(ckpt.model).items():
-            feed = sample_inputs(sigs[name], dims, seed=seed)
-            ref, out = reference[name].infer(feed), candidate[name].infer(feed)
+        feeds = {label: sample_inputs(sigs[name], dims, seed=seed) for label, dims in shapes.items()}
+        outputs = []
+        for runner in (reference[name], candidate[name]):
+            outputs.append({label: {k: _np(v) for k, v in runner.infer(feed).items()} for label, feed in feeds.items()})
+            runner.release()
+        for label, dims in shapes.items():
             for spec in sigs[name].outputs:
-                results.append((name, label, dims, spec.name, _np(ref[spec.name]), _np(out[spec.name])))
-        reference[name].release()  # one submodule's two copies in memory at a time (lean runners reload)
-        candidate[name].release()
+                results.append((name, label, dims, spec.name, outputs[0][label][spec.name], outputs[1][label][spec.name]))
     return results
 
 
@@ -139,7 +152,8 @@ def judge_image(size: tuple[int, int], ref: np.ndarray, out: np.ndarray, tol: To
 
 
 def check_parity(
-    ckpt: Checkpoint, onnx_dir, precision: Precision = Precision.FP32, size: tuple[int, int] = (128, 96), steps: int = 20
+    ckpt: Checkpoint, onnx_dir, precision: Precision = Precision.FP32, size: tuple[int, int] = (128, 96), steps: int = 20,
+    shapes: tuple[str, ...] = SHAPES,
 ) -> ParityReport:
     """ONNX Runtime against PyTorch: every submodule at three shapes, then the whole pipeline. Runners
     are lean (loaded on use, released after), so SDXL's FP32 reference and graphs are never both in memory."""
@@ -147,7 +161,7 @@ def check_parity(
     reference = load_runners("torch", ckpt, lean=True)
     candidate = load_runners("onnxruntime", ckpt, onnx_dir=onnx_dir, precision=precision, lean=True)
     report = ParityReport(precision.value, tol)
-    report.outputs = [judge_output(*row, tol) for row in run_submodules(ckpt, reference, candidate)]
+    report.outputs = [judge_output(*row, tol) for row in run_submodules(ckpt, reference, candidate, labels=shapes)]
     ref_img, out_img = run_pipelines(reference, candidate, ckpt, size, steps)
     report.images.append(judge_image(size, ref_img, out_img, tol))
     return report

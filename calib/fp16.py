@@ -37,6 +37,7 @@ from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError
 from diffsr.export.files import read_json
 from diffsr.export.fp16 import FP16_MAX, KeptLayer, fp16_from_fp32
+from diffsr.export.memory import return_freed_memory
 from diffsr.export.progress import OnProgress, Progress, ignore
 from diffsr.runtime.backends import load_runners
 from diffsr.runtime.backends.base import Runner
@@ -217,8 +218,10 @@ def fp16_check(
     for i, name in enumerate(SUBMODULES):
         path = onnx_dir / Precision.FP32.filename(name)
         kept[name] = fp32_layers(path, activation_ranges(path, feeds[name]))
+        return_freed_memory()  # what the last session freed, before the next one loads
         if upcast and name in VAE_SUBMODULES:
             error = fp16_error(path, kept[name], feeds[name])
+            return_freed_memory()
             if not error <= PROOF_REL:
                 reason = (f"the VAE's config says force_upcast and FP16 is not proven safe: relative error "
                           f"{error:.3g} > {PROOF_REL:g} on the calibration data")

@@ -122,3 +122,8 @@ def test_missing_onnx_folder_for_parity(tiny_checkpoint, tmp_path):
 
 def test_serve_on_a_missing_repository(tmp_path):
     _one_line_error(_run("serve", "--repo", tmp_path / "none"), "has no diffsr model: build it with `diffsr triton-repo`")
+
+
+def test_unknown_parity_shapes(tiny_checkpoint, tiny_onnx):
+    _one_line_error(_run("parity", "--checkpoint", tiny_checkpoint.path, "--onnx", tiny_onnx, "--shapes", "min,huge"),
+                    "parity shapes ['min', 'huge'] must be one or more of ['min', 'opt', 'odd']")

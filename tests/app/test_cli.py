@@ -129,6 +129,7 @@ def test_client_writes_what_the_endpoint_answers(server, tmp_path, photo_lq):
     src.write_bytes(encode_png(photo_lq[:32, :40]))
     result = _run("client", src, "-o", out, "--url", server.grpc_url, "--protocol", "grpc", "--steps", 2)
     assert result.exit_code == 0, result.output
-    direct = TritonClient(server.http_url).upscale(src.read_bytes(), steps=2).png
+    with TritonClient(server.http_url) as remote:
+        direct = remote.upscale(src.read_bytes(), steps=2).png
     assert np.array_equal(decode_image(out.read_bytes()), decode_image(direct))
     assert f"{src} -> {out} via grpc://{server.grpc_url}: " in result.output

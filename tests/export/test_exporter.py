@@ -65,3 +65,17 @@ def test_the_cli_draws_events_by_their_fields():
     assert (tasks["export"].completed, tasks["export"].total) == (1, 5)
     assert tasks["export"].description == "export: lq_encoder fp32"
     assert (tasks["fp16 check"].completed, tasks["fp16 check"].total) == (1, 7)
+
+
+def test_graphs_already_exported_from_this_checkpoint_are_kept(tiny_checkpoint, onnx_copy):
+    from diffsr.export.exporter import export_onnx
+
+    before = read_manifest(onnx_copy)
+    (onnx_copy / "fusion_transformer.onnx").write_bytes(b"spoiled")  # this one must be exported again
+    events: list[Progress] = []
+    after = export_onnx(tiny_checkpoint, onnx_copy, on_progress=events.append)
+    kept = {e.item.split()[0] for e in events if e.item.endswith("up to date")}
+    assert kept == set(SUBMODULES) - {"fusion_transformer"}
+    for name in SUBMODULES:
+        assert after["submodules"][name]["fp32"]["sha256"] == before["submodules"][name]["fp32"]["sha256"], name
+    assert "fp16" not in after["submodules"]["vae_decoder"]  # a new FP32 manifest: FP16 graphs are redone after

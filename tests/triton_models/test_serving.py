@@ -33,7 +33,8 @@ def local(tiny_checkpoint, tiny_onnx):
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_endpoint_matches_the_onnxruntime_pipeline(server, local, tiny_checkpoint, lq, protocol):
     url = server.http_url if protocol == "http" else server.grpc_url
-    remote = _decode(TritonClient(url, protocol).upscale(_png(lq), **SETTINGS).png)
+    with TritonClient(url, protocol) as client:  # closed: a server stopping waits for open connections
+        remote = _decode(client.upscale(_png(lq), **SETTINGS).png)
     direct = local(lq, tiny_checkpoint.defaults.replace(**SETTINGS)).image
     assert remote.shape == direct.shape == (128, 160, 3)
     assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
@@ -41,7 +42,8 @@ def test_endpoint_matches_the_onnxruntime_pipeline(server, local, tiny_checkpoin
 
 def test_request_settings_reach_the_sampler(server, local, tiny_checkpoint, lq):
     settings = dict(steps=3, seed=5, guidance_scale=1.0, prompt="a cat", negative_prompt="dogs")
-    remote = _decode(TritonClient(server.http_url).upscale(_png(lq), **settings).png)
+    with TritonClient(server.http_url) as client:
+        remote = _decode(client.upscale(_png(lq), **settings).png)
     direct = local(lq, tiny_checkpoint.defaults.replace(**settings)).image
     assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
 
@@ -49,19 +51,20 @@ def test_request_settings_reach_the_sampler(server, local, tiny_checkpoint, lq):
 def _raw_infer(server, tensors):
     import tritonclient.http as http
 
-    client = http.InferenceServerClient(server.http_url)
     inputs = []
     for name, array, dtype in tensors:
         tensor = http.InferInput(name, list(array.shape), dtype)
         tensor.set_data_from_numpy(array, binary_data=True)
         inputs.append(tensor)
-    return client.infer("diffsr", inputs, outputs=[http.InferRequestedOutput("upscaled", binary_data=True)])
+    with http.InferenceServerClient(server.http_url) as client:
+        return client.infer("diffsr", inputs, outputs=[http.InferRequestedOutput("upscaled", binary_data=True)])
 
 
-def test_bad_requests_get_errors_and_the_server_keeps_serving(server, lq):
+def test_bad_requests_get_errors_and_the_server_keeps_serving(server, lq, request):
     from tritonclient.utils import InferenceServerException
 
     client = TritonClient(server.http_url)
+    request.addfinalizer(client.close)
     before = client.upscale(_png(lq), **SETTINGS).png
     png = _png(lq)
     big = _png(np.zeros((300, 300, 3), np.uint8))  # x4 = 1200x1200, above the 1024x1024 limit
@@ -93,13 +96,15 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(server, lq):
     assert client.upscale(_png(lq), **SETTINGS).png == before
 
 
-def test_concurrent_requests_each_get_their_own_image(server, lq):
+def test_concurrent_requests_each_get_their_own_image(server, lq, request):
     seeds = list(range(100, 108))
     client = TritonClient(server.http_url)
+    request.addfinalizer(client.close)
     alone = {s: client.upscale(_png(lq), steps=2, seed=s).png for s in seeds}
 
     def one(seed):
-        return seed, TritonClient(server.http_url).upscale(_png(lq), steps=2, seed=seed).png
+        with TritonClient(server.http_url) as own:
+            return seed, own.upscale(_png(lq), steps=2, seed=seed).png
 
     with ThreadPoolExecutor(8) as pool:
         together = dict(pool.map(one, seeds))
