@@ -27,6 +27,7 @@ from diffsr.calib.data import photo
 from diffsr.export.checkpoint import Checkpoint
 from diffsr.export.config import LATENT_FACTOR, Precision
 from diffsr.export.errors import DiffsrError
+from diffsr.export.manifest import verified_files
 from diffsr.export.signatures import SUBMODULES, signatures
 from diffsr.runtime.backend_names import BACKENDS as PIPELINE_BACKENDS
 from diffsr.runtime.backend_names import DEFAULTS, SERVED
@@ -69,7 +70,8 @@ def stage_flops(ckpt: Checkpoint, onnx_dir: Path, size: tuple[int, int]) -> dict
     h, w = (-(-4 * size[1] // m) * m) // LATENT_FACTOR, (-(-4 * size[0] // m) * m) // LATENT_FACTOR
     dims = dict(batch=1, cfg_batch=2, text_batch=2, latent_height=h, latent_width=w)
     sigs = signatures(ckpt.model)
-    f = {name: float(graph_flops(onnx_dir / f"{name}.onnx", sigs[name], dims)) for name in SUBMODULES}
+    paths = verified_files(onnx_dir, ckpt, SUBMODULES, Precision.FP32)
+    f = {name: float(graph_flops(paths[name], sigs[name], dims)) for name in SUBMODULES}
     return {"text_encoder": f["text_encoder"], "lq_encoder": f["lq_encoder"],
             "denoise_step": f["fusion_transformer"] + f["controlnet_unet"], "vae_decoder": f["vae_decoder"]}
 
@@ -99,7 +101,7 @@ def run_bench(
     with ExitStack() as stack:  # a server started here is stopped, its repository removed, on any exit
         for backend in backends:
             say(f"loading {backend}")
-            if backend == "triton":
+            if backend == SERVED:
                 url = triton_url
                 if url is None:
                     server = stack.enter_context(_triton_server(ckpt, onnx_dir, stack, say))
@@ -127,8 +129,8 @@ def run_bench(
                     rec.stages[stage] = stats([t["denoise"] / steps for t in got])
                 elif stage in got[0]:
                     rec.stages[stage] = stats([t[stage] for t in got])
-        if "triton" in backends:
-            records["triton"].concurrency = _concurrency(calls["triton"], concurrency, runs, say)
+        if SERVED in backends:
+            records[SERVED].concurrency = _concurrency(calls[SERVED], concurrency, runs, say)
     return list(records.values())
 
 

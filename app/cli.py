@@ -124,8 +124,8 @@ def init(
     """Write a seeded random-weight checkpoint of a preset."""
     from diffsr.export.random_init import init_checkpoint
 
-    with console.status(f"creating a {preset} checkpoint"):
-        init_checkpoint(preset, seed, out_dir)
+    with bars() as draw:
+        init_checkpoint(preset, seed, out_dir, on_progress=draw)
     console.print(f"wrote {preset} checkpoint (seed {seed}) to {out_dir}", highlight=False)
 
 
@@ -232,11 +232,13 @@ def parity(
     from diffsr.app import tables
     from diffsr.app.parity import check_parity
     from diffsr.export.checkpoint import open_checkpoint
+    from diffsr.runtime.image import output_size
 
     chosen = parse_precision(precision) or Precision.FP32
     wh = parse_size(size)
     ckpt = open_checkpoint(checkpoint)
     ckpt.defaults.replace(steps=steps)  # validates
+    output_size(wh[1], wh[0], ckpt.defaults.upscale)  # an unusable size fails now, not after the submodules
     with console.status("running parity checks"):
         report = check_parity(ckpt, onnx, chosen, wh, steps, tuple(s for s in shapes.split(",") if s))
     if json_out:
@@ -310,9 +312,11 @@ def serve(
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             assert server.process is not None
-            server.process.wait()
+            code = server.process.wait()
         except KeyboardInterrupt:
             console.print("stopping tritonserver")
+            return
+        raise DiffsrError(f"tritonserver exited with code {code}: {server.last_error()}")
 
 
 @command()
@@ -362,12 +366,14 @@ def bench(
     from diffsr.app.bench import check_backends, run_bench, stage_flops
     from diffsr.app.bench_report import plot
     from diffsr.export.checkpoint import open_checkpoint
+    from diffsr.runtime.image import output_size
 
     wh, levels = parse_size(size), parse_ints(concurrency, "--concurrency")
     chosen = [b for b in backends.split(",") if b]
     check_backends(chosen)
     writable(json_file, plot_file)
     ckpt = open_checkpoint(checkpoint)
+    output_size(wh[1], wh[0], ckpt.defaults.upscale)  # an unusable size fails now, not after loading every backend
     with console.status("bench") as status:
         records = run_bench(ckpt, onnx, chosen, wh, steps, runs, warmup, levels, triton_url,
                             say=lambda text: status.update(text), device=device, engines_dir=engines)

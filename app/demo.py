@@ -62,9 +62,8 @@ def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = 
         return out.image
 
     upscale("torch")
-    if not (onnx_dir / "manifest.json").is_file():
-        say(f"exporting ONNX to {onnx_dir} (once)")
-        export_onnx(ckpt, onnx_dir)
+    say(f"exporting ONNX to {onnx_dir} (kept when up to date)")
+    export_onnx(ckpt, onnx_dir)
     direct = upscale("onnxruntime", onnx_dir=onnx_dir)
     if serve:
         if triton_url is None:

@@ -163,9 +163,7 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 time.sleep(0.2)  # let the log pump read the last lines
-                errors = [line.strip() for line in self.logs if line.startswith("E")] or [line.strip() for line in self.logs]
-                last = errors[-1] if errors else "no output"
-                raise DiffsrError(f"tritonserver exited with code {self.process.returncode}: {last}")
+                raise DiffsrError(f"tritonserver exited with code {self.process.returncode}: {self.last_error()}")
             try:
                 if client.is_model_ready(self.ready_model):
                     return
@@ -173,6 +171,11 @@ class TritonServer:
                 pass
             time.sleep(0.5)
         raise DiffsrError(f"tritonserver did not get {self.ready_model} ready within {timeout:.0f} s")
+
+    def last_error(self) -> str:
+        """The server's last error line (or last line): what a one-line message about its exit shows."""
+        errors = [line.strip() for line in self.logs if line.startswith("E")] or [line.strip() for line in self.logs]
+        return errors[-1] if errors else "no output"
 
     def _pump(self) -> None:
         assert self.process is not None and self.process.stdout is not None

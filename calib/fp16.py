@@ -37,6 +37,7 @@ from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError
 from diffsr.export.files import read_json
 from diffsr.export.fp16 import FP16_MAX, KeptLayer, fp16_from_fp32
+from diffsr.export.manifest import verified_files
 from diffsr.export.memory import return_freed_memory
 from diffsr.export.progress import OnProgress, Progress, ignore
 from diffsr.runtime.backends import load_runners
@@ -208,15 +209,18 @@ def fp16_check(
     on_progress(Progress("fp16 check", "calibration runs", 0, total))
     # lean runners: one stage's FP32 weights in memory at a time (SDXL's reference does not fit twice),
     # all released before ONNX Runtime loads the graphs
+    paths = verified_files(onnx_dir, ckpt, SUBMODULES, Precision.FP32)  # this checkpoint's graphs, unchanged
     runners = load_runners("torch", ckpt, lean=True)
-    feeds = record_feeds(ckpt, runners, photos((cal.size, cal.size), cal.photos), cal.prompts, cal.steps,
-                         on_run=finished_run)
-    for runner in runners.values():
-        runner.release()
+    try:
+        feeds = record_feeds(ckpt, runners, photos((cal.size, cal.size), cal.photos), cal.prompts, cal.steps,
+                             on_run=finished_run)
+    finally:
+        for runner in runners.values():
+            runner.release()
     kept = {}
     upcast = force_upcast(ckpt)
     for i, name in enumerate(SUBMODULES):
-        path = onnx_dir / Precision.FP32.filename(name)
+        path = paths[name]
         kept[name] = fp32_layers(path, activation_ranges(path, feeds[name]))
         return_freed_memory()  # what the last session freed, before the next one loads
         if upcast and name in VAE_SUBMODULES:

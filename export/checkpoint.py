@@ -78,7 +78,12 @@ class Checkpoint:
     scheduler_config: dict[str, Any]
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer([self.path / "tokenizer", *([self.path / "tokenizer_2"] if self.model.sdxl else [])])
+        return Tokenizer([self.path / folder for folder in tokenizer_folders(self.model)])
+
+
+def tokenizer_folders(model: ModelConfig) -> tuple[str, ...]:
+    """The tokenizer folders, in the order of the text encoder's inputs (input_ids, input_ids_2)."""
+    return ("tokenizer", "tokenizer_2") if model.sdxl else ("tokenizer",)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

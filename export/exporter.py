@@ -21,6 +21,7 @@ from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError
 from diffsr.export.fp16 import KeptLayer, fp16_from_fp32
 from diffsr.export.manifest import (
+    EXPORTER_REVISION,
     checkpoint_digest,
     file_sha256,
     read_manifest,
@@ -39,17 +40,19 @@ log = logging.getLogger(__name__)
 
 def export_onnx(ckpt: Checkpoint, out: Path, opset: int = DEFAULT_OPSET, on_progress: OnProgress = ignore) -> dict[str, Any]:
     """Export every submodule in FP32; returns the manifest. A graph already in `out` from this checkpoint,
-    signature and opset, its bytes unchanged, is kept: `diffsr export --fp16` after `diffsr export` only
-    adds the FP16 graphs (in a fresh process, which for SDXL keeps the FP16 check under 16 GiB)."""
+    signature, opset and exporter, its bytes unchanged, is kept: `diffsr export --fp16` after `diffsr export`
+    only adds the FP16 graphs, in a fresh process (for SDXL its peak is then the FP16 check's own)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     current = up_to_date(out, ckpt, opset)
     files: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(SUBMODULES):
-        if name in current:
-            files[name] = {Precision.FP32.value: current[name]}
+        if name in current:  # kept, with its FP16 graph when it has one (made from this very FP32 graph)
+            files[name] = current[name]
             on_progress(Progress("export", f"{name} fp32 up to date", i + 1, len(SUBMODULES)))
             continue
+        for stale in (out / Precision.FP16.filename(name), out / (Precision.FP16.filename(name) + ".data")):
+            stale.unlink(missing_ok=True)  # an FP16 graph of the FP32 graph about to be replaced
         on_progress(Progress("export", f"{name} fp32", i, len(SUBMODULES)))
         start = time.perf_counter()
         path = out / Precision.FP32.filename(name)
@@ -59,30 +62,40 @@ def export_onnx(ckpt: Checkpoint, out: Path, opset: int = DEFAULT_OPSET, on_prog
         files[name] = {Precision.FP32.value: {"file": path.name, "seconds": round(time.perf_counter() - start, 2)}}
         return_freed_memory(collect=True)  # what tracing left behind, before the next submodule (or the FP16 check)
     on_progress(Progress("export", "fp32 graphs", len(SUBMODULES), len(SUBMODULES)))
-    return write_manifest(out, ckpt, opset, files)
+    fp16 = all(Precision.FP16.value in files[name] for name in SUBMODULES)
+    extra = {"fp16_calibration": read_manifest(out).get("fp16_calibration")} if fp16 else {}
+    if not fp16:  # FP16 graphs are all or nothing: a partial set is removed, `--fp16` makes them anew
+        for name in SUBMODULES:
+            files[name].pop(Precision.FP16.value, None)
+            for stale in (out / Precision.FP16.filename(name), out / (Precision.FP16.filename(name) + ".data")):
+                stale.unlink(missing_ok=True)
+    return write_manifest(out, ckpt, opset, files, **extra)
 
 
 def up_to_date(out: Path, ckpt: Checkpoint, opset: int) -> dict[str, dict[str, Any]]:
-    """submodule -> its FP32 manifest entry, for the graphs in `out` exported by the same library versions
-    from this checkpoint, with their signature and `opset`, their bytes as recorded."""
+    """submodule -> {precision: manifest entry} of the graphs in `out` that this exporter revision and
+    these library versions made from this checkpoint, with their signature and `opset`, bytes unchanged
+    (the FP16 graph too, where there is one). A manifest that cannot be read means nothing is."""
     try:
         manifest = read_manifest(out)
-    except DiffsrError:
+        if (manifest["opset"], manifest.get("exporter_revision"), manifest["versions"]) != (
+                opset, EXPORTER_REVISION, versions()):
+            return {}
+        if manifest["checkpoint"]["sha256"] != checkpoint_digest(ckpt.path):
+            return {}
+        sigs, kept = signatures(ckpt.model), {}
+        for name in SUBMODULES:
+            entry = manifest["submodules"].get(name, {})
+            if entry.get("signature_sha256") != signature_hash(sigs[name]):
+                continue
+            current = {precision: {k: v for k, v in info.items() if k != "sha256"}
+                       for precision, info in entry.items() if precision in (p.value for p in Precision)
+                       and (out / info["file"]).is_file() and file_sha256(out / info["file"]) == info["sha256"]}
+            if Precision.FP32.value in current:
+                kept[name] = current
+        return kept
+    except (DiffsrError, KeyError, TypeError, AttributeError):
         return {}
-    if manifest.get("opset") != opset or manifest.get("versions") != versions():
-        return {}
-    if manifest.get("checkpoint", {}).get("sha256") != checkpoint_digest(ckpt.path):
-        return {}
-    sigs, kept = signatures(ckpt.model), {}
-    for name in SUBMODULES:
-        entry = manifest.get("submodules", {}).get(name, {})
-        info = entry.get(Precision.FP32.value)
-        if info is None or entry.get("signature_sha256") != signature_hash(sigs[name]):
-            continue
-        path = out / info["file"]
-        if path.is_file() and file_sha256(path) == info.get("sha256"):
-            kept[name] = {k: v for k, v in info.items() if k != "sha256"}
-    return kept
 
 
 def write_fp16(

@@ -36,7 +36,7 @@ def require_new_folder(out: Path) -> None:
 def require_writable(path: Path) -> None:
     """A file about to be written (perhaps after minutes of work): its folder must exist and be writable,
     and the path must not be a folder. Checked before the work, not after."""
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent
     if path.is_dir():
         raise DiffsrError(f"output {path} is a folder: give a file name")
     if not folder.is_dir():

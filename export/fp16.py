@@ -119,6 +119,7 @@ def fp16_from_fp32(src: Path, dst: Path, keep_fp32: set[str], external_data: boo
 def _tensor_store(dst: Path, external: bool) -> Iterator[Callable[[TensorProto, np.ndarray], None]]:
     """store(initializer, array): the array becomes the initializer's data, inline or appended to
     `<dst>.data` (external data, as ONNX locates it: relative to the model file)."""
+    dst.with_name(dst.name + ".data").unlink(missing_ok=True)  # a data file of an earlier conversion
     if not external:
         yield lambda init, array: init.CopyFrom(numpy_helper.from_array(array, init.name))
         return

@@ -21,16 +21,32 @@ from diffsr.export.signatures import Signature, signatures
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+# Bumped whenever the export produces different graphs from the same inputs (2: fake-tensor tracing,
+# folded weight transposes, no pattern rewriter); graphs of another revision are never "up to date".
+EXPORTER_REVISION = 2
 LIBRARIES = ("diffsr", "torch", "onnx", "onnxruntime", "onnxscript", "diffusers", "transformers")
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256: SDXL's files are read once
 
 
 def _sha256(*paths: Path) -> str:
     h = hashlib.sha256()
     for path in paths:
+        h.update(_file_digest(path).encode())
+    return h.hexdigest() if len(paths) > 1 else _file_digest(paths[0])
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
-    return h.hexdigest()
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def file_sha256(path: Path) -> str:
@@ -82,6 +98,7 @@ def write_manifest(out: Path, ckpt: Checkpoint, opset: int, files: dict[str, dic
         "model": ckpt.model.to_json(),
         "opset": opset,
         "exporter": "torch.onnx.export(dynamo=True)",
+        "exporter_revision": EXPORTER_REVISION,
         "versions": versions(),
         "submodules": submodules,
         **extra,

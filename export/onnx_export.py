@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -81,10 +83,9 @@ def onnx_from_checkpoint(ckpt: Checkpoint, name: str, path: Path, opset: int = D
     real_feed = sample_inputs(sig, export_dims(ckpt.model))
     fake = FakeTensorMode()
     try:
-        with fake, warnings.catch_warnings():
+        with fake, warnings.catch_warnings(), _quiet("torch.onnx"):  # its "torchvision is not installed" notes
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # benign dim-rename notes
             warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's own deprecations
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
             module = build(ckpt, name)
             parameters = {k: tuple(v.shape) for k, v in module.state_dict().items()}
             feed = tuple(fake.from_tensor(t) for t in real_feed.values())
@@ -120,7 +121,11 @@ def tidy(model: ir.Model) -> None:
     ControlNet + UNet: 10.6 s with it, 1.6 s without, for 3.5 % fewer nodes; SDXL's did not finish in
     15 minutes), and TensorRT and ONNX Runtime fuse the same patterns themselves. Parameters (no value
     yet) are left alone, which the initializer deduplication notes once per parameter: quietened."""
-    logging.getLogger("onnx_ir.passes.common.initializer_deduplication").setLevel(logging.ERROR)
+    with _quiet("onnx_ir.passes.common.initializer_deduplication"):
+        _tidy(model)
+
+
+def _tidy(model: ir.Model) -> None:
     common.InlinePass()(model)
     for _ in range(2):  # folding exposes dead code, whose removal can expose more folding
         onnxscript.optimizer.fold_constants(model)
@@ -134,6 +139,18 @@ def tidy(model: ir.Model) -> None:
         common.OutputFixPass(),
         common.NameFixPass(),
     )(model)
+
+
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """A library's logger at ERROR for the duration, as it was afterwards."""
+    log_ = logging.getLogger(logger)
+    level = log_.level
+    log_.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log_.setLevel(level)
 
 
 def bind_weights(model: ir.Model, ckpt: Checkpoint, name: str, parameters: dict[str, tuple[int, ...]]) -> int:

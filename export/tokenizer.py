@@ -63,6 +63,8 @@ class Tokenizer:
     input_ids_2 (padded as its config says, "!")."""
 
     def __init__(self, folders: list[Path]):
+        if not folders:
+            raise DiffsrError("a tokenizer needs at least one tokenizer folder")
         self._toks = []
         for folder in folders:
             if not (folder / "tokenizer.json").is_file():

@@ -28,7 +28,7 @@ if [ -n "${WHEELS:-}" ]; then pip+=(--no-index --find-links "$WHEELS"); fi
 "${pip[@]}" --no-deps -e .
 # torch stays the machine's; Triton's packages are not needed for these checks
 "${pip[@]}" diffusers transformers safetensors onnx onnxscript onnxruntime pillow scikit-image typer rich \
-    matplotlib polygraphy psutil pytest
+    matplotlib polygraphy psutil accelerate onnx-ir pytest
 "${pip[@]}" --no-deps open-clip-torch  # the CLIP BPE vocabulary only (its torchvision is not needed)
 
 {

@@ -35,10 +35,15 @@ def imported_modules(source: str) -> list[tuple[int, str]]:
             else:
                 names = [alias.name for alias in node.names] if node.module == "diffsr" else [""]
                 found += [(node.lineno, ".".join(filter(None, (node.module, name)))) for name in names]
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"
+        elif (isinstance(node, ast.Call) and _callee(node.func) in ("import_module", "__import__")
               and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
             found.append((node.lineno, node.args[0].value))
     return found
+
+
+def _callee(func: ast.expr) -> str | None:
+    """`import_module` for importlib.import_module(...), import_module(...) and the like."""
+    return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
 
 
 def violations(layer: str, path: Path) -> list[str]:
@@ -69,13 +74,14 @@ def test_the_check_catches_lazy_and_hidden_imports(tmp_path):
     """Planted violations of every form the check claims to catch."""
     planted = tmp_path / "planted.py"
     planted.write_text(
-        "import importlib\n"
+        "import importlib\nfrom importlib import import_module\n"
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n    from diffsr.runtime.pipeline import Pipeline\n"
         "def f():\n    from diffsr.app import cli\n    import diffsr.calib.fp16\n"
         "    importlib.import_module('diffsr.triton_models.repository')\n"
         "    from export.config import ModelConfig\n"
         "    from .signatures import Signature\n"
+        "    import_module('diffsr.app.cli')\n"
         "from diffsr.export.errors import DiffsrError\n"
     )
     global ROOT
@@ -84,7 +90,7 @@ def test_the_check_catches_lazy_and_hidden_imports(tmp_path):
         found = violations("export", planted)
     finally:
         ROOT = saved
-    assert len(found) == 6, found
-    for text in ("diffsr.runtime.pipeline", "diffsr.app", "diffsr.calib.fp16", "diffsr.triton_models.repository",
+    assert len(found) == 7, found
+    for text in ("diffsr.runtime.pipeline", "diffsr.app", "diffsr.app.cli", "diffsr.calib.fp16", "diffsr.triton_models.repository",
                  "bare 'export.config'", "relative import '.signatures'"):
         assert any(text in v for v in found), text

@@ -24,7 +24,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from diffsr.export.checkpoint import Checkpoint
+from diffsr.export.checkpoint import Checkpoint, tokenizer_folders
 from diffsr.export.config import LATENT_FACTOR, Precision
 from diffsr.export.engines import verified_plans
 from diffsr.export.errors import DiffsrError
@@ -109,6 +109,7 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions) -> di
                   [*lq_enc.inputs, *text.inputs, OUTPUT_SIZE], optional=OPTIONAL)
     largest = LATENT_FACTOR * TARGETS["server"].dim_ranges(ckpt.model)["latent_height"].max
     _params(pre, pipeline=pipeline_json, latent_multiple=str(ckpt.model.latent_multiple),
+            tokenizers=",".join(tokenizer_folders(ckpt.model)),
             max_output_pixels=str(options.max_output_pixels or largest * largest))
     pre.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
 
@@ -218,7 +219,7 @@ def build_repository(
                 (version / "model.py").write_text(_stub("onnx_model"))
         elif name != ENSEMBLE:
             (version / "model.py").write_text(_stub(name))
-    for tokenizer in ("tokenizer", "tokenizer_2") if ckpt.model.sdxl else ("tokenizer",):
+    for tokenizer in tokenizer_folders(ckpt.model):
         shutil.copytree(ckpt.path / tokenizer, out / "preprocess" / "1" / tokenizer)
     return configs
 

@@ -40,6 +40,8 @@ def load_runners(
     another needs the room, so a pipeline holds one stage's weights at a time (see `on_demand`)."""
     if backend not in BACKENDS:
         raise DiffsrError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if lean and backend == "tensorrt":
+        raise DiffsrError("lean (load-on-use) runners are for torch and onnxruntime; TensorRT engines stay loaded")
     default_device, default_precision = DEFAULTS[backend]
     device, precision = device or default_device, precision or default_precision
     _check_device(backend, device)

@@ -34,6 +34,10 @@ class Residency:
             loaded.pop(0).release()
         self.loaded = [weakref.ref(r) for r in (*loaded, runner)]
 
+    def forget(self, runner: OnDemandRunner) -> None:
+        """A runner that failed to load holds nothing."""
+        self.loaded = [ref for ref in self.loaded if ref() is not None and ref() is not runner]
+
 
 class OnDemandRunner(Runner):
     def __init__(self, signature: Signature, load: Callable[[], Runner], nbytes: int, residency: Residency):
@@ -42,9 +46,13 @@ class OnDemandRunner(Runner):
         self.inner: Runner | None = None
 
     def _infer(self, feed: Mapping[str, torch.Tensor], dims: Mapping[str, int]) -> dict[str, torch.Tensor]:
-        self.residency.admit(self)
+        self.residency.admit(self)  # makes room first: the others are released before this one loads
         if self.inner is None:
-            self.inner = self._load()
+            try:
+                self.inner = self._load()
+            except BaseException:
+                self.residency.forget(self)
+                raise
         return self.inner.infer(feed)
 
     def release(self) -> None:

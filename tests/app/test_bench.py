@@ -45,7 +45,7 @@ def test_bench_smoke(tiny_checkpoint, tiny_onnx, server, tmp_path):
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_memory_row_says_what_was_not_measured(tiny_checkpoint):
+def test_memory_row_says_what_was_not_measured():
     from diffsr.app.bench import Record
 
     line = memory_line([Record("torch", host_mib=812.4), Record("triton", host_mib=None)])

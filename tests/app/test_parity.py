@@ -1,4 +1,4 @@
-"""Parity of the exported graphs with the PyTorch reference, at the issue's tolerances."""
+"""Parity of the exported graphs with the PyTorch reference, at the README's tolerances."""
 
 import json
 import shutil

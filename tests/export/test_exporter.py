@@ -78,4 +78,17 @@ def test_graphs_already_exported_from_this_checkpoint_are_kept(tiny_checkpoint, 
     assert kept == set(SUBMODULES) - {"fusion_transformer"}
     for name in SUBMODULES:
         assert after["submodules"][name]["fp32"]["sha256"] == before["submodules"][name]["fp32"]["sha256"], name
-    assert "fp16" not in after["submodules"]["vae_decoder"]  # a new FP32 manifest: FP16 graphs are redone after
+    assert "fp16" not in after["submodules"]["vae_decoder"]  # one FP32 graph replaced: the FP16 set is redone
+    assert not (onnx_copy / "vae_decoder.fp16.onnx").exists()
+    again = export_onnx(tiny_checkpoint, onnx_copy)  # nothing to do now
+    assert {n: e["fp32"]["sha256"] for n, e in again["submodules"].items()} == {
+        n: e["fp32"]["sha256"] for n, e in after["submodules"].items()}
+
+
+def test_a_complete_export_keeps_its_fp16_graphs(tiny_checkpoint, onnx_copy):
+    from diffsr.export.exporter import export_onnx
+
+    before = read_manifest(onnx_copy)
+    export_onnx(tiny_checkpoint, onnx_copy)
+    after = read_manifest(onnx_copy)
+    assert after["submodules"] == before["submodules"] and after["fp16_calibration"] == before["fp16_calibration"]

@@ -22,7 +22,7 @@ class TritonPythonModel:
         self.latent_multiple = int(params["latent_multiple"])
         self.max_pixels = int(params["max_output_pixels"])
         folder = Path(args["model_repository"]) / args["model_version"]
-        self.tokenizer = Tokenizer(sorted(folder.glob("tokenizer*")))  # tokenizer (and SDXL's tokenizer_2)
+        self.tokenizer = Tokenizer([folder / name for name in params["tokenizers"].split(",")])
 
     def execute(self, requests: list) -> list:
         return respond(requests, self._handle)
