@@ -17,6 +17,7 @@ DEFAULT_NEGATIVE_PROMPT = (
 SCHEDULERS = ("ddim",)
 STARTS = ("noise", "lq")  # start the sampler from pure noise, or from z_lq noised to the first step
 COLOR_FIXES = ("adain", "none")
+TILE_BLENDS = ("ramp", "none")
 MAX_STEPS = 1000
 
 
@@ -31,6 +32,12 @@ class PipelineConfig:
     start: str = "noise"
     color_fix: str = "adain"
     upscale: int = 4
+    # tiles over the latent (runtime/tiling.py): side and overlap in latent cells (None: the model's
+    # native side, a quarter of it), tiles per submodule call, and the blend ("none" pastes them)
+    tile: int | None = None
+    tile_overlap: int | None = None
+    tile_batch: int = 4
+    tile_blend: str = "ramp"
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= MAX_STEPS:
@@ -39,12 +46,19 @@ class PipelineConfig:
             raise DiffsrError(f"guidance_scale={self.guidance_scale} is out of range: use 1.0 (no CFG) to 50.0")
         if not 0 <= self.seed < 2**63:
             raise DiffsrError(f"seed={self.seed} is out of range: use 0 to 2**63-1")
+        if self.tile is not None and self.tile < 1:
+            raise DiffsrError(f"tile={self.tile} must be at least 1 latent cell")
+        if self.tile_overlap is not None and self.tile_overlap < 0:
+            raise DiffsrError(f"tile_overlap={self.tile_overlap} must not be negative")
+        if not 1 <= self.tile_batch <= 64:
+            raise DiffsrError(f"tile_batch={self.tile_batch} is out of range: use 1 to 64")
         if not 1 <= self.upscale <= 8:
             raise DiffsrError(f"upscale={self.upscale} is out of range: use 1 to 8")
         for name, value, choices in (
             ("scheduler", self.scheduler, SCHEDULERS),
             ("start", self.start, STARTS),
             ("color_fix", self.color_fix, COLOR_FIXES),
+            ("tile_blend", self.tile_blend, TILE_BLENDS),
         ):
             if value not in choices:
                 raise DiffsrError(f"{name}={value!r} is not supported; choose one of {list(choices)}")

@@ -21,7 +21,8 @@ from diffsr.export.settings import PipelineConfig
 from diffsr.export.signatures import SUBMODULES
 from diffsr.runtime.backends.base import Runner
 from diffsr.runtime.image import adain, output_size, pad_to_multiple, to_uint8, upsample
-from diffsr.runtime.sampler import StepCallback, StepGraphs, conditioning, denoise
+from diffsr.runtime.sampler import RunFn, StepCallback, StepGraphs, conditioning, denoise
+from diffsr.runtime.tiling import Blender, Tiling, tiling_for
 
 
 @dataclass
@@ -69,18 +70,19 @@ class Pipeline:
             text = self.run("text_encoder", **ids)  # text_embeddings (1 or 2, 77, D) [, text_embeds (1 or 2, P)]
             cond = conditioning(self.checkpoint.model, text, size)
 
-        # 3. LQ encoder: the fused multi-layer feature f1 and the LQ latent z_lq.
+        # 3. LQ encoder: the fused multi-layer feature f1 and the LQ latent z_lq, over tiles if large.
+        tiling = tiling_for(self.checkpoint.model, cfg)
         with self.stage("lq_encoder"):
-            lq_out = self.run("lq_encoder", lq_image=lq)
-            f1, z_lq = lq_out["f1"], lq_out["z_lq"]  # (1, C1, h, w), (1, 4, h, w)
+            f1, z_lq = encode_lq(self.run, lq, tiling)  # (1, C1, h, w), (1, 4, h, w)
 
         # 4. Denoise: the sampler loop, on the device, with CFG (a CUDA graph replay per step, if asked).
         with self.stage("denoise"):
-            x = denoise(self.run, f1, z_lq, cond, cfg, self.checkpoint.scheduler_config, on_step, graphs=self.graphs)
+            x = denoise(self.run, f1, z_lq, cond, cfg, self.checkpoint.scheduler_config, on_step, graphs=self.graphs,
+                        tiling=tiling)
 
-        # 5. Decode; crop the padding, correct colours against the upsampled LQ, to uint8.
+        # 5. Decode (over tiles if large); crop the padding, correct colours against the upsampled LQ.
         with self.stage("vae_decoder"):
-            decoded = self.run("vae_decoder", latent=x)["image"]
+            decoded = decode(self.run, x, tiling)
         with self.stage("postprocess"):
             rgb = finish(decoded, lq, size, cfg.color_fix)
         self.timings["total"] = time.perf_counter() - start
@@ -99,6 +101,30 @@ class Pipeline:
 def prepare_lq(image: np.ndarray, scale: int, latent_multiple: int) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, sH', sW') in [-1, 1], replicate-padded to the UNet's multiple."""
     return pad_to_multiple(upsample(image, scale), LATENT_FACTOR * latent_multiple)
+
+
+def encode_lq(run: RunFn, lq: torch.Tensor, tiling: Tiling) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, H, W) -> f1, z_lq: one call if the latent fits a tile, else tiles of the LQ image
+    (8 pixels per latent cell) encoded in batches and blended in the latent."""
+    grid = (lq.shape[-2] // LATENT_FACTOR, lq.shape[-1] // LATENT_FACTOR)
+    if len(tiling.layout(*grid)) == 1:
+        out = run("lq_encoder", lq_image=lq)
+    else:
+        out = Blender(tiling, grid, {1}, lq.device)(
+            lambda group: run("lq_encoder", lq_image=torch.cat([t.crop(lq, LATENT_FACTOR) for t in group])),
+            {"f1": 1, "z_lq": 1})
+    return out["f1"], out["z_lq"]
+
+
+def decode(run: RunFn, latent: torch.Tensor, tiling: Tiling) -> torch.Tensor:
+    """(1, 4, h, w) -> (1, 3, 8h, 8w): one call if it fits a tile, else tiles of the latent decoded in
+    batches and blended in pixels."""
+    grid = (latent.shape[-2], latent.shape[-1])
+    if len(tiling.layout(*grid)) == 1:
+        return run("vae_decoder", latent=latent)["image"]
+    return Blender(tiling, grid, {LATENT_FACTOR}, latent.device)(
+        lambda group: run("vae_decoder", latent=torch.cat([t.crop(latent) for t in group])),
+        {"image": LATENT_FACTOR})["image"]
 
 
 def prompts(cfg: PipelineConfig) -> list[str]:

@@ -10,6 +10,10 @@ row of a small device table (`step_table`) rather than from Python floats, so
   index selects the step's row. Fusion transformer, ControlNet/UNet, CFG and the update are then
   one graph launch per step.
 
+A latent larger than one tile (`runtime/tiling.py`) is stepped by `TiledStep`: each batch of tiles'
+guided noise prediction, blended into one prediction of the whole latent, then one update; the
+progress callback then counts tile-steps.
+
 The UNet's conditioning (`Conditioning`: the text encoder's outputs, and for SDXL the size
 micro-conditioning `time_ids`) is a dict fed to ControlNet + UNet by name, as the signature says.
 
@@ -28,11 +32,12 @@ from diffsr.export.config import ModelConfig
 from diffsr.export.errors import DiffsrError
 from diffsr.export.settings import MAX_STEPS, PipelineConfig
 from diffsr.runtime.scheduler import DDIMScheduler, make_scheduler
+from diffsr.runtime.tiling import Blender, Tile, Tiling, pixels
 
 RunFn = Callable[..., Mapping[str, torch.Tensor]]  # run(submodule, **inputs) -> outputs
 Conditioning = Mapping[str, torch.Tensor]  # ControlNet + UNet inputs shared by every step, text batch first
 StepFn = Callable[[torch.Tensor, torch.Tensor, Conditioning, torch.Tensor], torch.Tensor]  # (x, f1, cond, row)
-StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
+StepCallback = Callable[[int, int], None]  # (tile-steps done, tile-steps in all)
 TABLE_COLUMNS = ("timestep", "guidance_scale", "sqrt_a", "sqrt_1_minus_a", "sqrt_a_prev", "sqrt_1_minus_a_prev")
 
 
@@ -56,10 +61,9 @@ def step_table(scheduler: DDIMScheduler, guidance_scale: float) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def denoise_step(
-    run: RunFn, scheduler: DDIMScheduler, x: torch.Tensor, f1: torch.Tensor, cond: Conditioning, row: torch.Tensor
-) -> torch.Tensor:
-    """x_t -> x_{t-1}. With CFG the text batch is (negative, positive) and the latent batch doubled."""
+def predict_noise(run: RunFn, x: torch.Tensor, f1: torch.Tensor, cond: Conditioning, row: torch.Tensor) -> torch.Tensor:
+    """The guided noise prediction of a latent batch. With CFG the text batch is (negative, positive)
+    and the latent batch doubled."""
     f2 = run("fusion_transformer", f1=f1, sample=x)["f2"]  # (B, C2, h, w), shared by both branches
     cfg = cond["text_embeddings"].shape[0] == 2 * x.shape[0]
     batch = torch.cat([x, x]) if cfg else x  # (2B, 4, h, w)
@@ -68,7 +72,54 @@ def denoise_step(
     if cfg:
         eps_neg, eps_pos = eps.chunk(2)
         eps = eps_neg + row[1] * (eps_pos - eps_neg)
-    return scheduler.update(eps, x, row[2:].unbind())
+    return eps
+
+
+def denoise_step(
+    run: RunFn, scheduler: DDIMScheduler, x: torch.Tensor, f1: torch.Tensor, cond: Conditioning, row: torch.Tensor
+) -> torch.Tensor:
+    """x_t -> x_{t-1}, the whole latent at once (it fits one tile)."""
+    return scheduler.update(predict_noise(run, x, f1, cond, row), x, row[2:].unbind())
+
+
+def tile_conditioning(cond: Conditioning, corners: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The conditioning of a batch of n tiles: each text row repeated n times (negatives, then
+    positives: the order of `predict_noise`'s doubled batch); SDXL's `time_ids` keep the image's size
+    and take each tile's own crop corner and size, `corners` (n, 4): top, left, height, width in pixels."""
+    n = corners.shape[0]
+    out = {name: t.repeat_interleave(n, dim=0) for name, t in cond.items() if name != "time_ids"}
+    if "time_ids" in cond:
+        ids = cond["time_ids"]  # (rows, 6): (h, w, 0, 0, h, w) per text row
+        out["time_ids"] = torch.cat([ids[:, :2].repeat_interleave(n, dim=0), corners.repeat(ids.shape[0], 1)], dim=1)
+    return out
+
+
+class TiledStep:
+    """x_t -> x_{t-1} over overlapping tiles: each batch of tiles' guided noise prediction (on its crop
+    of x_t and f1, with its own time ids), blended into one prediction of the whole latent, then one
+    scheduler update. Device work only, so a CUDA graph can capture it; `progress` (eager runs only)
+    is told of every batch of tiles done."""
+
+    def __init__(self, run: RunFn, scheduler: DDIMScheduler, tiling: Tiling, grid: tuple[int, int],
+                 device: torch.device):
+        self.run, self.scheduler = run, scheduler
+        self.blender = Blender(tiling, grid, {1}, device)
+        self.corners = {tuple(group): torch.tensor([pixels(t) for t in group], dtype=torch.float32, device=device)
+                        for group in tiling.groups(self.blender.tiles)}
+        self.key = (tiling, grid)
+        self.progress: Callable[[int], None] | None = None
+
+    @property
+    def tiles(self) -> int:
+        return len(self.blender.tiles)
+
+    def __call__(self, x: torch.Tensor, f1: torch.Tensor, cond: Conditioning, row: torch.Tensor) -> torch.Tensor:
+        def predict(group: list[Tile]) -> dict[str, torch.Tensor]:
+            crops = torch.cat([t.crop(x) for t in group]), torch.cat([t.crop(f1) for t in group])
+            return {"eps": predict_noise(self.run, *crops, tile_conditioning(cond, self.corners[tuple(group)]), row)}
+
+        eps = self.blender(predict, {"eps": 1}, self.progress)["eps"]
+        return self.scheduler.update(eps, x, row[2:].unbind())
 
 
 class StepGraph:
@@ -77,7 +128,7 @@ class StepGraph:
     @torch.inference_mode()
     def __init__(self, step: StepFn, x: torch.Tensor, f1: torch.Tensor, cond: Conditioning, table: torch.Tensor):
         device = x.device
-        self.shapes = shapes_of(x, f1, *cond.values())
+        self.shapes = graph_key(step, x, f1, cond)
         self.x, self.f1 = torch.empty_like(x), torch.empty_like(f1)
         self.cond = {name: torch.empty_like(t) for name, t in cond.items()}
         self.table = torch.zeros((MAX_STEPS, len(TABLE_COLUMNS)), dtype=torch.float32, device=device)
@@ -119,6 +170,11 @@ def shapes_of(*tensors: torch.Tensor) -> tuple[Any, ...]:
     return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
 
 
+def graph_key(step: StepFn, x: torch.Tensor, f1: torch.Tensor, cond: Conditioning) -> tuple[Any, ...]:
+    """What a captured step depends on: the shapes, and a tiled step's tiling."""
+    return (*shapes_of(x, f1, *cond.values()), getattr(step, "key", None))
+
+
 class StepGraphs:
     """The step graph of the shapes last seen: captured on the first request, reused while shapes stay,
     captured anew when they change (one graph at a time: a graph holds its activations' memory)."""
@@ -130,7 +186,7 @@ class StepGraphs:
     def prepare(self, step: StepFn, x: torch.Tensor, f1: torch.Tensor, cond: Conditioning, table: torch.Tensor) -> StepGraph:
         if x.device.type != "cuda":
             raise DiffsrError(f"CUDA graphs need the latents on a CUDA device, not {x.device}")
-        if self.current is not None and self.current.shapes == shapes_of(x, f1, *cond.values()):
+        if self.current is not None and self.current.shapes == graph_key(step, x, f1, cond):
             self.current.load(x, f1, cond, table)
             return self.current
         self.current = None  # free the old graph's memory before capturing the new one
@@ -142,21 +198,39 @@ class StepGraphs:
 def denoise(
     run: RunFn, f1: torch.Tensor, z_lq: torch.Tensor, cond: Conditioning, cfg: PipelineConfig,
     scheduler_config: dict[str, Any], on_step: StepCallback | None = None,
-    cancelled: Callable[[], bool] | None = None, graphs: StepGraphs | None = None,
+    cancelled: Callable[[], bool] | None = None, graphs: StepGraphs | None = None, tiling: Tiling | None = None,
 ) -> torch.Tensor:
     """Seeded noise (drawn on the CPU, so every device starts alike) or noised z_lq, then `cfg.steps`
-    steps; with `graphs`, each step is a replay of the captured step graph."""
+    steps, over tiles where the latent is larger than one `tiling` tile; with `graphs`, each step is a
+    replay of the captured step graph. `on_step` counts tile-steps."""
     scheduler = make_scheduler(cfg.scheduler, scheduler_config)
     scheduler.set_timesteps(cfg.steps)
     noise = torch.randn(z_lq.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(z_lq.device)
     x = noise if cfg.start == "noise" else scheduler.add_noise(z_lq, noise, scheduler.timesteps[0])
     table = step_table(scheduler, cfg.guidance_scale).to(x.device)  # one small copy per request
-    step: StepFn = partial(denoise_step, run, scheduler)
+    grid = (x.shape[-2], x.shape[-1])
+    step: StepFn
+    tiles = 1
+    if tiling is not None and len(tiling.layout(*grid)) > 1:
+        step = tiled = TiledStep(run, scheduler, tiling, grid, x.device)
+        tiles = tiled.tiles
+    else:
+        step = partial(denoise_step, run, scheduler)
     graph = graphs.prepare(step, x, f1, cond, table) if graphs is not None else None
+    done = 0
+
+    def count(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_step is not None:
+            on_step(done, cfg.steps * tiles)
+
+    if graph is None and tiles > 1:
+        tiled.progress = count  # eagerly, the bar moves with every batch of tiles
     for i in range(cfg.steps):
         if cancelled is not None and cancelled():
             raise DiffsrError(f"cancelled after {i} of {cfg.steps} steps")
         x = graph(i) if graph is not None else step(x, f1, cond, table[i])
-        if on_step is not None:
-            on_step(i + 1, cfg.steps)
+        if graph is not None or tiles == 1:
+            count(tiles)
     return x.clone() if graph is not None else x  # a graph's x is overwritten by its next request
