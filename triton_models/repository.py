@@ -2,11 +2,14 @@
 
     diffsr (ensemble)   image, prompt, negative_prompt, steps, guidance_scale, seed -> upscaled (PNG)
       preprocess        decode, tokenise, bicubic upsample            (python)
-      text_encoder      \\
-      lq_encoder         | one model per submodule: tensorrt_plan, or python running ONNX Runtime
-      sampler           the BLS loop over fusion_transformer and controlnet_unet   (python)
-      vae_decoder       /
+      text_encoder      one model per submodule: tensorrt_plan, or python running ONNX Runtime
+      sampler           BLS over tiles: lq_encoder, the loop over fusion_transformer and
+                        controlnet_unet, vae_decoder                  (python)
       postprocess       crop, colour correction, PNG                  (python)
+
+    lq_encoder, fusion_transformer, controlnet_unet and vae_decoder are models of their own too,
+    called by the sampler tile batch by tile batch (runtime/tiling.py), so no call holds a whole
+    large image's activations.
 
 Configs are built as Triton's own `ModelConfig` protobuf (shipped in tritonclient) and written in
 its text format, so what is written is what Triton parses. Python models are two-line `model.py`
@@ -18,20 +21,21 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from diffsr.export.checkpoint import Checkpoint, tokenizer_folders
-from diffsr.export.config import LATENT_FACTOR, Precision
-from diffsr.export.engines import verified_plans
+from diffsr.export.config import Precision
+from diffsr.export.engines import read_meta, verified_plans
 from diffsr.export.errors import DiffsrError
 from diffsr.export.files import require_new_folder
 from diffsr.export.manifest import signature_hash, verified_files
 from diffsr.export.settings import PipelineConfig
 from diffsr.export.signatures import SUBMODULES, TARGETS, Signature, TensorSpec, signatures
+from diffsr.runtime.tiling import tiling_for
 from diffsr.triton_models.endpoint import ENSEMBLE, OPTIONAL, OUTPUT, REQUEST, RESPONSE
 
 FLAVOURS = ("onnxruntime", "tensorrt")
@@ -47,8 +51,11 @@ class ServingOptions:
     model_instances: int = 1  # per submodule model; BLS calls from all samplers share them
     max_queue_size: int = 16  # sampler queue bound: beyond it a request is rejected at once
     queue_timeout_s: float = 120.0  # a request still queued after this is rejected
-    max_output_pixels: int | None = None  # default: the server target's largest side squared (SD 1024, SDXL 2048)
+    max_output_pixels: int = 4096 * 4096  # larger requests are refused (INVALID_ARGUMENT); tiles bound the memory
     warmup: bool = True  # run each model once at the served shape before reporting ready
+    tile: int | None = None  # the sampler's tiling (PipelineConfig): None keeps the checkpoint's default
+    tile_overlap: int | None = None
+    tile_batch: int | None = None
 
 
 OUTPUT_SIZE = TensorSpec("output_size", "int32", (2,))  # (h, w) of the upscaled image, before padding
@@ -103,18 +110,20 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions) -> di
 
     req = {s.name: s for s in REQUEST}
     text, lq_enc, dec = sigs["text_encoder"], sigs["lq_encoder"], sigs["vae_decoder"]
-    pipeline_json = json.dumps(ckpt.defaults.to_json())
+    defaults = ckpt.defaults.replace(tile=options.tile, tile_overlap=options.tile_overlap, tile_batch=options.tile_batch)
+    tiling_for(ckpt.model, defaults)  # a bad tiling fails here, not in the server
+    pipeline_json = json.dumps(defaults.to_json())
 
     pre = _config("preprocess", [req[n] for n in ("image", "prompt", "negative_prompt", "guidance_scale")],
                   [*lq_enc.inputs, *text.inputs, OUTPUT_SIZE], optional=OPTIONAL)
-    largest = LATENT_FACTOR * TARGETS["server"].dim_ranges(ckpt.model)["latent_height"].max
     _params(pre, pipeline=pipeline_json, latent_multiple=str(ckpt.model.latent_multiple),
             tokenizers=",".join(tokenizer_folders(ckpt.model)),
-            max_output_pixels=str(options.max_output_pixels or largest * largest))
+            max_output_pixels=str(options.max_output_pixels))
     pre.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
 
-    sampler_inputs = [*text.outputs, *lq_enc.outputs, OUTPUT_SIZE, req["steps"], req["guidance_scale"], req["seed"]]
-    sampler = _config("sampler", sampler_inputs, [dec.inputs[0]], optional=OPTIONAL)
+    decoded = TensorSpec("decoded", "float32", dec.outputs[0].shape)
+    sampler_inputs = [*text.outputs, *lq_enc.inputs, OUTPUT_SIZE, req["steps"], req["guidance_scale"], req["seed"]]
+    sampler = _config("sampler", sampler_inputs, [decoded], optional=OPTIONAL)
     _params(sampler, pipeline=pipeline_json, scheduler=json.dumps(ckpt.scheduler_config), device="cuda" if gpu else "cpu",
             cuda_memory_pool_bytes=str(cuda_pool_bytes(ckpt) if gpu else 0), model=json.dumps(ckpt.model.to_json()))
     sampler.instance_group.add(count=options.sampler_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
@@ -123,7 +132,7 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions) -> di
     policy.default_timeout_microseconds = int(options.queue_timeout_s * 1e6)
     policy.max_queue_size = options.max_queue_size
 
-    post = _config("postprocess", [TensorSpec("decoded", "float32", dec.outputs[0].shape), *lq_enc.inputs,
+    post = _config("postprocess", [decoded, *lq_enc.inputs,
                                    OUTPUT_SIZE], [RESPONSE])
     _params(post, color_fix=ckpt.defaults.color_fix)
     post.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
@@ -164,10 +173,7 @@ def _ensemble(req: dict[str, TensorSpec], sigs: dict[str, Signature]) -> mc.Mode
         ("preprocess", same(("image", "prompt", "negative_prompt", "guidance_scale")),
          same(("lq_image", *ids, "output_size"))),
         ("text_encoder", same(ids), same(text)),
-        ("lq_encoder", {"lq_image": "lq_image"}, {"f1": "f1", "z_lq": "z_lq"}),
-        ("sampler", same((*text, "f1", "z_lq", "output_size", "steps", "guidance_scale", "seed")),
-         {"latent": "latent"}),
-        ("vae_decoder", {"latent": "latent"}, {"image": "decoded"}),
+        ("sampler", same((*text, "lq_image", "output_size", "steps", "guidance_scale", "seed")), same(("decoded",))),
         ("postprocess", {"decoded": "decoded", "lq_image": "lq_image", "output_size": "output_size"},
          {OUTPUT: OUTPUT}),
     ]
@@ -189,17 +195,18 @@ def build_repository(
 ) -> dict[str, mc.ModelConfig]:
     """Write the model repository; ONNX files are checked against their manifest before copying."""
     require_new_folder(out)
-    configs = model_configs(ckpt, flavour, options)
     if flavour == "tensorrt":
         if engines_dir is None:
             raise DiffsrError("the tensorrt flavour needs --engines DIR (made by `diffsr build-engines`)")
         # the serving machine's TensorRT and GPU are checked by Triton when it loads the plans
         hashes = {name: signature_hash(sig) for name, sig in signatures(ckpt.model).items()}
         files = verified_plans(Path(engines_dir), ckpt.path, hashes)
+        options = fit_tile_batch(options, engine_batch(files, signatures(ckpt.model)))
     else:
         if onnx_dir is None:
             raise DiffsrError("the onnxruntime flavour needs --onnx DIR (made by `diffsr export`)")
         files = verified_files(Path(onnx_dir), ckpt, SUBMODULES, Precision.FP32)
+    configs = model_configs(ckpt, flavour, options)
     for name, config in configs.items():
         folder = out / name
         write_config(config, folder)
@@ -222,6 +229,28 @@ def build_repository(
     for tokenizer in tokenizer_folders(ckpt.model):
         shutil.copytree(ckpt.path / tokenizer, out / "preprocess" / "1" / tokenizer)
     return configs
+
+
+def engine_batch(plans: dict[str, Path], sigs: dict[str, Signature]) -> int:
+    """The most tiles every tiled engine takes in one call (a cfg_batch dim holds two rows per tile)."""
+    most = []
+    for name, plan in plans.items():
+        spec = sigs[name].inputs[0]
+        if spec.shape[0] not in ("batch", "cfg_batch"):
+            continue  # the text encoder's batch is prompts
+        largest = read_meta(plan).profile[spec.name][2][0]
+        most.append(largest // 2 if spec.shape[0] == "cfg_batch" else largest)
+    return min(most)
+
+
+def fit_tile_batch(options: ServingOptions, most: int) -> ServingOptions:
+    """Tiles per call within what the engines take: a larger asked batch is an error, the default shrinks."""
+    if options.tile_batch is None:
+        return replace(options, tile_batch=min(PipelineConfig.tile_batch, most))
+    if options.tile_batch > most:
+        raise DiffsrError(f"--tile-batch {options.tile_batch} is above the engines' largest batch {most} "
+                          "(build them with --max-batch to raise it)")
+    return options
 
 
 def _stub(module: str) -> str:

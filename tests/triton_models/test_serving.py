@@ -13,6 +13,8 @@ from diffsr.runtime.image import decode_image
 from diffsr.runtime.image import encode_png as _png
 from diffsr.runtime.pipeline import Pipeline
 
+from tests.conftest import SERVED_TILING
+
 SETTINGS = dict(steps=4, seed=11)
 
 
@@ -35,16 +37,18 @@ def test_endpoint_matches_the_onnxruntime_pipeline(server, local, tiny_checkpoin
     url = server.http_url if protocol == "http" else server.grpc_url
     with TritonClient(url, protocol) as client:  # closed: a server stopping waits for open connections
         remote = _decode(client.upscale(_png(lq), **SETTINGS).png)
-    direct = local(lq, tiny_checkpoint.defaults.replace(**SETTINGS)).image
+    direct = local(lq, tiny_checkpoint.defaults.replace(**SETTINGS, **SERVED_TILING)).image
     assert remote.shape == direct.shape == (128, 160, 3)
     assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
+    untiled = local(lq, tiny_checkpoint.defaults.replace(**SETTINGS)).image
+    assert np.abs(remote.astype(int) - untiled.astype(int)).max() > 1  # the server did tile (9 tiles of 64 px)
 
 
 def test_request_settings_reach_the_sampler(server, local, tiny_checkpoint, lq):
     settings = dict(steps=3, seed=5, guidance_scale=1.0, prompt="a cat", negative_prompt="dogs")
     with TritonClient(server.http_url) as client:
         remote = _decode(client.upscale(_png(lq), **settings).png)
-    direct = local(lq, tiny_checkpoint.defaults.replace(**settings)).image
+    direct = local(lq, tiny_checkpoint.defaults.replace(**settings, **SERVED_TILING)).image
     assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
 
 
@@ -67,7 +71,7 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(server, lq, reques
     request.addfinalizer(client.close)
     before = client.upscale(_png(lq), **SETTINGS).png
     png = _png(lq)
-    big = _png(np.zeros((300, 300, 3), np.uint8))  # x4 = 1200x1200, above the 1024x1024 limit
+    big = _png(np.zeros((1250, 1250, 3), np.uint8))  # x4 = 5000x5000, above the 4096x4096 limit
     bad = {
         "corrupt": dict(image=b"\x89PNG\r\n\x1a\n" + b"\0" * 64),
         "truncated": dict(image=png[: len(png) // 2]),
@@ -94,6 +98,34 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(server, lq, reques
         with pytest.raises(InferenceServerException):
             _raw_infer(server, tensors)
     assert client.upscale(_png(lq), **SETTINGS).png == before
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_client_faults_are_invalid_argument_and_the_server_serves_on(server, lq, protocol):
+    """HTTP 400 / gRPC INVALID_ARGUMENT, not INTERNAL, for a too large image and for a bad parameter."""
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    kind = http if protocol == "http" else grpc
+    url = server.http_url if protocol == "http" else server.grpc_url
+    expected = "400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"
+    big = _png(np.zeros((1250, 1250, 3), np.uint8))  # a 5000x5000 output
+    client = kind.InferenceServerClient(url)
+    try:
+        for tensors in ([("image", np.array([big], dtype=np.object_), "BYTES")],
+                        [("image", np.array([_png(lq)], dtype=np.object_), "BYTES"), ("steps", np.array([0], np.int32), "INT32")]):
+            inputs = []
+            for name, array, dtype in tensors:
+                inputs.append(kind.InferInput(name, list(array.shape), dtype))
+                inputs[-1].set_data_from_numpy(array)
+            with pytest.raises(InferenceServerException) as failed:
+                client.infer("diffsr", inputs)
+            assert failed.value.status() == expected, failed.value
+    finally:
+        client.close()
+    with TritonClient(url, protocol) as own:
+        assert _decode(own.upscale(_png(lq), steps=1).png).shape == (128, 160, 3)
 
 
 def test_concurrent_requests_each_get_their_own_image(server, lq, request):

@@ -53,14 +53,26 @@ def scalar(request: Any, name: str, kind: type) -> Any:
     return kind(item)
 
 
+class StageError(DiffsrError):
+    """A model this one called failed: the server's fault, not the request's."""
+
+
 def respond(requests: list, handle: Callable[[Any], list]) -> list:
-    """One response per request; a DiffsrError becomes that request's error, the server serves on."""
+    """One response per request; an error becomes that request's error and the server serves on. A
+    DiffsrError is the request's fault (bad image, parameters, size: INVALID_ARGUMENT, HTTP 400) unless
+    the request was cancelled (CANCELLED) or a called model failed (INTERNAL)."""
     responses = []
     for request in requests:
         try:
             responses.append(pb_utils.InferenceResponse(output_tensors=handle(request)))
         except DiffsrError as e:
-            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
+            if isinstance(e, StageError):
+                code = pb_utils.TritonError.INTERNAL
+            elif request.is_cancelled():
+                code = pb_utils.TritonError.CANCELLED
+            else:
+                code = pb_utils.TritonError.INVALID_ARG
+            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), code)))
     return responses
 
 
@@ -76,7 +88,7 @@ def bls(model: str, outputs: list[str], gpu: bool = False) -> Callable[..., dict
         )
         response = request.exec()
         if response.has_error():
-            raise DiffsrError(f"{model}: {response.error().message()}")
+            raise StageError(f"{model}: {response.error().message()}")
         return {name: to_torch(pb_utils.get_output_tensor_by_name(response, name)) for name in outputs}
 
     return run
