@@ -68,7 +68,7 @@ def load_runners(
         if lean:
             sizes = {name: sum(f.stat().st_size for f in (p, p.with_name(p.name + ".data")) if f.is_file())
                      for name, p in paths.items()}
-            loaders = {name: partial(lambda n: OnnxRuntimeRunner(sigs[n], paths[n], device).load(), name)
+            loaders = {name: partial(lambda n: OnnxRuntimeRunner(sigs[n], paths[n], device, shared_arena=False).load(), name)
                        for name in SUBMODULES}
             return on_demand(sigs, loaders, sizes)
         return {name: OnnxRuntimeRunner(sigs[name], paths[name], device).load() for name in SUBMODULES}

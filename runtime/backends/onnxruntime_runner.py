@@ -18,10 +18,29 @@ from diffsr.export.signatures import Signature
 from diffsr.runtime.backends.base import TORCH_DTYPES, Runner
 
 
+_shared_arena: list[bool] = []
+
+
+def share_cpu_arena(ort, options) -> None:  # type: ignore[no-untyped-def]
+    """Every CPU session of this process allocates from one arena, registered once with ONNX Runtime's
+    environment. With an arena per session, each session keeps its own peak, and the process holds
+    the sum of the submodules' peaks (tiny, 2400x1600 out, 4 tiles a call: 5.8 GiB); shared, it holds
+    the largest (2.5 GiB), and runs faster (16.2 s against 19.4 s for 4 steps). The arena lives as long
+    as the process: what it grew to is not handed back when a session closes."""
+    if not _shared_arena:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # ORT's defaults
+        _shared_arena.append(True)
+    options.add_session_config_entry("session.use_env_allocators", "1")
+
+
 class OnnxRuntimeRunner(Runner):
-    def __init__(self, signature: Signature, path: Path, device: str = "cpu", threads: int = 0):
+    def __init__(self, signature: Signature, path: Path, device: str = "cpu", threads: int = 0,
+                 shared_arena: bool = True):
+        """`shared_arena` (CPU): allocate from the process's one arena (`share_cpu_arena`); off for
+        runners that are released to hand their memory back (the lean runners)."""
         super().__init__(signature)
-        self.path, self.device, self.threads = path, torch.device(device), threads
+        self.path, self.device, self.threads, self.shared_arena = path, torch.device(device), threads, shared_arena
         self.session = None
 
     def load(self) -> OnnxRuntimeRunner:
@@ -30,6 +49,8 @@ class OnnxRuntimeRunner(Runner):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.threads
+        if self.device.type == "cpu" and self.shared_arena:
+            share_cpu_arena(ort, options)
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise DiffsrError("onnxruntime has no CUDA provider here: install onnxruntime-gpu or use device cpu")
