@@ -33,6 +33,7 @@ from diffsr.runtime.backend_names import BACKENDS as PIPELINE_BACKENDS
 from diffsr.runtime.backend_names import DEFAULTS, SERVED
 from diffsr.runtime.backends import load_pipeline
 from diffsr.runtime.image import encode_png
+from diffsr.runtime.tiling import tiling_for
 
 BACKENDS = (*PIPELINE_BACKENDS, SERVED)
 STAGES = ("preprocess", "text_encoder", "lq_encoder", "denoise_step", "denoise", "vae_decoder", "postprocess")
@@ -63,15 +64,19 @@ def stats(samples: list[float]) -> dict[str, float]:
 
 
 def stage_flops(ckpt: Checkpoint, onnx_dir: Path, size: tuple[int, int]) -> dict[str, float]:
-    """FLOPs per stage at the benchmark size (one denoising step: fusion transformer + ControlNet/UNet)."""
+    """FLOPs per stage at the benchmark size (one denoising step: fusion transformer + ControlNet/UNet),
+    counted over the tiles the pipeline runs: one tile's FLOPs times the tiles."""
     from diffsr.app.flops import graph_flops
 
     m = ckpt.model.latent_multiple * LATENT_FACTOR
     h, w = (-(-4 * size[1] // m) * m) // LATENT_FACTOR, (-(-4 * size[0] // m) * m) // LATENT_FACTOR
-    dims = dict(batch=1, cfg_batch=2, text_batch=2, latent_height=h, latent_width=w)
+    tiling = tiling_for(ckpt.model, ckpt.defaults)
+    tiles = tiling.layout(h, w)
+    dims = dict(batch=1, cfg_batch=2, text_batch=2, latent_height=tiles[0].h, latent_width=tiles[0].w)
     sigs = signatures(ckpt.model)
     paths = verified_files(onnx_dir, ckpt, SUBMODULES, Precision.FP32)
-    f = {name: float(graph_flops(paths[name], sigs[name], dims)) for name in SUBMODULES}
+    f = {name: float(graph_flops(paths[name], sigs[name], dims)) * (1 if name == "text_encoder" else len(tiles))
+         for name in SUBMODULES}
     return {"text_encoder": f["text_encoder"], "lq_encoder": f["lq_encoder"],
             "denoise_step": f["fusion_transformer"] + f["controlnet_unet"], "vae_decoder": f["vae_decoder"]}
 

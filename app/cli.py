@@ -148,22 +148,28 @@ def upscale(
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N] (default: the backend's)")] = None,
     cuda_graph: Annotated[Optional[bool], typer.Option("--cuda-graph/--no-cuda-graph",
                           help="replay each denoising step as a CUDA graph (default: on for torch-cuda, tensorrt)")] = None,
+    tile: Annotated[Optional[int], typer.Option(help="tile side in latent cells (x8 pixels; default: the model's native side)")] = None,
+    tile_overlap: Annotated[Optional[int], typer.Option(help="latent cells shared by neighbouring tiles (default: a quarter tile)")] = None,
+    tile_batch: Annotated[Optional[int], typer.Option(help="tiles per submodule call")] = None,
 ) -> None:
-    """Upscale one image x4."""
+    """Upscale one image x4 (over overlapping tiles where it is larger than the model's native size)."""
     from diffsr.app import tables
     from diffsr.export.checkpoint import open_checkpoint
     from diffsr.runtime.backends import load_pipeline
     from diffsr.runtime.image import load_image, output_size, save_image
+    from diffsr.runtime.tiling import tiling_for
 
     rgb = load_image(image)
     writable(out_file)
     ckpt = open_checkpoint(checkpoint)
     config = ckpt.defaults.replace(prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
-                                   guidance_scale=guidance, start=start, color_fix=color_fix)
+                                   guidance_scale=guidance, start=start, color_fix=color_fix, tile=tile,
+                                   tile_overlap=tile_overlap, tile_batch=tile_batch)
     output_size(rgb.shape[0], rgb.shape[1], config.upscale)  # fail before loading weights
+    tiling_for(ckpt.model, config)
     pipe = load_pipeline(backend, ckpt, device, onnx, parse_precision(precision), engines, cuda_graph)
     with bars() as draw:
-        result = pipe(rgb, config, on_step=lambda done, total: draw(Progress("denoise", "steps", done, total)))
+        result = pipe(rgb, config, on_step=lambda done, total: draw(Progress("denoise", "tile-steps", done, total)))
     save_image(result.image, out_file)
     h, w = result.image.shape[:2]
     console.print(f"{image} -> {out_file} ({w}x{h}, {backend})", soft_wrap=True, highlight=False)
@@ -276,13 +282,19 @@ def triton_repo(
     engines: Annotated[Optional[Path], typer.Option(help="engine folder, for the tensorrt flavour")] = None,
     flavour: Annotated[str, typer.Option(help="onnxruntime or tensorrt")] = "onnxruntime",
     sampler_instances: Annotated[int, typer.Option(help="requests denoised at once")] = 2,
+    max_output: Annotated[str, typer.Option(help="largest output, WIDTHxHEIGHT: any shape of at most that many pixels")] = "4096x4096",
+    tile: Annotated[Optional[int], typer.Option(help="tile side in latent cells (default: the model's native side)")] = None,
+    tile_overlap: Annotated[Optional[int], typer.Option(help="latent cells shared by neighbouring tiles (default: a quarter tile)")] = None,
+    tile_batch: Annotated[Optional[int], typer.Option(help="tiles per submodule call (default 4; tensorrt: at most the engines' batch)")] = None,
 ) -> None:
     """Generate the Triton model repository (ensemble, BLS sampler, per-submodule models)."""
     from diffsr.export.checkpoint import open_checkpoint
     from diffsr.triton_models.repository import ServingOptions, build_repository
 
-    configs = build_repository(open_checkpoint(checkpoint), onnx, out_dir, flavour, engines,
-                               ServingOptions(sampler_instances=sampler_instances))
+    w, h = parse_size(max_output)
+    options = ServingOptions(sampler_instances=sampler_instances, max_output_pixels=w * h, tile=tile,
+                             tile_overlap=tile_overlap, tile_batch=tile_batch)
+    configs = build_repository(open_checkpoint(checkpoint), onnx, out_dir, flavour, engines, options)
     console.print(f"wrote {len(configs)} models ({flavour}) to {out_dir}: {', '.join(configs)}", soft_wrap=True)
 
 
@@ -387,6 +399,29 @@ def bench(
         json_file.write_text(json.dumps({"title": title, "flops": flops, "records": [r.to_json() for r in records]}, indent=2))
     if plot_file is not None:
         plot(records, plot_file, title)
+
+
+@command()
+def scaling(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
+    onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder, for onnxruntime")] = None,
+    backends: Annotated[str, typer.Option(help="comma-separated, of torch,onnxruntime")] = "torch,onnxruntime",
+    cases: Annotated[str, typer.Option(help="LQ sizes WIDTHxHEIGHT or scikit-image photos at their own size")] = "128x128,256x256,512x512,coffee",
+    steps: Annotated[int, typer.Option()] = 20,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="write the records as JSON")] = None,
+) -> None:
+    """Seconds per output megapixel and peak RSS against image size, each run in a fresh process."""
+    from diffsr.app import tables
+    from diffsr.app.scaling import run_scaling
+
+    writable(json_file)
+    with console.status("scaling") as status:
+        records = run_scaling(checkpoint, onnx, [b for b in backends.split(",") if b], [c for c in cases.split(",") if c],
+                              steps, say=lambda text: status.update(text))
+    title = f"{steps} steps, CFG; {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    out.print(tables.scaling(records, title))
+    if json_file is not None:
+        json_file.write_text(json.dumps([r.to_json() for r in records], indent=2))
 
 
 @command("gpu-check")

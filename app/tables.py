@@ -12,6 +12,7 @@ from diffsr.app.bench import Record
 from diffsr.app.bench_report import memory_line, table_rows
 from diffsr.app.gpu_check import GRAPH_TOLERANCE, GpuReport
 from diffsr.app.parity import ParityReport
+from diffsr.app.scaling import ScalingRecord
 from diffsr.export.engines import EngineMeta
 
 
@@ -109,3 +110,16 @@ def gpu_parity(report: GpuReport, preset: str) -> Table:
 def gpu_graph_line(report: GpuReport) -> str:
     return (f"CUDA graph vs eager steps (same runners): max |diff| {report.graph_max_abs} on uint8 "
             f"(<= {GRAPH_TOLERANCE} passes), {report.graph_captures} capture(s) for 2 requests")
+
+
+def scaling(records: list[ScalingRecord], title: str) -> Table:
+    """Seconds per output megapixel and peak RSS per case; the ratio is against the backend's first case."""
+    table = Table(title=title)
+    for col in ("backend", "input", "output", "tiles", "seconds", "s / MP", "x first", "peak RSS MiB"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    first: dict[str, float] = {}
+    for r in records:
+        base = first.setdefault(r.backend, r.seconds_per_mp)
+        table.add_row(r.backend, "x".join(map(str, r.input)), "x".join(map(str, r.output)), str(r.tiles),
+                      f"{r.seconds:.1f}", f"{r.seconds_per_mp:.2f}", f"{r.seconds_per_mp / base:.2f}", f"{r.peak_rss_mib:.0f}")
+    return table
