@@ -63,17 +63,12 @@ def sdxl_onnx(sdxl_checkpoint, tmp_path_factory):
     return _export(sdxl_checkpoint, tmp_path_factory.mktemp("onnx-sdxl"))
 
 
-SERVED_TILING = dict(tile=8, tile_overlap=2)
-
-
 @pytest.fixture(scope="session")
 def tiny_repo(tiny_checkpoint, tiny_onnx, tmp_path_factory):
     from diffsr.triton_models.repository import ServingOptions, build_repository
 
     out = tmp_path_factory.mktemp("repo") / "models"
-    # tiles of 8 latent cells (64 px), so the tests' small images go through the tiled sampler and VAE
-    options = ServingOptions(sampler_instances=4, tile=SERVED_TILING["tile"], tile_overlap=SERVED_TILING["tile_overlap"])
-    build_repository(tiny_checkpoint, tiny_onnx, out, "onnxruntime", options=options)
+    build_repository(tiny_checkpoint, tiny_onnx, out, "onnxruntime", options=ServingOptions(sampler_instances=4))
     return out
 
 

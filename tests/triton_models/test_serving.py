@@ -13,9 +13,9 @@ from diffsr.runtime.image import decode_image
 from diffsr.runtime.image import encode_png as _png
 from diffsr.runtime.pipeline import Pipeline
 
-from tests.conftest import SERVED_TILING
-
 SETTINGS = dict(steps=4, seed=11)
+# the tiled server's tiles: 8 latent cells (64 px), so the tests' 40x32 photo is 9 tiles
+SERVED_TILING = dict(tile=8, tile_overlap=2)
 
 
 def _decode(png: bytes) -> np.ndarray:
@@ -28,6 +28,19 @@ def lq():
 
 
 @pytest.fixture(scope="module")
+def tiled_server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
+    """A second server of the tiny checkpoint whose sampler tiles (the session's `server` does not)."""
+    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
+    from diffsr.app.triton_server import Ports, TritonServer
+    from diffsr.triton_models.repository import ServingOptions, build_repository
+
+    repo = tmp_path_factory.mktemp("repo-tiled") / "models"
+    build_repository(tiny_checkpoint, tiny_onnx, repo, "onnxruntime", options=ServingOptions(**SERVED_TILING))
+    with TritonServer(repo, Ports.free()) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
 def local(tiny_checkpoint, tiny_onnx):
     return Pipeline(load_runners("onnxruntime", tiny_checkpoint, onnx_dir=tiny_onnx), tiny_checkpoint)
 
@@ -37,6 +50,16 @@ def test_endpoint_matches_the_onnxruntime_pipeline(server, local, tiny_checkpoin
     url = server.http_url if protocol == "http" else server.grpc_url
     with TritonClient(url, protocol) as client:  # closed: a server stopping waits for open connections
         remote = _decode(client.upscale(_png(lq), **SETTINGS).png)
+    direct = local(lq, tiny_checkpoint.defaults.replace(**SETTINGS)).image
+    assert remote.shape == direct.shape == (128, 160, 3)
+    assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_tiled_endpoint_matches_the_tiled_onnxruntime_pipeline(tiled_server, local, tiny_checkpoint, lq, protocol):
+    url = tiled_server.http_url if protocol == "http" else tiled_server.grpc_url
+    with TritonClient(url, protocol) as client:  # closed: a server stopping waits for open connections
+        remote = _decode(client.upscale(_png(lq), **SETTINGS).png)
     direct = local(lq, tiny_checkpoint.defaults.replace(**SETTINGS, **SERVED_TILING)).image
     assert remote.shape == direct.shape == (128, 160, 3)
     assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
@@ -44,9 +67,9 @@ def test_endpoint_matches_the_onnxruntime_pipeline(server, local, tiny_checkpoin
     assert np.abs(remote.astype(int) - untiled.astype(int)).max() > 1  # the server did tile (9 tiles of 64 px)
 
 
-def test_request_settings_reach_the_sampler(server, local, tiny_checkpoint, lq):
+def test_request_settings_reach_the_sampler(tiled_server, local, tiny_checkpoint, lq):
     settings = dict(steps=3, seed=5, guidance_scale=1.0, prompt="a cat", negative_prompt="dogs")
-    with TritonClient(server.http_url) as client:
+    with TritonClient(tiled_server.http_url) as client:
         remote = _decode(client.upscale(_png(lq), **settings).png)
     direct = local(lq, tiny_checkpoint.defaults.replace(**settings, **SERVED_TILING)).image
     assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
