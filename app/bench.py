@@ -25,14 +25,14 @@ from diffsr.app.process_memory import device_used_mib, rss_mib, tree_rss_mib
 from diffsr.app.triton_client import TritonClient
 from diffsr.calib.data import photo
 from diffsr.export.checkpoint import Checkpoint
-from diffsr.export.config import LATENT_FACTOR, Precision
+from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError
 from diffsr.export.manifest import verified_files
 from diffsr.export.signatures import SUBMODULES, signatures
 from diffsr.runtime.backend_names import BACKENDS as PIPELINE_BACKENDS
 from diffsr.runtime.backend_names import DEFAULTS, SERVED
 from diffsr.runtime.backends import load_pipeline
-from diffsr.runtime.image import encode_png
+from diffsr.runtime.image import encode_png, latent_grid
 from diffsr.runtime.tiling import tiling_for
 
 BACKENDS = (*PIPELINE_BACKENDS, SERVED)
@@ -68,8 +68,8 @@ def stage_flops(ckpt: Checkpoint, onnx_dir: Path, size: tuple[int, int]) -> dict
     counted over the tiles the pipeline runs: one tile's FLOPs times the tiles."""
     from diffsr.app.flops import graph_flops
 
-    m = ckpt.model.latent_multiple * LATENT_FACTOR
-    h, w = (-(-4 * size[1] // m) * m) // LATENT_FACTOR, (-(-4 * size[0] // m) * m) // LATENT_FACTOR
+    scale = ckpt.defaults.upscale
+    h, w = latent_grid(scale * size[1], scale * size[0], ckpt.model.latent_multiple)
     tiling = tiling_for(ckpt.model, ckpt.defaults)
     tiles = tiling.layout(h, w)
     dims = dict(batch=1, cfg_batch=2, text_batch=2, latent_height=tiles[0].h, latent_width=tiles[0].w)

@@ -22,10 +22,9 @@ import numpy as np
 
 from diffsr.calib.data import photo
 from diffsr.export.checkpoint import open_checkpoint
-from diffsr.export.config import LATENT_FACTOR
 from diffsr.export.errors import DiffsrError
 from diffsr.runtime.backends import load_pipeline
-from diffsr.runtime.image import output_size
+from diffsr.runtime.image import latent_grid, output_size
 from diffsr.runtime.tiling import tiling_for
 
 SCALING_BACKENDS = ("torch", "onnxruntime")
@@ -58,10 +57,7 @@ def case_image(case: str) -> np.ndarray:
 
     if not hasattr(data, case):
         raise DiffsrError(f"case {case!r} is neither WIDTHxHEIGHT nor a scikit-image photo (e.g. coffee)")
-    from diffsr.runtime.image import to_rgb
-    from PIL import Image
-
-    return to_rgb(Image.fromarray(np.asarray(getattr(data, case)())))
+    return photo(case, None)
 
 
 def measure(checkpoint: Path, onnx_dir: Path | None, backend: str, case: str, steps: int) -> ScalingRecord:
@@ -75,8 +71,7 @@ def measure(checkpoint: Path, onnx_dir: Path | None, backend: str, case: str, st
     start = time.perf_counter()
     pipe(image, cfg)
     seconds = time.perf_counter() - start
-    m = ckpt.model.latent_multiple * LATENT_FACTOR
-    tiles = tiling_for(ckpt.model, cfg).tiles(-(-h // m) * m // LATENT_FACTOR, -(-w // m) * m // LATENT_FACTOR)
+    tiles = tiling_for(ckpt.model, cfg).tiles(*latent_grid(h, w, ckpt.model.latent_multiple))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return ScalingRecord(backend, case, (image.shape[1], image.shape[0]), (w, h), tiles, seconds, peak)
 

@@ -12,12 +12,14 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 PROMPTS = (DEFAULT_PROMPT, "a photograph of a person, detailed skin and hair", "")
 
 
-def photo(name: str, size: tuple[int, int]) -> np.ndarray:
-    """A scikit-image photograph as (H, W, 3) uint8 RGB, resized (bicubic) to size = (width, height)."""
+def photo(name: str, size: tuple[int, int] | None) -> np.ndarray:
+    """A scikit-image photograph as (H, W, 3) uint8 RGB, resized (bicubic) to size = (width, height),
+    or at its own size where `size` is None."""
     from PIL import Image
     from skimage import data
 
-    return to_rgb(Image.fromarray(np.asarray(getattr(data, name)())).resize(size, Image.BICUBIC))
+    img = Image.fromarray(np.asarray(getattr(data, name)()))
+    return to_rgb(img if size is None else img.resize(size, Image.BICUBIC))
 
 
 def photos(size: tuple[int, int] = (128, 128), names: tuple[str, ...] = PHOTOS) -> list[np.ndarray]:

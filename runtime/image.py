@@ -93,6 +93,12 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
 
 
+def latent_grid(height: int, width: int, latent_multiple: int) -> tuple[int, int]:
+    """The latent's (h, w) for an output size: padded as `pad_to_multiple` pads, in latent cells."""
+    m = LATENT_FACTOR * latent_multiple
+    return -(-height // m) * m // LATENT_FACTOR, -(-width // m) * m // LATENT_FACTOR
+
+
 def adain(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Give x the per-channel mean and standard deviation of ref (colour correction)."""
     mx, sx = x.mean((-2, -1), keepdim=True), x.std((-2, -1), keepdim=True)

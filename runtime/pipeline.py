@@ -107,7 +107,7 @@ def encode_lq(run: RunFn, lq: torch.Tensor, tiling: Tiling) -> tuple[torch.Tenso
     """(1, 3, H, W) -> f1, z_lq: one call if the latent fits a tile, else tiles of the LQ image
     (8 pixels per latent cell) encoded in batches and blended in the latent."""
     grid = (lq.shape[-2] // LATENT_FACTOR, lq.shape[-1] // LATENT_FACTOR)
-    if len(tiling.layout(*grid)) == 1:
+    if tiling.tiles(*grid) == 1:
         out = run("lq_encoder", lq_image=lq)
     else:
         out = Blender(tiling, grid, {1}, lq.device)(
@@ -120,7 +120,7 @@ def decode(run: RunFn, latent: torch.Tensor, tiling: Tiling) -> torch.Tensor:
     """(1, 4, h, w) -> (1, 3, 8h, 8w): one call if it fits a tile, else tiles of the latent decoded in
     batches and blended in pixels."""
     grid = (latent.shape[-2], latent.shape[-1])
-    if len(tiling.layout(*grid)) == 1:
+    if tiling.tiles(*grid) == 1:
         return run("vae_decoder", latent=latent)["image"]
     return Blender(tiling, grid, {LATENT_FACTOR}, latent.device)(
         lambda group: run("vae_decoder", latent=torch.cat([t.crop(latent) for t in group])),

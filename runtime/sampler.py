@@ -211,7 +211,7 @@ def denoise(
     grid = (x.shape[-2], x.shape[-1])
     step: StepFn
     tiles = 1
-    if tiling is not None and len(tiling.layout(*grid)) > 1:
+    if tiling is not None and tiling.tiles(*grid) > 1:
         step = tiled = TiledStep(run, scheduler, tiling, grid, x.device)
         tiles = tiled.tiles
     else:
