@@ -424,6 +424,27 @@ def scaling(
         json_file.write_text(json.dumps([r.to_json() for r in records], indent=2))
 
 
+@command()
+def kubernetes(
+    image: Annotated[str, typer.Option(help="the container built from this repository's Dockerfile, as the cluster pulls it")],
+    repository: Annotated[str, typer.Option(help="the triton-repo model repository: s3://, gs://, as:// or pvc:CLAIM")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="YAML file to write")],
+    name: Annotated[str, typer.Option()] = "diffsr",
+    replicas: Annotated[int, typer.Option(help="pods at least")] = 1,
+    max_replicas: Annotated[int, typer.Option(help="pods at most (the autoscaler's bound)")] = 4,
+    gpus: Annotated[int, typer.Option(help="GPUs per pod")] = 1,
+    queue_target_us: Annotated[int, typer.Option(help="scale out above this average queue time per request")] = 500_000,
+    credentials_secret: Annotated[Optional[str], typer.Option(help="Secret whose keys become the pods' environment (object storage keys)")] = None,
+) -> None:
+    """Kubernetes manifests (Deployment, Service, autoscaler, disruption budget) for the Triton endpoint."""
+    from diffsr.app.kubernetes import ClusterOptions, write_manifests
+
+    options = ClusterOptions(image, repository, name, replicas, max_replicas, gpus, queue_target_us, credentials_secret)
+    writable(out_file)
+    docs = write_manifests(options, out_file)
+    console.print(f"wrote {', '.join(d['kind'] for d in docs)} to {out_file}", soft_wrap=True, highlight=False)
+
+
 @command("gpu-check")
 def gpu_check(
     workdir: Annotated[Path, typer.Option(help="where checkpoints are made and kept")] = Path(".demo/gpu"),
