@@ -80,7 +80,8 @@ def manifests(o: ClusterOptions) -> list[dict[str, Any]]:
         container["envFrom"] = [{"secretRef": {"name": o.credentials_secret}}]
     if on_volume:
         container["volumeMounts"] = [{"name": "models", "mountPath": "/models", "readOnly": True}]
-        pod["volumes"] = [{"name": "models", "persistentVolumeClaim": {"claimName": o.repository[4:], "readOnly": True}}]
+        claim = {"claimName": o.repository[4:], "readOnly": True}
+        pod["volumes"] = [{"name": "models", "persistentVolumeClaim": claim}]
     meta = {"name": o.name, "labels": labels}
     return [
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
