@@ -204,6 +204,8 @@ def export_cmd(
     fp16: Annotated[bool, typer.Option("--fp16", help="also write FP16 graphs, layers kept FP32 by the FP16 check")] = False,
     calib_photos: Annotated[str, typer.Option(help="FP16 check: skimage photos, comma-separated")] = "astronaut,coffee,chelsea",
     calib_steps: Annotated[int, typer.Option(help="FP16 check: sampler steps per run (its timesteps are checked)")] = 20,
+    ort_fusions: Annotated[bool, typer.Option("--ort-fusions/--no-ort-fusions",
+                           help="also write each FP32 graph with ONNX Runtime's fused attention (the onnxruntime backend's)")] = True,
 ) -> None:
     """Export every submodule to ONNX, checked, linted for TensorRT, with a manifest."""
     from dataclasses import asdict
@@ -216,7 +218,7 @@ def export_cmd(
     ckpt = open_checkpoint(checkpoint)
     calibration = Calibration(photos=tuple(p for p in calib_photos.split(",") if p), steps=calib_steps) if fp16 else None
     with bars() as draw:
-        manifest = export_onnx(ckpt, out_dir, opset, on_progress=draw)
+        manifest = export_onnx(ckpt, out_dir, opset, on_progress=draw, ort_fusions=ort_fusions)
         if calibration is not None:
             kept = fp16_check(ckpt, out_dir, calibration, on_progress=draw)
             manifest = write_fp16(out_dir, ckpt, kept, asdict(calibration), on_progress=draw)
@@ -225,10 +227,45 @@ def export_cmd(
 
 
 @command()
+def quantize(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
+    onnx: Annotated[Path, typer.Option(help="folder made by `diffsr export --fp16`")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="folder for the INT8 graphs and a manifest "
+                                                    "(default: beside the graphs in --onnx)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="int8 (explicit Q/DQ, for TensorRT)")] = "int8",
+    calib_size: Annotated[int, typer.Option(help="calibration photos, each with two prompts, every timestep")] = 3,
+    calib_steps: Annotated[int, typer.Option(help="sampler steps per calibration run")] = 20,
+    method: Annotated[str, typer.Option(help="activation calibration: percentile or entropy")] = "percentile",
+    percentile: Annotated[float, typer.Option(help="percentile of |activation| that sets its range")] = 99.999,
+    submodules: Annotated[str, typer.Option(help="comma-separated submodules to quantize")] = "controlnet_unet",
+) -> None:
+    """INT8 post-training quantization (Q/DQ, FP16 elsewhere) calibrated on real photos over every timestep."""
+    from diffsr.app import tables
+    from diffsr.calib.int8 import Int8Calibration
+    from diffsr.calib.int8 import quantize as run_quantize
+    from diffsr.export.checkpoint import open_checkpoint
+    from diffsr.export.files import linked_copy
+    from diffsr.export.int8 import Int8Settings
+
+    if fmt != "int8":
+        raise DiffsrError(f"--format {fmt!r} is not supported; the one format is int8")
+    calibration = Int8Calibration.of_size(calib_size, calib_steps, Int8Settings(method, percentile),
+                                          tuple(s for s in submodules.split(",") if s))
+    ckpt = open_checkpoint(checkpoint)
+    target = onnx
+    if out_dir is not None and out_dir.resolve() != onnx.resolve():
+        target = linked_copy(onnx, out_dir)  # a self-contained folder: the graphs linked, not duplicated
+    with bars() as draw:
+        manifest = run_quantize(ckpt, target, calibration, on_progress=draw)
+    console.print(tables.quantized(manifest))
+    console.print(f"manifest: {target / 'manifest.json'}", soft_wrap=True, highlight=False)
+
+
+@command()
 def parity(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
     onnx: Annotated[Path, typer.Option(help="folder made by `diffsr export`")],
-    precision: Annotated[str, typer.Option(help="fp32 or fp16")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8 (the graphs of `diffsr quantize`)")] = "fp32",
     size: Annotated[str, typer.Option(help="LQ size of the end-to-end check, WIDTHxHEIGHT")] = "128x96",
     steps: Annotated[int, typer.Option(help="sampler steps of the end-to-end check")] = 20,
     shapes: Annotated[str, typer.Option(help="submodule shapes, of min,opt,odd (SDXL's opt is 1024 px)")] = "min,opt,odd",
@@ -264,14 +301,39 @@ def build_engines_cmd(
     max_batch: Annotated[Optional[int], typer.Option(help="largest batch of images (default: the target's)")] = None,
     static: Annotated[bool, typer.Option("--static", help="one shape, the target's opt: fastest, CUDA-graph friendly")] = False,
     opt_level: Annotated[int, typer.Option(help="builder optimisation level 0..5")] = 3,
+    precision: Annotated[str, typer.Option(help="fp16, or int8 (the graphs of `diffsr quantize`, FP16 for the rest)")] = "fp16",
 ) -> None:
-    """Build one TensorRT FP16 engine per submodule (strongly typed), with its metadata."""
+    """Build one TensorRT FP16 (or INT8) engine per submodule (strongly typed), with its metadata."""
     from diffsr.app import tables
     from diffsr.export.tensorrt_build import build_engines
 
+    chosen = parse_precision(precision) or Precision.FP16
     with bars() as draw:
-        metas = build_engines(onnx, out_dir, target, timing_cache, max_batch, static, opt_level, on_progress=draw)
+        metas = build_engines(onnx, out_dir, target, timing_cache, max_batch, static, opt_level, on_progress=draw,
+                              precision=chosen)
     console.print(tables.engines(metas, out_dir, target))
+
+
+@command()
+def budget(
+    onnx: Annotated[Path, typer.Option(help="folder made by `diffsr export` (the FP32 graphs are read, not their weights)")],
+    target: Annotated[str, typer.Option(help="shape ranges: edge or server")] = "edge",
+    max_batch: Annotated[Optional[int], typer.Option(help="largest batch of images (default: the target's)")] = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="write the budget as JSON")] = None,
+) -> None:
+    """Device memory of the engines at the target's largest shapes, FP16 and INT8, against Jetson Orin modules."""
+    from dataclasses import asdict
+
+    from diffsr.app import tables
+    from diffsr.export.budget import budget as engine_budgets
+
+    writable(json_file)
+    with console.status("inferring shapes"):
+        engines = engine_budgets(onnx, target, max_batch)
+    out.print(tables.budget(engines, target))
+    out.print(tables.budget_totals(engines))
+    if json_file is not None:
+        json_file.write_text(json.dumps([asdict(e) for e in engines], indent=2))
 
 
 @command("triton-repo")

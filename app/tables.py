@@ -13,7 +13,11 @@ from diffsr.app.bench_report import memory_line, table_rows
 from diffsr.app.gpu_check import GRAPH_TOLERANCE, GpuReport
 from diffsr.app.parity import ParityReport
 from diffsr.app.scaling import ScalingRecord
+from diffsr.export.budget import GIB, ORIN_MODULES_GIB, RUNTIME_RESERVE, EngineBudget, device_total
+from diffsr.export.config import Precision
 from diffsr.export.engines import EngineMeta
+
+MIB = 1 << 20
 
 
 def timings(timings: dict[str, float]) -> Table:
@@ -41,14 +45,29 @@ def export(manifest: dict[str, Any], out: Path) -> Table:
     for col in ("submodule", "precision", "file", "MB", "layers kept FP32 (see manifest)"):
         table.add_column(col, justify="right" if col == "MB" else "left")
     for name, entry in manifest["submodules"].items():
-        for precision in ("fp32", "fp16"):
-            if precision in entry:
-                info = entry[precision]
+        for precision in ("fp32", "ort_fused", "fp16", "int8"):
+            info = entry["fp32"].get(precision) if precision == "ort_fused" else entry.get(precision)
+            if info is not None:
                 files = [out / info["file"], out / (info["file"] + ".data")]
                 mb = sum(f.stat().st_size for f in files if f.is_file()) / 1e6
                 ops = Counter(k["op_type"] for k in info.get("kept_fp32", []))
                 kept = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())) if precision == "fp16" else ""
-                table.add_row(name, precision, info["file"], f"{mb:.1f}", kept)
+                label = "fp32, fused for onnxruntime" if precision == "ort_fused" else precision
+                table.add_row(name, label, info["file"], f"{mb:.1f}", kept)
+    return table
+
+
+def quantized(manifest: dict[str, Any]) -> Table:
+    cal = manifest["int8_calibration"]
+    table = Table(title=f"INT8 ({cal['method']}, {cal['percentile']:g}th percentile; {len(cal['photos'])} photos x "
+                        f"{len(cal['prompts'])} prompts x {cal['steps']} steps at {cal['size']} px)")
+    for col in ("submodule", "file", "INT8 layers", "kept higher precision"):
+        table.add_column(col)
+    for name in cal["submodules"]:
+        info = manifest["submodules"][name]["int8"]
+        reasons = Counter(e["reason"] for e in info["excluded"])
+        table.add_row(name, info["file"], str(info["quantized_layers"]),
+                      "; ".join(f"{reason} x{n}" for reason, n in reasons.most_common()))
     return table
 
 
@@ -60,7 +79,7 @@ def parity(report: ParityReport) -> Table:
     for o in report.outputs:
         table.add_row(o.submodule, o.shape, o.output, f"{o.max_abs:.3g}", f"{o.rel:.3g}", "yes" if o.passed else "NO")
     for i in report.images:
-        table.add_row("pipeline", i.size, "image", f"{i.max_abs}", f"{i.psnr_db:.2f} dB", "yes" if i.passed else "NO")
+        table.add_row("pipeline", i.size, f"{i.photo} image", f"{i.max_abs}", f"{i.psnr_db:.2f} dB", "yes" if i.passed else "NO")
     return table
 
 
@@ -122,4 +141,27 @@ def scaling(records: list[ScalingRecord], title: str) -> Table:
         base = first.setdefault(r.backend, r.seconds_per_mp)
         table.add_row(r.backend, "x".join(map(str, r.input)), "x".join(map(str, r.output)), str(r.tiles),
                       f"{r.seconds:.1f}", f"{r.seconds_per_mp:.2f}", f"{r.seconds_per_mp / base:.2f}", f"{r.peak_rss_mib:.0f}")
+    return table
+
+
+def budget(engines: list[EngineBudget], target: str) -> Table:
+    table = Table(title=f"engines at the {target} target's largest shapes, MiB")
+    for col in ("engine", "largest input", "weights FP16", "weights INT8", "scratch (bound)"):
+        table.add_column(col, justify="left" if col in ("engine", "largest input") else "right")
+    for e in engines:
+        first = next(iter(e.shapes.values()))
+        table.add_row(e.submodule, "x".join(map(str, first)), f"{e.weights_fp16 / MIB:.1f}", f"{e.weights_int8 / MIB:.1f}",
+                      f"{e.activations / MIB:.1f}")
+    return table
+
+
+def budget_totals(engines: list[EngineBudget]) -> Table:
+    table = Table(title=f"device total: all weights + the largest scratch + {RUNTIME_RESERVE / GIB:g} GiB runtime (assumed)")
+    table.add_column("precision")
+    table.add_column("total GiB", justify="right")
+    for gib in ORIN_MODULES_GIB:
+        table.add_column(f"Orin {gib} GiB", justify="center")
+    for precision in (Precision.FP16, Precision.INT8):
+        total = device_total(engines, precision)
+        table.add_row(precision.value, f"{total / GIB:.2f}", *("fits" if total <= gib * GIB else "no" for gib in ORIN_MODULES_GIB))
     return table

@@ -159,8 +159,12 @@ def verified_plans(
         plan = Path(engines_dir) / f"{name}.plan"
         if not plan.is_file():
             raise DiffsrError(f"{name}: no {plan.name} in {engines_dir}: build it with `diffsr build-engines`")
-        onnx_sha = None if onnx is None else onnx.get(name, {}).get("fp16", {}).get("sha256", "none")
-        check_engine(read_meta(plan), signature_sha256=signature_sha, checkpoint_sha256=checkpoint_sha,
+        meta = read_meta(plan)
+        # the graph it was built from: the FP16 graph, or the INT8 one of `diffsr quantize`
+        onnx_sha = None if onnx is None else next(
+            (info["sha256"] for info in onnx.get(name, {}).values() if isinstance(info, dict) and info.get("file") == meta.onnx_file),
+            "none")
+        check_engine(meta, signature_sha256=signature_sha, checkpoint_sha256=checkpoint_sha,
                      running=running, onnx_sha256=onnx_sha, plan_sha256=file_sha256(plan))
         plans[name] = plan
     return plans

@@ -43,3 +43,22 @@ def require_writable(path: Path) -> None:
         raise DiffsrError(f"cannot write {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise DiffsrError(f"cannot write {path}: folder {folder} is not writable")
+
+
+def linked_copy(src: Path, out: Path) -> Path:
+    """A new folder `out` holding `src`'s files: the graphs as hard links where the file system allows (no
+    second copy of SDXL's gigabytes; every writer here replaces a graph file, never rewrites it in place),
+    the rest (the manifest) as copies, which do get rewritten. Returns `out`."""
+    import shutil
+
+    require_new_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for file in sorted(p for p in Path(src).iterdir() if p.is_file()):
+        if file.name.endswith((".onnx", ".onnx.data")):
+            try:
+                os.link(file, out / file.name)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(file, out / file.name)
+    return out

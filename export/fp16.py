@@ -111,6 +111,7 @@ def fp16_from_fp32(src: Path, dst: Path, keep_fp32: set[str], external_data: boo
             if to_half or init.data_location == TensorProto.EXTERNAL:
                 array = numpy_helper.to_array(init, base_dir=str(src.parent))
                 store(init, np.clip(array, -FP16_MAX, FP16_MAX).astype(np.float16) if to_half else array)
+    dst.unlink(missing_ok=True)  # a new file, never rewritten in place: it may be a hard link (`linked_copy`)
     onnx.save(model, str(dst))
     return dst
 

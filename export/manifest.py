@@ -24,6 +24,7 @@ FORMAT_VERSION = 1
 # Bumped whenever the export produces different graphs from the same inputs (2: fake-tensor tracing,
 # folded weight transposes, no pattern rewriter); graphs of another revision are never "up to date".
 EXPORTER_REVISION = 2
+FUSED = "ort_fused"  # key, in an FP32 entry, of the graph with ONNX Runtime's fused kernels (`ort_fusions`)
 LIBRARIES = ("diffsr", "torch", "onnx", "onnxruntime", "onnxscript", "diffusers", "transformers")
 
 
@@ -91,6 +92,8 @@ def write_manifest(out: Path, ckpt: Checkpoint, opset: int, files: dict[str, dic
         entry: dict[str, Any] = {"signature": signature_json(sigs[name]), "signature_sha256": signature_hash(sigs[name])}
         for precision, info in by_precision.items():
             entry[precision] = info | {"sha256": file_sha256(out / info["file"])}
+            if FUSED in info:  # the FP32 graph's ONNX Runtime-fused variant
+                entry[precision][FUSED] = info[FUSED] | {"sha256": file_sha256(out / info[FUSED]["file"])}
         submodules[name] = entry
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -114,11 +117,12 @@ def read_manifest(onnx_dir: Path) -> dict[str, Any]:
 
 
 def verified_files(
-    onnx_dir: Path, ckpt: Checkpoint | None, names: tuple[str, ...], precision: Precision
+    onnx_dir: Path, ckpt: Checkpoint | None, names: tuple[str, ...], precision: Precision, fused: bool = False,
 ) -> dict[str, Path]:
     """The ONNX file of each submodule, after checking it is the one exported with today's signature
     from this checkpoint (or, with no checkpoint, from the model the manifest names). Any mismatch
-    is an error that names it."""
+    is an error that names it. `fused` (for ONNX Runtime): the FP32 graph's fused variant where the
+    export made one (`diffsr export` does by default), the graph itself where not."""
     manifest = read_manifest(onnx_dir)
     if ckpt is not None and manifest["checkpoint"]["sha256"] != checkpoint_digest(ckpt.path):
         raise DiffsrError(
@@ -131,11 +135,16 @@ def verified_files(
     for name in names:
         entry = manifest["submodules"].get(name, {})
         info = entry.get(precision.value)
+        quantized = (manifest.get("int8_calibration") or {}).get("submodules", ())
+        if info is None and precision is Precision.INT8 and manifest.get("int8_calibration") and name not in quantized:
+            info = entry.get(Precision.FP16.value)  # not quantized: it serves its FP16 graph
         if info is None:
-            hint = " (export with --fp16)" if precision is Precision.FP16 else ""
+            hint = {Precision.FP16: " (export with --fp16)", Precision.INT8: " (make it with `diffsr quantize`)"}.get(precision, "")
             raise DiffsrError(f"{onnx_dir} has no {precision.value} {name} in its manifest{hint}")
         if entry["signature_sha256"] != signature_hash(sigs[name]):
             raise DiffsrError(f"{name}: the ONNX file was exported with another signature: re-export {onnx_dir}")
+        if fused and FUSED in info:
+            info = info[FUSED]
         path = onnx_dir / info["file"]
         if not path.is_file():
             raise DiffsrError(f"{name}: {path} is listed in the manifest but missing")

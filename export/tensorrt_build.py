@@ -1,14 +1,15 @@
-"""`diffsr build-engines`: FP16 ONNX -> one TensorRT plan per submodule, with its metadata.
+"""`diffsr build-engines`: FP16 (or INT8) ONNX -> one TensorRT plan per submodule, with its metadata.
 
-    FP16 ONNX, verified against its manifest
+    FP16 ONNX (INT8: the Q/DQ graphs of `diffsr quantize`, FP16 for the others), verified against its manifest
       -> strongly typed network            polygraphy NetworkFromOnnxPath(strongly_typed=True)
       -> builder config                    CreateConfig: the signature's profile for the target, timing cache
       -> serialized plan                   EngineBytesFromNetwork (the timing cache saved back)
       -> checked against the signature     IO names, dtypes and profile of the deserialized engine
       -> <submodule>.plan + <submodule>.json (EngineMeta)
 
-Strongly typed: precision follows the ONNX types, so the layers the FP16 check kept in FP32 stay FP32
-(TensorRT 11 builds nothing else, and 10.x builds the same). No precision builder flag is set.
+Strongly typed: precision follows the ONNX types, so the layers the FP16 check kept in FP32 stay FP32 and
+the Q/DQ layers run INT8 (TensorRT 11 builds nothing else, and 10.x builds the same). No precision builder
+flag is set.
 A plan whose inputs, flags and environment match its metadata is kept, not rebuilt.
 """
 
@@ -114,27 +115,29 @@ def inspect_plan(plan: bytes, sig: Signature, shapes: dict[str, ShapeRange]) -> 
 def build_engines(
     onnx_dir: Path, out: Path, target_name: str = "server", timing_cache: Path | None = None,
     max_batch: int | None = None, static: bool = False, opt_level: int = DEFAULT_OPTIMIZATION_LEVEL,
-    on_progress: OnProgress = ignore,
+    on_progress: OnProgress = ignore, precision: Precision = Precision.FP16,
 ) -> dict[str, EngineMeta]:
     """Build (or keep, when up to date) every submodule's plan; returns their metadata."""
     deployment = target(target_name).resized(max_batch, static)  # bad arguments fail before anything is read
     if not 0 <= opt_level <= 5:
         raise DiffsrError(f"builder optimisation level {opt_level} is out of range: use 0 to 5")
+    if precision not in (Precision.FP16, Precision.INT8):
+        raise DiffsrError(f"engines are built from the fp16 or int8 graphs, not {precision.value}")
     manifest = read_manifest(onnx_dir)
-    paths = verified_files(onnx_dir, None, SUBMODULES, Precision.FP16)  # refuses files that do not match
+    paths = verified_files(onnx_dir, None, SUBMODULES, precision)  # refuses files that do not match
     model = ModelConfig.from_json(manifest["model"])
     tensorrt_module()
     env = current_environment()
     sigs, profiles = signatures(model), engine_profiles(model, deployment)
-    flags = {"strongly_typed": True, "static": deployment.static, "max_batch": deployment.batch.max,
-             "builder_optimization_level": opt_level, "tf32": False}
+    flags = {"strongly_typed": True, "precision": precision.value, "static": deployment.static,
+             "max_batch": deployment.batch.max, "builder_optimization_level": opt_level, "tf32": False}
     out.mkdir(parents=True, exist_ok=True)
     built = {}
     for i, name in enumerate(SUBMODULES):
         plan_path = out / f"{name}.plan"
         meta = EngineMeta(
             submodule=name, plan_sha256="", built_with=env, onnx_file=paths[name].name,
-            onnx_sha256=manifest["submodules"][name][Precision.FP16.value]["sha256"],
+            onnx_sha256=file_sha256(paths[name]),  # verified: the manifest's
             signature_sha256=signature_hash(sigs[name]), checkpoint_sha256=manifest["checkpoint"]["sha256"],
             target=deployment.name, profile=profile_json(profiles[name]), flags=flags,
         )

@@ -86,8 +86,10 @@ def _config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], opti
     return config
 
 
-def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions) -> dict[str, mc.ModelConfig]:
-    """Every model's config, keyed by model name."""
+def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
+                  onnx_files: dict[str, str] | None = None) -> dict[str, mc.ModelConfig]:
+    """Every model's config, keyed by model name; `onnx_files` (onnxruntime): each submodule's file name
+    (default: the FP32 graph's)."""
     if flavour not in FLAVOURS:
         raise DiffsrError(f"unknown flavour {flavour!r}; choose one of {list(FLAVOURS)}")
     sigs = signatures(ckpt.model)
@@ -105,7 +107,7 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions) -> di
             _cuda_graph(config, sig, opt)
         else:
             config.backend = "python"
-            _params(config, onnx_file=Precision.FP32.filename(name))
+            _params(config, onnx_file=(onnx_files or {}).get(name, Precision.FP32.filename(name)))
         configs[name] = config
 
     req = {s.name: s for s in REQUEST}
@@ -205,8 +207,9 @@ def build_repository(
     else:
         if onnx_dir is None:
             raise DiffsrError("the onnxruntime flavour needs --onnx DIR (made by `diffsr export`)")
-        files = verified_files(Path(onnx_dir), ckpt, SUBMODULES, Precision.FP32)
-    configs = model_configs(ckpt, flavour, options)
+        # ONNX Runtime's fused graphs where the export made them (see export.ort_fusions)
+        files = verified_files(Path(onnx_dir), ckpt, SUBMODULES, Precision.FP32, fused=True)
+    configs = model_configs(ckpt, flavour, options, {name: path.name for name, path in files.items()})
     for name, config in configs.items():
         folder = out / name
         write_config(config, folder)

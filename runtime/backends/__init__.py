@@ -3,7 +3,8 @@
     torch        the PyTorch reference, eager (CPU FP32 by default; `--device cuda --precision fp16` is the
                  eager FP16 GPU baseline)
     torch-cuda   PyTorch on CUDA in FP16, channels-last, SDPA attention; each denoising step a CUDA graph
-    onnxruntime  the exported ONNX graphs (CPU execution provider; CUDA where onnxruntime-gpu is installed)
+    onnxruntime  the exported ONNX graphs, FP32 with ONNX Runtime's fused attention (CPU execution provider;
+                 CUDA where onnxruntime-gpu is installed)
     tensorrt     the TensorRT plans of `diffsr build-engines`; each denoising step a CUDA graph
 """
 
@@ -50,6 +51,9 @@ def load_runners(
     if backend in ("torch", "torch-cuda"):
         from diffsr.runtime.backends.torch_runner import TorchRunner
 
+        if precision is Precision.INT8:
+            raise DiffsrError(f"the {backend} backend runs fp32 or fp16; INT8 graphs run on onnxruntime or tensorrt")
+
         layout = backend == "torch-cuda"  # channels-last convolutions
 
         def torch_runner(name: str) -> Runner:
@@ -64,7 +68,8 @@ def load_runners(
 
         if onnx_dir is None:
             raise DiffsrError("the onnxruntime backend needs --onnx DIR (made by `diffsr export`)")
-        paths = verified_files(Path(onnx_dir), ckpt, SUBMODULES, precision)
+        # FP32: ONNX Runtime's fused graphs where the export made them (see export.ort_fusions)
+        paths = verified_files(Path(onnx_dir), ckpt, SUBMODULES, precision, fused=True)
         if lean:
             sizes = {name: sum(f.stat().st_size for f in (p, p.with_name(p.name + ".data")) if f.is_file())
                      for name, p in paths.items()}
@@ -72,8 +77,9 @@ def load_runners(
                        for name in SUBMODULES}
             return on_demand(sigs, loaders, sizes)
         return {name: OnnxRuntimeRunner(sigs[name], paths[name], device).load() for name in SUBMODULES}
-    if precision is not Precision.FP16:
-        raise DiffsrError("TensorRT engines are built from the FP16 graphs: use --precision fp16 with --backend tensorrt")
+    if precision is Precision.FP32:
+        raise DiffsrError("TensorRT engines are built from the FP16 or INT8 graphs: use --precision fp16 (or int8) "
+                          "with --backend tensorrt")
     if engines_dir is None:
         raise DiffsrError("the tensorrt backend needs --engines DIR (made by `diffsr build-engines`)")
     from diffsr.runtime.backends.tensorrt_runner import load_tensorrt_runners

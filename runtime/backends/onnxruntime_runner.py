@@ -19,14 +19,25 @@ from diffsr.export.signatures import Signature
 from diffsr.runtime.backends.base import TORCH_DTYPES, Runner
 
 
-def share_cpu_arena(ort, options) -> None:  # type: ignore[no-untyped-def]
-    """Every CPU session of this process allocates from one arena, registered once with ONNX Runtime's
-    environment. With an arena per session, each session keeps its own peak, and the process holds
-    the sum of the submodules' peaks (tiny, 2400x1600 out, 4 tiles a call: 5.8 GiB); shared, it holds
-    the largest (2.5 GiB), and runs faster (16.2 s against 19.4 s for 4 steps). The arena lives as long
-    as the process: what it grew to is not handed back when a session closes."""
-    _register_cpu_arena(ort)
-    options.add_session_config_entry("session.use_env_allocators", "1")
+def cpu_options(ort, options, shared_arena: bool = True) -> None:  # type: ignore[no-untyped-def]
+    """CPU sessions: threads that stop spinning when a run ends and (`shared_arena`) one memory arena for
+    every session of the process, registered once with ONNX Runtime's process-wide environment.
+
+    Spinning: a session's threads spin after each op, waiting for the next, and by default after the run
+    too, while the next session's threads start (the fusion transformer, then the ControlNet + UNet, every
+    step): the two pools fight over the cores. Stopped at the end of a run (small, 128 -> 512, 20 steps):
+    14.6 s instead of 15.7 s; with no spinning at all 15.2 s (ops wait for woken threads); ONNX Runtime's
+    global thread pool gives 14.3 s, but it obliges every session of the process to opt in, other
+    libraries' (onnxruntime.quantization's) included.
+
+    Arena: with an arena per session, each session keeps its own peak, and the process holds the sum of
+    the submodules' peaks (tiny, 2400x1600 out, 4 tiles a call: 5.8 GiB); shared, it holds the largest
+    (2.5 GiB), and runs faster (16.2 s against 19.4 s for 4 steps). The arena lives as long as the
+    process: what it grew to is not handed back when a session closes."""
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    if shared_arena:
+        _register_cpu_arena(ort)
+        options.add_session_config_entry("session.use_env_allocators", "1")
 
 
 @functools.cache
@@ -37,12 +48,11 @@ def _register_cpu_arena(ort) -> None:  # type: ignore[no-untyped-def]
 
 
 class OnnxRuntimeRunner(Runner):
-    def __init__(self, signature: Signature, path: Path, device: str = "cpu", threads: int = 0,
-                 shared_arena: bool = True):
-        """`shared_arena` (CPU): allocate from the process's one arena (`share_cpu_arena`); off for
+    def __init__(self, signature: Signature, path: Path, device: str = "cpu", shared_arena: bool = True):
+        """`shared_arena` (CPU): allocate from the process's one arena (`cpu_options`); off for
         runners that are released to hand their memory back (the lean runners)."""
         super().__init__(signature)
-        self.path, self.device, self.threads, self.shared_arena = path, torch.device(device), threads, shared_arena
+        self.path, self.device, self.shared_arena = path, torch.device(device), shared_arena
         self.session = None
 
     def load(self) -> OnnxRuntimeRunner:
@@ -50,9 +60,8 @@ class OnnxRuntimeRunner(Runner):
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = self.threads
-        if self.device.type == "cpu" and self.shared_arena:
-            share_cpu_arena(ort, options)
+        if self.device.type == "cpu":
+            cpu_options(ort, options, self.shared_arena)
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise DiffsrError("onnxruntime has no CUDA provider here: install onnxruntime-gpu or use device cpu")

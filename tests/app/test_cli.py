@@ -106,7 +106,8 @@ def test_entry_point_exits_non_zero_without_a_traceback(tmp_path):
     (["--backend", "torch", "--device", "cuda"], "the torch backend on cuda needs a CUDA GPU"),
     (["--device", "gpu0"], "device 'gpu0' is not a device: use cpu, cuda or cuda:N"),
     (["--backend", "onnx"], "unknown backend 'onnx'"),
-    (["--precision", "int8"], "precision 'int8' is not supported"),
+    (["--precision", "bf16"], "precision 'bf16' is not supported"),
+    (["--precision", "int8"], "the torch backend runs fp32 or fp16; INT8 graphs run on onnxruntime or tensorrt"),
 ])
 def test_gpu_options_without_a_gpu_fail_on_one_line(tiny_checkpoint, lq_png, tmp_path, args, message):
     result = _run("upscale", lq_png, "-o", tmp_path / "o.png", "--checkpoint", tiny_checkpoint.path, "--steps", 1, *args)

@@ -13,7 +13,7 @@ from diffsr.export.config import Precision
 from diffsr.export.manifest import file_sha256
 
 
-@pytest.fixture(scope="module", params=[(m, p) for m in ("tiny", "sdxl") for p in Precision],
+@pytest.fixture(scope="module", params=[(m, p) for m in ("tiny", "sdxl") for p in (Precision.FP32, Precision.FP16)],
                 ids=lambda param: f"{param[0]}-{param[1].value}")
 def report(request):
     model, precision = request.param
@@ -55,11 +55,13 @@ def test_cli_json_and_exit_code_on_a_breach(tiny_checkpoint, tiny_onnx, tmp_path
     ok = CliRunner().invoke(app, [*args, "--onnx", str(tiny_onnx)])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["passed"] is True
-    # swap an FP16 graph in where the FP32 one should be: FP32 tolerances must catch it
+    # swap an FP16 graph in where the FP32 one the backend runs (ONNX Runtime's fused) should be: FP32
+    # tolerances must catch it
     broken = shutil.copytree(tiny_onnx, tmp_path / "onnx")
-    shutil.copy(broken / "fusion_transformer.fp16.onnx", broken / "fusion_transformer.onnx")
+    shutil.copy(broken / "fusion_transformer.fp16.onnx", broken / "fusion_transformer.ort.onnx")
     manifest = json.loads((broken / "manifest.json").read_text())
-    manifest["submodules"]["fusion_transformer"]["fp32"]["sha256"] = file_sha256(broken / "fusion_transformer.onnx")
+    fused = manifest["submodules"]["fusion_transformer"]["fp32"]["ort_fused"]
+    fused["sha256"] = file_sha256(broken / "fusion_transformer.ort.onnx")
     (broken / "manifest.json").write_text(json.dumps(manifest))
     breach = CliRunner().invoke(app, [*args, "--onnx", str(broken)])
     assert breach.exit_code == 1

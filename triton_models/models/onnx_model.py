@@ -20,6 +20,9 @@ class TritonPythonModel:
         self.outputs = [o["name"] for o in config["output"]]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # each model is a process of its own: threads that spin on after a request take the cores from the
+        # model the sampler calls next (see the onnxruntime backend's `cpu_options`)
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         self.session = ort.InferenceSession(str(folder / parameters(args)["onnx_file"]), options,
                                             providers=["CPUExecutionProvider"])
 
