@@ -150,8 +150,8 @@ def budget(engines: list[EngineBudget], target: str) -> Table:
         table.add_column(col, justify="left" if col in ("engine", "largest input") else "right")
     for e in engines:
         first = next(iter(e.shapes.values()))
-        table.add_row(e.submodule, "x".join(map(str, first)), f"{e.weights_fp16 / MIB:.1f}", f"{e.weights_int8 / MIB:.1f}",
-                      f"{e.activations / MIB:.1f}")
+        int8 = f"{e.weights_int8 / MIB:.1f}" if e.quantized else "(FP16)"
+        table.add_row(e.submodule, "x".join(map(str, first)), f"{e.weights_fp16 / MIB:.1f}", int8, f"{e.activations / MIB:.1f}")
     return table
 
 

@@ -22,13 +22,12 @@ from diffsr.export.checkpoint import Checkpoint
 from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError
 from diffsr.export.exporter import write_int8
-from diffsr.export.int8 import Int8Settings
+from diffsr.export.int8 import DEFAULT_SUBMODULES, Int8Settings
 from diffsr.export.manifest import verified_files
 from diffsr.export.progress import OnProgress, Progress, ignore
 from diffsr.export.signatures import SUBMODULES
 from diffsr.runtime.backends import load_runners
 
-DEFAULT_SUBMODULES = ("controlnet_unet",)
 # photos kept out of calibration: parity's end-to-end INT8 check runs on them
 HELD_OUT = tuple(p for p in PHOTOS if p not in Calibration().photos)
 

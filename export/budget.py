@@ -18,20 +18,22 @@ No weights are read: graphs are loaded without their external data.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
+from onnx import external_data_helper
 
 from diffsr.export.config import ModelConfig, Precision
 from diffsr.export.errors import DiffsrError
-from diffsr.export.int8 import select_layers
+from diffsr.export.int8 import DEFAULT_SUBMODULES, select_layers
 from diffsr.export.manifest import read_manifest, verified_files
 from diffsr.export.signatures import SUBMODULES, signatures, target
 
 GIB = 1 << 30
 RUNTIME_RESERVE = 2 * GIB  # assumed: CUDA context + TensorRT + Python process + OS share of a Jetson's memory
 ORIN_MODULES_GIB = (8, 16, 32, 64)  # Jetson Orin Nano 8 GB, Orin NX 16 GB, AGX Orin 32 GB and 64 GB
+SMALL_CONSTANT = 4096  # elements: initializers up to this size are read (shape inference needs their values)
 ITEM_BYTES = {onnx.TensorProto.FLOAT: 2, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.INT64: 8,
               onnx.TensorProto.INT32: 4, onnx.TensorProto.BOOL: 1, onnx.TensorProto.INT8: 1}
 
@@ -43,6 +45,10 @@ class EngineBudget:
     weights_fp16: int  # bytes
     weights_int8: int  # bytes, the quantizable layers at one byte (plus their FP16 per-channel scales)
     activations: int  # bytes: peak of live FP16 activations at `shapes`
+    quantized: bool = False  # whether the INT8 deployment quantizes it (else it serves FP16 there too)
+
+    def weights(self, precision: Precision) -> int:
+        return self.weights_int8 if precision is Precision.INT8 and self.quantized else self.weights_fp16
 
 
 def engine_budget(onnx_path: Path, name: str, shapes: dict[str, tuple[int, ...]]) -> EngineBudget:
@@ -60,12 +66,30 @@ def engine_budget(onnx_path: Path, name: str, shapes: dict[str, tuple[int, ...]]
             int8 += count + 2 * channels
         else:
             int8 += size
-    return EngineBudget(name, shapes, fp16, int8, _peak_activations(model, shapes, onnx_path.name))
+    return EngineBudget(name, shapes, fp16, int8, _peak_activations(model, shapes, onnx_path))
 
 
-def _peak_activations(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], what: str) -> int:
-    graph = model.graph
+def _peak_activations(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], onnx_path: Path) -> int:
+    graph, what = model.graph, onnx_path.name
+    inputs = [v.name for v in graph.input]
+    # shape inference reads small constants (shapes, axes); a weight in the external data file becomes a
+    # graph input of its shape, so that nothing reads gigabytes of values no shape depends on
+    weights = []
+    for init in graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        if math.prod(init.dims) <= SMALL_CONSTANT:
+            external_data_helper.load_external_data_for_tensor(init, str(onnx_path.parent))
+            init.data_location = onnx.TensorProto.DEFAULT
+            del init.external_data[:]
+        else:
+            weights.append(init)
+    for init in weights:
+        graph.initializer.remove(init)
+        graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     for value in graph.input:
+        if value.name not in shapes:
+            continue
         dims = value.type.tensor_type.shape.dim
         for d, n in zip(dims, shapes[value.name]):
             d.Clear()
@@ -87,19 +111,20 @@ def _peak_activations(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
         raise DiffsrError(f"{what}: shape inference left {len(unknown)} tensors without a size (first {unknown[0]!r})")
     for name in attention_scores(graph):
         sizes[name] = 0
+    weight_names = {w.name for w in weights}
     last_use: dict[str, int] = {}
     for i, node in enumerate(graph.node):
         for name in node.input:
             last_use[name] = i
     outputs = {o.name for o in graph.output}
-    live = sum(sizes.get(v.name, 0) for v in graph.input)
+    live = sum(sizes.get(name, 0) for name in inputs)
     peak = live
     for i, node in enumerate(graph.node):
         live += sum(sizes[o] for o in node.output if o)
         peak = max(peak, live)
         for name in set(node.input):
             if name in sizes and last_use.get(name) == i and name not in outputs:
-                live -= sizes[name]
+                live -= sizes[name] if name not in weight_names else 0
     return peak
 
 
@@ -123,18 +148,22 @@ def attention_scores(graph: onnx.GraphProto) -> set[str]:
     return scores
 
 
-def budget(onnx_dir: Path, target_name: str = "edge", max_batch: int | None = None) -> list[EngineBudget]:
-    """Every submodule's engine budget at `target_name`'s largest shapes, from the FP32 graphs of `onnx_dir`."""
-    deployment = target(target_name).resized(max_batch)
+def budget(onnx_dir: Path, target_name: str = "edge", max_batch: int | None = None, static: bool = False,
+           ) -> list[EngineBudget]:
+    """Every submodule's engine budget at `target_name`'s largest shapes, from the FP32 graphs of `onnx_dir`;
+    INT8 for the submodules `diffsr quantize` quantized there (by default: those it quantizes by default)."""
+    deployment = target(target_name).resized(max_batch, static)
     manifest = read_manifest(onnx_dir)
     model = ModelConfig.from_json(manifest["model"])
     paths = verified_files(onnx_dir, None, SUBMODULES, Precision.FP32)
+    quantized = (manifest.get("int8_calibration") or {}).get("submodules", DEFAULT_SUBMODULES)
     sigs, ranges = signatures(model), deployment.dim_ranges(model)
-    return [engine_budget(paths[name], name, {k: r.max for k, r in sigs[name].shape_ranges(ranges).items()})
+    return [replace(engine_budget(paths[name], name, {k: r.max for k, r in sigs[name].shape_ranges(ranges).items()}),
+                    quantized=name in quantized)
             for name in SUBMODULES]
 
 
 def device_total(engines: list[EngineBudget], precision: Precision) -> int:
     """What the pipeline's engines need on the device: all weights, the largest scratch, the runtime."""
-    weights = sum(e.weights_int8 if precision is Precision.INT8 else e.weights_fp16 for e in engines)
+    weights = sum(e.weights(precision) for e in engines)
     return weights + max(e.activations for e in engines) + RUNTIME_RESERVE

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from diffsr.export.errors import DiffsrError
 from diffsr.export.fp16 import fp16_from_fp32
 
 QUANTIZED_OPS = ("Conv", "MatMul")
+DEFAULT_SUBMODULES = ("controlnet_unet",)  # the denoising step's cost; `diffsr quantize --submodules` widens it
 QDQ_OPSET = 19  # QuantizeLinear / DequantizeLinear take FP16 scales from opset 19 (TensorRT 10 reads up to 20)
 METHODS = ("percentile", "entropy")
 # weight names (module paths, as the exporter keeps them) of layers kept in higher precision, and why
@@ -142,8 +144,9 @@ def int8_from_fp32(
     method = CalibrationMethod.Percentile if settings.method == "percentile" else CalibrationMethod.Entropy
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".int8-") as tmp:
         qdq = Path(tmp) / "qdq.onnx"
-        # the quantizer prints its progress on stdout; the CLI's output stays its own
-        with contextlib.redirect_stdout(io.StringIO()):
+        # the quantizer prints its progress on stdout and advice on the root logger (pre-processing, which
+        # is for CNN classifiers' shape inference); the CLI's output stays its own
+        with contextlib.redirect_stdout(io.StringIO()), _root_logger_at(logging.ERROR):
             quantize_static(
                 str(src), str(qdq), _Feeds(feeds), quant_format=QuantFormat.QDQ,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
@@ -161,6 +164,17 @@ def int8_from_fp32(
         fp16_from_fp32(qdq, dst, keep_fp32, external_data=large)
     check_qdq(dst)
     return quantize, excluded
+
+
+@contextlib.contextmanager
+def _root_logger_at(level: int) -> Iterator[None]:
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(before)
 
 
 def _raise_opset(path: Path, version: int, large: bool) -> None:

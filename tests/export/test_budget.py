@@ -55,7 +55,8 @@ def test_budget_of_the_export_at_the_edge_target(tiny_onnx, tmp_path):
     assert [e.submodule for e in engines] == list(SUBMODULES)
     unet = engines[SUBMODULES.index("controlnet_unet")]
     assert unet.shapes["sample"] == (2, 4, 96, 96)  # CFG batch 2; 1.5 x the native 64 latent cells
-    assert 0 < unet.weights_int8 < unet.weights_fp16 and unet.activations > 0
+    assert 0 < unet.weights_int8 < unet.weights_fp16 and unet.activations > 0 and unet.quantized
+    assert [e.submodule for e in engines if e.quantized] == ["controlnet_unet"]  # what `diffsr quantize` does by default
     assert RUNTIME_RESERVE < device_total(engines, Precision.INT8) < device_total(engines, Precision.FP16)
     result = CliRunner().invoke(app, ["budget", "--onnx", str(tiny_onnx), "--json", str(tmp_path / "b.json")])
     assert result.exit_code == 0, result.output
