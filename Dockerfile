@@ -1,6 +1,6 @@
 # The endpoint's container: NGC's tritonserver 24.10 (Triton 2.51, the release of the tritonserver
 # that nvidia-pytriton bundles and the tests run), with this package installed for the python
-# models (preprocess, sampler, postprocess, and the ONNX Runtime flavour's submodules).
+# models (the diffsr entry model, and the ONNX Runtime flavour's submodules).
 #   docker build -t REGISTRY/diffsr:TAG .    then: diffsr kubernetes --image REGISTRY/diffsr:TAG ...
 FROM nvcr.io/nvidia/tritonserver:24.10-py3
 

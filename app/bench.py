@@ -35,7 +35,9 @@ from diffsr.runtime.backends import load_pipeline
 from diffsr.runtime.image import encode_png, latent_grid
 from diffsr.runtime.tiling import tiling_for
 
-BACKENDS = (*PIPELINE_BACKENDS, SERVED)
+SERVED_ENSEMBLE = f"{SERVED}-ensemble"  # the endpoint with the ensemble entry point, to compare with the BLS one
+ENTRIES = {SERVED: "bls", SERVED_ENSEMBLE: "ensemble"}
+BACKENDS = (*PIPELINE_BACKENDS, SERVED, SERVED_ENSEMBLE)
 STAGES = ("preprocess", "text_encoder", "lq_encoder", "denoise_step", "denoise", "vae_decoder", "postprocess")
 Say = Callable[[str], None]
 
@@ -106,10 +108,10 @@ def run_bench(
     with ExitStack() as stack:  # a server started here is stopped, its repository removed, on any exit
         for backend in backends:
             say(f"loading {backend}")
-            if backend == SERVED:
-                url = triton_url
+            if backend in ENTRIES:
+                url = triton_url if backend == SERVED else None
                 if url is None:
-                    server = stack.enter_context(_triton_server(ckpt, onnx_dir, stack, say))
+                    server = stack.enter_context(_triton_server(ckpt, onnx_dir, stack, say, ENTRIES[backend]))
                     url = server.http_url
                     records[backend].host_mib = tree_rss_mib(server.process.pid if server.process else None)
                 calls[backend] = _remote_call(url, encode_png(image), steps, stack)
@@ -160,8 +162,9 @@ def _remote_call(url: str, png: bytes, steps: int, stack: ExitStack) -> Callable
     return call
 
 
-def _triton_server(ckpt: Checkpoint, onnx_dir: Path | None, stack: ExitStack, say: Say) -> Any:
-    """A server on a repository in a temporary folder that `stack` removes; entered by the caller.
+def _triton_server(ckpt: Checkpoint, onnx_dir: Path | None, stack: ExitStack, say: Say, entry: str = "bls") -> Any:
+    """A server on a repository (with `entry` as its entry point) in a temporary folder that `stack`
+    removes; entered by the caller.
     Imported here: Triton's packages are only needed when the triton backend is benchmarked (the GPU
     check runs without them)."""
     from diffsr.app.triton_server import Ports, TritonServer
@@ -170,7 +173,7 @@ def _triton_server(ckpt: Checkpoint, onnx_dir: Path | None, stack: ExitStack, sa
     if onnx_dir is None:
         raise DiffsrError("the triton backend needs --onnx DIR, or --triton-url of a running server")
     repo = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="diffsr-bench-"))) / "models"
-    build_repository(ckpt, onnx_dir, repo, options=ServingOptions(sampler_instances=4))
+    build_repository(ckpt, onnx_dir, repo, options=ServingOptions(sampler_instances=4, entry=entry))
     say("starting tritonserver")
     return TritonServer(repo, Ports.free())
 

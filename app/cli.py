@@ -319,6 +319,7 @@ def budget(
     onnx: Annotated[Path, typer.Option(help="folder made by `diffsr export` (the FP32 graphs are read, not their weights)")],
     target: Annotated[str, typer.Option(help="shape ranges: edge or server")] = "edge",
     max_batch: Annotated[Optional[int], typer.Option(help="largest batch of images (default: the target's)")] = None,
+    static: Annotated[bool, typer.Option("--static", help="engines fixed at the target's opt shape (build-engines --static)")] = False,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="write the budget as JSON")] = None,
 ) -> None:
     """Device memory of the engines at the target's largest shapes, FP16 and INT8, against Jetson Orin modules."""
@@ -329,8 +330,8 @@ def budget(
 
     writable(json_file)
     with console.status("inferring shapes"):
-        engines = engine_budgets(onnx, target, max_batch)
-    out.print(tables.budget(engines, target))
+        engines = engine_budgets(onnx, target, max_batch, static)
+    out.print(tables.budget(engines, target + (" (static: its opt shape)" if static else "")))
     out.print(tables.budget_totals(engines))
     if json_file is not None:
         json_file.write_text(json.dumps([asdict(e) for e in engines], indent=2))
@@ -348,14 +349,15 @@ def triton_repo(
     tile: Annotated[Optional[int], typer.Option(help="tile side in latent cells (default: the model's native side)")] = None,
     tile_overlap: Annotated[Optional[int], typer.Option(help="latent cells shared by neighbouring tiles (default: a quarter tile)")] = None,
     tile_batch: Annotated[Optional[int], typer.Option(help="tiles per submodule call (default 4; tensorrt: at most the engines' batch)")] = None,
+    entry: Annotated[str, typer.Option(help="the endpoint: bls (runs the loop; a cancel reaches it) or ensemble")] = "bls",
 ) -> None:
-    """Generate the Triton model repository (ensemble, BLS sampler, per-submodule models)."""
+    """Generate the Triton model repository (BLS entry point, per-submodule models)."""
     from diffsr.export.checkpoint import open_checkpoint
     from diffsr.triton_models.repository import ServingOptions, build_repository
 
     w, h = parse_size(max_output)
     options = ServingOptions(sampler_instances=sampler_instances, max_output_pixels=w * h, tile=tile,
-                             tile_overlap=tile_overlap, tile_batch=tile_batch)
+                             tile_overlap=tile_overlap, tile_batch=tile_batch, entry=entry)
     configs = build_repository(open_checkpoint(checkpoint), onnx, out_dir, flavour, engines, options)
     console.print(f"wrote {len(configs)} models ({flavour}) to {out_dir}: {', '.join(configs)}", soft_wrap=True)
 
@@ -423,7 +425,8 @@ def client(
 def bench(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
     onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder (onnxruntime, triton, FLOP counts)")] = None,
-    backends: Annotated[str, typer.Option(help=f"comma-separated, of {','.join((*BACKENDS, SERVED))}")] = f"torch,onnxruntime,{SERVED}",
+    backends: Annotated[str, typer.Option(help=f"comma-separated, of {','.join((*BACKENDS, SERVED))} "
+                        f"({SERVED}-ensemble: the endpoint with the ensemble entry point)")] = f"torch,onnxruntime,{SERVED}",
     device: Annotated[str, typer.Option(help="where torch and onnxruntime run; on cuda, torch is eager FP16")] = "cpu",
     engines: Annotated[Optional[Path], typer.Option(help="engine folder, for the tensorrt backend")] = None,
     size: Annotated[str, typer.Option(help="LQ input size WIDTHxHEIGHT (x4 out)")] = "128x128",

@@ -8,8 +8,8 @@ One document list, written as YAML:
   (`pvc:NAME`); readiness on Triton's `/v2/health/ready` (no traffic before every model is loaded),
   liveness on `/v2/health/live`, and a startup probe that allows for loading engines;
 - a Service for HTTP, gRPC and the metrics port;
-- a HorizontalPodAutoscaler on the average time a request waits in the sampler's queue (where requests
-  wait for a sampler instance), a per-pod metric that a Prometheus adapter derives from Triton's
+- a HorizontalPodAutoscaler on the average time a request waits in the entry model's queue (where
+  requests wait for an instance that runs their loop), a per-pod metric that a Prometheus adapter derives from Triton's
   `nv_inference_queue_duration_us` and `nv_inference_request_success` counters (the adapter rule is
   in the README; the pods are annotated for scraping on the metrics port);
 - a PodDisruptionBudget, so draining a node never takes every replica at once.

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from diffsr.export.errors import DiffsrError
+from diffsr.triton_models.repository import loop_model
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class TritonServer:
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2 as mc
 
-        sampler = self.repository / "sampler" / "config.pbtxt"
+        sampler = self.repository / loop_model(self.repository) / "config.pbtxt"
         if not sampler.is_file():
             return []
         config = text_format.Parse(sampler.read_text(), mc.ModelConfig())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from diffsr.export.signatures import TensorSpec
 
-ENSEMBLE = "diffsr"
+ENSEMBLE = "diffsr"  # the endpoint model's name: a BLS entry model, or an ensemble (ServingOptions.entry)
 # The endpoint's output. Not "image": an ensemble's output cannot share its input's name (Triton
 # then answers a request twice, the input echoed and the result).
 OUTPUT = "upscaled"

@@ -1,11 +1,16 @@
 """`diffsr triton-repo`: a Triton model repository generated from the signatures.
 
-    diffsr (ensemble)   image, prompt, negative_prompt, steps, guidance_scale, seed -> upscaled (PNG)
-      preprocess        decode, tokenise, bicubic upsample            (python)
-      text_encoder      one model per submodule: tensorrt_plan, or python running ONNX Runtime
-      sampler           BLS over tiles: lq_encoder, the loop over fusion_transformer and
-                        controlnet_unet, vae_decoder                  (python)
-      postprocess       crop, colour correction, PNG                  (python)
+    diffsr (entry)      image, prompt, negative_prompt, steps, guidance_scale, seed -> upscaled (PNG),
+                        one python model on the client's own request (a cancel reaches its loop):
+                          decode, tokenise, bicubic upsample
+                          text_encoder       BLS: one model per submodule, tensorrt_plan or python + ONNX Runtime
+                          the loop over tiles, BLS: lq_encoder, fusion_transformer and controlnet_unet
+                                             each step, vae_decoder
+                          crop, colour correction, PNG
+
+    `ServingOptions(entry="ensemble")`: `diffsr` is an ensemble of `preprocess`, `text_encoder`, a
+    `sampler` model running the loop, and `postprocess` (Triton 2.51 does not pass a cancel on to the
+    sampler).
 
     lq_encoder, fusion_transformer, controlnet_unet and vae_decoder are models of their own too,
     called by the sampler tile batch by tile batch (runtime/tiling.py), so no call holds a whole
@@ -56,8 +61,14 @@ class ServingOptions:
     tile: int | None = None  # the sampler's tiling (PipelineConfig): None keeps the checkpoint's default
     tile_overlap: int | None = None
     tile_batch: int | None = None
+    entry: str = "bls"  # the endpoint: a BLS model running the loop (cancellable), or "ensemble"
+
+    def __post_init__(self) -> None:
+        if self.entry not in ENTRIES:
+            raise DiffsrError(f"unknown entry point {self.entry!r}; choose one of {list(ENTRIES)}")
 
 
+ENTRIES = ("bls", "ensemble")
 OUTPUT_SIZE = TensorSpec("output_size", "int32", (2,))  # (h, w) of the upscaled image, before padding
 
 
@@ -116,16 +127,20 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
     tiling_for(ckpt.model, defaults)  # a bad tiling fails here, not in the server
     pipeline_json = json.dumps(defaults.to_json())
 
+    pre_params = dict(pipeline=pipeline_json, latent_multiple=str(ckpt.model.latent_multiple),
+                      tokenizers=",".join(tokenizer_folders(ckpt.model)), max_output_pixels=str(options.max_output_pixels))
     pre = _config("preprocess", [req[n] for n in ("image", "prompt", "negative_prompt", "guidance_scale")],
                   [*lq_enc.inputs, *text.inputs, OUTPUT_SIZE], optional=OPTIONAL)
-    _params(pre, pipeline=pipeline_json, latent_multiple=str(ckpt.model.latent_multiple),
-            tokenizers=",".join(tokenizer_folders(ckpt.model)),
-            max_output_pixels=str(options.max_output_pixels))
+    _params(pre, **pre_params)
     pre.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
 
     decoded = TensorSpec("decoded", "float32", dec.outputs[0].shape)
-    sampler_inputs = [*text.outputs, *lq_enc.inputs, OUTPUT_SIZE, req["steps"], req["guidance_scale"], req["seed"]]
-    sampler = _config("sampler", sampler_inputs, [decoded], optional=OPTIONAL)
+    if options.entry == "bls":  # the entry model pre- and postprocesses and runs the loop, on the client's request
+        sampler = _config(ENSEMBLE, list(req.values()), [RESPONSE], optional=OPTIONAL)
+        _params(sampler, text_inputs=",".join(t.name for t in text.inputs), color_fix=ckpt.defaults.color_fix, **pre_params)
+    else:
+        sampler_inputs = [*text.outputs, *lq_enc.inputs, OUTPUT_SIZE, req["steps"], req["guidance_scale"], req["seed"]]
+        sampler = _config("sampler", sampler_inputs, [decoded], optional=OPTIONAL)
     _params(sampler, pipeline=pipeline_json, scheduler=json.dumps(ckpt.scheduler_config), device="cuda" if gpu else "cpu",
             cuda_memory_pool_bytes=str(cuda_pool_bytes(ckpt) if gpu else 0), model=json.dumps(ckpt.model.to_json()))
     sampler.instance_group.add(count=options.sampler_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
@@ -143,9 +158,17 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
         config.backend = "python"
         if gpu:  # tensors stay on the GPU between BLS calls (DLPack), not copied to the host
             _params(config, FORCE_CPU_ONLY_INPUT_TENSORS="no")
-    configs.update(preprocess=pre, sampler=sampler, postprocess=post)
-    configs[ENSEMBLE] = _ensemble(req, sigs)
+    if options.entry == "bls":
+        configs[ENSEMBLE] = sampler
+    else:
+        configs.update(preprocess=pre, sampler=sampler, postprocess=post)
+        configs[ENSEMBLE] = _ensemble(req, sigs)
     return configs
+
+
+def loop_model(repository: Path) -> str:
+    """The model of a repository that runs the denoising loop: the entry model, or the ensemble's sampler."""
+    return "sampler" if (repository / "sampler").is_dir() else ENSEMBLE
 
 
 def _cuda_graph(config: mc.ModelConfig, sig: Signature, dims: dict[str, int]) -> None:
@@ -227,10 +250,15 @@ def build_repository(
                 if data.is_file():
                     shutil.copy(data, version / data.name)
                 (version / "model.py").write_text(_stub("onnx_model"))
-        elif name != ENSEMBLE:
+        elif name == ENSEMBLE:
+            if config.backend == "python":
+                (version / "model.py").write_text(_stub("entry"))
+        else:
             (version / "model.py").write_text(_stub(name))
+    tokenizing = [name for name, config in configs.items() if "tokenizers" in config.parameters]
     for tokenizer in tokenizer_folders(ckpt.model):
-        shutil.copytree(ckpt.path / tokenizer, out / "preprocess" / "1" / tokenizer)
+        for name in tokenizing:
+            shutil.copytree(ckpt.path / tokenizer, out / name / "1" / tokenizer)
     return configs
 
 

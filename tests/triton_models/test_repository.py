@@ -10,13 +10,16 @@ from diffsr.triton_models.repository import OUTPUT, TRITON_DTYPES, ServingOption
 
 
 @pytest.mark.parametrize("flavour", ["onnxruntime", "tensorrt"])
-def test_configs_parse_and_match_the_signatures(tiny_checkpoint, flavour, tmp_path):
-    configs = model_configs(tiny_checkpoint, flavour, ServingOptions())
-    assert set(configs) == {*SUBMODULES, "preprocess", "sampler", "postprocess", "diffsr"}
+@pytest.mark.parametrize("entry", ["bls", "ensemble"])
+def test_configs_parse_and_match_the_signatures(tiny_checkpoint, flavour, entry, tmp_path):
+    configs = model_configs(tiny_checkpoint, flavour, ServingOptions(entry=entry))
+    stages = {"preprocess", "sampler", "postprocess"} if entry == "ensemble" else set()
+    assert set(configs) == {*SUBMODULES, *stages, "diffsr"}
+    assert (configs["diffsr"].platform == "ensemble") == (entry == "ensemble")
     sigs = signatures(tiny_checkpoint.model)
     for name, config in configs.items():
-        write_config(config, tmp_path / flavour / name)
-        parsed = text_format.Parse((tmp_path / flavour / name / "config.pbtxt").read_text(), mc.ModelConfig())
+        write_config(config, tmp_path / flavour / entry / name)
+        parsed = text_format.Parse((tmp_path / flavour / entry / name / "config.pbtxt").read_text(), mc.ModelConfig())
         assert parsed == config and parsed.name == name
         assert list(parsed.version_policy.specific.versions) == [1]
         if name in SUBMODULES:
@@ -33,7 +36,7 @@ def test_configs_parse_and_match_the_signatures(tiny_checkpoint, flavour, tmp_pa
 
 
 def test_ensemble_wires_every_step_output_to_a_later_input(tiny_checkpoint):
-    ensemble = model_configs(tiny_checkpoint, "onnxruntime", ServingOptions())["diffsr"]
+    ensemble = model_configs(tiny_checkpoint, "onnxruntime", ServingOptions(entry="ensemble"))["diffsr"]
     available = {i.name for i in ensemble.input}
     optional = {i.name for i in ensemble.input if i.optional}
     assert optional == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed"}
@@ -45,9 +48,11 @@ def test_ensemble_wires_every_step_output_to_a_later_input(tiny_checkpoint):
 
 def test_tensorrt_flavour_keeps_tensors_on_the_gpu(tiny_checkpoint):
     configs = model_configs(tiny_checkpoint, "tensorrt", ServingOptions())
+    assert configs["diffsr"].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    assert configs["diffsr"].parameters["device"].string_value == "cuda"
+    configs = model_configs(tiny_checkpoint, "tensorrt", ServingOptions(entry="ensemble"))
     for name in ("preprocess", "sampler", "postprocess"):
         assert configs[name].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
-    assert configs["sampler"].parameters["device"].string_value == "cuda"
 
 
 def test_unknown_flavour_is_refused(tiny_checkpoint):
@@ -55,9 +60,10 @@ def test_unknown_flavour_is_refused(tiny_checkpoint):
         model_configs(tiny_checkpoint, "tflite", ServingOptions())
 
 
-def test_sampler_queue_is_bounded_and_times_out(tiny_checkpoint):
-    sampler = model_configs(tiny_checkpoint, "onnxruntime", ServingOptions(max_queue_size=5, queue_timeout_s=2))["sampler"]
-    policy = sampler.dynamic_batching.default_queue_policy
+@pytest.mark.parametrize("entry, loop", [("bls", "diffsr"), ("ensemble", "sampler")])
+def test_the_loop_queue_is_bounded_and_times_out(tiny_checkpoint, entry, loop):
+    options = ServingOptions(max_queue_size=5, queue_timeout_s=2, entry=entry)
+    policy = model_configs(tiny_checkpoint, "onnxruntime", options)[loop].dynamic_batching.default_queue_policy
     assert policy.max_queue_size == 5 and policy.default_timeout_microseconds == 2_000_000
     assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
 
@@ -71,4 +77,16 @@ def test_tensorrt_models_capture_cuda_graphs_at_the_served_shape(tiny_checkpoint
     cuda = configs["controlnet_unet"].optimization.cuda
     assert cuda.graphs
     assert {k: list(v.dim) for k, v in cuda.graph_spec[0].input.items()} == {k: list(v) for k, v in sig.input_shapes(opt).items()}
-    assert int(configs["sampler"].parameters["cuda_memory_pool_bytes"].string_value) > 0
+    assert int(configs["diffsr"].parameters["cuda_memory_pool_bytes"].string_value) > 0
+
+
+def test_onnxruntime_flavour_serves_the_fused_graphs(tiny_repo):
+    for name in SUBMODULES:
+        config = text_format.Parse((tiny_repo / name / "config.pbtxt").read_text(), mc.ModelConfig())
+        assert config.parameters["onnx_file"].string_value == f"{name}.ort.onnx"
+        assert (tiny_repo / name / "1" / f"{name}.ort.onnx").is_file()
+
+
+def test_unknown_entry_point_is_refused():
+    with pytest.raises(DiffsrError, match="unknown entry point 'grpc'"):
+        ServingOptions(entry="grpc")

@@ -1,4 +1,5 @@
-"""The ensemble served by a real tritonserver, against the in-process ONNX Runtime pipeline."""
+"""The endpoint served by a real tritonserver, against the in-process ONNX Runtime pipeline: the session's
+server has the BLS entry point (the default), the tiled server the ensemble one."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,13 +30,14 @@ def lq():
 
 @pytest.fixture(scope="module")
 def tiled_server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
-    """A second server of the tiny checkpoint whose sampler tiles (the session's `server` does not)."""
+    """A second server of the tiny checkpoint whose sampler tiles (the session's `server` does not), behind
+    the ensemble entry point (the session's has the BLS one)."""
     pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
     from diffsr.app.triton_server import Ports, TritonServer
     from diffsr.triton_models.repository import ServingOptions, build_repository
 
     repo = tmp_path_factory.mktemp("repo-tiled") / "models"
-    build_repository(tiny_checkpoint, tiny_onnx, repo, "onnxruntime", options=ServingOptions(**SERVED_TILING))
+    build_repository(tiny_checkpoint, tiny_onnx, repo, "onnxruntime", options=ServingOptions(**SERVED_TILING, entry="ensemble"))
     with TritonServer(repo, Ports.free()) as srv:
         yield srv
 
@@ -144,7 +146,7 @@ def test_client_faults_are_invalid_argument_and_the_server_serves_on(server, lq,
                 inputs[-1].set_data_from_numpy(array)
             with pytest.raises(InferenceServerException) as failed:
                 client.infer("diffsr", inputs)
-            assert failed.value.status() == expected, failed.value
+            assert failed.value.status() == expected, failed.value.message()
     finally:
         client.close()
     with TritonClient(url, protocol) as own:
@@ -189,3 +191,47 @@ def test_sdxl_endpoint_matches_the_onnxruntime_pipeline(sdxl_server, sdxl_checkp
     direct = local(lq, sdxl_checkpoint.defaults.replace(prompt="a cat", **SETTINGS)).image
     assert remote.shape == direct.shape == (128, 160, 3)
     assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
+
+
+def test_a_cancelled_request_frees_its_instance_within_a_step(server, lq):
+    """Four 200-step requests fill the server's four loop instances and are cancelled by their gRPC clients:
+    each ends CANCELLED, and the next request takes what an idle server takes, not the rest of 200 steps."""
+    import threading
+    import time
+
+    import tritonclient.grpc as grpc
+
+    def inputs(steps):
+        tensors = [("image", np.array([_png(lq)], dtype=np.object_), "BYTES"), ("steps", np.array([steps], np.int32), "INT32")]
+        made = []
+        for name, array, dtype in tensors:
+            made.append(grpc.InferInput(name, list(array.shape), dtype))
+            made[-1].set_data_from_numpy(array)
+        return made
+
+    client = grpc.InferenceServerClient(server.grpc_url)
+    try:
+        start = time.perf_counter()
+        client.infer("diffsr", inputs(20))
+        idle = time.perf_counter() - start
+        errors, done = [], threading.Semaphore(0)
+
+        def finished(result, error):
+            errors.append(error)
+            done.release()
+
+        start = time.perf_counter()
+        calls = [client.async_infer("diffsr", inputs(200), finished) for _ in range(4)]
+        time.sleep(1.0)
+        for call in calls:
+            call.cancel()
+        for _ in calls:
+            assert done.acquire(timeout=60)
+        assert all(e is not None and "CANCELLED" in str(e.status()) for e in errors), errors
+        start = time.perf_counter()
+        client.infer("diffsr", inputs(20))
+        after = time.perf_counter() - start
+    finally:
+        client.close()
+    # 200 steps of four requests on two cores would take well over 10x the idle request
+    assert after < 2 * idle + 1.0, (after, idle)

@@ -76,20 +76,28 @@ def respond(requests: list, handle: Callable[[Any], list]) -> list:
     return responses
 
 
-def bls(model: str, outputs: list[str], gpu: bool = False) -> Callable[..., dict[str, torch.Tensor]]:
-    """A callable `run(**inputs) -> outputs` that infers another model of this server (BLS); with
-    `gpu`, outputs are asked for in GPU memory so the loop's tensors never visit the host."""
+def call(model: str, inputs: list, outputs: list[str], gpu: bool = False) -> dict[str, Any]:
+    """Infer another model of this server (BLS) on Triton tensors; returns its outputs as Triton tensors.
+    Its error is the request's fault where the model said so (INVALID_ARGUMENT: a bad image, a size
+    past the limit), else a StageError (INTERNAL). With `gpu`, outputs are asked for in GPU memory."""
     extra = {"preferred_memory": pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, 0)} if gpu else {}
+    request = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=inputs, **extra)
+    response = request.exec()
+    if response.has_error():
+        error = response.error()
+        if error.code() == pb_utils.TritonError.INVALID_ARG:
+            raise DiffsrError(error.message())
+        raise StageError(f"{model}: {error.message()}")
+    return {name: pb_utils.get_output_tensor_by_name(response, name) for name in outputs}
+
+
+def bls(model: str, outputs: list[str], gpu: bool = False) -> Callable[..., dict[str, torch.Tensor]]:
+    """A callable `run(**inputs) -> outputs` on torch tensors (`call`); with `gpu`, the loop's tensors
+    never visit the host."""
 
     def run(**inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        request = pb_utils.InferenceRequest(
-            model_name=model, requested_output_names=outputs,
-            inputs=[from_torch(k, v) for k, v in inputs.items()], **extra,
-        )
-        response = request.exec()
-        if response.has_error():
-            raise StageError(f"{model}: {response.error().message()}")
-        return {name: to_torch(pb_utils.get_output_tensor_by_name(response, name)) for name in outputs}
+        got = call(model, [from_torch(k, v) for k, v in inputs.items()], outputs, gpu)
+        return {name: to_torch(tensor) for name, tensor in got.items()}
 
     return run
 

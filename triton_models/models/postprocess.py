@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
 from diffsr.runtime.image import encode_png
@@ -11,14 +14,24 @@ from diffsr.triton_models.endpoint import OUTPUT
 from diffsr.triton_models.models.common import parameters, respond, to_torch
 
 
+class Postprocess:
+    """Decoded image, LQ image, output size -> the PNG response tensor."""
+
+    def __init__(self, color_fix: str):
+        self.color_fix = color_fix
+
+    def __call__(self, decoded: torch.Tensor, lq: torch.Tensor, size: torch.Tensor) -> Any:
+        rgb = finish(decoded, lq, (int(size[0]), int(size[1])), self.color_fix)
+        return pb_utils.Tensor(OUTPUT, np.array([encode_png(rgb)], dtype=np.object_))
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        self.color_fix = parameters(args)["color_fix"]
+        self.postprocess = Postprocess(parameters(args)["color_fix"])
 
     def execute(self, requests: list) -> list:
         return respond(requests, self._handle)
 
     def _handle(self, request) -> list:
         decoded, lq, size = (to_torch(pb_utils.get_input_tensor_by_name(request, n)) for n in ("decoded", "lq_image", "output_size"))
-        rgb = finish(decoded, lq, (int(size[0]), int(size[1])), self.color_fix)
-        return [pb_utils.Tensor(OUTPUT, np.array([encode_png(rgb)], dtype=np.object_))]
+        return [self.postprocess(decoded, lq, size)]

@@ -15,19 +15,16 @@ from diffsr.runtime.pipeline import prepare_lq, prompts
 from diffsr.triton_models.models.common import from_torch, optional, parameters, respond, scalar
 
 
-class TritonPythonModel:
-    def initialize(self, args: dict) -> None:
-        params = parameters(args)
+class Preprocess:
+    """Request -> [lq_image, token ids..., output_size] (Triton tensors); `folder` holds the tokenizers."""
+
+    def __init__(self, params: dict[str, str], folder: Path):
         self.defaults = PipelineConfig.from_json(json.loads(params["pipeline"]))
         self.latent_multiple = int(params["latent_multiple"])
         self.max_pixels = int(params["max_output_pixels"])
-        folder = Path(args["model_repository"]) / args["model_version"]
         self.tokenizer = Tokenizer([folder / name for name in params["tokenizers"].split(",")])
 
-    def execute(self, requests: list) -> list:
-        return respond(requests, self._handle)
-
-    def _handle(self, request) -> list:
+    def __call__(self, request) -> list:
         image = optional(request, "image")
         if image is None or image.size != 1 or not isinstance(image.reshape(-1)[0], bytes):
             raise DiffsrError("image must be one encoded PNG or JPEG as BYTES")
@@ -42,3 +39,11 @@ class TritonPythonModel:
         lq = prepare_lq(rgb, cfg.upscale, self.latent_multiple)
         ids = [from_torch(name, torch.from_numpy(v)) for name, v in self.tokenizer(prompts(cfg)).items()]
         return [from_torch("lq_image", lq), *ids, from_torch("output_size", torch.tensor([h, w], dtype=torch.int32))]
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.preprocess = Preprocess(parameters(args), Path(args["model_repository"]) / args["model_version"])
+
+    def execute(self, requests: list) -> list:
+        return respond(requests, self.preprocess)

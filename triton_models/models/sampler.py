@@ -1,13 +1,19 @@
-"""LQ encoding, the denoising loop and decoding as a BLS model (ensembles cannot loop, nor tile): the
-in-process pipeline's own functions (`runtime.pipeline.encode_lq`, `runtime.sampler.denoise`,
-`runtime.pipeline.decode`) with lq_encoder, fusion_transformer, controlnet_unet and vae_decoder called
-through Triton a batch of tiles at a time, and the step math and blending on the device. The UNet's
-conditioning is the text encoder's outputs and, for SDXL, the time ids built here from the output size
-(`runtime.sampler.conditioning`, as the in-process pipeline does)."""
+"""LQ encoding, the denoising loop and decoding over BLS (ensembles cannot loop, nor tile): the in-process
+pipeline's own functions (`runtime.pipeline.encode_lq`, `runtime.sampler.denoise`, `runtime.pipeline.decode`)
+with lq_encoder, fusion_transformer, controlnet_unet and vae_decoder called through Triton a batch of tiles
+at a time, and the step math and blending on the device. The UNet's conditioning is the text encoder's
+outputs and, for SDXL, the time ids built here from the output size (`runtime.sampler.conditioning`, as
+the in-process pipeline does).
+
+`Sampler` is the loop; the endpoint's entry model (`entry.py`) runs it on the client's own request, so a
+cancel reaches it between steps. `TritonPythonModel` serves it as a model of its own, for the ensemble
+entry point."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import triton_python_backend_utils as pb_utils
@@ -22,9 +28,8 @@ from diffsr.runtime.tiling import tiling_for
 from diffsr.triton_models.models.common import bls_runners, from_torch, parameters, respond, scalar, to_torch
 
 
-class TritonPythonModel:
-    def initialize(self, args: dict) -> None:
-        params = parameters(args)
+class Sampler:
+    def __init__(self, params: Mapping[str, str]):
         self.defaults = PipelineConfig.from_json(json.loads(params["pipeline"]))
         self.scheduler_config = json.loads(params["scheduler"])
         self.device = torch.device(params["device"])
@@ -34,25 +39,35 @@ class TritonPythonModel:
                    if name != "text_encoder"}
         self.run = bls_runners(outputs, gpu=self.device.type == "cuda")
 
-    def execute(self, requests: list) -> list:
-        return respond(requests, self._handle)
-
-    def _handle(self, request) -> list:
+    def __call__(self, request: Any, text: Mapping[str, torch.Tensor], lq_image: torch.Tensor,
+                 size: torch.Tensor, cancelled: Callable[[], bool]) -> torch.Tensor:
+        """The decoded image of one request (its steps, guidance and seed read from `request`)."""
         cfg = self.defaults.replace(
             steps=scalar(request, "steps", int), guidance_scale=scalar(request, "guidance_scale", float),
             seed=scalar(request, "seed", int),
         )
-        inputs = {n: to_torch(pb_utils.get_input_tensor_by_name(request, n)).to(self.device)
-                  for n in (*self.text, "lq_image")}
-        size = to_torch(pb_utils.get_input_tensor_by_name(request, "output_size")).tolist()
-        cond = conditioning(self.model, {n: inputs[n] for n in self.text}, (int(size[0]), int(size[1])))
+        h, w = (int(v) for v in size.tolist())
+        cond = conditioning(self.model, {n: text[n].to(self.device) for n in self.text}, (h, w))
         tiling = tiling_for(self.model, cfg)
-        f1, z_lq = encode_lq(self.run, inputs["lq_image"], tiling)
+        f1, z_lq = encode_lq(self.run, lq_image.to(self.device), tiling)
         try:
-            latent = denoise(self.run, f1, z_lq, cond, cfg, self.scheduler_config, cancelled=request.is_cancelled,
-                             tiling=tiling)
+            latent = denoise(self.run, f1, z_lq, cond, cfg, self.scheduler_config, cancelled=cancelled, tiling=tiling)
         except DiffsrError as e:
-            if request.is_cancelled():
+            if cancelled():
                 pb_utils.Logger.log_warn(f"sampler: request {request.request_id()!r} {e}")
             raise
-        return [from_torch("decoded", decode(self.run, latent, tiling))]
+        return decode(self.run, latent, tiling)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.sampler = Sampler(parameters(args))
+
+    def execute(self, requests: list) -> list:
+        return respond(requests, self._handle)
+
+    def _handle(self, request) -> list:
+        tensors = {n: to_torch(pb_utils.get_input_tensor_by_name(request, n))
+                   for n in (*self.sampler.text, "lq_image", "output_size")}
+        decoded = self.sampler(request, tensors, tensors["lq_image"], tensors["output_size"], request.is_cancelled)
+        return [from_torch("decoded", decoded)]

@@ -1,0 +1,40 @@
+"""The endpoint's entry point: one python model that runs the request through the pipeline's stages on
+the client's own request. Preprocessing, the loop's Python side (`sampler.Sampler`) and postprocessing
+run here; the text encoder and the per-step submodules are called through Triton (BLS).
+
+Why not an ensemble: Triton 2.51 marks only an ensemble's *next* step of a cancelled request as cancelled;
+a composing model already running (the loop) is never told (Triton server issue #6739), so a cancelled
+200-step request ran to its end. Here `request.is_cancelled()` is the client's own cancel (gRPC cancel or
+deadline), checked before every step: the request ends CANCELLED within one step and its instance takes
+the next request. Pre- and postprocessing run here rather than as models: a BLS call returns a called
+model's error as INTERNAL whatever its code, and a bad image is the client's fault (INVALID_ARGUMENT).
+The ensemble stays available (`ServingOptions(entry="ensemble")`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffsr.triton_models.models.common import call, parameters, respond, to_torch
+from diffsr.triton_models.models.postprocess import Postprocess
+from diffsr.triton_models.models.preprocess import Preprocess
+from diffsr.triton_models.models.sampler import Sampler
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        params = parameters(args)
+        self.preprocess = Preprocess(params, Path(args["model_repository"]) / args["model_version"])
+        self.sampler = Sampler(params)
+        self.postprocess = Postprocess(params["color_fix"])
+        self.ids = params["text_inputs"].split(",")
+        self.gpu = self.sampler.device.type == "cuda"
+
+    def execute(self, requests: list) -> list:
+        return respond(requests, self._handle)
+
+    def _handle(self, request) -> list:
+        pre = {tensor.name(): tensor for tensor in self.preprocess(request)}
+        text = call("text_encoder", [pre[n] for n in self.ids], self.sampler.text, self.gpu)
+        lq, size = to_torch(pre["lq_image"]), to_torch(pre["output_size"])
+        decoded = self.sampler(request, {n: to_torch(t) for n, t in text.items()}, lq, size, request.is_cancelled)
+        return [self.postprocess(decoded.cpu(), lq, size)]
