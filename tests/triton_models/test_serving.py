@@ -215,6 +215,7 @@ def test_a_cancelled_request_frees_its_instance_within_a_step(server, lq):
         client.infer("diffsr", inputs(20))
         idle = time.perf_counter() - start
         errors, done = [], threading.Semaphore(0)
+        cancelled_before = _scrape(server).get("diffsr_requests_cancelled_total", 0.0)
 
         def finished(result, error):
             errors.append(error)
@@ -235,3 +236,44 @@ def test_a_cancelled_request_frees_its_instance_within_a_step(server, lq):
         client.close()
     # 200 steps of four requests on two cores would take well over 10x the idle request
     assert after < 2 * idle + 1.0, (after, idle)
+    assert _scrape(server)["diffsr_requests_cancelled_total"] - cancelled_before == 4  # each stopped in the loop
+
+
+def _scrape(server):
+    """name -> value of the `diffsr_*` series of the entry model on Triton's metrics port."""
+    import urllib.request
+
+    url = f"http://{server.host}:{server.ports.metrics}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("diffsr_") and 'model="diffsr"' in line and "le=" not in line:
+            name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+            values[name] = values.get(name, 0.0) + value
+    return values
+
+
+def test_metrics_count_steps_pixels_and_rejections(server, lq):
+    """The entry model's own metrics, scraped from the metrics port around one good and one bad request."""
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    before = _scrape(server)
+    with TritonClient(server.http_url) as client:
+        client.upscale(_png(lq), steps=3)
+    bad = http.InferenceServerClient(server.http_url)
+    try:
+        inputs = [http.InferInput("image", [1], "BYTES")]
+        inputs[0].set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
+        with pytest.raises(InferenceServerException):
+            bad.infer("diffsr", inputs)
+    finally:
+        bad.close()
+    after = _scrape(server)
+    delta = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}
+    assert delta["diffsr_steps_total"] == 3 and delta["diffsr_step_seconds_count"] == 3, delta
+    assert delta["diffsr_step_seconds_sum"] > 0
+    assert delta["diffsr_output_pixels_total"] == 128 * 160
+    assert delta["diffsr_requests_rejected_total"] == 1
+    assert "diffsr_requests_cancelled_total" in after

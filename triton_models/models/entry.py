@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffsr.triton_models.models.common import call, parameters, respond, to_torch
+from diffsr.export.errors import DiffsrError
+from diffsr.triton_models.models.common import StageError, call, parameters, respond, to_torch
+from diffsr.triton_models.models.metrics import Metrics
 from diffsr.triton_models.models.postprocess import Postprocess
 from diffsr.triton_models.models.preprocess import Preprocess
 from diffsr.triton_models.models.sampler import Sampler
@@ -28,13 +30,23 @@ class TritonPythonModel:
         self.postprocess = Postprocess(params["color_fix"])
         self.ids = params["text_inputs"].split(",")
         self.gpu = self.sampler.device.type == "cuda"
+        self.metrics = Metrics(args["model_name"])
 
     def execute(self, requests: list) -> list:
         return respond(requests, self._handle)
 
     def _handle(self, request) -> list:
-        pre = {tensor.name(): tensor for tensor in self.preprocess(request)}
-        text = call("text_encoder", [pre[n] for n in self.ids], self.sampler.text, self.gpu)
-        lq, size = to_torch(pre["lq_image"]), to_torch(pre["output_size"])
-        decoded = self.sampler(request, {n: to_torch(t) for n, t in text.items()}, lq, size, request.is_cancelled)
-        return [self.postprocess(decoded.cpu(), lq, size)]
+        try:
+            pre = {tensor.name(): tensor for tensor in self.preprocess(request)}
+            text = call("text_encoder", [pre[n] for n in self.ids], self.sampler.text, self.gpu)
+            lq, size = to_torch(pre["lq_image"]), to_torch(pre["output_size"])
+            decoded = self.sampler(request, {n: to_torch(t) for n, t in text.items()}, lq, size, request.is_cancelled,
+                                   self.metrics)
+            png = self.postprocess(decoded.cpu(), lq, size)
+        except StageError:
+            raise
+        except DiffsrError:  # the client's fault, or its cancel: as `respond` answers it
+            (self.metrics.cancelled if request.is_cancelled() else self.metrics.rejected).increment(1)
+            raise
+        self.metrics.pixels.increment(int(size[0]) * int(size[1]))
+        return [png]

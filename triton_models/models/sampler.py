@@ -26,6 +26,7 @@ from diffsr.runtime.pipeline import decode, encode_lq
 from diffsr.runtime.sampler import conditioning, denoise
 from diffsr.runtime.tiling import tiling_for
 from diffsr.triton_models.models.common import bls_runners, from_torch, parameters, respond, scalar, to_torch
+from diffsr.triton_models.models.metrics import Metrics
 
 
 class Sampler:
@@ -40,8 +41,9 @@ class Sampler:
         self.run = bls_runners(outputs, gpu=self.device.type == "cuda")
 
     def __call__(self, request: Any, text: Mapping[str, torch.Tensor], lq_image: torch.Tensor,
-                 size: torch.Tensor, cancelled: Callable[[], bool]) -> torch.Tensor:
-        """The decoded image of one request (its steps, guidance and seed read from `request`)."""
+                 size: torch.Tensor, cancelled: Callable[[], bool], metrics: Metrics | None = None) -> torch.Tensor:
+        """The decoded image of one request (its steps, guidance and seed read from `request`); `metrics`
+        observes every step."""
         cfg = self.defaults.replace(
             steps=scalar(request, "steps", int), guidance_scale=scalar(request, "guidance_scale", float),
             seed=scalar(request, "seed", int),
@@ -51,7 +53,9 @@ class Sampler:
         tiling = tiling_for(self.model, cfg)
         f1, z_lq = encode_lq(self.run, lq_image.to(self.device), tiling)
         try:
-            latent = denoise(self.run, f1, z_lq, cond, cfg, self.scheduler_config, cancelled=cancelled, tiling=tiling)
+            on_step = metrics.step_timer(cfg.steps) if metrics is not None else None
+            latent = denoise(self.run, f1, z_lq, cond, cfg, self.scheduler_config, on_step=on_step, cancelled=cancelled,
+                             tiling=tiling)
         except DiffsrError as e:
             if cancelled():
                 pb_utils.Logger.log_warn(f"sampler: request {request.request_id()!r} {e}")
@@ -62,6 +66,7 @@ class Sampler:
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.sampler = Sampler(parameters(args))
+        self.metrics = Metrics(args["model_name"])
 
     def execute(self, requests: list) -> list:
         return respond(requests, self._handle)
@@ -69,5 +74,6 @@ class TritonPythonModel:
     def _handle(self, request) -> list:
         tensors = {n: to_torch(pb_utils.get_input_tensor_by_name(request, n))
                    for n in (*self.sampler.text, "lq_image", "output_size")}
-        decoded = self.sampler(request, tensors, tensors["lq_image"], tensors["output_size"], request.is_cancelled)
+        decoded = self.sampler(request, tensors, tensors["lq_image"], tensors["output_size"], request.is_cancelled,
+                               self.metrics)
         return [from_torch("decoded", decoded)]

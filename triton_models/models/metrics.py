@@ -1,0 +1,54 @@
+"""The endpoint's own metrics, on Triton's metrics port beside its built-in ones (python backend's
+`MetricFamily`; scraped from `/metrics`):
+
+    diffsr_step_seconds            histogram: one denoising step (every tile of it), per request
+    diffsr_steps_total             counter: denoising steps run
+    diffsr_requests_cancelled_total  counter: requests stopped by their client's cancel
+    diffsr_requests_rejected_total   counter: requests refused as the client's fault (INVALID_ARGUMENT)
+    diffsr_output_pixels_total     counter: pixels of the images returned
+
+Each carries the label `model` (the model that runs the loop)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import triton_python_backend_utils as pb_utils
+
+STEP_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]  # seconds: CPU tiny to SDXL tiles
+
+
+class Metrics:
+    def __init__(self, model: str):
+        labels = {"model": model}
+
+        def counter(name: str, description: str):  # type: ignore[no-untyped-def]
+            family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+            self._families.append(family)
+            return family.Metric(labels=labels)
+
+        self._families: list = []  # kept alive as long as their metrics
+        step = pb_utils.MetricFamily(name="diffsr_step_seconds", description="seconds per denoising step",
+                                     kind=pb_utils.MetricFamily.HISTOGRAM)
+        self._families.append(step)
+        self.step = step.Metric(labels=labels, buckets=STEP_BUCKETS)
+        self.steps = counter("diffsr_steps_total", "denoising steps run")
+        self.cancelled = counter("diffsr_requests_cancelled_total", "requests stopped by their client's cancel")
+        self.rejected = counter("diffsr_requests_rejected_total", "requests refused as the client's fault")
+        self.pixels = counter("diffsr_output_pixels_total", "pixels of the images returned")
+
+    def step_timer(self, steps: int) -> Callable[[int, int], None]:
+        """An `on_step(done, total)` for `runtime.sampler.denoise` (which counts tile-steps) that observes
+        each whole step's seconds."""
+        last = [time.perf_counter()]
+
+        def on_step(done: int, total: int) -> None:
+            per_step = max(1, total // max(1, steps))
+            if done % per_step == 0:
+                now = time.perf_counter()
+                self.step.observe(now - last[0])
+                self.steps.increment(1)
+                last[0] = now
+
+        return on_step
