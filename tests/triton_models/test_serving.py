@@ -277,3 +277,54 @@ def test_metrics_count_steps_pixels_and_rejections(server, lq):
     assert delta["diffsr_output_pixels_total"] == 128 * 160
     assert delta["diffsr_requests_rejected_total"] == 1
     assert "diffsr_requests_cancelled_total" in after
+
+
+@pytest.fixture(scope="module")
+def narrow_server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
+    """One loop instance and a queue of one: a third request at once is overload."""
+    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
+    from diffsr.app.triton_server import Ports, TritonServer
+    from diffsr.triton_models.repository import ServingOptions, build_repository
+
+    repo = tmp_path_factory.mktemp("repo-narrow") / "models"
+    build_repository(tiny_checkpoint, tiny_onnx, repo, "onnxruntime",
+                     options=ServingOptions(sampler_instances=1, max_queue_size=1, warmup=False))
+    with TritonServer(repo, Ports.free()) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_overload_is_unavailable_and_the_server_serves_on(narrow_server, lq, protocol):
+    """Four requests at once against one instance and a queue of one: those beyond are refused at once as
+    UNAVAILABLE (HTTP 503), the others answered; then the server serves the next request."""
+    from tritonclient.utils import InferenceServerException
+
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+
+    kind = http if protocol == "http" else grpc
+    url = narrow_server.http_url if protocol == "http" else narrow_server.grpc_url
+
+    def one(_):
+        client = kind.InferenceServerClient(url)
+        inputs = []
+        for name, array, dtype in (("image", np.array([_png(lq)], dtype=np.object_), "BYTES"),
+                                   ("steps", np.array([30], np.int32), "INT32")):
+            inputs.append(kind.InferInput(name, list(array.shape), dtype))
+            inputs[-1].set_data_from_numpy(array)
+        try:
+            client.infer("diffsr", inputs)
+            return "ok"
+        except InferenceServerException as e:
+            return f"{e.status()} {e.message()}"
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(one, range(4)))
+    refused = [o for o in outcomes if o != "ok"]
+    assert refused and len(refused) < 4, outcomes
+    expected = "503" if protocol == "http" else "UNAVAILABLE"
+    assert all(expected in o for o in refused), outcomes
+    with TritonClient(url, protocol) as client:
+        assert _decode(client.upscale(_png(lq), steps=1).png).shape == (128, 160, 3)
