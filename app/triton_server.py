@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from diffsr.export.errors import DiffsrError
-from diffsr.triton_models.repository import loop_model
+from diffsr.triton_models.repository import loop_model, verify_repository
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ class TritonServer:
     def start(self, timeout: float = 300.0) -> TritonServer:
         if not (self.repository / self.ready_model / "config.pbtxt").is_file():
             raise DiffsrError(f"{self.repository} has no {self.ready_model} model: build it with `diffsr triton-repo`")
+        verify_repository(self.repository)  # its graphs are still the ones triton-repo copied
         try:  # whatever fails on the way, nothing is left running and the temporary folder goes
             cmd, env = self.command()
             try:

@@ -36,14 +36,15 @@ from diffsr.export.checkpoint import Checkpoint, tokenizer_folders
 from diffsr.export.config import Precision
 from diffsr.export.engines import read_meta, verified_plans
 from diffsr.export.errors import DiffsrError
-from diffsr.export.files import require_new_folder
-from diffsr.export.manifest import signature_hash, verified_files
+from diffsr.export.files import read_json, require_new_folder
+from diffsr.export.manifest import checkpoint_digest, file_sha256, signature_hash, verified_files
 from diffsr.export.settings import PipelineConfig
 from diffsr.export.signatures import SUBMODULES, TARGETS, Signature, TensorSpec, signatures
 from diffsr.runtime.tiling import tiling_for
 from diffsr.triton_models.endpoint import ENSEMBLE, OPTIONAL, OUTPUT, REQUEST, RESPONSE
 
 FLAVOURS = ("onnxruntime", "tensorrt")
+REPOSITORY_MANIFEST = "diffsr-repository.json"  # at the repository's root (Triton loads only its folders)
 TRITON_DTYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_INT32, "int64": mc.TYPE_INT64,
                  "bytes": mc.TYPE_STRING, "bool": mc.TYPE_BOOL}
 
@@ -259,7 +260,29 @@ def build_repository(
     for tokenizer in tokenizer_folders(ckpt.model):
         for name in tokenizing:
             shutil.copytree(ckpt.path / tokenizer, out / name / "1" / tokenizer)
+    graphs = sorted(p for p in out.glob("*/1/*") if p.suffix in (".onnx", ".plan"))
+    manifest = {"flavour": flavour, "checkpoint_sha256": checkpoint_digest(ckpt.path),
+                "graphs": {str(p.relative_to(out)): file_sha256(p) for p in graphs}}
+    (out / REPOSITORY_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return configs
+
+
+def verify_repository(repo: Path) -> None:
+    """Refuse a repository whose graphs (ONNX files with their external data, TensorRT plans) are no
+    longer the ones `triton-repo` copied: each is checked against the sha256 recorded then, before the
+    server starts, so a mismatch is one clear message and not a model that loads something else. A
+    repository without the record (not made by this tool) is taken as it is."""
+    record = Path(repo) / REPOSITORY_MANIFEST
+    if not record.is_file():
+        return
+    graphs = read_json(record, "model repository record")["graphs"]
+    for rel, sha in graphs.items():
+        path = Path(repo) / rel
+        if not path.is_file():
+            raise DiffsrError(f"model repository {repo}: {rel} is missing: regenerate it with `diffsr triton-repo`")
+        if file_sha256(path) != sha:
+            raise DiffsrError(f"model repository {repo}: {rel} is not the graph `diffsr triton-repo` copied (its sha256 "
+                              f"differs): regenerate the repository from the ONNX or engine folder")
 
 
 def engine_batch(plans: dict[str, Path], sigs: dict[str, Signature]) -> int:

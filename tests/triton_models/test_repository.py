@@ -90,3 +90,21 @@ def test_onnxruntime_flavour_serves_the_fused_graphs(tiny_repo):
 def test_unknown_entry_point_is_refused():
     with pytest.raises(DiffsrError, match="unknown entry point 'grpc'"):
         ServingOptions(entry="grpc")
+
+
+def test_a_repository_whose_graph_changed_is_refused_before_the_server_starts(tiny_checkpoint, tiny_onnx, tmp_path):
+    from diffsr.app.triton_server import Ports, TritonServer
+    from diffsr.triton_models.repository import build_repository, verify_repository
+
+    repo = tmp_path / "models"
+    build_repository(tiny_checkpoint, tiny_onnx, repo)
+    verify_repository(repo)  # as written: accepted
+    graph = repo / "controlnet_unet" / "1" / "controlnet_unet.ort.onnx"
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    server = TritonServer(repo, Ports.free())
+    with pytest.raises(DiffsrError, match="controlnet_unet/1/controlnet_unet.ort.onnx is not the graph"):
+        server.start()
+    assert server.process is None  # refused before anything was launched
+    graph.unlink()
+    with pytest.raises(DiffsrError, match="is missing: regenerate it"):
+        verify_repository(repo)
