@@ -100,6 +100,28 @@ def record_feeds(
     return {name: r.feeds for name, r in recorders.items()}
 
 
+def calibration_feeds(ckpt: Checkpoint, cal: Calibration, task: str, total: int,
+                      on_progress: OnProgress = ignore) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """`record_feeds` over the calibration data on the PyTorch reference, a progress event per run (of
+    `total` for `task`). Lean runners: one stage's FP32 weights in memory at a time (SDXL's reference does
+    not fit twice), all released before the caller loads anything else."""
+    runs, done = len(cal.photos) * len(cal.prompts), 0
+
+    def finished_run() -> None:
+        nonlocal done
+        done += 1
+        on_progress(Progress(task, f"calibration run {done}/{runs}", done, total))
+
+    on_progress(Progress(task, "calibration runs", 0, total))
+    runners = load_runners("torch", ckpt, lean=True)
+    try:
+        return record_feeds(ckpt, runners, photos((cal.size, cal.size), cal.photos), cal.prompts, cal.steps,
+                            on_run=finished_run)
+    finally:
+        for runner in runners.values():
+            runner.release()
+
+
 def activation_ranges(onnx_path: Path, feeds: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """value name -> largest |value| over all feeds, for every float input, intermediate and output of
     the FP32 graph. The graph computes each value's max |x| itself (Abs, ReduceMax: a scalar output
@@ -199,24 +221,9 @@ def fp16_check(
     through its FP32 graph in `onnx_dir`; return, per submodule, the layers to keep FP32."""
     cal = calibration
     runs = len(cal.photos) * len(cal.prompts)
-    total, done = runs + len(SUBMODULES), 0
-
-    def finished_run() -> None:
-        nonlocal done
-        done += 1
-        on_progress(Progress("fp16 check", f"calibration run {done}/{runs}", done, total))
-
-    on_progress(Progress("fp16 check", "calibration runs", 0, total))
-    # lean runners: one stage's FP32 weights in memory at a time (SDXL's reference does not fit twice),
-    # all released before ONNX Runtime loads the graphs
+    total = runs + len(SUBMODULES)
     paths = verified_files(onnx_dir, ckpt, SUBMODULES, Precision.FP32)  # this checkpoint's graphs, unchanged
-    runners = load_runners("torch", ckpt, lean=True)
-    try:
-        feeds = record_feeds(ckpt, runners, photos((cal.size, cal.size), cal.photos), cal.prompts, cal.steps,
-                             on_run=finished_run)
-    finally:
-        for runner in runners.values():
-            runner.release()
+    feeds = calibration_feeds(ckpt, cal, "fp16 check", total, on_progress)
     kept = {}
     upcast = force_upcast(ckpt)
     for i, name in enumerate(SUBMODULES):

@@ -16,17 +16,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffsr.calib.data import PHOTOS, PROMPTS, photos
-from diffsr.calib.fp16 import Calibration, record_feeds
+from diffsr.calib.data import PHOTOS, PROMPTS
+from diffsr.calib.fp16 import Calibration, calibration_feeds
 from diffsr.export.checkpoint import Checkpoint
 from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError
 from diffsr.export.exporter import write_int8
 from diffsr.export.int8 import DEFAULT_SUBMODULES, Int8Settings
 from diffsr.export.manifest import verified_files
-from diffsr.export.progress import OnProgress, Progress, ignore
+from diffsr.export.progress import OnProgress, ignore
 from diffsr.export.signatures import SUBMODULES
-from diffsr.runtime.backends import load_runners
 
 # photos kept out of calibration: parity's end-to-end INT8 check runs on them
 HELD_OUT = tuple(p for p in PHOTOS if p not in Calibration().photos)
@@ -62,21 +61,7 @@ def quantize(ckpt: Checkpoint, onnx_dir: Path, calibration: Int8Calibration | No
     calibration = calibration or Int8Calibration()
     cal = calibration.data
     verified_files(onnx_dir, ckpt, SUBMODULES, Precision.FP16)  # fail before the calibration runs
-    runs, done = len(cal.photos) * len(cal.prompts), 0
-
-    def finished_run() -> None:
-        nonlocal done
-        done += 1
-        on_progress(Progress("int8 calibration", f"run {done}/{runs}", done, runs))
-
-    on_progress(Progress("int8 calibration", "calibration runs", 0, runs))
-    runners = load_runners("torch", ckpt, lean=True)  # one stage's FP32 weights in memory at a time
-    try:
-        recorded = record_feeds(ckpt, runners, photos((cal.size, cal.size), cal.photos), cal.prompts, cal.steps,
-                                on_run=finished_run)
-    finally:
-        for runner in runners.values():
-            runner.release()
+    recorded = calibration_feeds(ckpt, cal, "int8 calibration", len(cal.photos) * len(cal.prompts), on_progress)
     feeds = {name: [{k: v.numpy() for k, v in feed.items()} for feed in recorded[name]] for name in calibration.submodules}
     del recorded
     return write_int8(onnx_dir, ckpt, feeds, calibration.settings, asdict(cal), on_progress=on_progress)
