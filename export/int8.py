@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from onnx import TensorProto, numpy_helper
 
 from diffsr.export.errors import DiffsrError
 from diffsr.export.fp16 import fp16_from_fp32
+from diffsr.export.logs import quiet
 
 QUANTIZED_OPS = ("Conv", "MatMul")
 DEFAULT_SUBMODULES = ("controlnet_unet",)  # the denoising step's cost; `diffsr quantize --submodules` widens it
@@ -146,7 +146,7 @@ def int8_from_fp32(
         qdq = Path(tmp) / "qdq.onnx"
         # the quantizer prints its progress on stdout and advice on the root logger (pre-processing, which
         # is for CNN classifiers' shape inference); the CLI's output stays its own
-        with contextlib.redirect_stdout(io.StringIO()), _root_logger_at(logging.ERROR):
+        with contextlib.redirect_stdout(io.StringIO()), quiet(""):
             quantize_static(
                 str(src), str(qdq), _Feeds(feeds), quant_format=QuantFormat.QDQ,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
@@ -164,17 +164,6 @@ def int8_from_fp32(
         fp16_from_fp32(qdq, dst, keep_fp32, external_data=large)
     check_qdq(dst)
     return quantize, excluded
-
-
-@contextlib.contextmanager
-def _root_logger_at(level: int) -> Iterator[None]:
-    root = logging.getLogger()
-    before = root.level
-    root.setLevel(level)
-    try:
-        yield
-    finally:
-        root.setLevel(before)
 
 
 def _raise_opset(path: Path, version: int, large: bool) -> None:

@@ -19,8 +19,6 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from torch.export import Dim
 from diffsr.export.checkpoint import Checkpoint, build, stored_shapes, weight_source, weights_file
 from diffsr.export.config import ModelConfig
 from diffsr.export.errors import DiffsrError
+from diffsr.export.logs import quiet
 from diffsr.export.samples import sample_inputs
 from diffsr.export.signatures import Signature, parse_dim, signatures
 
@@ -83,7 +82,7 @@ def onnx_from_checkpoint(ckpt: Checkpoint, name: str, path: Path, opset: int = D
     real_feed = sample_inputs(sig, export_dims(ckpt.model))
     fake = FakeTensorMode()
     try:
-        with fake, warnings.catch_warnings(), _quiet("torch.onnx"):  # its "torchvision is not installed" notes
+        with fake, warnings.catch_warnings(), quiet("torch.onnx"):  # its "torchvision is not installed" notes
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # benign dim-rename notes
             warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's own deprecations
             module = build(ckpt, name)
@@ -121,7 +120,7 @@ def tidy(model: ir.Model) -> None:
     ControlNet + UNet: 10.6 s with it, 1.6 s without, for 3.5 % fewer nodes; SDXL's did not finish in
     15 minutes), and TensorRT and ONNX Runtime fuse the same patterns themselves. Parameters (no value
     yet) are left alone, which the initializer deduplication notes once per parameter: quietened."""
-    with _quiet("onnx_ir.passes.common.initializer_deduplication"):
+    with quiet("onnx_ir.passes.common.initializer_deduplication"):
         _tidy(model)
 
 
@@ -139,18 +138,6 @@ def _tidy(model: ir.Model) -> None:
         common.OutputFixPass(),
         common.NameFixPass(),
     )(model)
-
-
-@contextmanager
-def _quiet(logger: str) -> Iterator[None]:
-    """A library's logger at ERROR for the duration, as it was afterwards."""
-    log_ = logging.getLogger(logger)
-    level = log_.level
-    log_.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log_.setLevel(level)
 
 
 def bind_weights(model: ir.Model, ckpt: Checkpoint, name: str, parameters: dict[str, tuple[int, ...]]) -> int:

@@ -9,13 +9,13 @@ from the plain FP32 graph and never contain them.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from pathlib import Path
 
 import onnx_ir as ir
 
 from diffsr.export.errors import DiffsrError
+from diffsr.export.logs import quiet
 
 ORT_SUFFIX = ".ort.onnx"
 
@@ -30,15 +30,11 @@ def fuse_for_onnxruntime(src: Path, dst: Path) -> dict[str, int]:
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     model = ir.load(str(src))
-    logger = logging.getLogger("onnxscript")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # the rewriter logs every pattern it tries and rejects
     try:
-        optimize_for_ort(model)
+        with quiet("onnxscript"):  # the rewriter logs every pattern it tries and rejects
+            optimize_for_ort(model)
     except Exception as e:  # the rewriter raises many types; its message is what helps
         raise DiffsrError(f"ONNX Runtime fusions of {src.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    finally:
-        logger.setLevel(level)
     for stale in (dst, dst.with_name(dst.name + ".data")):
         stale.unlink(missing_ok=True)
     large = src.with_name(src.name + ".data").is_file()
