@@ -77,16 +77,25 @@ def test_request_settings_reach_the_sampler(tiled_server, local, tiny_checkpoint
     assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
 
 
+def _inputs(kind, tensors):
+    """tritonclient's request inputs (`kind`: tritonclient.http or tritonclient.grpc) of (name, array,
+    dtype) triples (HTTP sends them as binary data, its default)."""
+    inputs = []
+    for name, array, dtype in tensors:
+        inputs.append(kind.InferInput(name, list(array.shape), dtype))
+        inputs[-1].set_data_from_numpy(array)
+    return inputs
+
+
+def _image_and_steps(lq, steps):
+    return [("image", np.array([_png(lq)], dtype=np.object_), "BYTES"), ("steps", np.array([steps], np.int32), "INT32")]
+
+
 def _raw_infer(server, tensors):
     import tritonclient.http as http
 
-    inputs = []
-    for name, array, dtype in tensors:
-        tensor = http.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array, binary_data=True)
-        inputs.append(tensor)
     with http.InferenceServerClient(server.http_url) as client:
-        return client.infer("diffsr", inputs, outputs=[http.InferRequestedOutput("upscaled", binary_data=True)])
+        return client.infer("diffsr", _inputs(http, tensors), outputs=[http.InferRequestedOutput("upscaled", binary_data=True)])
 
 
 def test_bad_requests_get_errors_and_the_server_keeps_serving(server, lq, request):
@@ -138,14 +147,9 @@ def test_client_faults_are_invalid_argument_and_the_server_serves_on(server, lq,
     big = _png(np.zeros((1250, 1250, 3), np.uint8))  # a 5000x5000 output
     client = kind.InferenceServerClient(url)
     try:
-        for tensors in ([("image", np.array([big], dtype=np.object_), "BYTES")],
-                        [("image", np.array([_png(lq)], dtype=np.object_), "BYTES"), ("steps", np.array([0], np.int32), "INT32")]):
-            inputs = []
-            for name, array, dtype in tensors:
-                inputs.append(kind.InferInput(name, list(array.shape), dtype))
-                inputs[-1].set_data_from_numpy(array)
+        for tensors in ([("image", np.array([big], dtype=np.object_), "BYTES")], _image_and_steps(lq, 0)):
             with pytest.raises(InferenceServerException) as failed:
-                client.infer("diffsr", inputs)
+                client.infer("diffsr", _inputs(kind, tensors))
             assert failed.value.status() == expected, failed.value.message()
     finally:
         client.close()
@@ -202,12 +206,7 @@ def test_a_cancelled_request_frees_its_instance_within_a_step(server, lq):
     import tritonclient.grpc as grpc
 
     def inputs(steps):
-        tensors = [("image", np.array([_png(lq)], dtype=np.object_), "BYTES"), ("steps", np.array([steps], np.int32), "INT32")]
-        made = []
-        for name, array, dtype in tensors:
-            made.append(grpc.InferInput(name, list(array.shape), dtype))
-            made[-1].set_data_from_numpy(array)
-        return made
+        return _inputs(grpc, _image_and_steps(lq, steps))
 
     client = grpc.InferenceServerClient(server.grpc_url)
     try:
@@ -264,10 +263,8 @@ def test_metrics_count_steps_pixels_and_rejections(server, lq):
         client.upscale(_png(lq), steps=3)
     bad = http.InferenceServerClient(server.http_url)
     try:
-        inputs = [http.InferInput("image", [1], "BYTES")]
-        inputs[0].set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
         with pytest.raises(InferenceServerException):
-            bad.infer("diffsr", inputs)
+            bad.infer("diffsr", _inputs(http, [("image", np.array([b"not an image"], dtype=np.object_), "BYTES")]))
     finally:
         bad.close()
     after = _scrape(server)
@@ -307,13 +304,8 @@ def test_overload_is_unavailable_and_the_server_serves_on(narrow_server, lq, pro
 
     def one(_):
         client = kind.InferenceServerClient(url)
-        inputs = []
-        for name, array, dtype in (("image", np.array([_png(lq)], dtype=np.object_), "BYTES"),
-                                   ("steps", np.array([30], np.int32), "INT32")):
-            inputs.append(kind.InferInput(name, list(array.shape), dtype))
-            inputs[-1].set_data_from_numpy(array)
         try:
-            client.infer("diffsr", inputs)
+            client.infer("diffsr", _inputs(kind, _image_and_steps(lq, 30)))
             return "ok"
         except InferenceServerException as e:
             return f"{e.status()} {e.message()}"
