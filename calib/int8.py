@@ -22,7 +22,7 @@ from diffsr.export.checkpoint import Checkpoint
 from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError
 from diffsr.export.exporter import write_int8
-from diffsr.export.int8 import DEFAULT_SUBMODULES, Int8Settings
+from diffsr.export.int8 import DEFAULT_SUBMODULES, Int8Settings, check_submodules
 from diffsr.export.manifest import verified_files
 from diffsr.export.progress import OnProgress, ignore
 from diffsr.export.signatures import SUBMODULES
@@ -38,9 +38,7 @@ class Int8Calibration:
     submodules: tuple[str, ...] = DEFAULT_SUBMODULES
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.submodules if s not in SUBMODULES]
-        if not self.submodules or unknown:
-            raise DiffsrError(f"submodules to quantize {list(self.submodules)} must be one or more of {list(SUBMODULES)}")
+        check_submodules(self.submodules)  # before the calibration runs, not after
 
     @classmethod
     def of_size(cls, images: int, steps: int = 20, settings: Int8Settings | None = None,

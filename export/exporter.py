@@ -27,7 +27,7 @@ from diffsr.export.checkpoint import SUBMODULES, Checkpoint
 from diffsr.export.config import Precision
 from diffsr.export.errors import DiffsrError
 from diffsr.export.fp16 import KeptLayer, fp16_from_fp32
-from diffsr.export.int8 import QDQ_OPSET, Int8Settings, int8_from_fp32
+from diffsr.export.int8 import QDQ_OPSET, Int8Settings, check_submodules, int8_from_fp32
 from diffsr.export.manifest import (
     EXPORTER_REVISION,
     FUSED,
@@ -181,9 +181,7 @@ def write_int8(
     left out of INT8 (and why) and the calibration."""
     out = Path(out)
     names = tuple(feeds)
-    unknown = [name for name in names if name not in SUBMODULES]
-    if not names or unknown:
-        raise DiffsrError(f"submodules to quantize {list(names)} must be one or more of {list(SUBMODULES)}")
+    check_submodules(names)
     fp32 = verified_files(out, ckpt, names, Precision.FP32)
     verified_files(out, ckpt, SUBMODULES, Precision.FP16)  # INT8 graphs are FP16 elsewhere, and serve beside them
     manifest = read_manifest(out)

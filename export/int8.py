@@ -34,6 +34,7 @@ from onnx import TensorProto, numpy_helper
 from diffsr.export.errors import DiffsrError
 from diffsr.export.fp16 import fp16_from_fp32
 from diffsr.export.logs import quiet
+from diffsr.export.signatures import SUBMODULES
 
 QUANTIZED_OPS = ("Conv", "MatMul")
 DEFAULT_SUBMODULES = ("controlnet_unet",)  # the denoising step's cost; `diffsr quantize --submodules` widens it
@@ -52,6 +53,13 @@ KEPT_MODULES = {
     "controlnet_mid_block": "ControlNet zero convolution",
 }
 _KEPT = re.compile(r"(?:^|\.)(" + "|".join(KEPT_MODULES) + r")(?:\.|$)")
+
+
+def check_submodules(names: Sequence[str]) -> None:
+    """Submodules to quantize: one or more, each a submodule of the pipeline."""
+    unknown = [name for name in names if name not in SUBMODULES]
+    if not names or unknown:
+        raise DiffsrError(f"submodules to quantize {list(names)} must be one or more of {list(SUBMODULES)}")
 
 
 @dataclass(frozen=True)
