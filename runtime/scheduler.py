@@ -70,6 +70,10 @@ class DDIMScheduler:
             ts = [i * stride + self.steps_offset for i in range(n)]
         else:  # trailing: end exactly at the last training step
             ts = [round(T - i * T / n) - 1 for i in range(n)][::-1]
+        if ts[-1] >= T:  # leading spacing shifted by steps_offset: 1000 steps of 1000 reach t = 1000
+            raise DiffsrError(f"steps={n} is out of range for this scheduler: its {self.timestep_spacing} spacing with "
+                              f"steps_offset={self.steps_offset} would start at timestep {ts[-1]}, past the last "
+                              f"trained one ({T - 1}); use fewer steps")
         self.timesteps = ts[::-1]
         # per timestep: sqrt(a_t), sqrt(1 - a_t) and the same for the step it jumps to (t - T/n), or
         # the final alpha_bar past t = 0; rounded to float32 like the training code's tensors

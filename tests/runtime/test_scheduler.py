@@ -50,6 +50,16 @@ def test_bad_step_counts_are_refused(steps):
         DDIMScheduler().set_timesteps(steps)
 
 
+def test_a_step_count_past_the_last_trained_timestep_is_refused():
+    """Leading spacing with steps_offset 1 (SD's config): 1000 steps would start at t = 1000, which has no
+    alpha (diffusers indexes past its table there); 999 steps are the most, and start at 999."""
+    with pytest.raises(DiffsrError, match="steps=1000 is out of range for this scheduler.*timestep 1000"):
+        DDIMScheduler.from_config(SD_SCHEDULER_CONFIG).set_timesteps(1000)
+    most = DDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    most.set_timesteps(999)
+    assert most.timesteps[0] == 999
+
+
 def test_unsupported_config_is_refused():
     with pytest.raises(DiffsrError, match="prediction_type='sample'"):
         DDIMScheduler.from_config(SD_SCHEDULER_CONFIG | {"prediction_type": "sample"})
