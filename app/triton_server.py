@@ -6,6 +6,11 @@ server runs with this interpreter's libpython and the bundled libraries on LD_LI
 bin first on PATH, so python-backend models run the same Python and environment (diffsr included)
 as the caller: the generated `model.py` files import `diffsr.triton_models.models`, so diffsr must be
 installed in that environment (`pip install` or `pip install -e`).
+
+A python model whose stub process dies (killed, out of memory) is not restarted by Triton 2.51: the model
+answers every request "Stub process ... is not healthy" while the server still reports itself live and
+ready (Triton server issue #8604). So the server runs with explicit model control and `StubWatch` reloads
+such a model (unload, load: new stubs) as soon as its stub is seen dead.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import sysconfig
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +79,98 @@ def _backend_dir(python_backend: Path, work: Path) -> Path:
     return work / "backends"
 
 
+STUB = "triton_python_backend_stub"
+
+
+def live_stubs(server_pid: int) -> Counter[str]:
+    """Running python-backend stub processes of a tritonserver, counted per model (a stub's command line
+    names its model's `<repository>/<model>/<version>/model.py`); dead ones (zombies) are not counted."""
+    import psutil
+
+    counts: Counter[str] = Counter()
+    try:
+        children = psutil.Process(server_pid).children(recursive=True)
+    except psutil.Error:
+        return counts
+    for child in children:
+        try:
+            if child.name() != STUB or child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            script = next(arg for arg in child.cmdline() if arg.endswith("model.py"))
+        except (psutil.Error, StopIteration):  # gone meanwhile, or not a model's stub
+            continue
+        counts[Path(script).parts[-3]] += 1
+    return counts
+
+
+@dataclass
+class Recovery:
+    model: str
+    seconds: float  # from the dead stub seen to the model loaded again
+    error: str | None = None  # the reload failed (retried after `StubWatch.backoff_s`)
+
+
+@dataclass
+class StubWatch:
+    """Every `interval_s`, compare each model's running stubs with those it had when the server got ready; a
+    model short of one is reloaded (Triton's explicit model control: unload, load)."""
+
+    server: TritonServer
+    interval_s: float = 0.5
+    backoff_s: float = 5.0
+    recoveries: list[Recovery] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> StubWatch:
+        assert self.server.process is not None
+        self.expected = live_stubs(self.server.process.pid)
+        threading.Thread(target=self._run, daemon=True, name="diffsr-stub-watch").start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        import tritonclient.http as http
+
+        process = self.server.process
+        assert process is not None
+        with http.InferenceServerClient(self.server.http_url, network_timeout=600.0) as client:
+            while not self._stop.wait(self.interval_s) and process.poll() is None:
+                live = live_stubs(process.pid)
+                for model, count in self.expected.items():
+                    if live[model] < count and not self._stop.is_set():
+                        self._reload(client, model)
+
+    def _reload(self, client: Any, model: str) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        start = time.perf_counter()
+        self.server.say(f"diffsr: a python backend stub of model {model!r} died; reloading the model")
+        try:
+            client.unload_model(model)
+            client.load_model(model)
+        except InferenceServerException as e:
+            self.recoveries.append(Recovery(model, time.perf_counter() - start, str(e)))
+            self.server.say(f"diffsr: reloading {model!r} failed: {e}; retrying in {self.backoff_s:.0f} s")
+            self._stop.wait(self.backoff_s)
+            return
+        self.recoveries.append(Recovery(model, time.perf_counter() - start))
+        self.server.say(f"diffsr: model {model!r} reloaded in {self.recoveries[-1].seconds:.1f} s")
+
+
 class TritonServer:
-    """A tritonserver process: start() waits until the ensemble is ready; stop() shuts it down."""
+    """A tritonserver process: start() waits until the ensemble is ready (and starts the stub watch);
+    stop() shuts it down."""
 
     def __init__(self, repository: Path, ports: Ports = Ports(), host: str = "127.0.0.1", system: bool = False,
-                 log_line: Callable[[str], None] | None = None, ready_model: str = "diffsr"):
+                 log_line: Callable[[str], None] | None = None, ready_model: str = "diffsr", watch_stubs: bool = True):
         self.repository, self.ports, self.host, self.system = Path(repository), ports, host, system
         self.log_line, self.ready_model = log_line, ready_model
         self.process: subprocess.Popen[str] | None = None
         self.logs: list[str] = []
         self._work: tempfile.TemporaryDirectory[str] | None = None  # the backend folder, while running
+        self.watch: StubWatch | None = StubWatch(self) if watch_stubs else None
 
     @property
     def http_url(self) -> str:
@@ -112,6 +200,7 @@ class TritonServer:
             binary, f"--model-repository={self.repository}", f"--http-address={self.host}",
             f"--grpc-address={self.host}", f"--metrics-address={self.host}", f"--http-port={self.ports.http}",
             f"--grpc-port={self.ports.grpc}", f"--metrics-port={self.ports.metrics}", "--exit-on-error=true",
+            "--model-control-mode=explicit", "--load-model=*",  # every model, and reloadable (StubWatch)
             "--strict-readiness=true", "--log-verbose=0", "--exit-timeout-secs=10", *self._pool_args(), *extra,
         ], env
 
@@ -147,6 +236,8 @@ class TritonServer:
                 raise DiffsrError(f"cannot start {cmd[0]}: {e.strerror}") from None
             threading.Thread(target=self._pump, daemon=True).start()
             self._wait_ready(timeout)
+            if self.watch is not None:
+                self.watch.start()
         except BaseException:
             self.stop()
             raise
@@ -182,11 +273,17 @@ class TritonServer:
     def _pump(self) -> None:
         assert self.process is not None and self.process.stdout is not None
         for line in self.process.stdout:
-            self.logs.append(line)
-            if self.log_line is not None:
-                self.log_line(line.rstrip())
+            self.say(line.rstrip())
+
+    def say(self, line: str) -> None:
+        """One line of the server's log (its own, or the stub watch's)."""
+        self.logs.append(line + "\n")
+        if self.log_line is not None:
+            self.log_line(line)
 
     def stop(self, timeout: float = 60.0) -> None:
+        if self.watch is not None:
+            self.watch.stop()
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()  # SIGTERM: Triton drains in-flight requests and unloads models
             try:

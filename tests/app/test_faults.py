@@ -1,0 +1,100 @@
+"""Faults of a real tritonserver: a python backend stub process killed mid-request. Triton 2.51 does not
+restart it (the model would answer "not healthy" for ever while the server reports ready); the server's
+stub watch (`app.triton_server.StubWatch`) reloads the model. Each test kills a stub of its own server."""
+
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from diffsr.calib.data import photo
+from diffsr.runtime.image import encode_png
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+
+
+@pytest.fixture(scope="module")
+def png():
+    return encode_png(photo("chelsea", (64, 64)))
+
+
+@pytest.fixture(scope="module")
+def fresh_server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
+    """A server of its own (its stubs get killed), with one entry instance: the running request's stub is
+    the one to kill."""
+    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
+    from diffsr.app.triton_server import Ports, TritonServer
+    from diffsr.triton_models.repository import ServingOptions, build_repository
+
+    repo = tmp_path_factory.mktemp("repo-faults") / "models"
+    build_repository(tiny_checkpoint, tiny_onnx, repo, "onnxruntime", options=ServingOptions(sampler_instances=1))
+    with TritonServer(repo, Ports.free()) as srv:
+        yield srv
+
+
+def _inputs(png, steps):
+    import tritonclient.grpc as grpc
+
+    made = []
+    for name, array, dtype in (("image", np.array([png], dtype=np.object_), "BYTES"),
+                               ("steps", np.array([steps], np.int32), "INT32")):
+        made.append(grpc.InferInput(name, list(array.shape), dtype))
+        made[-1].set_data_from_numpy(array)
+    return made
+
+
+def _stub_of(server, model):
+    from diffsr.app.triton_server import STUB
+
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        if child.name() == STUB and f"/{model}/1/model.py" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError(f"no stub process of {model}")
+
+
+@pytest.mark.parametrize("model", ["controlnet_unet", "diffsr"])
+def test_a_killed_stub_fails_its_request_cleanly_and_the_model_comes_back(fresh_server, png, model):
+    """SIGKILL of a stub (a per-step model's, or the entry model's own) while a 999-step request runs in it:
+    that request gets an error naming the failure, not a hang; the watch reloads the model; the next
+    requests are answered, with the same image as before the fault."""
+    import tritonclient.grpc as grpc
+    from tritonclient.utils import InferenceServerException
+
+    client = grpc.InferenceServerClient(fresh_server.grpc_url)
+    try:
+        before = client.infer("diffsr", _inputs(png, 4)).as_numpy("upscaled")[0]
+        outcome = {}
+
+        def long_request():
+            try:
+                client.infer("diffsr", _inputs(png, 999), client_timeout=120)  # ~15 s: still running at the kill
+                outcome["status"] = "ok"
+            except InferenceServerException as e:
+                outcome["status"], outcome["message"] = e.status(), e.message()
+
+        running = threading.Thread(target=long_request)
+        running.start()
+        time.sleep(1.5)
+        _stub_of(fresh_server, model).kill()
+        killed = time.perf_counter()
+        running.join(timeout=120)
+        assert not running.is_alive(), "the request in the killed stub never returned"
+        assert outcome["status"] == "StatusCode.INTERNAL", outcome  # the server's fault, not the client's
+        assert "not healthy" in outcome["message"] or "Stub" in outcome["message"], outcome
+        while True:
+            try:
+                after = client.infer("diffsr", _inputs(png, 4)).as_numpy("upscaled")[0]
+                break
+            except InferenceServerException:
+                assert time.perf_counter() - killed < 60, "the server did not recover within 60 s"
+                time.sleep(0.2)
+        recovered = time.perf_counter() - killed
+    finally:
+        client.close()
+    assert after == before
+    reloads = [r for r in fresh_server.watch.recoveries if r.model == model]
+    assert reloads and reloads[-1].error is None, fresh_server.watch.recoveries
+    print(f"{model}: stub killed; the request's outcome: {outcome}; served again after {recovered:.1f} s "
+          f"(model reload {reloads[-1].seconds:.1f} s)")
