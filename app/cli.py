@@ -422,6 +422,37 @@ def client(
 
 
 @command()
+def soak(
+    url: Annotated[str, typer.Option(help="host:port of the running endpoint (HTTP or gRPC port)")],
+    protocol: Annotated[str, typer.Option(help="http or grpc")] = "grpc",
+    requests: Annotated[int, typer.Option(help="requests in all")] = 200,
+    concurrency: Annotated[int, typer.Option(help="requests in flight")] = 4,
+    bad_fraction: Annotated[float, typer.Option(help="share of bad requests (corrupt image, bad parameters, too large)")] = 0.1,
+    steps: Annotated[int, typer.Option()] = 4,
+    size: Annotated[str, typer.Option(help="LQ input size WIDTHxHEIGHT (x4 out)")] = "64x64",
+    inputs: Annotated[int, typer.Option(help="distinct good inputs (photo, seed), each first sent alone")] = 4,
+    server_pid: Annotated[Optional[int], typer.Option(help="the local tritonserver's pid: its memory (with its stubs) is checked")] = None,
+    settle: Annotated[int, typer.Option(help="requests after which the memory baseline is read")] = 20,
+    memory_tolerance: Annotated[float, typer.Option(help="largest memory growth after the baseline")] = 0.05,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="write the report as JSON")] = None,
+) -> None:
+    """Many requests at a fixed concurrency with bad ones mixed in: every good answer must equal its solo
+    image, every bad one be refused as the client's fault, memory stay flat; exit 1 otherwise."""
+    from diffsr.app.soak import SoakSettings, run_soak, summary
+
+    settings = SoakSettings(requests, concurrency, bad_fraction, steps, parse_size(size), inputs, settle, memory_tolerance)
+    writable(json_file)
+    with bars() as draw:
+        report = run_soak(url, settings, protocol, server_pid, on_progress=draw)
+    for line in summary(report):
+        out.print(line, highlight=False, soft_wrap=True)
+    if json_file is not None:
+        json_file.write_text(json.dumps(report.to_json(), indent=2))
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@command()
 def bench(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
     onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder (onnxruntime, triton, FLOP counts)")] = None,

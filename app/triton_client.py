@@ -16,6 +16,15 @@ PROTOCOLS = ("http", "grpc")
 NUMPY = {"bytes": np.object_, "int32": np.int32, "int64": np.int64, "float32": np.float32}
 
 
+class RequestRefused(DiffsrError):
+    """The server answered the request with an error; `status` is the protocol's status ("400", "503",
+    "StatusCode.INVALID_ARGUMENT", ...)."""
+
+    def __init__(self, message: str, status: str):
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass
 class RemoteResult:
     png: bytes
@@ -74,7 +83,7 @@ class TritonClient:
         except InferenceServerException as e:
             if e.status() == "StatusCode.UNAVAILABLE" and "connect" in (e.message() or ""):  # gRPC: nobody there
                 raise DiffsrError(f"cannot reach the server at {self.url} ({self.protocol}): {e.message()}") from None
-            raise DiffsrError(f"server refused the request: {e.message()}") from None
+            raise RequestRefused(f"server refused the request: {e.message()}", str(e.status())) from None
         except OSError as e:  # refused, unreachable, unknown host
             raise DiffsrError(f"cannot reach the server at {self.url} ({self.protocol}): {e}") from None
         return RemoteResult(result.as_numpy(OUTPUT).reshape(-1)[0], time.perf_counter() - start)
