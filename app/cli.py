@@ -350,6 +350,8 @@ def triton_repo(
     tile_overlap: Annotated[Optional[int], typer.Option(help="latent cells shared by neighbouring tiles (default: a quarter tile)")] = None,
     tile_batch: Annotated[Optional[int], typer.Option(help="tiles per submodule call (default 4; tensorrt: at most the engines' batch)")] = None,
     entry: Annotated[str, typer.Option(help="the endpoint: bls (runs the loop; a cancel reaches it) or ensemble")] = "bls",
+    step_batch: Annotated[int, typer.Option(help="onnxruntime flavour: most loops' step calls one fusion_transformer/controlnet_unet run takes (0: off)")] = 0,
+    step_batch_delay_us: Annotated[int, typer.Option(help="how long a step call may wait for others to batch with")] = 0,
 ) -> None:
     """Generate the Triton model repository (BLS entry point, per-submodule models)."""
     from diffsr.export.checkpoint import open_checkpoint
@@ -357,7 +359,8 @@ def triton_repo(
 
     w, h = parse_size(max_output)
     options = ServingOptions(sampler_instances=sampler_instances, max_output_pixels=w * h, tile=tile,
-                             tile_overlap=tile_overlap, tile_batch=tile_batch, entry=entry)
+                             tile_overlap=tile_overlap, tile_batch=tile_batch, entry=entry, step_batch=step_batch,
+                             step_batch_delay_us=step_batch_delay_us)
     configs = build_repository(open_checkpoint(checkpoint), onnx, out_dir, flavour, engines, options)
     console.print(f"wrote {len(configs)} models ({flavour}) to {out_dir}: {', '.join(configs)}", soft_wrap=True)
 

@@ -108,3 +108,30 @@ def test_a_repository_whose_graph_changed_is_refused_before_the_server_starts(ti
     graph.unlink()
     with pytest.raises(DiffsrError, match="is missing: regenerate it"):
         verify_repository(repo)
+
+
+def test_step_batching_configs(tiny_checkpoint):
+    """With --step-batch N (onnxruntime flavour) the per-step models take a leading call axis (max batch N)
+    behind the dynamic batcher, and the loop is told which models take it; off by default; the tensorrt
+    flavour's plans take none, and asking for it there is an error."""
+    from diffsr.triton_models.step_batching import BATCHED
+
+    for entry, loop in (("bls", "diffsr"), ("ensemble", "sampler")):
+        configs = model_configs(tiny_checkpoint, "onnxruntime", ServingOptions(entry=entry, step_batch=8,
+                                                                               step_batch_delay_us=500))
+        for name in SUBMODULES:
+            batched = name in BATCHED
+            assert configs[name].max_batch_size == (8 if batched else 0), name
+            assert configs[name].HasField("dynamic_batching") == batched, name
+            if batched:
+                assert configs[name].dynamic_batching.max_queue_delay_microseconds == 500
+        assert configs[loop].parameters["step_batched"].string_value == ",".join(BATCHED)
+    off = model_configs(tiny_checkpoint, "onnxruntime", ServingOptions(entry="ensemble"))
+    assert all(off[name].max_batch_size == 0 for name in SUBMODULES)
+    assert off["sampler"].parameters["step_batched"].string_value == ""
+    plans = model_configs(tiny_checkpoint, "tensorrt", ServingOptions())
+    assert all(plans[name].max_batch_size == 0 for name in SUBMODULES)
+    with pytest.raises(DiffsrError, match="step batching is served by the onnxruntime flavour"):
+        model_configs(tiny_checkpoint, "tensorrt", ServingOptions(step_batch=4))
+    with pytest.raises(DiffsrError, match="at least 0"):
+        ServingOptions(step_batch=-1)

@@ -91,18 +91,20 @@ def call(model: str, inputs: list, outputs: list[str], gpu: bool = False) -> dic
     return {name: pb_utils.get_output_tensor_by_name(response, name) for name in outputs}
 
 
-def bls(model: str, outputs: list[str], gpu: bool = False) -> Callable[..., dict[str, torch.Tensor]]:
+def bls(model: str, outputs: list[str], gpu: bool = False, batched: bool = False) -> Callable[..., dict[str, torch.Tensor]]:
     """A callable `run(**inputs) -> outputs` on torch tensors (`call`); with `gpu`, the loop's tensors
-    never visit the host."""
+    never visit the host. A `batched` model (step batching) takes each tensor with a leading call axis of 1."""
 
     def run(**inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        got = call(model, [from_torch(k, v) for k, v in inputs.items()], outputs, gpu)
-        return {name: to_torch(tensor) for name, tensor in got.items()}
+        sent = [from_torch(k, v[None] if batched else v) for k, v in inputs.items()]
+        got = {name: to_torch(tensor) for name, tensor in call(model, sent, outputs, gpu).items()}
+        return {name: t[0] for name, t in got.items()} if batched else got
 
     return run
 
 
-def bls_runners(models: Mapping[str, list[str]], gpu: bool = False) -> Callable[..., dict[str, torch.Tensor]]:
+def bls_runners(models: Mapping[str, list[str]], gpu: bool = False,
+                batched: tuple[str, ...] = ()) -> Callable[..., dict[str, torch.Tensor]]:
     """run(submodule, **inputs), the form `runtime.pipeline.denoise` takes."""
-    calls = {name: bls(name, outputs, gpu) for name, outputs in models.items()}
+    calls = {name: bls(name, outputs, gpu, name in batched) for name, outputs in models.items()}
     return lambda name, **inputs: calls[name](**inputs)

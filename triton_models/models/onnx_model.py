@@ -1,35 +1,67 @@
-"""One submodule's ONNX file run by ONNX Runtime inside Triton (the portable flavour)."""
+"""One submodule's ONNX file run by ONNX Runtime inside Triton (the portable flavour).
+
+With step batching (`max_batch_size` > 0 in its config: fusion_transformer and controlnet_unet), every
+request is one loop's call with a leading axis of 1, and Triton's dynamic batcher hands over several at
+once: calls of equal shapes run as one (`triton_models.step_batching`), each answered with its own rows.
+"""
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+from diffsr.export.config import ModelConfig
+from diffsr.export.signatures import signatures
 from diffsr.triton_models.models.common import parameters, respond
+from diffsr.triton_models.step_batching import groups, stack, unstack
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         folder = Path(args["model_repository"]) / args["model_version"]
         config = json.loads(args["model_config"])
+        params = parameters(args)
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
+        self.batched = config.get("max_batch_size", 0) > 0
+        if self.batched:
+            self.sig = signatures(ModelConfig.from_json(json.loads(params["model"])))[args["model_name"]]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # each model is a process of its own: threads that spin on after a request take the cores from the
         # model the sampler calls next (see the onnxruntime backend's `cpu_options`)
         options.add_session_config_entry("session.force_spinning_stop", "1")
-        self.session = ort.InferenceSession(str(folder / parameters(args)["onnx_file"]), options,
+        self.session = ort.InferenceSession(str(folder / params["onnx_file"]), options,
                                             providers=["CPUExecutionProvider"])
 
-    def execute(self, requests: list) -> list:
-        def handle(request):
-            feed = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
-            results = self.session.run(self.outputs, feed)
-            return [pb_utils.Tensor(name, np.ascontiguousarray(v)) for name, v in zip(self.outputs, results)]
+    def _feed(self, request) -> dict[str, np.ndarray]:
+        return {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
 
-        return respond(requests, handle)
+    def _tensors(self, values: dict[str, np.ndarray] | list[np.ndarray]) -> list:
+        arrays = values if isinstance(values, list) else [values[name] for name in self.outputs]
+        return [pb_utils.Tensor(name, np.ascontiguousarray(v)) for name, v in zip(self.outputs, arrays)]
+
+    def execute(self, requests: list) -> list:
+        if not self.batched:
+            return respond(requests, lambda request: self._tensors(self.session.run(self.outputs, self._feed(request))))
+        return self._execute_batched(requests)
+
+    def _execute_batched(self, requests: list) -> list:
+        """Calls of equal shapes run together, each answered with its own rows (a failure fails them all:
+        the server's fault, INTERNAL)."""
+        answers: list[list] = [[] for _ in requests]
+        by_shape: dict[tuple, list[tuple[int, dict[str, np.ndarray]]]] = defaultdict(list)
+        for i, request in enumerate(requests):
+            feed = {name: value[0] for name, value in self._feed(request).items()}  # the call's leading axis of 1
+            by_shape[tuple(feed[name].shape for name in self.inputs)].append((i, feed))
+        for calls in by_shape.values():
+            feeds = [feed for _, feed in calls]
+            outputs = dict(zip(self.outputs, self.session.run(self.outputs, stack(self.sig, feeds))))
+            for (i, _), own in zip(calls, unstack(self.sig, outputs, len(calls), groups(self.sig, feeds[0]))):
+                answers[i] = self._tensors({name: value[None] for name, value in own.items()})
+        return [pb_utils.InferenceResponse(output_tensors=tensors) for tensors in answers]

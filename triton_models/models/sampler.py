@@ -38,7 +38,8 @@ class Sampler:
         self.text = [t.name for t in signatures(self.model)["text_encoder"].outputs]
         outputs = {name: [t.name for t in sig.outputs] for name, sig in signatures(self.model).items()
                    if name != "text_encoder"}
-        self.run = bls_runners(outputs, gpu=self.device.type == "cuda")
+        batched = tuple(filter(None, params.get("step_batched", "").split(",")))
+        self.run = bls_runners(outputs, gpu=self.device.type == "cuda", batched=batched)
 
     def __call__(self, request: Any, text: Mapping[str, torch.Tensor], lq_image: torch.Tensor,
                  size: torch.Tensor, cancelled: Callable[[], bool], metrics: Metrics | None = None) -> torch.Tensor:
