@@ -6,7 +6,8 @@ One document list, written as YAML:
   each, serving a model repository made by `diffsr triton-repo` from object storage (`s3://`, `gs://`,
   `as://`: Triton reads those itself, credentials from a Secret) or from a PersistentVolumeClaim
   (`pvc:NAME`); readiness on Triton's `/v2/health/ready` (no traffic before every model is loaded),
-  liveness on `/v2/health/live`, and a startup probe that allows for loading engines;
+  liveness by `python3 -m diffsr.app.stub_probe` (Triton's `/v2/health/live` stays 200 when a python
+  backend stub has died: see that module), and a startup probe that allows for loading engines;
 - a Service for HTTP, gRPC and the metrics port;
 - a HorizontalPodAutoscaler on the average time a request waits in the entry model's queue (where
   requests wait for an instance that runs their loop), a per-pod metric that a Prometheus adapter derives from Triton's
@@ -72,7 +73,10 @@ def manifests(o: ClusterOptions) -> list[dict[str, Any]]:
         "ports": [{"name": kind, "containerPort": port} for kind, port in PORTS.items()],
         "resources": {"limits": {"nvidia.com/gpu": o.gpus}, "requests": {"nvidia.com/gpu": o.gpus}},
         "readinessProbe": _probe("/v2/health/ready", 5, 3),
-        "livenessProbe": _probe("/v2/health/live", 10, 3),
+        # Triton's /v2/health/live stays 200 with a dead python backend stub (the entry model's, or a python
+        # flavour submodule's); the stub probe fails then, and the kubelet restarts the container
+        "livenessProbe": {"exec": {"command": ["python3", "-m", "diffsr.app.stub_probe"]}, "periodSeconds": 10,
+                          "failureThreshold": 3, "timeoutSeconds": 5},
         "startupProbe": _probe("/v2/health/ready", 10, 90),  # up to 15 min to fetch and load engines
     }
     pod: dict[str, Any] = {"containers": [container]}

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffsr.app.stub_probe import STUB
 from diffsr.export.errors import DiffsrError
 from diffsr.triton_models.repository import loop_model, verify_repository
 
@@ -77,9 +78,6 @@ def _backend_dir(python_backend: Path, work: Path) -> Path:
         shutil.copy(python_backend / name, dst / name)
     shutil.copy(stub, dst / "triton_python_backend_stub")
     return work / "backends"
-
-
-STUB = "triton_python_backend_stub"
 
 
 def live_stubs(server_pid: int) -> Counter[str]:

@@ -9,6 +9,7 @@ import numpy as np
 import psutil
 import pytest
 
+from diffsr.app.stub_probe import dead_stubs, main
 from diffsr.calib.data import photo
 from diffsr.runtime.image import encode_png
 
@@ -46,7 +47,7 @@ def _inputs(png, steps):
 
 
 def _stub_of(server, model):
-    from diffsr.app.triton_server import STUB
+    from diffsr.app.stub_probe import STUB
 
     for child in psutil.Process(server.process.pid).children(recursive=True):
         if child.name() == STUB and f"/{model}/1/model.py" in " ".join(child.cmdline()):
@@ -74,11 +75,15 @@ def test_a_killed_stub_fails_its_request_cleanly_and_the_model_comes_back(fresh_
             except InferenceServerException as e:
                 outcome["status"], outcome["message"] = e.status(), e.message()
 
+        dead_before = len(dead_stubs(fresh_server.process.pid))
         running = threading.Thread(target=long_request)
         running.start()
         time.sleep(1.5)
         _stub_of(fresh_server, model).kill()
         killed = time.perf_counter()
+        time.sleep(0.2)
+        assert len(dead_stubs(fresh_server.process.pid)) == dead_before + 1
+        assert main(["--pid", str(fresh_server.process.pid)]) == 1  # what a pod's liveness probe runs
         running.join(timeout=120)
         assert not running.is_alive(), "the request in the killed stub never returned"
         assert outcome["status"] == "StatusCode.INTERNAL", outcome  # the server's fault, not the client's

@@ -28,7 +28,7 @@ def test_manifests_validate_against_kubernetes_schemas(repository):
     triton = pod["containers"][0]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert triton["livenessProbe"]["exec"]["command"] == ["python3", "-m", "diffsr.app.stub_probe"]
     expected = "/models" if repository.startswith("pvc:") else repository
     assert f"--model-repository={expected}" in triton["args"]
     assert ("volumes" in pod) == repository.startswith("pvc:")

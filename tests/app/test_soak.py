@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from diffsr.app.cli import app
 from diffsr.app.soak import SoakReport, SoakSettings
+from diffsr.app.stub_probe import main as stub_probe
 from diffsr.export.errors import DiffsrError
 
 
@@ -24,6 +25,7 @@ def test_soak_200_requests_with_bad_ones_mixed_in(server, tmp_path):
     assert got["good"] == 180 and got["bad"] == 20
     assert got["rss_settled_mib"] > 100 and abs(got["memory_growth"]) <= 0.05
     assert 0 < got["p50_s"] <= got["p95_s"]
+    assert stub_probe(["--pid", str(server.process.pid)]) == 0  # the pods' liveness probe: every stub alive
 
 
 def test_bad_requests_are_spread_evenly():
