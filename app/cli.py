@@ -350,7 +350,7 @@ def triton_repo(
     tile_overlap: Annotated[Optional[int], typer.Option(help="latent cells shared by neighbouring tiles (default: a quarter tile)")] = None,
     tile_batch: Annotated[Optional[int], typer.Option(help="tiles per submodule call (default 4; tensorrt: at most the engines' batch)")] = None,
     entry: Annotated[str, typer.Option(help="the endpoint: bls (runs the loop; a cancel reaches it) or ensemble")] = "bls",
-    step_batch: Annotated[int, typer.Option(help="onnxruntime flavour: most loops' step calls one fusion_transformer/controlnet_unet run takes (0: off)")] = 0,
+    step_batch: Annotated[int, typer.Option(help="onnxruntime flavour: most loops' step calls one fusion_transformer/controlnet_unet run takes (0 or 1: off)")] = 0,
     step_batch_delay_us: Annotated[int, typer.Option(help="how long a step call may wait for others to batch with")] = 0,
 ) -> None:
     """Generate the Triton model repository (BLS entry point, per-submodule models)."""

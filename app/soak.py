@@ -11,7 +11,6 @@ past `memory_tolerance` is a leak. Loopback use: the loop is bounded by `request
 from __future__ import annotations
 
 import math
-import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from diffsr.app.bench import stats
+from diffsr.app.process_memory import tree_rss_mib
 from diffsr.app.triton_client import RequestRefused, TritonClient
 from diffsr.export.errors import DiffsrError
 from diffsr.export.progress import OnProgress, Progress, ignore
@@ -44,11 +45,15 @@ class SoakSettings:
             raise DiffsrError("--requests, --concurrency, --inputs and --steps must be at least 1")
         if not 0.0 <= self.bad_fraction < 1.0:
             raise DiffsrError(f"--bad-fraction {self.bad_fraction} must be in [0, 1)")
-        if not 0 < self.settle < self.requests:
-            raise DiffsrError(f"the memory baseline is read after {self.settle} requests: send more than that")
+        if self.settle < 1:
+            raise DiffsrError("--settle must be at least 1")
 
     def is_bad(self, i: int) -> bool:
         return math.floor((i + 1) * self.bad_fraction) > math.floor(i * self.bad_fraction)
+
+    def bad_kind(self, i: int, kinds: int) -> int:
+        """Which kind of bad request the i-th request is: the bad ones take each kind in turn."""
+        return math.floor(i * self.bad_fraction) % kinds
 
 
 @dataclass
@@ -67,9 +72,9 @@ class SoakReport:
     def throughput(self) -> float:
         return self.good / self.seconds if self.seconds else 0.0
 
-    def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies_s)
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+    def latency(self) -> dict[str, float]:
+        """Median and p95 of the good requests' latencies (`app.bench.stats`)."""
+        return stats(self.latencies_s) if self.latencies_s else {"median_s": float("nan"), "p95_s": float("nan")}
 
     @property
     def memory_growth(self) -> float | None:
@@ -84,28 +89,20 @@ class SoakReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"settings": asdict(self.settings), "protocol": self.protocol, "good": self.good, "bad": self.bad,
-                "seconds": self.seconds, "images_per_s": self.throughput, "p50_s": self.percentile(0.5),
-                "p95_s": self.percentile(0.95), "median_s": statistics.median(self.latencies_s) if self.latencies_s else None,
+                "seconds": self.seconds, "images_per_s": self.throughput, **self.latency(),
                 "rss_settled_mib": self.rss_settled_mib, "rss_end_mib": self.rss_end_mib,
                 "memory_growth": self.memory_growth, "failures": self.failures, "ok": self.ok}
 
 
 def server_rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants, MiB."""
-    import psutil
+    """Resident memory of the server and its stubs, MiB."""
+    rss = tree_rss_mib(pid)
+    if not rss:
+        raise DiffsrError(f"no server process {pid} to measure")
+    return rss
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        raise DiffsrError(f"no server process {pid} to measure") from None
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:  # exited meanwhile
-            continue
-    return total / 2**20
+
+BAD_KINDS = ("corrupt image", "zero steps", "nan guidance", "past the pixel limit")
 
 
 def _bad_requests(size: tuple[int, int]) -> list[tuple[str, dict[str, Any]]]:
@@ -113,12 +110,10 @@ def _bad_requests(size: tuple[int, int]) -> list[tuple[str, dict[str, Any]]]:
     from diffsr.runtime.image import encode_png
 
     png = encode_png(photo("astronaut", (size[1], size[0])))
-    return [
-        ("corrupt image", dict(image=b"\x89PNG\r\n\x1a\n" + bytes(64))),
-        ("zero steps", dict(image=png, steps=0)),
-        ("nan guidance", dict(image=png, guidance_scale=float("nan"))),
-        ("past the pixel limit", dict(image=encode_png(np.zeros((1250, 1250, 3), np.uint8)))),  # x4: 5000 x 5000
-    ]
+    requests: list[dict[str, Any]] = [dict(image=b"\x89PNG\r\n\x1a\n" + bytes(64)), dict(image=png, steps=0),
+                dict(image=png, guidance_scale=float("nan")),
+                dict(image=encode_png(np.zeros((1250, 1250, 3), np.uint8)))]  # x4: 5000 x 5000
+    return list(zip(BAD_KINDS, requests))
 
 
 def run_soak(url: str, settings: SoakSettings, protocol: str = "grpc", server_pid: int | None = None,
@@ -129,7 +124,7 @@ def run_soak(url: str, settings: SoakSettings, protocol: str = "grpc", server_pi
     if protocol not in CLIENT_FAULT:
         raise DiffsrError(f"unknown protocol {protocol!r}; choose one of {sorted(CLIENT_FAULT)}")
     w, h = settings.size
-    goods = [dict(image=encode_png(photo(PHOTOS[k % len(PHOTOS)], (h, w))), steps=settings.steps, seed=1000 + k)
+    goods: list[dict[str, Any]] = [dict(image=encode_png(photo(PHOTOS[k % len(PHOTOS)], (h, w))), steps=settings.steps, seed=1000 + k)
              for k in range(settings.inputs)]
     bads = _bad_requests(settings.size)
     report = SoakReport(settings, protocol)
@@ -150,7 +145,7 @@ def run_soak(url: str, settings: SoakSettings, protocol: str = "grpc", server_pi
             with lock:
                 clients.append(local.client)
         if settings.is_bad(i):
-            what, request = bads[i % len(bads)]
+            what, request = bads[settings.bad_kind(i, len(bads))]
             try:
                 local.client.upscale(**request)
                 failure: str | None = f"request {i} ({what}) was answered, not refused"
@@ -175,7 +170,7 @@ def run_soak(url: str, settings: SoakSettings, protocol: str = "grpc", server_pi
                 report.latencies_s.append(latency)
             if failure is not None:
                 report.failures.append(failure)
-            if done == settings.settle and server_pid is not None:
+            if done == min(settings.settle, settings.requests) and server_pid is not None:
                 report.rss_settled_mib = server_rss_mib(server_pid)
             on_progress(Progress("soak", f"{len(report.failures)} failed", done, settings.requests))
 
@@ -198,7 +193,7 @@ def summary(report: SoakReport) -> list[str]:
         f"{s.requests} requests at concurrency {s.concurrency} over {report.protocol} ({report.bad} bad), "
         f"{s.size[0]}x{s.size[1]} -> x4, {s.steps} steps: {report.seconds:.1f} s",
         f"good answers {report.good}, equal to their solo images; throughput {report.throughput:.2f} images/s; "
-        f"latency p50 {report.percentile(0.5):.3f} s, p95 {report.percentile(0.95):.3f} s",
+        f"latency median {report.latency()['median_s']:.3f} s, p95 {report.latency()['p95_s']:.3f} s",
     ]
     growth = report.memory_growth
     if growth is not None:

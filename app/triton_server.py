@@ -10,13 +10,15 @@ installed in that environment (`pip install` or `pip install -e`).
 A python model whose stub process dies (killed, out of memory) is not restarted by Triton 2.51: the model
 answers every request "Stub process ... is not healthy" while the server still reports itself live and
 ready (Triton server issue #8604). So the server runs with explicit model control and `StubWatch` reloads
-such a model (unload, load: new stubs) as soon as its stub is seen dead.
+such a model (unload, load: new stubs) as soon as its stub is seen dead. The model-repository API (load,
+unload) is restricted to a header with a secret drawn per start, which only the watch holds.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -31,11 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffsr.app.stub_probe import STUB
+import psutil
+
+from diffsr.app.stub_probe import is_dead, stub_processes
 from diffsr.export.errors import DiffsrError
 from diffsr.triton_models.repository import loop_model, verify_repository
 
 log = logging.getLogger(__name__)
+ADMIN_HEADER = "diffsr-admin"  # the header that unlocks Triton's model-repository API (load, unload)
 
 
 @dataclass(frozen=True)
@@ -83,18 +88,16 @@ def _backend_dir(python_backend: Path, work: Path) -> Path:
 def live_stubs(server_pid: int) -> Counter[str]:
     """Running python-backend stub processes of a tritonserver, counted per model (a stub's command line
     names its model's `<repository>/<model>/<version>/model.py`); dead ones (zombies) are not counted."""
-    import psutil
-
     counts: Counter[str] = Counter()
     try:
-        children = psutil.Process(server_pid).children(recursive=True)
+        stubs = stub_processes(server_pid)
     except psutil.Error:
         return counts
-    for child in children:
+    for stub in stubs:
         try:
-            if child.name() != STUB or child.status() == psutil.STATUS_ZOMBIE:
+            if is_dead(stub):
                 continue
-            script = next(arg for arg in child.cmdline() if arg.endswith("model.py"))
+            script = next(arg for arg in stub.cmdline() if arg.endswith("model.py"))
         except (psutil.Error, StopIteration):  # gone meanwhile, or not a model's stub
             continue
         counts[Path(script).parts[-3]] += 1
@@ -111,22 +114,29 @@ class Recovery:
 @dataclass
 class StubWatch:
     """Every `interval_s`, compare each model's running stubs with those it had when the server got ready; a
-    model short of one is reloaded (Triton's explicit model control: unload, load)."""
+    model short of one is reloaded (Triton's explicit model control: unload, load). The reload takes every
+    instance of that model down for its duration (Triton's unload lets requests already in the healthy
+    instances finish first): a stub that died is an error to mend, not a routine event."""
 
     server: TritonServer
     interval_s: float = 0.5
     backoff_s: float = 5.0
     recoveries: list[Recovery] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
 
     def start(self) -> StubWatch:
         assert self.server.process is not None
         self.expected = live_stubs(self.server.process.pid)
-        threading.Thread(target=self._run, daemon=True, name="diffsr-stub-watch").start()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="diffsr-stub-watch")
+        self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
     def _run(self) -> None:
         import tritonclient.http as http
@@ -135,19 +145,24 @@ class StubWatch:
         assert process is not None
         with http.InferenceServerClient(self.server.http_url, network_timeout=600.0) as client:
             while not self._stop.wait(self.interval_s) and process.poll() is None:
-                live = live_stubs(process.pid)
-                for model, count in self.expected.items():
-                    if live[model] < count and not self._stop.is_set():
-                        self._reload(client, model)
+                try:
+                    live = live_stubs(process.pid)
+                    for model, count in self.expected.items():
+                        if live[model] < count and not self._stop.is_set():
+                            self._reload(client, model)
+                except Exception as e:  # noqa: BLE001 - the watch must outlive any one failure
+                    self.server.say(f"diffsr: stub watch: {type(e).__name__}: {e}; retrying in {self.backoff_s:.0f} s")
+                    self._stop.wait(self.backoff_s)
 
     def _reload(self, client: Any, model: str) -> None:
         from tritonclient.utils import InferenceServerException
 
         start = time.perf_counter()
         self.server.say(f"diffsr: a python backend stub of model {model!r} died; reloading the model")
+        headers = self.server.admin_headers
         try:
-            client.unload_model(model)
-            client.load_model(model)
+            client.unload_model(model, headers=headers)
+            client.load_model(model, headers=headers)
         except InferenceServerException as e:
             self.recoveries.append(Recovery(model, time.perf_counter() - start, str(e)))
             self.server.say(f"diffsr: reloading {model!r} failed: {e}; retrying in {self.backoff_s:.0f} s")
@@ -169,6 +184,8 @@ class TritonServer:
         self.logs: list[str] = []
         self._work: tempfile.TemporaryDirectory[str] | None = None  # the backend folder, while running
         self.watch: StubWatch | None = StubWatch(self) if watch_stubs else None
+        # explicit model control lets a client unload models: only a caller holding this header may
+        self.admin_headers = {ADMIN_HEADER: secrets.token_hex(16)}
 
     @property
     def http_url(self) -> str:
@@ -199,6 +216,8 @@ class TritonServer:
             f"--grpc-address={self.host}", f"--metrics-address={self.host}", f"--http-port={self.ports.http}",
             f"--grpc-port={self.ports.grpc}", f"--metrics-port={self.ports.metrics}", "--exit-on-error=true",
             "--model-control-mode=explicit", "--load-model=*",  # every model, and reloadable (StubWatch)
+            f"--http-restricted-api=model-repository:{ADMIN_HEADER}={self.admin_headers[ADMIN_HEADER]}",
+            f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={self.admin_headers[ADMIN_HEADER]}",
             "--strict-readiness=true", "--log-verbose=0", "--exit-timeout-secs=10", *self._pool_args(), *extra,
         ], env
 

@@ -68,8 +68,10 @@ def tiny_repo(tiny_checkpoint, tiny_onnx, tmp_path_factory):
     from diffsr.triton_models.repository import ServingOptions, build_repository
 
     out = tmp_path_factory.mktemp("repo") / "models"
-    # step batching on here (off by default), so the serving tests run the stacked per-step calls
-    build_repository(tiny_checkpoint, tiny_onnx, out, "onnxruntime", options=ServingOptions(sampler_instances=4, step_batch=8))
+    # step batching on here (off by default), so the serving tests run the stacked per-step calls; a 2 ms
+    # queue delay so that concurrent loops' calls do meet
+    options = ServingOptions(sampler_instances=4, step_batch=8, step_batch_delay_us=2000)
+    build_repository(tiny_checkpoint, tiny_onnx, out, "onnxruntime", options=options)
     return out
 
 

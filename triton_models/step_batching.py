@@ -13,14 +13,17 @@ and `cfg_batch` inputs half by half (all negatives, then all positives), which k
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from diffsr.export.errors import DiffsrError
 from diffsr.export.signatures import Signature
 
 BATCHED = ("fusion_transformer", "controlnet_unet")  # called every step: worth a batch
 BATCH_DIMS = ("batch", "cfg_batch")
+Array = npt.NDArray[Any]
 
 
 def _dim(sig: Signature, name: str) -> str:
@@ -31,7 +34,7 @@ def _dim(sig: Signature, name: str) -> str:
     return str(first)
 
 
-def groups(sig: Signature, feed: Mapping[str, np.ndarray]) -> int:
+def groups(sig: Signature, feed: Mapping[str, Array]) -> int:
     """How many row groups a call's cfg_batch tensors hold: 2 with guidance (negatives, positives), else 1."""
     rows = {_dim(sig, s.name): feed[s.name].shape[0] for s in sig.inputs}
     if "cfg_batch" not in rows or "batch" not in rows:
@@ -41,7 +44,7 @@ def groups(sig: Signature, feed: Mapping[str, np.ndarray]) -> int:
     return rows["cfg_batch"] // rows["batch"]
 
 
-def stack(sig: Signature, feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def stack(sig: Signature, feeds: Sequence[Mapping[str, Array]]) -> dict[str, Array]:
     """One feed of several calls' feeds (all with equal shapes, so equal groups)."""
     n = groups(sig, feeds[0])
     out = {}
@@ -55,9 +58,9 @@ def stack(sig: Signature, feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str
     return out
 
 
-def unstack(sig: Signature, outputs: Mapping[str, np.ndarray], calls: int, n: int) -> list[dict[str, np.ndarray]]:
+def unstack(sig: Signature, outputs: Mapping[str, Array], calls: int, n: int) -> list[dict[str, Array]]:
     """Each call's own outputs from the stacked call's outputs."""
-    per_call: list[dict[str, np.ndarray]] = [{} for _ in range(calls)]
+    per_call: list[dict[str, Array]] = [{} for _ in range(calls)]
     for spec in sig.outputs:
         value = outputs[spec.name]
         if _dim(sig, spec.name) == "cfg_batch":

@@ -6,15 +6,11 @@ import threading
 import time
 
 import numpy as np
-import psutil
 import pytest
 
-from diffsr.app.stub_probe import dead_stubs, main
+from diffsr.app.stub_probe import dead_stubs, is_dead, main, stub_processes
 from diffsr.calib.data import photo
 from diffsr.runtime.image import encode_png
-
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-
 
 @pytest.fixture(scope="module")
 def png():
@@ -47,11 +43,9 @@ def _inputs(png, steps):
 
 
 def _stub_of(server, model):
-    from diffsr.app.stub_probe import STUB
-
-    for child in psutil.Process(server.process.pid).children(recursive=True):
-        if child.name() == STUB and f"/{model}/1/model.py" in " ".join(child.cmdline()):
-            return child
+    for stub in stub_processes(server.process.pid):
+        if not is_dead(stub) and f"/{model}/1/model.py" in " ".join(stub.cmdline()):
+            return stub
     raise AssertionError(f"no stub process of {model}")
 
 
@@ -83,7 +77,8 @@ def test_a_killed_stub_fails_its_request_cleanly_and_the_model_comes_back(fresh_
         killed = time.perf_counter()
         time.sleep(0.2)
         assert len(dead_stubs(fresh_server.process.pid)) == dead_before + 1
-        assert main(["--pid", str(fresh_server.process.pid)]) == 1  # what a pod's liveness probe runs
+        probe = ["--pid", str(fresh_server.process.pid), "--url", f"http://{fresh_server.http_url}"]
+        assert main(probe) == 1  # what a pod's liveness probe runs: Triton's own /v2/health/live still says 200
         running.join(timeout=120)
         assert not running.is_alive(), "the request in the killed stub never returned"
         assert outcome["status"] == "StatusCode.INTERNAL", outcome  # the server's fault, not the client's
@@ -103,3 +98,14 @@ def test_a_killed_stub_fails_its_request_cleanly_and_the_model_comes_back(fresh_
     assert reloads and reloads[-1].error is None, fresh_server.watch.recoveries
     print(f"{model}: stub killed; the request's outcome: {outcome}; served again after {recovered:.1f} s "
           f"(model reload {reloads[-1].seconds:.1f} s)")
+
+
+def test_only_the_watch_may_unload_models(fresh_server):
+    """Explicit model control opens Triton's load/unload API; it is restricted to the server's own header."""
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    with http.InferenceServerClient(fresh_server.http_url) as client:
+        with pytest.raises(InferenceServerException):
+            client.unload_model("controlnet_unet")
+        assert client.is_model_ready("controlnet_unet")

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffsr.app.cli import app
-from diffsr.app.soak import SoakReport, SoakSettings
+from diffsr.app.soak import BAD_KINDS, SoakReport, SoakSettings
 from diffsr.app.stub_probe import main as stub_probe
 from diffsr.export.errors import DiffsrError
 
@@ -24,14 +24,18 @@ def test_soak_200_requests_with_bad_ones_mixed_in(server, tmp_path):
     assert got["failures"] == [] and got["ok"]
     assert got["good"] == 180 and got["bad"] == 20
     assert got["rss_settled_mib"] > 100 and abs(got["memory_growth"]) <= 0.05
-    assert 0 < got["p50_s"] <= got["p95_s"]
-    assert stub_probe(["--pid", str(server.process.pid)]) == 0  # the pods' liveness probe: every stub alive
+    assert 0 < got["median_s"] <= got["p95_s"]
+    probe = ["--pid", str(server.process.pid), "--url", f"http://{server.http_url}"]
+    assert stub_probe(probe) == 0  # the pods' liveness probe: live, every stub alive
+    assert stub_probe([*probe, "--url", "http://127.0.0.1:9"]) == 1  # nothing answers there
 
 
-def test_bad_requests_are_spread_evenly():
+def test_bad_requests_are_spread_evenly_and_take_every_kind_in_turn():
     settings = SoakSettings(requests=200, bad_fraction=0.1)
     bad = [i for i in range(200) if settings.is_bad(i)]
     assert len(bad) == 20 and all(b - a == 10 for a, b in zip(bad, bad[1:]))
+    kinds = [settings.bad_kind(i, len(BAD_KINDS)) for i in bad]
+    assert kinds[:4] == [0, 1, 2, 3] and all(kinds.count(k) == 5 for k in range(4))
     assert not any(SoakSettings(requests=50, bad_fraction=0.0).is_bad(i) for i in range(50))
 
 
@@ -42,7 +46,7 @@ def test_a_report_with_a_failure_or_grown_memory_is_not_ok():
     assert not SoakReport(settings, "grpc", failures=["request 3 (input 3): the image differs from its solo answer"]).ok
 
 
-@pytest.mark.parametrize("kwargs", [dict(requests=0), dict(bad_fraction=1.0), dict(requests=10, settle=20)])
+@pytest.mark.parametrize("kwargs", [dict(requests=0), dict(bad_fraction=1.0), dict(concurrency=0)])
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(DiffsrError):
         SoakSettings(**kwargs)

@@ -179,10 +179,8 @@ def test_concurrent_requests_each_get_their_own_image(server, lq, request):
 def _executions(server, model):
     """(calls, runs) of a model from Triton's own metrics: fewer runs than calls is step batching at work."""
     import re
-    import urllib.request
 
-    with urllib.request.urlopen(f"http://{server.host}:{server.ports.metrics}/metrics", timeout=10) as response:
-        text = response.read().decode()
+    text = _metrics(server)
 
     def value(name):
         return float(re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.M).group(1))
@@ -255,15 +253,18 @@ def test_a_cancelled_request_frees_its_instance_within_a_step(server, lq):
     assert _scrape(server)["diffsr_requests_cancelled_total"] - cancelled_before == 4  # each stopped in the loop
 
 
-def _scrape(server):
-    """name -> value of the `diffsr_*` series of the entry model on Triton's metrics port."""
+def _metrics(server):
+    """The text of Triton's metrics port."""
     import urllib.request
 
-    url = f"http://{server.host}:{server.ports.metrics}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
+    with urllib.request.urlopen(f"http://{server.host}:{server.ports.metrics}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def _scrape(server):
+    """name -> value of the `diffsr_*` series of the entry model on Triton's metrics port."""
     values = {}
-    for line in text.splitlines():
+    for line in _metrics(server).splitlines():
         if line.startswith("diffsr_") and 'model="diffsr"' in line and "le=" not in line:
             name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
             values[name] = values.get(name, 0.0) + value

@@ -54,14 +54,20 @@ class TritonPythonModel:
     def _execute_batched(self, requests: list) -> list:
         """Calls of equal shapes run together, each answered with its own rows (a failure fails them all:
         the server's fault, INTERNAL)."""
-        answers: list[list] = [[] for _ in requests]
+        answers: list = [None] * len(requests)  # each request's tensors, or its error
         by_shape: dict[tuple, list[tuple[int, dict[str, np.ndarray]]]] = defaultdict(list)
         for i, request in enumerate(requests):
-            feed = {name: value[0] for name, value in self._feed(request).items()}  # the call's leading axis of 1
+            feed = self._feed(request)
+            if any(value.shape[0] != 1 for value in feed.values()):  # one loop's call: a leading axis of 1
+                answers[i] = pb_utils.TritonError(f"{self.sig.name}: each call takes a leading axis of 1 (one loop's "
+                                                  "call; its own batch inside)", pb_utils.TritonError.INVALID_ARG)
+                continue
+            feed = {name: value[0] for name, value in feed.items()}
             by_shape[tuple(feed[name].shape for name in self.inputs)].append((i, feed))
         for calls in by_shape.values():
             feeds = [feed for _, feed in calls]
             outputs = dict(zip(self.outputs, self.session.run(self.outputs, stack(self.sig, feeds))))
             for (i, _), own in zip(calls, unstack(self.sig, outputs, len(calls), groups(self.sig, feeds[0]))):
                 answers[i] = self._tensors({name: value[None] for name, value in own.items()})
-        return [pb_utils.InferenceResponse(output_tensors=tensors) for tensors in answers]
+        return [pb_utils.InferenceResponse(error=a) if isinstance(a, pb_utils.TritonError)
+                else pb_utils.InferenceResponse(output_tensors=a) for a in answers]
