@@ -147,10 +147,14 @@ def test_client_faults_are_invalid_argument_and_the_server_serves_on(server, lq,
     big = _png(np.zeros((1250, 1250, 3), np.uint8))  # a 5000x5000 output
     client = kind.InferenceServerClient(url)
     try:
-        for tensors in ([("image", np.array([big], dtype=np.object_), "BYTES")], _image_and_steps(lq, 0)):
+        # 1000 steps pass the settings' range but not SD's scheduler (leading spacing would start at t = 1000)
+        cases = {"pixel limit": [("image", np.array([big], dtype=np.object_), "BYTES")], "steps=0": _image_and_steps(lq, 0),
+                 "out of range for this scheduler": _image_and_steps(lq, 1000)}
+        for message, tensors in cases.items():
             with pytest.raises(InferenceServerException) as failed:
                 client.infer("diffsr", _inputs(kind, tensors))
             assert failed.value.status() == expected, failed.value.message()
+            assert message in failed.value.message()
     finally:
         client.close()
     with TritonClient(url, protocol) as own:
