@@ -47,6 +47,8 @@ class SoakSettings:
             raise DiffsrError(f"--bad-fraction {self.bad_fraction} must be in [0, 1)")
         if self.settle < 1:
             raise DiffsrError("--settle must be at least 1")
+        if not 0.0 <= self.memory_tolerance < 1.0:
+            raise DiffsrError(f"--memory-tolerance {self.memory_tolerance} must be in [0, 1)")
 
     def is_bad(self, i: int) -> bool:
         return math.floor((i + 1) * self.bad_fraction) > math.floor(i * self.bad_fraction)
@@ -76,6 +78,10 @@ class SoakReport:
         """Median and p95 of the good requests' latencies (`app.bench.stats`)."""
         return stats(self.latencies_s) if self.latencies_s else {"median_s": float("nan"), "p95_s": float("nan")}
 
+    def latency_json(self) -> dict[str, float | None]:
+        """As `latency`, with None where there was no good answer (JSON has no NaN)."""
+        return {k: None if math.isnan(v) else v for k, v in self.latency().items()}
+
     @property
     def memory_growth(self) -> float | None:
         if self.rss_settled_mib is None or self.rss_end_mib is None:
@@ -89,7 +95,7 @@ class SoakReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"settings": asdict(self.settings), "protocol": self.protocol, "good": self.good, "bad": self.bad,
-                "seconds": self.seconds, "images_per_s": self.throughput, **self.latency(),
+                "seconds": self.seconds, "images_per_s": self.throughput, **self.latency_json(),
                 "rss_settled_mib": self.rss_settled_mib, "rss_end_mib": self.rss_end_mib,
                 "memory_growth": self.memory_growth, "failures": self.failures, "ok": self.ok}
 
@@ -123,6 +129,8 @@ def run_soak(url: str, settings: SoakSettings, protocol: str = "grpc", server_pi
 
     if protocol not in CLIENT_FAULT:
         raise DiffsrError(f"unknown protocol {protocol!r}; choose one of {sorted(CLIENT_FAULT)}")
+    if server_pid is not None and settings.settle >= settings.requests:
+        raise DiffsrError(f"the memory baseline is read after {settings.settle} requests (--settle): send more than that")
     w, h = settings.size
     goods: list[dict[str, Any]] = [dict(image=encode_png(photo(PHOTOS[k % len(PHOTOS)], (h, w))), steps=settings.steps, seed=1000 + k)
              for k in range(settings.inputs)]
@@ -170,14 +178,18 @@ def run_soak(url: str, settings: SoakSettings, protocol: str = "grpc", server_pi
                 report.latencies_s.append(latency)
             if failure is not None:
                 report.failures.append(failure)
-            if done == min(settings.settle, settings.requests) and server_pid is not None:
+            if done == settings.settle and server_pid is not None:
                 report.rss_settled_mib = server_rss_mib(server_pid)
             on_progress(Progress("soak", f"{len(report.failures)} failed", done, settings.requests))
 
     start = time.perf_counter()
     try:
         with ThreadPoolExecutor(settings.concurrency) as pool:
-            list(pool.map(one, range(settings.requests)))
+            try:
+                list(pool.map(one, range(settings.requests)))
+            except BaseException:  # Ctrl-C, or a worker's error: drop the requests not yet sent
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     finally:
         for c in clients:
             c.close()

@@ -1,7 +1,8 @@
 """Liveness of a tritonserver and its python backend stubs, for a server that runs without `diffsr serve`'s
 stub watch (a Kubernetes pod running `tritonserver` itself). Triton 2.51 neither restarts a stub that died
 nor reports it: `/v2/health/live` stays 200 while the stub's model fails every request. A dead stub stays a
-zombie child of the server (Triton does not reap it), so its presence is the sign. The probe exits 1 when
+zombie child of the server (Triton 2.51's python backend does not reap it; a later one that does would
+hide it from this probe: re-check on upgrading the image), so its presence is the sign. The probe exits 1 when
 the server does not answer `/v2/health/live` or any of its stubs has died, and the kubelet restarts the
 container.
 

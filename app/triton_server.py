@@ -11,7 +11,7 @@ A python model whose stub process dies (killed, out of memory) is not restarted 
 answers every request "Stub process ... is not healthy" while the server still reports itself live and
 ready (Triton server issue #8604). So the server runs with explicit model control and `StubWatch` reloads
 such a model (unload, load: new stubs) as soon as its stub is seen dead. The model-repository API (load,
-unload) is restricted to a header with a secret drawn per start, which only the watch holds.
+unload) is restricted to a header with a secret drawn per `TritonServer`: no remote client can unload models.
 """
 
 from __future__ import annotations
@@ -89,11 +89,7 @@ def live_stubs(server_pid: int) -> Counter[str]:
     """Running python-backend stub processes of a tritonserver, counted per model (a stub's command line
     names its model's `<repository>/<model>/<version>/model.py`); dead ones (zombies) are not counted."""
     counts: Counter[str] = Counter()
-    try:
-        stubs = stub_processes(server_pid)
-    except psutil.Error:
-        return counts
-    for stub in stubs:
+    for stub in stub_processes(server_pid):  # psutil.Error when the server itself is gone
         try:
             if is_dead(stub):
                 continue
@@ -147,6 +143,8 @@ class StubWatch:
             while not self._stop.wait(self.interval_s) and process.poll() is None:
                 try:
                     live = live_stubs(process.pid)
+                    if not client.is_server_live():  # the server is going down, not one stub
+                        continue
                     for model, count in self.expected.items():
                         if live[model] < count and not self._stop.is_set():
                             self._reload(client, model)
@@ -184,7 +182,9 @@ class TritonServer:
         self.logs: list[str] = []
         self._work: tempfile.TemporaryDirectory[str] | None = None  # the backend folder, while running
         self.watch: StubWatch | None = StubWatch(self) if watch_stubs else None
-        # explicit model control lets a client unload models: only a caller holding this header may
+        # explicit model control lets a client unload models: only a caller holding this header may (HTTP; a
+        # gRPC client would send it as "triton-grpc-protocol-diffsr-admin"). The secret is on the server's
+        # command line, so this keeps out remote clients, not local users.
         self.admin_headers = {ADMIN_HEADER: secrets.token_hex(16)}
 
     @property

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffsr.app.cli import app
-from diffsr.app.soak import BAD_KINDS, SoakReport, SoakSettings
+from diffsr.app.soak import BAD_KINDS, SoakReport, SoakSettings, run_soak
 from diffsr.app.stub_probe import main as stub_probe
 from diffsr.export.errors import DiffsrError
 
@@ -46,10 +46,16 @@ def test_a_report_with_a_failure_or_grown_memory_is_not_ok():
     assert not SoakReport(settings, "grpc", failures=["request 3 (input 3): the image differs from its solo answer"]).ok
 
 
-@pytest.mark.parametrize("kwargs", [dict(requests=0), dict(bad_fraction=1.0), dict(concurrency=0)])
+@pytest.mark.parametrize("kwargs", [dict(requests=0), dict(bad_fraction=1.0), dict(concurrency=0),
+                                    dict(memory_tolerance=float("nan"))])
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(DiffsrError):
         SoakSettings(**kwargs)
+
+
+def test_a_memory_baseline_after_the_last_request_is_refused():
+    with pytest.raises(DiffsrError, match="send more than that"):
+        run_soak("127.0.0.1:9", SoakSettings(requests=20, settle=20), server_pid=1)
 
 
 def test_an_unreachable_endpoint_is_one_clear_error():
