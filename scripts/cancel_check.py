@@ -12,9 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import tritonclient.grpc as grpc
 
+from diffsr.app.triton_client import request_inputs
 from diffsr.app.triton_server import Ports, TritonServer
 from diffsr.calib.data import photo
 from diffsr.export.checkpoint import open_checkpoint
@@ -26,12 +26,7 @@ png = encode_png(photo("astronaut", (64, 64)))
 
 
 def inputs(steps):
-    made = []
-    for name, array, dtype in (("image", np.array([png], dtype=np.object_), "BYTES"),
-                               ("steps", np.array([steps], np.int32), "INT32")):
-        made.append(grpc.InferInput(name, list(array.shape), dtype))
-        made[-1].set_data_from_numpy(array)
-    return made
+    return request_inputs("grpc", png, steps=steps)
 
 
 def timed(client, steps):

@@ -5,12 +5,13 @@ stub watch (`app.triton_server.StubWatch`) reloads the model. Each test kills a 
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from diffsr.app.stub_probe import dead_stubs, is_dead, main, stub_processes
+from diffsr.app.triton_client import request_inputs
 from diffsr.calib.data import photo
 from diffsr.runtime.image import encode_png
+
 
 @pytest.fixture(scope="module")
 def png():
@@ -31,17 +32,6 @@ def fresh_server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
         yield srv
 
 
-def _inputs(png, steps):
-    import tritonclient.grpc as grpc
-
-    made = []
-    for name, array, dtype in (("image", np.array([png], dtype=np.object_), "BYTES"),
-                               ("steps", np.array([steps], np.int32), "INT32")):
-        made.append(grpc.InferInput(name, list(array.shape), dtype))
-        made[-1].set_data_from_numpy(array)
-    return made
-
-
 def _stub_of(server, model):
     for stub in stub_processes(server.process.pid):
         if not is_dead(stub) and f"/{model}/1/model.py" in " ".join(stub.cmdline()):
@@ -59,12 +49,12 @@ def test_a_killed_stub_fails_its_request_cleanly_and_the_model_comes_back(fresh_
 
     client = grpc.InferenceServerClient(fresh_server.grpc_url)
     try:
-        before = client.infer("diffsr", _inputs(png, 4)).as_numpy("upscaled")[0]
+        before = client.infer("diffsr", request_inputs("grpc", png, steps=4)).as_numpy("upscaled")[0]
         outcome = {}
 
         def long_request():
             try:
-                client.infer("diffsr", _inputs(png, 999), client_timeout=120)  # ~15 s: still running at the kill
+                client.infer("diffsr", request_inputs("grpc", png, steps=999), client_timeout=120)  # ~15 s: still running at the kill
                 outcome["status"] = "ok"
             except InferenceServerException as e:
                 outcome["status"], outcome["message"] = e.status(), e.message()
@@ -85,7 +75,7 @@ def test_a_killed_stub_fails_its_request_cleanly_and_the_model_comes_back(fresh_
         assert "not healthy" in outcome["message"] or "Stub" in outcome["message"], outcome
         while True:
             try:
-                after = client.infer("diffsr", _inputs(png, 4)).as_numpy("upscaled")[0]
+                after = client.infer("diffsr", request_inputs("grpc", png, steps=4)).as_numpy("upscaled")[0]
                 break
             except InferenceServerException:
                 assert time.perf_counter() - killed < 60, "the server did not recover within 60 s"

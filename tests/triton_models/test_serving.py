@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from diffsr.app.triton_client import TritonClient
+from diffsr.app.triton_client import TritonClient, request_inputs
 from diffsr.calib.data import photo
 from diffsr.export.errors import DiffsrError
 from diffsr.runtime.backends import load_runners
@@ -87,10 +87,6 @@ def _inputs(kind, tensors):
     return inputs
 
 
-def _image_and_steps(lq, steps):
-    return [("image", np.array([_png(lq)], dtype=np.object_), "BYTES"), ("steps", np.array([steps], np.int32), "INT32")]
-
-
 def _raw_infer(server, tensors):
     import tritonclient.http as http
 
@@ -148,11 +144,11 @@ def test_client_faults_are_invalid_argument_and_the_server_serves_on(server, lq,
     client = kind.InferenceServerClient(url)
     try:
         # 1000 steps pass the settings' range but not SD's scheduler (leading spacing would start at t = 1000)
-        cases = {"pixel limit": [("image", np.array([big], dtype=np.object_), "BYTES")], "steps=0": _image_and_steps(lq, 0),
-                 "out of range for this scheduler": _image_and_steps(lq, 1000)}
-        for message, tensors in cases.items():
+        cases = {"pixel limit": request_inputs(protocol, big), "steps=0": request_inputs(protocol, _png(lq), steps=0),
+                 "out of range for this scheduler": request_inputs(protocol, _png(lq), steps=1000)}
+        for message, inputs in cases.items():
             with pytest.raises(InferenceServerException) as failed:
-                client.infer("diffsr", _inputs(kind, tensors))
+                client.infer("diffsr", inputs)
             assert failed.value.status() == expected, failed.value.message()
             assert message in failed.value.message()
     finally:
@@ -225,7 +221,7 @@ def test_a_cancelled_request_frees_its_instance_within_a_step(server, lq):
     import tritonclient.grpc as grpc
 
     def inputs(steps):
-        return _inputs(grpc, _image_and_steps(lq, steps))
+        return request_inputs("grpc", _png(lq), steps=steps)
 
     client = grpc.InferenceServerClient(server.grpc_url)
     try:
@@ -316,10 +312,9 @@ def narrow_server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
 def test_overload_is_unavailable_and_the_server_serves_on(narrow_server, lq, protocol):
     """Four requests at once against one instance and a queue of one: those beyond are refused at once as
     UNAVAILABLE (HTTP 503), the others answered; then the server serves the next request."""
-    from tritonclient.utils import InferenceServerException
-
     import tritonclient.grpc as grpc
     import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
 
     kind = http if protocol == "http" else grpc
     url = narrow_server.http_url if protocol == "http" else narrow_server.grpc_url
@@ -327,7 +322,7 @@ def test_overload_is_unavailable_and_the_server_serves_on(narrow_server, lq, pro
     def one(_):
         client = kind.InferenceServerClient(url)
         try:
-            client.infer("diffsr", _inputs(kind, _image_and_steps(lq, 30)))
+            client.infer("diffsr", request_inputs(protocol, _png(lq), steps=30))
             return "ok"
         except InferenceServerException as e:
             return f"{e.status()} {e.message()}"
