@@ -54,7 +54,11 @@ def test_pad_to_multiple_keeps_the_image_top_left():
 
 
 def test_adain_matches_reference_statistics():
-    x, ref = torch.randn(1, 3, 32, 32) * 0.1 + 0.3, torch.randn(1, 3, 32, 32) * 0.2 - 0.1
+    # seeded: unseeded draws hit adain's clamp to [-1, 1] now and then (ref below -1 is 4.5 sigma, about once
+    # in a hundred runs over 3072 values), which moves the mean; this test is about the statistics
+    g = torch.Generator().manual_seed(0)
+    x, ref = torch.randn(1, 3, 32, 32, generator=g) * 0.1 + 0.3, torch.randn(1, 3, 32, 32, generator=g) * 0.2 - 0.1
     y = adain(x, ref)
+    assert y.abs().max() < 1.0  # nothing clamped
     torch.testing.assert_close(y.mean((-2, -1)), ref.mean((-2, -1)), atol=1e-5, rtol=0)
     torch.testing.assert_close(y.std((-2, -1)), ref.std((-2, -1)), atol=1e-3, rtol=0)
