@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffsr.export.settings import DEFAULT_PROMPT
+from diffsr.export.model.settings import DEFAULT_PROMPT
 from diffsr.runtime.image import to_rgb
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")

@@ -32,14 +32,14 @@ import onnx
 import torch
 
 from diffsr.calib.data import PHOTOS, PROMPTS, photos
-from diffsr.export.checkpoint import SUBMODULES, Checkpoint
-from diffsr.export.config import Precision
-from diffsr.export.errors import DiffsrError
-from diffsr.export.files import read_json
-from diffsr.export.fp16 import FP16_MAX, KeptLayer, fp16_from_fp32
-from diffsr.export.manifest import verified_files
-from diffsr.export.memory import return_freed_memory
-from diffsr.export.progress import OnProgress, Progress, ignore
+from diffsr.export.model.checkpoint import SUBMODULES, Checkpoint
+from diffsr.export.model.config import Precision
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.files import read_json
+from diffsr.export.graphs.to_fp16 import FP16_MAX, KeptLayer, fp16_from_fp32
+from diffsr.export.graphs.manifest import verified_files
+from diffsr.export.core.memory import return_freed_memory
+from diffsr.export.core.progress import OnProgress, Progress, ignore
 from diffsr.runtime.backends import load_runners
 from diffsr.runtime.backends.base import Runner
 from diffsr.runtime.pipeline import Pipeline

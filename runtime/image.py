@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from diffsr.export.config import LATENT_FACTOR
-from diffsr.export.errors import DiffsrError
+from diffsr.export.model.config import LATENT_FACTOR
+from diffsr.export.core.errors import DiffsrError
 
 MAX_INPUT_PIXELS = 4096 * 4096  # a decompression-bomb guard, far above what a request should send
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from diffsr.export.checkpoint import Checkpoint
-from diffsr.export.config import LATENT_FACTOR
-from diffsr.export.errors import DiffsrError
-from diffsr.export.settings import PipelineConfig
-from diffsr.export.signatures import SUBMODULES
+from diffsr.export.model.checkpoint import Checkpoint
+from diffsr.export.model.config import LATENT_FACTOR
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.settings import PipelineConfig
+from diffsr.export.model.signatures import SUBMODULES
 from diffsr.runtime.backends.base import Runner
 from diffsr.runtime.image import adain, output_size, pad_to_multiple, to_uint8, upsample
 from diffsr.runtime.sampler import RunFn, StepCallback, StepGraphs, conditioning, denoise

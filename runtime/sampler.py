@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from diffsr.export.config import ModelConfig
-from diffsr.export.errors import DiffsrError
-from diffsr.export.settings import MAX_STEPS, PipelineConfig
-from diffsr.runtime.scheduler import DDIMScheduler, make_scheduler
+from diffsr.export.model.config import ModelConfig
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.settings import MAX_STEPS, PipelineConfig
+from diffsr.runtime.schedulers.ddim import DDIMScheduler, make_scheduler
 from diffsr.runtime.tiling import Blender, Tile, Tiling, pixels
 
 RunFn = Callable[..., Mapping[str, torch.Tensor]]  # run(submodule, **inputs) -> outputs

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from diffsr.export.config import LATENT_FACTOR, ModelConfig
-from diffsr.export.errors import DiffsrError
-from diffsr.export.settings import TILE_BLENDS as BLENDS
-from diffsr.export.settings import PipelineConfig
+from diffsr.export.model.config import LATENT_FACTOR, ModelConfig
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.settings import TILE_BLENDS as BLENDS
+from diffsr.export.model.settings import PipelineConfig
 
 
 @dataclass(frozen=True)

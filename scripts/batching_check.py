@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from diffsr.app.triton_client import TritonClient
-from diffsr.app.triton_server import Ports, TritonServer
+from diffsr.app.serving.triton_client import TritonClient
+from diffsr.app.serving.triton_server import Ports, TritonServer
 from diffsr.calib.data import photo
-from diffsr.export.checkpoint import open_checkpoint
+from diffsr.export.model.checkpoint import open_checkpoint
 from diffsr.runtime.image import decode_image, encode_png
 from diffsr.triton_models.repository import ServingOptions, build_repository
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import tritonclient.grpc as grpc
 
-from diffsr.app.triton_client import request_inputs
-from diffsr.app.triton_server import Ports, TritonServer
+from diffsr.app.serving.triton_client import request_inputs
+from diffsr.app.serving.triton_server import Ports, TritonServer
 from diffsr.calib.data import photo
-from diffsr.export.checkpoint import open_checkpoint
+from diffsr.export.model.checkpoint import open_checkpoint
 from diffsr.runtime.image import encode_png
 from diffsr.triton_models.repository import ServingOptions, build_repository
 

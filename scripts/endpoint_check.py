@@ -14,11 +14,11 @@ import numpy as np
 from pathlib import Path
 import psutil
 from skimage import data
-from diffsr.app.triton_server import Ports, TritonServer
-from diffsr.app.triton_client import TritonClient
+from diffsr.app.serving.triton_server import Ports, TritonServer
+from diffsr.app.serving.triton_client import TritonClient
 from diffsr.runtime.image import encode_png, decode_image
 from diffsr.runtime.backends import load_pipeline
-from diffsr.export.checkpoint import open_checkpoint
+from diffsr.export.model.checkpoint import open_checkpoint
 from diffsr.triton_models.repository import build_repository
 import tritonclient.grpc as grpc
 from tritonclient.utils import InferenceServerException

@@ -32,7 +32,7 @@ if [ -n "${WHEELS:-}" ]; then pip+=(--no-index --find-links "$WHEELS"); fi
 "${pip[@]}" --no-deps open-clip-torch  # the CLIP BPE vocabulary only (its torchvision is not needed)
 
 {
-    "$VENV/bin/python" -m pytest -ra tests/runtime/test_torch_cuda.py tests/runtime/test_tensorrt_runner.py \
-        tests/export/test_tensorrt_build.py tests/runtime/test_sampler.py
+    "$VENV/bin/python" -m pytest -ra tests/runtime/backends/test_torch_cuda.py tests/runtime/backends/test_tensorrt_runner.py \
+        tests/export/engines/test_build.py tests/runtime/test_sampler.py
     "$VENV/bin/diffsr" gpu-check --json gpu-check.json "$@"
 } 2>&1 | tee gpu-check.log

@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from diffsr.calib.data import photo
-from diffsr.export.checkpoint import load_reference
-from diffsr.export.random_init import init_checkpoint
+from diffsr.export.model.checkpoint import load_reference
+from diffsr.export.model.random_init import init_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +41,7 @@ def photo_lq():
 
 def _export(ckpt, out):
     """`diffsr export --fp16` with the smallest calibration."""
-    from diffsr.app.cli import app
+    from diffsr.app.cli.main import app
 
     result = CliRunner().invoke(app, ["export", "--checkpoint", str(ckpt.path), "--out", str(out), "--fp16",
                                       "--calib-photos", "astronaut", "--calib-steps", "3"])
@@ -79,7 +79,7 @@ def tiny_repo(tiny_checkpoint, tiny_onnx, tmp_path_factory):
 def server(tiny_repo):
     """A real tritonserver (from nvidia-pytriton) serving the tiny checkpoint's generated repository."""
     pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
-    from diffsr.app.triton_server import Ports, TritonServer
+    from diffsr.app.serving.triton_server import Ports, TritonServer
 
     srv = TritonServer(tiny_repo, Ports.free()).start(timeout=600)
     try:

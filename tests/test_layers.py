@@ -81,8 +81,8 @@ def test_the_check_catches_lazy_and_hidden_imports(tmp_path):
         "    importlib.import_module('diffsr.triton_models.repository')\n"
         "    from export.config import ModelConfig\n"
         "    from .signatures import Signature\n"
-        "    import_module('diffsr.app.cli')\n"
-        "from diffsr.export.errors import DiffsrError\n"
+        "    import_module('diffsr.app.cli.main')\n"
+        "from diffsr.export.core.errors import DiffsrError\n"
     )
     global ROOT
     saved, ROOT = ROOT, tmp_path
@@ -91,6 +91,6 @@ def test_the_check_catches_lazy_and_hidden_imports(tmp_path):
     finally:
         ROOT = saved
     assert len(found) == 7, found
-    for text in ("diffsr.runtime.pipeline", "diffsr.app", "diffsr.app.cli", "diffsr.calib.fp16", "diffsr.triton_models.repository",
+    for text in ("diffsr.runtime.pipeline", "diffsr.app", "diffsr.app.cli.main", "diffsr.calib.fp16", "diffsr.triton_models.repository",
                  "bare 'export.config'", "relative import '.signatures'"):
         assert any(text in v for v in found), text

@@ -4,7 +4,7 @@ all read it."""
 
 from __future__ import annotations
 
-from diffsr.export.signatures import TensorSpec
+from diffsr.export.model.signatures import TensorSpec
 
 ENSEMBLE = "diffsr"  # the endpoint model's name: a BLS entry model, or an ensemble (ServingOptions.entry)
 # The endpoint's output. Not "image": an ensemble's output cannot share its input's name (Triton

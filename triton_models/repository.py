@@ -32,14 +32,14 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from diffsr.export.checkpoint import Checkpoint, tokenizer_folders
-from diffsr.export.config import Precision
-from diffsr.export.engines import read_meta, verified_plans
-from diffsr.export.errors import DiffsrError
-from diffsr.export.files import read_json, require_new_folder
-from diffsr.export.manifest import checkpoint_digest, file_sha256, signature_hash, verified_files
-from diffsr.export.settings import PipelineConfig
-from diffsr.export.signatures import SUBMODULES, TARGETS, Signature, TensorSpec, signatures
+from diffsr.export.model.checkpoint import Checkpoint, tokenizer_folders
+from diffsr.export.model.config import Precision
+from diffsr.export.engines.metadata import read_meta, verified_plans
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.files import read_json, require_new_folder
+from diffsr.export.graphs.manifest import checkpoint_digest, file_sha256, signature_hash, verified_files
+from diffsr.export.model.settings import PipelineConfig
+from diffsr.export.model.signatures import SUBMODULES, TARGETS, Signature, TensorSpec, signatures
 from diffsr.runtime.tiling import tiling_for
 from diffsr.triton_models.endpoint import ENSEMBLE, OPTIONAL, OUTPUT, REQUEST, RESPONSE
 from diffsr.triton_models.step_batching import BATCHED

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from diffsr.export.errors import DiffsrError
-from diffsr.export.signatures import Signature
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.signatures import Signature
 
 BATCHED = ("fusion_transformer", "controlnet_unet")  # called every step: worth a batch
 BATCH_DIMS = ("batch", "cfg_batch")

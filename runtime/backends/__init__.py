@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffsr.export.checkpoint import Checkpoint, load_submodule, parameter_bytes
-from diffsr.export.config import Precision
-from diffsr.export.errors import DiffsrError
-from diffsr.export.manifest import verified_files
-from diffsr.export.signatures import SUBMODULES, signatures
-from diffsr.runtime.backend_names import BACKENDS, CUDA_GRAPHS, DEFAULTS
+from diffsr.export.model.checkpoint import Checkpoint, load_submodule, parameter_bytes
+from diffsr.export.model.config import Precision
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.graphs.manifest import verified_files
+from diffsr.export.model.signatures import SUBMODULES, signatures
+from diffsr.runtime.backends.names import BACKENDS, CUDA_GRAPHS, DEFAULTS
 from diffsr.runtime.backends.base import Runner
 from diffsr.runtime.backends.on_demand import on_demand
 

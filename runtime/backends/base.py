@@ -11,8 +11,8 @@ from collections.abc import Mapping
 
 import torch
 
-from diffsr.export.errors import DiffsrError
-from diffsr.export.signatures import Signature
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.signatures import Signature
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
 

@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from diffsr.export.memory import return_freed_memory
-from diffsr.export.signatures import Signature
+from diffsr.export.core.memory import return_freed_memory
+from diffsr.export.model.signatures import Signature
 from diffsr.runtime.backends.base import Runner
 
 

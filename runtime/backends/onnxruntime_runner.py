@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffsr.export.errors import DiffsrError
-from diffsr.export.signatures import Signature
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.signatures import Signature
 from diffsr.runtime.backends.base import TORCH_DTYPES, Runner
 
 

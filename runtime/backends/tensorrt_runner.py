@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from diffsr.export.engines import (
+from diffsr.export.engines.metadata import (
     Environment,
     check_engine_io,
     current_environment,
@@ -27,9 +27,9 @@ from diffsr.export.engines import (
     tensorrt_module,
     verified_plans,
 )
-from diffsr.export.errors import DiffsrError
-from diffsr.export.manifest import signature_hash
-from diffsr.export.signatures import SUBMODULES, ShapeRange, Signature
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.graphs.manifest import signature_hash
+from diffsr.export.model.signatures import SUBMODULES, ShapeRange, Signature
 from diffsr.runtime.backends.base import TORCH_DTYPES, Runner
 
 try:

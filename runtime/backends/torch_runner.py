@@ -14,8 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from diffsr.export.config import Precision
-from diffsr.export.signatures import Signature
+from diffsr.export.model.config import Precision
+from diffsr.export.model.signatures import Signature
 from diffsr.runtime.backends.base import TORCH_DTYPES, Runner
 
 COMPUTE_DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16}

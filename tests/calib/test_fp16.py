@@ -19,11 +19,11 @@ from diffsr.calib.fp16 import (
     fp32_layers,
     record_feeds,
 )
-from diffsr.export.checkpoint import open_checkpoint
-from diffsr.export.fp16 import FP16_MAX, fp16_from_fp32
-from diffsr.export.onnx_export import infer_and_check, onnx_from_checkpoint
-from diffsr.export.samples import sample_inputs
-from diffsr.export.signatures import signatures
+from diffsr.export.model.checkpoint import open_checkpoint
+from diffsr.export.graphs.to_fp16 import FP16_MAX, fp16_from_fp32
+from diffsr.export.graphs.onnx_export import infer_and_check, onnx_from_checkpoint
+from diffsr.export.model.samples import sample_inputs
+from diffsr.export.model.signatures import signatures
 from diffsr.runtime.backends import load_runners
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffsr.export.errors import DiffsrError
+from diffsr.export.core.errors import DiffsrError
 from diffsr.runtime.image import adain, decode_image, output_size, pad_to_multiple, to_rgb, upsample
 
 

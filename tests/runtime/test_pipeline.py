@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from diffsr.export.errors import DiffsrError
+from diffsr.export.core.errors import DiffsrError
 from diffsr.runtime.backends import load_runners
 from diffsr.runtime.pipeline import Pipeline
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from diffsr.export.checkpoint import SD_SCHEDULER_CONFIG
-from diffsr.export.errors import DiffsrError
+from diffsr.export.model.checkpoint import SD_SCHEDULER_CONFIG
+from diffsr.export.core.errors import DiffsrError
 from diffsr.runtime.backends import load_runners
 from diffsr.runtime.pipeline import Pipeline
 from diffsr.runtime.sampler import TABLE_COLUMNS, StepGraphs, conditioning, denoise, step_table
-from diffsr.runtime.scheduler import DDIMScheduler
+from diffsr.runtime.schedulers.ddim import DDIMScheduler
 
 
 def test_step_table_rows_are_the_timesteps_guidance_and_coefficients():
@@ -65,7 +65,7 @@ def test_cuda_graphs_are_refused_off_cuda(tiny_checkpoint):
 
 
 def test_conditioning_adds_sdxl_time_ids_from_the_output_size():
-    from diffsr.export.config import PRESETS
+    from diffsr.export.model.config import PRESETS
 
     text = {"text_embeddings": torch.zeros(2, 77, 80), "text_embeds": torch.zeros(2, 48)}
     cond = conditioning(PRESETS["sdxl-tiny"], text, (600, 800))

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from diffsr.calib.data import photo
-from diffsr.export.config import PRESETS
-from diffsr.export.errors import DiffsrError
-from diffsr.export.settings import PipelineConfig
+from diffsr.export.model.config import PRESETS
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.settings import PipelineConfig
 from diffsr.runtime.backends import load_runners
 from diffsr.runtime.pipeline import Pipeline, decode, encode_lq, prepare_lq
 from diffsr.runtime.sampler import TiledStep, denoise_step, make_scheduler, step_table, tile_conditioning

@@ -4,8 +4,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from diffsr.export.errors import DiffsrError
-from diffsr.export.signatures import SUBMODULES, signatures
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.signatures import SUBMODULES, signatures
 from diffsr.triton_models.repository import OUTPUT, TRITON_DTYPES, ServingOptions, model_configs, write_config
 
 
@@ -69,7 +69,7 @@ def test_the_loop_queue_is_bounded_and_times_out(tiny_checkpoint, entry, loop):
 
 
 def test_tensorrt_models_capture_cuda_graphs_at_the_served_shape(tiny_checkpoint):
-    from diffsr.export.signatures import TARGETS
+    from diffsr.export.model.signatures import TARGETS
 
     configs = model_configs(tiny_checkpoint, "tensorrt", ServingOptions())
     opt = {n: r.opt for n, r in TARGETS["server"].dim_ranges(tiny_checkpoint.model).items()}
@@ -93,7 +93,7 @@ def test_unknown_entry_point_is_refused():
 
 
 def test_a_repository_whose_graph_changed_is_refused_before_the_server_starts(tiny_checkpoint, tiny_onnx, tmp_path):
-    from diffsr.app.triton_server import Ports, TritonServer
+    from diffsr.app.serving.triton_server import Ports, TritonServer
     from diffsr.triton_models.repository import build_repository, verify_repository
 
     repo = tmp_path / "models"

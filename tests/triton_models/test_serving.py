@@ -6,9 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from diffsr.app.triton_client import TritonClient, request_inputs
+from diffsr.app.serving.triton_client import TritonClient, request_inputs
 from diffsr.calib.data import photo
-from diffsr.export.errors import DiffsrError
+from diffsr.export.core.errors import DiffsrError
 from diffsr.runtime.backends import load_runners
 from diffsr.runtime.image import decode_image
 from diffsr.runtime.image import encode_png as _png
@@ -33,7 +33,7 @@ def tiled_server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
     """A second server of the tiny checkpoint whose sampler tiles (the session's `server` does not), behind
     the ensemble entry point (the session's has the BLS one)."""
     pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
-    from diffsr.app.triton_server import Ports, TritonServer
+    from diffsr.app.serving.triton_server import Ports, TritonServer
     from diffsr.triton_models.repository import ServingOptions, build_repository
 
     repo = tmp_path_factory.mktemp("repo-tiled") / "models"
@@ -191,7 +191,7 @@ def _executions(server, model):
 @pytest.fixture(scope="module")
 def sdxl_server(sdxl_checkpoint, sdxl_onnx, tmp_path_factory):
     pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
-    from diffsr.app.triton_server import Ports, TritonServer
+    from diffsr.app.serving.triton_server import Ports, TritonServer
     from diffsr.triton_models.repository import build_repository
 
     repo = tmp_path_factory.mktemp("repo-sdxl") / "models"
@@ -298,7 +298,7 @@ def test_metrics_count_steps_pixels_and_rejections(server, lq):
 def narrow_server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
     """One loop instance and a queue of one: a third request at once is overload."""
     pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
-    from diffsr.app.triton_server import Ports, TritonServer
+    from diffsr.app.serving.triton_server import Ports, TritonServer
     from diffsr.triton_models.repository import ServingOptions, build_repository
 
     repo = tmp_path_factory.mktemp("repo-narrow") / "models"

@@ -4,10 +4,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from diffsr.export.config import Precision
-from diffsr.export.manifest import verified_files
-from diffsr.export.samples import sample_inputs
-from diffsr.export.signatures import signatures
+from diffsr.export.model.config import Precision
+from diffsr.export.graphs.manifest import verified_files
+from diffsr.export.model.samples import sample_inputs
+from diffsr.export.model.signatures import signatures
 from diffsr.triton_models.step_batching import BATCHED, groups, stack, unstack
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from diffsr.export.errors import DiffsrError
+from diffsr.export.core.errors import DiffsrError
 
 
 def parameters(args: dict[str, Any]) -> dict[str, str]:

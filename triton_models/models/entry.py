@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffsr.export.errors import DiffsrError
+from diffsr.export.core.errors import DiffsrError
 from diffsr.triton_models.models.common import StageError, call, parameters, respond, to_torch
 from diffsr.triton_models.models.metrics import Metrics
 from diffsr.triton_models.models.postprocess import Postprocess

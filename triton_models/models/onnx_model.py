@@ -15,8 +15,8 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from diffsr.export.config import ModelConfig
-from diffsr.export.signatures import signatures
+from diffsr.export.model.config import ModelConfig
+from diffsr.export.model.signatures import signatures
 from diffsr.triton_models.models.common import parameters, respond
 from diffsr.triton_models.step_batching import groups, stack, unstack
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from diffsr.export.errors import DiffsrError
-from diffsr.export.settings import PipelineConfig
-from diffsr.export.tokenizer import Tokenizer
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.settings import PipelineConfig
+from diffsr.export.model.tokenizer import Tokenizer
 from diffsr.runtime.image import decode_image, output_size
 from diffsr.runtime.pipeline import prepare_lq, prompts
 from diffsr.triton_models.models.common import from_torch, optional, parameters, respond, scalar

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 import triton_python_backend_utils as pb_utils
 
-from diffsr.export.config import ModelConfig
-from diffsr.export.errors import DiffsrError
-from diffsr.export.settings import PipelineConfig
-from diffsr.export.signatures import signatures
+from diffsr.export.model.config import ModelConfig
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.settings import PipelineConfig
+from diffsr.export.model.signatures import signatures
 from diffsr.runtime.pipeline import decode, encode_lq
 from diffsr.runtime.sampler import conditioning, denoise
 from diffsr.runtime.tiling import tiling_for

@@ -1,0 +1,92 @@
+"""`make demo`: the whole product on one real photo, 128x128 -> 512x512, with a local checkpoint.
+
+    1. a seeded random-weight checkpoint (created once)     .demo/checkpoint-<preset>
+    2. the PyTorch reference pipeline                        .demo/<photo>_x4_<preset>_torch.png
+    3. ONNX export (once), the ONNX Runtime pipeline         .demo/<photo>_x4_<preset>_onnxruntime.png
+    4. a Triton repository, a real tritonserver, one request .demo/<photo>_x4_<preset>_triton.png
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from diffsr.app.serving.triton_client import TritonClient
+from diffsr.app.serving.triton_server import Ports, TritonServer
+from diffsr.calib.data import PHOTOS, photo
+from diffsr.export.model.checkpoint import Checkpoint
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.graphs.exporter import export_onnx
+from diffsr.export.model.random_init import ensure_checkpoint
+from diffsr.runtime.backends import load_runners
+from diffsr.runtime.image import decode_image, encode_png, save_image
+from diffsr.runtime.pipeline import Pipeline
+from diffsr.triton_models.repository import build_repository
+
+DEMO_DIR = Path(".demo")
+LQ_SIZE = (128, 128)  # the benchmark size: 128 in, 512 out
+
+
+@dataclass
+class DemoResult:
+    lq_path: Path
+    outputs: dict[str, Path] = field(default_factory=dict)  # backend -> image written
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)  # backend -> stage -> seconds
+    endpoint_latency_s: float | None = None
+    endpoint_max_abs_diff: int | None = None  # endpoint image against the ONNX Runtime pipeline's
+
+
+def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = True,
+             say: Callable[[str], None] = lambda _: None, folder: Path = DEMO_DIR,
+             triton_url: str | None = None) -> DemoResult:
+    """`triton_url`: send the photo to a running server of this checkpoint instead of starting one."""
+    if photo_name not in PHOTOS:
+        raise DiffsrError(f"unknown demo photo {photo_name!r}; choose one of {list(PHOTOS)}")
+    ckpt_dir, onnx_dir = folder / f"checkpoint-{preset}", folder / f"onnx-{preset}"
+    say(f"the {preset} checkpoint in {ckpt_dir} (created once)")
+    ckpt = ensure_checkpoint(preset, 0, ckpt_dir)
+    lq = photo(photo_name, LQ_SIZE)
+    result = DemoResult(folder / f"{photo_name}_lq.png")
+    save_image(lq, result.lq_path)
+
+    def upscale(backend: str, **kwargs) -> np.ndarray:
+        say(f"upscaling with {backend}")
+        out = Pipeline(load_runners(backend, ckpt, **kwargs), ckpt)(lq)
+        result.outputs[backend] = folder / f"{photo_name}_x4_{preset}_{backend}.png"
+        save_image(out.image, result.outputs[backend])
+        result.timings[backend] = out.timings
+        return out.image
+
+    upscale("torch")
+    say(f"exporting ONNX to {onnx_dir} (kept when up to date)")
+    export_onnx(ckpt, onnx_dir)
+    direct = upscale("onnxruntime", onnx_dir=onnx_dir)
+    if serve:
+        if triton_url is None:
+            result.endpoint_latency_s, remote = _serve_once(ckpt, onnx_dir, folder / f"triton-{preset}", lq, say)
+        else:
+            result.endpoint_latency_s, remote = _ask(triton_url, lq, say)
+        result.outputs["triton"] = folder / f"{photo_name}_x4_{preset}_triton.png"
+        save_image(remote, result.outputs["triton"])
+        result.endpoint_max_abs_diff = int(np.abs(remote.astype(int) - direct.astype(int)).max())
+    return result
+
+
+def _serve_once(ckpt: Checkpoint, onnx_dir: Path, repo: Path, lq: np.ndarray,
+                say: Callable[[str], None]) -> tuple[float, np.ndarray]:
+    shutil.rmtree(repo, ignore_errors=True)
+    build_repository(ckpt, onnx_dir, repo)
+    say("starting tritonserver")
+    with TritonServer(repo, Ports.free()) as server:
+        return _ask(server.http_url, lq, say)
+
+
+def _ask(url: str, lq: np.ndarray, say: Callable[[str], None]) -> tuple[float, np.ndarray]:
+    say(f"upscaling through the endpoint at {url}")
+    with TritonClient(url) as client:
+        remote = client.upscale(encode_png(lq))
+    return remote.latency_s, decode_image(remote.png, "the endpoint's answer")

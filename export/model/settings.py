@@ -1,0 +1,79 @@
+"""What one upscale request may set: a typed, validated dataclass; a checkpoint stores its defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from diffsr.export.model.config import dataclass_from_json
+from diffsr.export.core.errors import DiffsrError
+
+DEFAULT_PROMPT = "clean, natural, high quality, rich detail, sharp focus, 8k"
+DEFAULT_NEGATIVE_PROMPT = (
+    "dotted, noise, blur, lowres, oversmooth, bad anatomy, worst quality, low quality, jpeg artifacts, watermark"
+)
+SCHEDULERS = ("ddim",)
+STARTS = ("noise", "lq")  # start the sampler from pure noise, or from z_lq noised to the first step
+COLOR_FIXES = ("adain", "none")
+TILE_BLENDS = ("ramp", "none")
+MAX_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    prompt: str = DEFAULT_PROMPT
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    steps: int = 20
+    guidance_scale: float = 5.5  # 1.0 runs no negative branch
+    seed: int = 0
+    scheduler: str = "ddim"
+    start: str = "noise"
+    color_fix: str = "adain"
+    upscale: int = 4
+    # tiles over the latent (runtime/tiling.py): side and overlap in latent cells (None: the model's
+    # native side, a quarter of it), tiles per submodule call, and the blend ("none" pastes them)
+    tile: int | None = None
+    tile_overlap: int | None = None
+    tile_batch: int = 4
+    tile_blend: str = "ramp"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise DiffsrError(f"steps={self.steps} is out of range: use 1 to {MAX_STEPS}")
+        if not (math.isfinite(self.guidance_scale) and 1.0 <= self.guidance_scale <= 50.0):
+            raise DiffsrError(f"guidance_scale={self.guidance_scale} is out of range: use 1.0 (no CFG) to 50.0")
+        if not 0 <= self.seed < 2**63:
+            raise DiffsrError(f"seed={self.seed} is out of range: use 0 to 2**63-1")
+        if self.tile is not None and self.tile < 1:
+            raise DiffsrError(f"tile={self.tile} must be at least 1 latent cell")
+        if self.tile_overlap is not None and self.tile_overlap < 0:
+            raise DiffsrError(f"tile_overlap={self.tile_overlap} must not be negative")
+        if not 1 <= self.tile_batch <= 64:
+            raise DiffsrError(f"tile_batch={self.tile_batch} is out of range: use 1 to 64")
+        if not 1 <= self.upscale <= 8:
+            raise DiffsrError(f"upscale={self.upscale} is out of range: use 1 to 8")
+        for name, value, choices in (
+            ("scheduler", self.scheduler, SCHEDULERS),
+            ("start", self.start, STARTS),
+            ("color_fix", self.color_fix, COLOR_FIXES),
+            ("tile_blend", self.tile_blend, TILE_BLENDS),
+        ):
+            if value not in choices:
+                raise DiffsrError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    def replace(self, **overrides: Any) -> PipelineConfig:
+        """A copy with the given fields changed; None means 'keep the default'."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PipelineConfig:
+        return dataclass_from_json(cls, data, "pipeline setting")

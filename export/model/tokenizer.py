@@ -1,0 +1,77 @@
+"""The CLIP BPE tokenizer, built offline from the vocabulary that ships inside `open-clip-torch`.
+
+`open_clip` itself is never imported (it needs torchvision); its `bpe_simple_vocab_16e6.txt.gz` is
+read through the installed distribution's file list and turned into the Hugging Face layout
+(`tokenizer.json`) that every SD checkpoint carries.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+from pathlib import Path
+
+import numpy as np
+from transformers import CLIPTokenizer
+
+from diffsr.export.model.config import TEXT_LENGTH, VOCAB_SIZE
+from diffsr.export.core.errors import DiffsrError
+
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+N_MERGES = VOCAB_SIZE - 2 * 256 - 2
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP's byte-level alphabet: printable bytes map to themselves, the rest to code points >= 256."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    table = dict(zip(printable, printable)) | {b: 256 + i for i, b in enumerate(extra)}
+    return [chr(table[b]) for b in [*printable, *extra]]
+
+
+def _bpe_merges() -> list[tuple[str, str]]:
+    try:
+        files = importlib.metadata.files("open-clip-torch") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise DiffsrError(
+            "the CLIP vocabulary ships in open-clip-torch, which is not installed: "
+            "run `pip install --no-deps open-clip-torch`"
+        ) from None
+    path = next((f.locate() for f in files if f.name == BPE_FILE), None)
+    if path is None or not Path(path).is_file():
+        raise DiffsrError(f"{BPE_FILE} is missing from the open-clip-torch install: reinstall it")
+    lines = gzip.decompress(Path(path).read_bytes()).decode("utf-8").split("\n")
+    return [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]  # line 0 is a header
+
+
+END_OF_TEXT = "<|endoftext|>"
+OPENCLIP_PAD = "!"  # SDXL's second tokenizer (OpenCLIP bigG) pads with "!", id 0
+
+
+def build_clip_tokenizer(pad_token: str = END_OF_TEXT) -> CLIPTokenizer:
+    """The real CLIP tokenizer: 49408 tokens, ids identical to OpenAI's; padded with `pad_token`."""
+    alphabet = _bytes_to_unicode()
+    merges = _bpe_merges()
+    tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", END_OF_TEXT]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, pad_token=pad_token)
+
+
+class Tokenizer:
+    """Prompts -> {input name: (N, 77) int32 ids}, long prompts truncated. One CLIP tokenizer per
+    folder: `tokenizer/` gives input_ids (padded with end-of-text); SDXL's `tokenizer_2/` gives
+    input_ids_2 (padded as its config says, "!")."""
+
+    def __init__(self, folders: list[Path]):
+        if not folders:
+            raise DiffsrError("a tokenizer needs at least one tokenizer folder")
+        self._toks = []
+        for folder in folders:
+            if not (folder / "tokenizer.json").is_file():
+                raise DiffsrError(f"tokenizer file missing: {folder / 'tokenizer.json'}: the checkpoint is incomplete")
+            self._toks.append(CLIPTokenizer.from_pretrained(str(folder)))
+
+    def __call__(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        names = ["input_ids", *(f"input_ids_{i}" for i in range(2, len(self._toks) + 1))]
+        return {name: np.asarray(tok(prompts, padding="max_length", max_length=TEXT_LENGTH, truncation=True).input_ids,
+                                 dtype=np.int32) for name, tok in zip(names, self._toks)}

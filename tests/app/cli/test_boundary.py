@@ -1,0 +1,129 @@
+"""The command line's one error boundary: whatever a user can get wrong is one line on stderr and exit 2,
+checked before long work, for every command."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import diffsr.app.measure.bench
+from diffsr.app.cli.main import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(result, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert message in lines[0], lines[0]
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.fixture()
+def png(tmp_path, photo_lq):
+    path = tmp_path / "lq.png"
+    Image.fromarray(photo_lq[:16, :16]).save(path)
+    return path
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_every_command_goes_through_the_boundary():
+    for info in app.registered_commands:
+        assert hasattr(info.callback, "__wrapped__"), f"{info.name or info.callback.__name__} bypasses `command`"
+
+
+def test_client_output_in_a_missing_folder_fails_before_the_request(png, tmp_path):
+    result = _run("client", png, "-o", tmp_path / "nodir" / "x.png", "--url", f"127.0.0.1:{_closed_port()}")
+    _one_line_error(result, f"cannot write {tmp_path / 'nodir' / 'x.png'}: folder {tmp_path / 'nodir'} does not exist")
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_client_to_an_unreachable_server(png, tmp_path, protocol):
+    url = f"127.0.0.1:{_closed_port()}"
+    result = _run("client", png, "-o", tmp_path / "x.png", "--url", url, "--protocol", protocol)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and "\n" not in result.output.strip()
+    assert f"cannot reach the server at {url} ({protocol})" in result.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bench_json_in_a_missing_folder_fails_before_any_run(tiny_checkpoint, tmp_path, monkeypatch):
+    def no_run(*args, **kwargs):  # a spy: the run must not start
+        raise AssertionError("run_bench was called before the output path was checked")
+
+    monkeypatch.setattr(diffsr.app.measure.bench, "run_bench", no_run)
+    result = _run("bench", "--checkpoint", tiny_checkpoint.path, "--backends", "torch", "--json", tmp_path / "no" / "b.json")
+    _one_line_error(result, "folder")
+    assert "does not exist" in result.output
+
+
+@pytest.mark.parametrize("size, message", [
+    ("0x0", "size '0x0' must be at least 1x1"),
+    ("-4x8", "size '-4x8' must be at least 1x1"),
+    ("big", "size 'big' is not WIDTHxHEIGHT"),
+])
+def test_bad_sizes(tiny_checkpoint, tiny_onnx, size, message):
+    _one_line_error(_run("bench", "--checkpoint", tiny_checkpoint.path, "--backends", "torch", "--size", size), message)
+    _one_line_error(_run("parity", "--checkpoint", tiny_checkpoint.path, "--onnx", tiny_onnx, "--size", size), message)
+
+
+def test_bench_reports_bad_lists_without_swallowing_other_errors(tiny_checkpoint):
+    _one_line_error(_run("bench", "--checkpoint", tiny_checkpoint.path, "--concurrency", "1,a"),
+                    "--concurrency '1,a' is not a comma-separated list of integers")
+    _one_line_error(_run("bench", "--checkpoint", tiny_checkpoint.path, "--backends", "torch,tpu"),
+                    "unknown backends ['tpu']")
+    _one_line_error(_run("bench", "--checkpoint", tiny_checkpoint.path, "--backends", "torch", "--concurrency", "0"),
+                    "concurrency levels [0] must be >= 1")
+
+
+def test_a_device_index_beyond_the_machine(tiny_checkpoint, png, tmp_path, monkeypatch):
+    # A GPU cannot exist on this machine: torch is told there is exactly one (mocked); cuda:7 must be refused
+    # by the device check, before any weight is moved.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    result = _run("upscale", png, "-o", tmp_path / "o.png", "--checkpoint", tiny_checkpoint.path, "--device", "cuda:7")
+    _one_line_error(result, "device 'cuda:7' does not exist: this machine has 1 CUDA device(s), cuda:0 to cuda:0")
+
+
+def test_upscale_output_paths(tiny_checkpoint, png, tmp_path):
+    _one_line_error(_run("upscale", png, "-o", tmp_path / "no" / "o.png", "--checkpoint", tiny_checkpoint.path),
+                    "does not exist")
+    _one_line_error(_run("upscale", png, "-o", tmp_path, "--checkpoint", tiny_checkpoint.path), "is a folder")
+
+
+def test_a_path_under_a_file_is_one_line(tiny_checkpoint, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    _one_line_error(_run("export", "--checkpoint", tiny_checkpoint.path, "--out", blocker / "onnx"), "file.txt")
+    _one_line_error(_run("init", "--out", blocker), "is not empty")
+
+
+def test_gpu_check_json_path_is_checked_first(tmp_path):
+    _one_line_error(_run("gpu-check", "--json", tmp_path / "no" / "r.json"), "does not exist")
+
+
+def test_missing_onnx_folder_for_parity(tiny_checkpoint, tmp_path):
+    _one_line_error(_run("parity", "--checkpoint", tiny_checkpoint.path, "--onnx", tmp_path / "none"), "no manifest.json")
+
+
+def test_serve_on_a_missing_repository(tmp_path):
+    _one_line_error(_run("serve", "--repo", tmp_path / "none"), "has no diffsr model: build it with `diffsr triton-repo`")
+
+
+def test_unknown_parity_shapes(tiny_checkpoint, tiny_onnx):
+    _one_line_error(_run("parity", "--checkpoint", tiny_checkpoint.path, "--onnx", tiny_onnx, "--shapes", "min,huge"),
+                    "parity shapes ['min', 'huge'] must be one or more of ['min', 'opt', 'odd']")

@@ -1,0 +1,93 @@
+"""TensorRT optimisation profiles derive from the signatures and the targets, and cover what is served."""
+
+import pytest
+
+from diffsr.app.measure.parity import parity_shapes
+from diffsr.export.model.config import PRESETS
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.signatures import TARGETS, signatures, target
+from diffsr.export.engines.build import engine_profiles, profile_json
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_profiles_cover_every_input_in_order_min_opt_max(preset, name):
+    model = PRESETS[preset]
+    for sub, profile in engine_profiles(model, target(name)).items():
+        assert list(profile) == [t.name for t in signatures(model)[sub].inputs]
+        for r in profile.values():
+            assert all(lo <= o <= hi for lo, o, hi in zip(r.min, r.opt, r.max)), (sub, r)
+            assert r.contains(r.min) and r.contains(r.max)
+
+
+# written out by hand: the 512x512 benchmark with CFG (latent 64x64, UNet batch 2), tiny widths
+TINY_SERVER_OPT = {
+    "text_encoder": {"input_ids": (2, 77)},
+    "lq_encoder": {"lq_image": (1, 3, 512, 512)},
+    "fusion_transformer": {"f1": (1, 64, 64, 64), "sample": (1, 4, 64, 64)},
+    "controlnet_unet": {"sample": (2, 4, 64, 64), "timestep": (2,), "text_embeddings": (2, 77, 32),
+                        "f2": (1, 32, 64, 64)},
+    "vae_decoder": {"latent": (1, 4, 64, 64)},
+}
+
+
+def test_opt_shapes_are_the_benchmark_request():
+    profiles = engine_profiles(PRESETS["tiny"], target("server"))
+    assert {sub: {k: r.opt for k, r in p.items()} for sub, p in profiles.items()} == TINY_SERVER_OPT
+    assert profiles["vae_decoder"]["latent"].min == (1, 4, 8, 8)  # 64 pixels a side
+    assert profiles["text_encoder"]["input_ids"].max == (8, 77)  # CFG doubles the 4-image max batch
+
+
+def test_server_profile_holds_every_parity_shape_and_the_benchmark_size():
+    model = PRESETS["sd15"]
+    profiles = engine_profiles(model, target("server"))
+    for label, dims in parity_shapes(model).items():
+        for sub, sig in signatures(model).items():
+            for name, shape in sig.input_shapes(dims).items():
+                assert profiles[sub][name].contains(shape), (label, sub, name, shape)
+    # the benchmark: 512x512 out, CFG, one image -> latent 64x64, UNet batch 2
+    assert profiles["controlnet_unet"]["sample"].opt == (2, 4, 64, 64)
+    assert profiles["controlnet_unet"]["text_embeddings"].max == (8, 77, 768)
+    assert profiles["lq_encoder"]["lq_image"].max == (4, 3, 1024, 1024)
+
+
+def test_edge_is_one_image_up_to_768_pixels():
+    profiles = engine_profiles(PRESETS["sd15"], target("edge"))
+    assert profiles["controlnet_unet"]["sample"].max == (2, 4, 96, 96)
+    assert profiles["vae_decoder"]["latent"].max == (1, 4, 96, 96)
+
+
+def test_static_fixes_every_dim_at_its_opt():
+    model = PRESETS["tiny"]
+    for sub, profile in engine_profiles(model, target("server").resized(static=True)).items():
+        for name, r in profile.items():
+            assert r.min == r.opt == r.max, (sub, name)
+    unet = engine_profiles(model, target("server").resized(static=True))["controlnet_unet"]
+    assert unet["sample"].opt[0] == 2 and unet["f2"].opt[0] == 1  # CFG doubles the UNet's batch, not f2's
+
+
+def test_max_batch_widens_the_batch_dims_only():
+    model = PRESETS["small"]
+    wide = engine_profiles(model, target("server").resized(max_batch=8))
+    base = engine_profiles(model, target("server"))
+    assert wide["controlnet_unet"]["sample"].max == (16, 4, 128, 128)
+    assert wide["controlnet_unet"]["f2"].max[0] == 8 and wide["text_encoder"]["input_ids"].max == (16, 77)
+    assert wide["controlnet_unet"]["sample"].opt == base["controlnet_unet"]["sample"].opt
+    with pytest.raises(DiffsrError, match="--max-batch 0 is below the server target's opt batch 1"):
+        target("server").resized(max_batch=0)
+
+
+def test_profile_json_is_min_opt_max_lists():
+    profile = engine_profiles(PRESETS["tiny"], target("edge"))["vae_decoder"]
+    assert profile_json(profile) == {"latent": [[1, 4, 8, 8], [1, 4, 64, 64], [1, 4, 96, 96]]}
+
+
+def test_sdxl_profiles_are_at_its_native_1024_pixels():
+    profiles = engine_profiles(PRESETS["sdxl"], target("server"))
+    unet = profiles["controlnet_unet"]
+    assert unet["sample"].opt == (2, 4, 128, 128) and unet["sample"].max == (8, 4, 256, 256)
+    assert unet["text_embeds"].opt == (2, 1280) and unet["time_ids"].max == (8, 6)
+    assert unet["text_embeddings"].opt == (2, 77, 2048)
+    assert profiles["text_encoder"]["input_ids_2"].opt == (2, 77)
+    assert profiles["vae_decoder"]["latent"].opt == (1, 4, 128, 128)  # 1024 x 1024 pixels
+    assert engine_profiles(PRESETS["sdxl"], target("edge"))["lq_encoder"]["lq_image"].max == (1, 3, 1536, 1536)

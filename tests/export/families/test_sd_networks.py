@@ -1,0 +1,70 @@
+"""Every submodule's output shapes at two sizes and two batch sizes, driven by the signatures."""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from diffsr.export.model.checkpoint import weights_file
+from diffsr.export.model.samples import sample_inputs
+from diffsr.export.model.signatures import signatures
+from diffsr.runtime.backends.torch_runner import TorchRunner
+
+DIMS = [
+    dict(batch=1, cfg_batch=2, text_batch=2, latent_height=8, latent_width=8),
+    dict(batch=2, cfg_batch=4, text_batch=1, latent_height=16, latent_width=24),
+]
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=["b1-64px", "b2-128x192px"])
+@pytest.mark.parametrize("name", ["text_encoder", "lq_encoder", "fusion_transformer", "controlnet_unet", "vae_decoder"])
+def test_output_shapes(tiny_checkpoint, tiny_reference, name, dims):
+    sig = signatures(tiny_checkpoint.model)[name]
+    out = TorchRunner(sig, tiny_reference[name]).infer(sample_inputs(sig, dims))
+    for spec in sig.outputs:
+        assert tuple(out[spec.name].shape) == spec.resolve(dims)
+        assert torch.isfinite(out[spec.name]).all()
+
+
+def test_z_lq_is_the_scaled_mean_of_the_vae_encoder(tiny_checkpoint, tiny_reference):
+    """The LQ encoder starts as the VAE's encoder; its z_lq is the latent distribution's mean times the
+    scaling factor (never a sample), and its tapped forward is the encoder's own."""
+    config = json.loads((tiny_checkpoint.path / "vae" / "config.json").read_text())
+    vae = AutoencoderKL.from_config(config).eval()
+    vae.load_state_dict({k: v.float() for k, v in load_file(str(weights_file(tiny_checkpoint, "vae"))).items()})
+    lq_encoder = tiny_reference["lq_encoder"]
+    lq = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        want = vae.encode(lq).latent_dist.mean * vae.config.scaling_factor
+        got = lq_encoder(lq)[1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (vae.encode(lq).latent_dist.std > 1e-3).all()  # a sample would differ from the mean
+
+
+def test_decoder_output_is_in_range(tiny_reference):
+    with torch.no_grad():
+        img = tiny_reference["vae_decoder"](torch.randn(1, 4, 8, 8) * 10)
+    assert img.min() >= -1 and img.max() <= 1
+
+
+def test_control_path_is_live(tiny_checkpoint, tiny_reference):
+    """f2 must change the noise prediction: the zero convs were given weights."""
+    sig = signatures(tiny_checkpoint.model)["controlnet_unet"]
+    feed = sample_inputs(sig, DIMS[0])
+    with torch.no_grad():
+        a = tiny_reference["controlnet_unet"](*feed.values())
+        feed["f2"] = feed["f2"] + 1.0
+        b = tiny_reference["controlnet_unet"](*feed.values())
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_f2_is_shared_across_the_cfg_batch(tiny_checkpoint, tiny_reference):
+    """With CFG, one f2 serves both branches: same as feeding it twice."""
+    sig = signatures(tiny_checkpoint.model)["controlnet_unet"]
+    feed = sample_inputs(sig, DIMS[0])
+    with torch.no_grad():
+        shared = tiny_reference["controlnet_unet"](*feed.values())
+        doubled = tiny_reference["controlnet_unet"](*list(feed.values())[:3], feed["f2"].repeat(2, 1, 1, 1))
+    torch.testing.assert_close(shared, doubled)
