@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from diffsr.export.model.config import LATENT_FACTOR
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.family import ModelFamily
 
 MAX_INPUT_PIXELS = 4096 * 4096  # a decompression-bomb guard, far above what a request should send
 
@@ -67,14 +67,11 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 
 def output_size(height: int, width: int, scale: int) -> tuple[int, int]:
-    """The upscaled size; it must be a multiple of the latent factor."""
-    h, w = height * scale, width * scale
-    if h % LATENT_FACTOR or w % LATENT_FACTOR:
-        raise DiffsrError(
-            f"output size {w}x{h} (input {width}x{height} x{scale}) is not a multiple of {LATENT_FACTOR}: "
-            f"crop or pad the input so that its sides times {scale} divide by {LATENT_FACTOR}"
-        )
-    return h, w
+    """The upscaled size: exactly `scale` times the input, whatever its sides (the pipeline pads to the
+    model's multiple inside and crops back)."""
+    if height < 1 or width < 1:
+        raise DiffsrError(f"input image {width}x{height} is empty")
+    return height * scale, width * scale
 
 
 def upsample(rgb: np.ndarray, scale: int) -> torch.Tensor:
@@ -87,16 +84,16 @@ def upsample(rgb: np.ndarray, scale: int) -> torch.Tensor:
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Replicate-pad the bottom and right edges up to a multiple (the UNet's downsampling depth)."""
+    """Replicate-pad the bottom and right edges up to a multiple (the model's pixel multiple)."""
     h, w = x.shape[-2:]
     ph, pw = -h % multiple, -w % multiple
     return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
 
 
-def latent_grid(height: int, width: int, latent_multiple: int) -> tuple[int, int]:
+def latent_grid(model: ModelFamily, height: int, width: int) -> tuple[int, int]:
     """The latent's (h, w) for an output size: padded as `pad_to_multiple` pads, in latent cells."""
-    m = LATENT_FACTOR * latent_multiple
-    return -(-height // m) * m // LATENT_FACTOR, -(-width // m) * m // LATENT_FACTOR
+    m = model.pixel_multiple
+    return -(-height // m) * m // model.latent_factor, -(-width // m) * m // model.latent_factor
 
 
 def adain(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

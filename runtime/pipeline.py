@@ -1,7 +1,8 @@
-"""The super-resolution pipeline: text, LQ, denoise loop, decode. It knows submodules, not backends.
+"""The super-resolution pipeline: text, LQ, denoise loop, decode. It asks the model's family which
+submodule plays each part and what a step computes; it knows no backend.
 
-Every tensor between the runners stays on `device`; the per-step CFG combine and scheduler update
-are element-wise torch ops next to the latents, so nothing returns to the host inside the loop.
+Every tensor between the runners stays on `device`; the per-step guidance and scheduler update are
+element-wise torch ops next to the latents, so nothing returns to the host inside the loop.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from diffsr.export.model.checkpoint import Checkpoint
-from diffsr.export.model.config import LATENT_FACTOR
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.checkpoint import Checkpoint
 from diffsr.export.model.settings import PipelineConfig
-from diffsr.export.model.signatures import SUBMODULES
 from diffsr.runtime.backends.base import Runner
-from diffsr.runtime.image import adain, output_size, pad_to_multiple, to_uint8, upsample
-from diffsr.runtime.sampler import RunFn, StepCallback, StepGraphs, conditioning, denoise
-from diffsr.runtime.tiling import Blender, Tiling, tiling_for
+from diffsr.runtime.cuda_graph import StepGraphs
+from diffsr.runtime.image import output_size
+from diffsr.runtime.loop import denoise
+from diffsr.runtime.schedulers import make_scheduler
+from diffsr.runtime.stages import decode, encode_lq, finish, prepare_lq, prompts
+from diffsr.runtime.step import StepCallback
+from diffsr.runtime.tiling import tiling_for
 
 
 @dataclass
@@ -37,7 +40,8 @@ class Pipeline:
 
     def __init__(self, runners: Mapping[str, Runner], checkpoint: Checkpoint, device: str = "cpu",
                  cuda_graph: bool = False):
-        missing = [name for name in SUBMODULES if name not in runners]
+        self.model = checkpoint.model
+        missing = [name for name in self.model.submodules if name not in runners]
         if missing:
             raise DiffsrError(f"pipeline needs a runner for every submodule; missing {missing}")
         self.runners, self.checkpoint = runners, checkpoint
@@ -55,34 +59,34 @@ class Pipeline:
         self, image: np.ndarray, config: PipelineConfig | None = None, on_step: StepCallback | None = None
     ) -> UpscaleResult:
         cfg = config or self.checkpoint.defaults
+        model = self.model
+        scheduler = make_scheduler(cfg.scheduler, self.checkpoint.scheduler_config)  # a bad name fails before any work
+        tiling = tiling_for(model, cfg)
         self.timings = {}
         start = time.perf_counter()
 
-        # 1. Pre-process: bicubic upsample to the output size in [-1, 1]; pad to the UNet's multiple.
+        # 1. Pre-process: bicubic upsample to exactly `upscale` x the input, in [-1, 1]; pad to the model's multiple.
         with self.stage("preprocess"):
             size = output_size(image.shape[0], image.shape[1], cfg.upscale)
-            lq = prepare_lq(image, cfg.upscale, self.checkpoint.model.latent_multiple).to(self.device)
+            lq = prepare_lq(model, image, cfg.upscale).to(self.device)
 
-        # 2. Text: the prompt, and with CFG the negative prompt first (the batch order of the loop); SDXL
-        #    tokenises for both its encoders and adds the size micro-conditioning (time_ids).
-        with self.stage("text_encoder"):
+        # 2. Text: the prompt, and with guidance the negative prompt first (the batch order of the loop); the
+        #    family's conditioning of a step (SDXL adds the size micro-conditioning).
+        with self.stage("text"):
             ids = {name: torch.from_numpy(v).to(self.device) for name, v in self.tokenizer(prompts(cfg)).items()}
-            text = self.run("text_encoder", **ids)  # text_embeddings (1 or 2, 77, D) [, text_embeds (1 or 2, P)]
-            cond = conditioning(self.checkpoint.model, text, size)
+            cond = model.conditioning(model.encode_text(self.run, ids), size)
 
-        # 3. LQ encoder: the fused multi-layer feature f1 and the LQ latent z_lq, over tiles if large.
-        tiling = tiling_for(self.checkpoint.model, cfg)
-        with self.stage("lq_encoder"):
-            f1, z_lq = encode_lq(self.run, lq, tiling)  # (1, C1, h, w), (1, 4, h, w)
+        # 3. LQ: the LQ image's latent features (SD: the fused multi-layer feature f1 and the LQ latent z_lq).
+        with self.stage("lq"):
+            lq_features = encode_lq(model, self.run, lq, tiling)
 
-        # 4. Denoise: the sampler loop, on the device, with CFG (a CUDA graph replay per step, if asked).
+        # 4. Denoise: the sampler loop on the device, guided (a CUDA graph replay per step, if asked).
         with self.stage("denoise"):
-            x = denoise(self.run, f1, z_lq, cond, cfg, self.checkpoint.scheduler_config, on_step, graphs=self.graphs,
-                        tiling=tiling)
+            x = denoise(model, self.run, lq_features, cond, cfg, scheduler, on_step, graphs=self.graphs, tiling=tiling)
 
         # 5. Decode (over tiles if large); crop the padding, correct colours against the upsampled LQ.
-        with self.stage("vae_decoder"):
-            decoded = decode(self.run, x, tiling)
+        with self.stage("decode"):
+            decoded = decode(model, self.run, x, tiling)
         with self.stage("postprocess"):
             rgb = finish(decoded, lq, size, cfg.color_fix)
         self.timings["total"] = time.perf_counter() - start
@@ -96,46 +100,3 @@ class Pipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
-
-
-def prepare_lq(image: np.ndarray, scale: int, latent_multiple: int) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (1, 3, sH', sW') in [-1, 1], replicate-padded to the UNet's multiple."""
-    return pad_to_multiple(upsample(image, scale), LATENT_FACTOR * latent_multiple)
-
-
-def encode_lq(run: RunFn, lq: torch.Tensor, tiling: Tiling) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, 3, H, W) -> f1, z_lq: one call if the latent fits a tile, else tiles of the LQ image
-    (8 pixels per latent cell) encoded in batches and blended in the latent."""
-    grid = (lq.shape[-2] // LATENT_FACTOR, lq.shape[-1] // LATENT_FACTOR)
-    if tiling.tiles(*grid) == 1:
-        out = run("lq_encoder", lq_image=lq)
-    else:
-        out = Blender(tiling, grid, {1}, lq.device)(
-            lambda group: run("lq_encoder", lq_image=torch.cat([t.crop(lq, LATENT_FACTOR) for t in group])),
-            {"f1": 1, "z_lq": 1})
-    return out["f1"], out["z_lq"]
-
-
-def decode(run: RunFn, latent: torch.Tensor, tiling: Tiling) -> torch.Tensor:
-    """(1, 4, h, w) -> (1, 3, 8h, 8w): one call if it fits a tile, else tiles of the latent decoded in
-    batches and blended in pixels."""
-    grid = (latent.shape[-2], latent.shape[-1])
-    if tiling.tiles(*grid) == 1:
-        return run("vae_decoder", latent=latent)["image"]
-    return Blender(tiling, grid, {LATENT_FACTOR}, latent.device)(
-        lambda group: run("vae_decoder", latent=torch.cat([t.crop(latent) for t in group])),
-        {"image": LATENT_FACTOR})["image"]
-
-
-def prompts(cfg: PipelineConfig) -> list[str]:
-    """The text batch: with CFG the negative prompt first, as the loop's latent batch is ordered."""
-    return [cfg.negative_prompt, cfg.prompt] if cfg.cfg else [cfg.prompt]
-
-
-def finish(decoded: torch.Tensor, lq: torch.Tensor, size: tuple[int, int], color_fix: str) -> np.ndarray:
-    """Crop decoder output and LQ to the output size, colour-correct, -> (H, W, 3) uint8."""
-    h, w = size
-    out = decoded[..., :h, :w]
-    if color_fix == "adain":
-        out = adain(out, lq[..., :h, :w])
-    return to_uint8(out)

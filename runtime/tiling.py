@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from diffsr.export.model.config import LATENT_FACTOR, ModelConfig
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.settings import TILE_BLENDS as BLENDS
 from diffsr.export.model.settings import PipelineConfig
 
@@ -46,6 +46,10 @@ class Tile:
     def crop(self, t: torch.Tensor, scale: int = 1) -> torch.Tensor:
         rows, cols = self.window(scale)
         return t[..., rows, cols]
+
+    def pixels(self, factor: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) in pixels, `factor` pixels per latent cell."""
+        return self.y * factor, self.x * factor, self.h * factor, self.w * factor
 
 
 def axis_starts(length: int, size: int, overlap: int) -> list[int]:
@@ -111,13 +115,13 @@ class Tiling:
         return [tiles[i: i + self.batch] for i in range(0, len(tiles), self.batch)]
 
 
-def tiling_for(model: ModelConfig, cfg: PipelineConfig) -> Tiling:
+def tiling_for(model: ModelFamily, cfg: PipelineConfig) -> Tiling:
     """The request's tiling: by default tiles of the model's native side (SD 64 cells = 512 px, SDXL
-    128 = 1024 px: what the UNet was trained at) overlapping by a quarter of it."""
+    128 = 1024 px: what the network was trained at) overlapping by a quarter of it."""
     size = cfg.tile if cfg.tile is not None else model.native_latent
     m = model.latent_multiple
     if size % m or size < 8:
-        raise DiffsrError(f"tile {size} must be a multiple of {m} latent cells (the UNet's) and at least 8")
+        raise DiffsrError(f"tile {size} must be a multiple of {m} latent cells (the model's) and at least 8")
     overlap = cfg.tile_overlap if cfg.tile_overlap is not None else size // 4
     return Tiling(size, overlap, cfg.tile_batch, cfg.tile_blend)
 
@@ -181,8 +185,3 @@ class Blender:
             iy, ix = self.inverse_sums[scale]
             acc[name] *= (iy[:, None] * ix[None, :]).to(acc[name].dtype)
         return acc
-
-
-def pixels(tile: Tile) -> tuple[int, int, int, int]:
-    """A tile's (top, left, height, width) in pixels."""
-    return tile.y * LATENT_FACTOR, tile.x * LATENT_FACTOR, tile.h * LATENT_FACTOR, tile.w * LATENT_FACTOR

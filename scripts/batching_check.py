@@ -8,11 +8,11 @@ the same request.
 """
 import argparse
 import re
-import urllib.request
-from contextlib import ExitStack
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,10 @@ settings = {"off": ServingOptions(sampler_instances=8, step_batch=0),
 results, images, calls = {}, {}, {}
 
 
-def counts(srv, model="controlnet_unet"):
+STEP_MODEL = ck.model.stages.step[-1]  # the step stage's last (SD: ControlNet + UNet), the step's cost
+
+
+def counts(srv, model=STEP_MODEL):
     """(requests, executions) of a model, from Triton's metrics: calls per execution is the batch formed."""
     text = urllib.request.urlopen(f"http://{srv.host}:{srv.ports.metrics}/metrics", timeout=10).read().decode()
     value = lambda name: float(re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.M).group(1))  # noqa: E731
@@ -89,5 +92,5 @@ print("| --- | --- | --- | --- | --- | --- |")
 for n in levels:
     (t_off, l_off), (t_on, l_on) = results["off", n], results["on", n]
     print(f"| {n} | {t_off:.3f} | {t_on:.3f} | {t_on / t_off:.2f}x | {l_off:.2f} s | {l_on:.2f} s |")
-print(f"controlnet_unet calls per execution, all levels: off {calls['off']:.2f}, on {calls['on']:.2f}")
+print(f"{STEP_MODEL} calls per execution, all levels: off {calls['off']:.2f}, on {calls['on']:.2f}")
 print(f"images identical with and without batching: {identical} of {len(images)}; largest pixel difference {max(diffs)}")

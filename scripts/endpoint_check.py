@@ -9,19 +9,20 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 import psutil
-from skimage import data
-from diffsr.app.serving.triton_server import Ports, TritonServer
-from diffsr.app.serving.triton_client import TritonClient
-from diffsr.runtime.image import encode_png, decode_image
-from diffsr.runtime.backends import load_pipeline
-from diffsr.export.model.checkpoint import open_checkpoint
-from diffsr.triton_models.repository import build_repository
 import tritonclient.grpc as grpc
+from skimage import data
 from tritonclient.utils import InferenceServerException
+
+from diffsr.app.serving.triton_client import TritonClient
+from diffsr.app.serving.triton_server import Ports, TritonServer
+from diffsr.export.model.checkpoint import open_checkpoint
+from diffsr.runtime.image import decode_image, encode_png
+from diffsr.runtime.loading import load_pipeline
+from diffsr.triton_models.repository import build_repository
 
 ck, onnx = open_checkpoint(sys.argv[1]), Path(sys.argv[2])
 repo = Path(tempfile.mkdtemp(prefix="diffsr-endpoint-")) / "models"

@@ -33,6 +33,6 @@ if [ -n "${WHEELS:-}" ]; then pip+=(--no-index --find-links "$WHEELS"); fi
 
 {
     "$VENV/bin/python" -m pytest -ra tests/runtime/backends/test_torch_cuda.py tests/runtime/backends/test_tensorrt_runner.py \
-        tests/export/engines/test_build.py tests/runtime/test_sampler.py
+        tests/export/engines/test_build.py tests/runtime/test_loop.py
     "$VENV/bin/diffsr" gpu-check --json gpu-check.json "$@"
 } 2>&1 | tee gpu-check.log

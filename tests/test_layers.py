@@ -1,4 +1,5 @@
-"""Imports run downwards only, lazy ones included (README, "Architecture").
+"""Imports run downwards only, lazy ones included (docs/architecture.md): between the layers, and between
+the rooms inside a layer.
 
 Every import statement in the package's files, at any depth (module level, in a function, under
 `if TYPE_CHECKING`), and every `importlib.import_module("...")` with a literal name, is held to the
@@ -20,6 +21,14 @@ ALLOWED = {
     "calib": {"runtime", "export"},
     "triton_models": {"runtime", "export"},
     "app": {"triton_models", "calib", "runtime", "export"},
+}
+# layer -> room (a sub-package) -> the rooms of the same layer it may import (itself always); "" is the
+# layer's own top-level modules. A layer not listed, and its top-level modules, may import any of its rooms.
+ROOMS = {
+    "export": {"core": set(), "model": {"core"}, "graphs": {"core", "model"}, "engines": {"core", "model", "graphs"}},
+    "runtime": {"schedulers": set(), "backends": set()},  # leaves: the pipeline's modules build on them
+    "triton_models": {"": set(), "models": {""}},  # the python models build on the generator's interface
+    "app": {"serving": set(), "measure": {"serving"}, "cli": {"measure", "serving"}},
 }
 
 
@@ -46,8 +55,19 @@ def _callee(func: ast.expr) -> str | None:
     return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
 
 
+def room_of(layer: str, parts: list[str]) -> str | None:
+    """The room of a module path inside `layer` (parts after the layer's name; the last is the module's own
+    name or a package's), "" for the layer's top-level modules, None where the layer has no room rules."""
+    rooms = ROOMS.get(layer)
+    if rooms is None or not parts:
+        return None
+    return parts[0] if parts[0] in rooms else ""
+
+
 def violations(layer: str, path: Path) -> list[str]:
     bad = []
+    inside = list(path.relative_to(ROOT / layer).with_suffix("").parts) if path.is_relative_to(ROOT / layer) else []
+    own_room = room_of(layer, inside if len(inside) > 1 else [""])
     for line, module in imported_modules(path.read_text()):
         where = f"{path.relative_to(ROOT)}:{line}"
         parts = module.split(".")
@@ -59,6 +79,12 @@ def violations(layer: str, path: Path) -> list[str]:
             target = parts[1]
             if target != layer and target not in ALLOWED[layer]:
                 bad.append(f"{where}: {layer} imports {module} ({target} is above it)")
+            elif target == layer and own_room is not None:
+                room = room_of(layer, parts[2:])
+                allowed = ROOMS[layer].get(own_room, set(ROOMS[layer]) | {""})
+                if room is not None and room != own_room and room not in allowed:
+                    bad.append(f"{where}: {layer}.{own_room or '(top level)'} imports {module} ({room or 'the top level'} "
+                               f"is not among {sorted(allowed) or 'none'})")
     return bad
 
 
@@ -94,3 +120,29 @@ def test_the_check_catches_lazy_and_hidden_imports(tmp_path):
     for text in ("diffsr.runtime.pipeline", "diffsr.app", "diffsr.app.cli.main", "diffsr.calib.fp16", "diffsr.triton_models.repository",
                  "bare 'export.config'", "relative import '.signatures'"):
         assert any(text in v for v in found), text
+
+
+def test_the_check_catches_a_room_importing_upwards(tmp_path):
+    """Planted in rooms: export's model reading a graph module, runtime's schedulers reading the pipeline, app's
+    serving reading a measurement; and what is allowed (a room below, a top-level module of runtime)."""
+    global ROOT
+    saved, ROOT = ROOT, tmp_path
+    planted = {
+        "export/model/x.py": "from diffsr.export.graphs.manifest import read_manifest\nfrom diffsr.export.core import errors\n",
+        "runtime/schedulers/x.py": "from diffsr.runtime.pipeline import Pipeline\n",
+        "runtime/x.py": "from diffsr.runtime.schedulers import make_scheduler\n",
+        "app/serving/x.py": "import diffsr.app.measure.bench\nfrom diffsr.export.model import family\n",
+        "app/cli/x.py": "from diffsr.app.measure import bench\n",
+    }
+    try:
+        found = {}
+        for rel, source in planted.items():
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / rel).write_text(source)
+            found[rel] = violations(rel.split("/")[0], tmp_path / rel)
+    finally:
+        ROOT = saved
+    assert len(found["export/model/x.py"]) == 1 and "graphs" in found["export/model/x.py"][0]
+    assert len(found["runtime/schedulers/x.py"]) == 1 and "the top level" in found["runtime/schedulers/x.py"][0]
+    assert len(found["app/serving/x.py"]) == 1 and "measure" in found["app/serving/x.py"][0]
+    assert found["runtime/x.py"] == found["app/cli/x.py"] == []

@@ -18,6 +18,7 @@ REQUEST = (
     TensorSpec("steps", "int32", (1,)),
     TensorSpec("guidance_scale", "float32", (1,)),
     TensorSpec("seed", "int64", (1,)),
+    TensorSpec("scheduler", "bytes", (1,)),  # a name of `runtime.schedulers` (ddim, dpmpp-2m)
 )
 OPTIONAL = tuple(spec.name for spec in REQUEST if spec.name != "image")
 RESPONSE = TensorSpec(OUTPUT, "bytes", (1,))

@@ -3,18 +3,17 @@
     diffsr (entry)      image, prompt, negative_prompt, steps, guidance_scale, seed -> upscaled (PNG),
                         one python model on the client's own request (a cancel reaches its loop):
                           decode, tokenise, bicubic upsample
-                          text_encoder       BLS: one model per submodule, tensorrt_plan or python + ONNX Runtime
-                          the loop over tiles, BLS: lq_encoder, fusion_transformer and controlnet_unet
-                                             each step, vae_decoder
+                          the text stage     BLS: one model per submodule, tensorrt_plan or python + ONNX Runtime
+                          the loop over tiles, BLS: the LQ stage, the step stage's submodules each step
+                                             (SD: fusion_transformer, controlnet_unet), the decode stage
                           crop, colour correction, PNG
 
-    `ServingOptions(entry="ensemble")`: `diffsr` is an ensemble of `preprocess`, `text_encoder`, a
+    `ServingOptions(entry="ensemble")`: `diffsr` is an ensemble of `preprocess`, the text stage's models, a
     `sampler` model running the loop, and `postprocess` (Triton 2.51 does not pass a cancel on to the
     sampler).
 
-    lq_encoder, fusion_transformer, controlnet_unet and vae_decoder are models of their own too,
-    called by the sampler tile batch by tile batch (runtime/tiling.py), so no call holds a whole
-    large image's activations.
+    Every submodule of the model's family is a model of its own, called by the loop tile batch by tile
+    batch (runtime/tiling.py), so no call holds a whole large image's activations.
 
 Configs are built as Triton's own `ModelConfig` protobuf (shipped in tritonclient) and written in
 its text format, so what is written is what Triton parses. Python models are two-line `model.py`
@@ -32,17 +31,18 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from diffsr.export.model.checkpoint import Checkpoint, tokenizer_folders
-from diffsr.export.model.config import Precision
-from diffsr.export.engines.metadata import read_meta, verified_plans
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json, require_new_folder
+from diffsr.export.core.precision import Precision
+from diffsr.export.engines.metadata import read_meta, verified_plans
 from diffsr.export.graphs.manifest import checkpoint_digest, file_sha256, signature_hash, verified_files
+from diffsr.export.model.checkpoint import Checkpoint
+from diffsr.export.model.dims import BATCH_KINDS, TARGETS
+from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.settings import PipelineConfig
-from diffsr.export.model.signatures import SUBMODULES, TARGETS, Signature, TensorSpec, signatures
+from diffsr.export.model.signatures import Signature, TensorSpec
 from diffsr.runtime.tiling import tiling_for
 from diffsr.triton_models.endpoint import ENSEMBLE, OPTIONAL, OUTPUT, REQUEST, RESPONSE
-from diffsr.triton_models.step_batching import BATCHED
 
 FLAVOURS = ("onnxruntime", "tensorrt")
 REPOSITORY_MANIFEST = "diffsr-repository.json"  # at the repository's root (Triton loads only its folders)
@@ -59,7 +59,7 @@ class ServingOptions:
     max_queue_size: int = 16  # sampler queue bound: beyond it a request is rejected at once
     queue_timeout_s: float = 120.0  # a request still queued after this is rejected
     max_output_pixels: int = 4096 * 4096  # larger requests are refused (INVALID_ARGUMENT); tiles bound the memory
-    warmup: bool = True  # run each model once at the served shape before reporting ready
+    warmup: bool = True  # Triton runs each submodule's model once on zeros at the served shape before it is ready
     tile: int | None = None  # the sampler's tiling (PipelineConfig): None keeps the checkpoint's default
     tile_overlap: int | None = None
     tile_batch: int | None = None
@@ -75,14 +75,14 @@ class ServingOptions:
         if self.step_batch < 0 or self.step_batch_delay_us < 0:
             raise DiffsrError("--step-batch and its delay must be at least 0")
 
-    def batched(self, flavour: str) -> tuple[str, ...]:
-        """The submodules served with step batching in a flavour: the python models of the onnxruntime
-        flavour. TensorRT plans take no leading call axis (a front python model would cost a hop per call,
-        unmeasured without a GPU), so asking for it there is an error."""
+    def batched(self, model: ModelFamily, flavour: str) -> tuple[str, ...]:
+        """The submodules served with step batching in a flavour: the step stage's, as python models of the
+        onnxruntime flavour. TensorRT plans take no leading call axis (a front python model would cost a hop
+        per call, unmeasured without a GPU), so asking for it there is an error."""
         if self.step_batch > 1 and flavour == "tensorrt":
             raise DiffsrError("step batching is served by the onnxruntime flavour's python models; the tensorrt "
                               "flavour's plans take one loop's call at a time (use --step-batch 0)")
-        return BATCHED if self.step_batch > 1 else ()
+        return model.stages.step if self.step_batch > 1 else ()
 
 
 ENTRIES = ("bls", "ensemble")
@@ -120,15 +120,15 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
     (default: the FP32 graph's)."""
     if flavour not in FLAVOURS:
         raise DiffsrError(f"unknown flavour {flavour!r}; choose one of {list(FLAVOURS)}")
-    sigs = signatures(ckpt.model)
+    model = ckpt.model
+    sigs = model.signatures()
     gpu = flavour == "tensorrt"
-    opt = {name: r.opt for name, r in TARGETS["server"].dim_ranges(ckpt.model).items()}
+    opt = TARGETS["server"].at(model.dims())
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
-    batched = options.batched(flavour)
-    model_json = json.dumps(ckpt.model.to_json())
+    batched = options.batched(model, flavour)
+    model_params = dict(family=model.name, model=json.dumps(model.to_json()))
     configs: dict[str, mc.ModelConfig] = {}
-    for name in SUBMODULES:
-        sig = sigs[name]
+    for name, sig in sigs.items():
         config = _config(name, list(sig.inputs), list(sig.outputs))
         config.instance_group.add(count=options.model_instances, kind=kind)
         if gpu:
@@ -141,40 +141,43 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
         if name in batched:  # a leading axis of calls; the python model stacks them (step_batching)
             config.max_batch_size = options.step_batch
             config.dynamic_batching.max_queue_delay_microseconds = options.step_batch_delay_us
-            _params(config, model=model_json)
+            _params(config, **model_params)
+        if options.warmup:
+            _warmup(config, sig, opt)
         configs[name] = config
 
     req = {s.name: s for s in REQUEST}
-    text, lq_enc, dec = sigs["text_encoder"], sigs["lq_encoder"], sigs["vae_decoder"]
+    text_inputs = [t for name in model.stages.text for t in sigs[name].inputs]
+    text_outputs = [t for name in model.stages.text for t in sigs[name].outputs]
+    lq_image, dec = sigs[model.stages.lq].inputs[0], sigs[model.stages.decode]
     defaults = ckpt.defaults.replace(tile=options.tile, tile_overlap=options.tile_overlap, tile_batch=options.tile_batch)
-    tiling_for(ckpt.model, defaults)  # a bad tiling fails here, not in the server
+    tiling_for(model, defaults)  # a bad tiling fails here, not in the server
     pipeline_json = json.dumps(defaults.to_json())
 
-    pre_params = dict(pipeline=pipeline_json, latent_multiple=str(ckpt.model.latent_multiple),
-                      tokenizers=",".join(tokenizer_folders(ckpt.model)), max_output_pixels=str(options.max_output_pixels))
+    pre_params = dict(pipeline=pipeline_json, max_output_pixels=str(options.max_output_pixels), **model_params)
     pre = _config("preprocess", [req[n] for n in ("image", "prompt", "negative_prompt", "guidance_scale")],
-                  [*lq_enc.inputs, *text.inputs, OUTPUT_SIZE], optional=OPTIONAL)
+                  [lq_image, *text_inputs, OUTPUT_SIZE], optional=OPTIONAL)
     _params(pre, **pre_params)
     pre.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
 
     decoded = TensorSpec("decoded", "float32", dec.outputs[0].shape)
     if options.entry == "bls":  # the entry model pre- and postprocesses and runs the loop, on the client's request
         sampler = _config(ENSEMBLE, list(req.values()), [RESPONSE], optional=OPTIONAL)
-        _params(sampler, text_inputs=",".join(t.name for t in text.inputs), color_fix=ckpt.defaults.color_fix, **pre_params)
+        _params(sampler, color_fix=ckpt.defaults.color_fix, **pre_params)
     else:
-        sampler_inputs = [*text.outputs, *lq_enc.inputs, OUTPUT_SIZE, req["steps"], req["guidance_scale"], req["seed"]]
-        sampler = _config("sampler", sampler_inputs, [decoded], optional=OPTIONAL)
+        settings = [req[n] for n in ("steps", "guidance_scale", "seed", "scheduler")]
+        sampler = _config("sampler", [*text_outputs, lq_image, OUTPUT_SIZE, *settings], [decoded], optional=OPTIONAL)
     _params(sampler, pipeline=pipeline_json, scheduler=json.dumps(ckpt.scheduler_config), device="cuda" if gpu else "cpu",
-            cuda_memory_pool_bytes=str(cuda_pool_bytes(ckpt) if gpu else 0), model=model_json, step_batched=",".join(batched))
+            cuda_memory_pool_bytes=str(cuda_pool_bytes(ckpt) if gpu else 0), step_batched=",".join(batched),
+            **model_params)
     sampler.instance_group.add(count=options.sampler_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     policy = sampler.dynamic_batching.default_queue_policy  # requests wait here, bounded, not unboundedly
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
     policy.default_timeout_microseconds = int(options.queue_timeout_s * 1e6)
     policy.max_queue_size = options.max_queue_size
 
-    post = _config("postprocess", [decoded, *lq_enc.inputs,
-                                   OUTPUT_SIZE], [RESPONSE])
-    _params(post, color_fix=ckpt.defaults.color_fix)
+    post = _config("postprocess", [decoded, lq_image, OUTPUT_SIZE], [RESPONSE])
+    _params(post, color_fix=ckpt.defaults.color_fix, lq_input=lq_image.name)
     post.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
 
     for config in (pre, sampler, post):
@@ -185,13 +188,25 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
         configs[ENSEMBLE] = sampler
     else:
         configs.update(preprocess=pre, sampler=sampler, postprocess=post)
-        configs[ENSEMBLE] = _ensemble(req, sigs)
+        configs[ENSEMBLE] = _ensemble(req, model)
     return configs
 
 
 def loop_model(repository: Path) -> str:
     """The model of a repository that runs the denoising loop: the entry model, or the ensemble's sampler."""
     return "sampler" if (repository / "sampler").is_dir() else ENSEMBLE
+
+
+def _warmup(config: mc.ModelConfig, sig: Signature, dims: dict[str, int]) -> None:
+    """Triton's model warm-up: one call on zeros at the served (opt) shape while the model loads, so that
+    first-call costs (allocations, ONNX Runtime's arena, TensorRT's first enqueue at a shape) are paid before
+    the server reports ready. Zeros are valid for every input (token ids, timesteps, latents)."""
+    warm = config.model_warmup.add(name="served shape", batch_size=1)
+    for spec, shape in sig.input_shapes(dims).items():
+        data = warm.inputs[spec]
+        data.data_type = config.input[[i.name for i in config.input].index(spec)].data_type
+        data.dims.extend(shape)
+        data.zero_data = True
 
 
 def _cuda_graph(config: mc.ModelConfig, sig: Signature, dims: dict[str, int]) -> None:
@@ -206,27 +221,30 @@ def _cuda_graph(config: mc.ModelConfig, sig: Signature, dims: dict[str, int]) ->
 def cuda_pool_bytes(ckpt: Checkpoint) -> int:
     """A CUDA memory pool that holds the largest output any model returns at the server's max shape,
     twice (one in flight between BLS calls, one being written)."""
-    dims = {name: r.max for name, r in TARGETS["server"].dim_ranges(ckpt.model).items()}
-    sizes = [4 * math.prod(shape) for sig in signatures(ckpt.model).values() for shape in sig.output_shapes(dims).values()]
+    dims = {name: r.max for name, r in TARGETS["server"].dim_ranges(ckpt.model.dims()).items()}
+    sizes = [4 * math.prod(shape) for sig in ckpt.model.signatures().values() for shape in sig.output_shapes(dims).values()]
     return 2 * max(sizes)
 
 
-def _ensemble(req: dict[str, TensorSpec], sigs: dict[str, Signature]) -> mc.ModelConfig:
+def _ensemble(req: dict[str, TensorSpec], model: ModelFamily) -> mc.ModelConfig:
     config = _config(ENSEMBLE, list(req.values()), [RESPONSE], optional=OPTIONAL)
     config.platform = "ensemble"
-    ids = [t.name for t in sigs["text_encoder"].inputs]
-    text = [t.name for t in sigs["text_encoder"].outputs]
+    sigs = model.signatures()
+    lq_image = sigs[model.stages.lq].inputs[0].name
+    ids = [t.name for name in model.stages.text for t in sigs[name].inputs]
+    text = [t.name for name in model.stages.text for t in sigs[name].outputs]
     same = lambda names: {n: n for n in names}  # noqa: E731
     steps = [
         ("preprocess", same(("image", "prompt", "negative_prompt", "guidance_scale")),
-         same(("lq_image", *ids, "output_size"))),
-        ("text_encoder", same(ids), same(text)),
-        ("sampler", same((*text, "lq_image", "output_size", "steps", "guidance_scale", "seed")), same(("decoded",))),
-        ("postprocess", {"decoded": "decoded", "lq_image": "lq_image", "output_size": "output_size"},
-         {OUTPUT: OUTPUT}),
+         same((lq_image, *ids, "output_size"))),
+        *((name, same(t.name for t in sigs[name].inputs), same(t.name for t in sigs[name].outputs))
+          for name in model.stages.text),
+        ("sampler", same((*text, lq_image, "output_size", "steps", "guidance_scale", "seed", "scheduler")),
+         same(("decoded",))),
+        ("postprocess", same(("decoded", lq_image, "output_size")), {OUTPUT: OUTPUT}),
     ]
-    for model, inputs, outputs in steps:
-        step = config.ensemble_scheduling.step.add(model_name=model, model_version=1)
+    for name, inputs, outputs in steps:
+        step = config.ensemble_scheduling.step.add(model_name=name, model_version=1)
         step.input_map.update(inputs)
         step.output_map.update(outputs)
     return config
@@ -247,21 +265,21 @@ def build_repository(
         if engines_dir is None:
             raise DiffsrError("the tensorrt flavour needs --engines DIR (made by `diffsr build-engines`)")
         # the serving machine's TensorRT and GPU are checked by Triton when it loads the plans
-        hashes = {name: signature_hash(sig) for name, sig in signatures(ckpt.model).items()}
+        hashes = {name: signature_hash(sig) for name, sig in ckpt.model.signatures().items()}
         files = verified_plans(Path(engines_dir), ckpt.path, hashes)
-        options = fit_tile_batch(options, engine_batch(files, signatures(ckpt.model)))
+        options = fit_tile_batch(options, engine_batch(files, ckpt.model), ckpt.defaults)
     else:
         if onnx_dir is None:
             raise DiffsrError("the onnxruntime flavour needs --onnx DIR (made by `diffsr export`)")
         # ONNX Runtime's fused graphs where the export made them (see export.ort_fusions)
-        files = verified_files(Path(onnx_dir), ckpt, SUBMODULES, Precision.FP32, fused=True)
+        files = verified_files(Path(onnx_dir), ckpt, Precision.FP32, fused=True)
     configs = model_configs(ckpt, flavour, options, {name: path.name for name, path in files.items()})
     for name, config in configs.items():
         folder = out / name
         write_config(config, folder)
         version = folder / "1"
         version.mkdir()
-        if name in SUBMODULES:
+        if name in ckpt.model.submodules:
             src = files[name]
             if not src.is_file():
                 raise DiffsrError(f"{name}: {src} is missing")
@@ -278,10 +296,10 @@ def build_repository(
                 (version / "model.py").write_text(_stub("entry"))
         else:
             (version / "model.py").write_text(_stub(name))
-    tokenizing = [name for name, config in configs.items() if "tokenizers" in config.parameters]
-    for tokenizer in tokenizer_folders(ckpt.model):
+    tokenizing = [name for name, config in configs.items() if "max_output_pixels" in config.parameters]  # preprocessing
+    for folder in dict.fromkeys(ckpt.model.tokenizer_folders().values()):
         for name in tokenizing:
-            shutil.copytree(ckpt.path / tokenizer, out / name / "1" / tokenizer)
+            shutil.copytree(ckpt.path / folder, out / name / "1" / folder)
     graphs = sorted(p for p in out.glob("*/1/*") if p.suffix in (".onnx", ".plan"))
     manifest = {"flavour": flavour, "checkpoint_sha256": checkpoint_digest(ckpt.path),
                 "graphs": {str(p.relative_to(out)): file_sha256(p) for p in graphs}}
@@ -307,22 +325,25 @@ def verify_repository(repo: Path) -> None:
                               f"differs): regenerate the repository from the ONNX or engine folder")
 
 
-def engine_batch(plans: dict[str, Path], sigs: dict[str, Signature]) -> int:
-    """The most tiles every tiled engine takes in one call (a cfg_batch dim holds two rows per tile)."""
+def engine_batch(plans: dict[str, Path], model: ModelFamily) -> int:
+    """The most tiles every tiled engine takes in one call (a guided dim holds two rows per tile)."""
+    kinds = {d.name: d.kind for d in model.dims()}
     most = []
     for name, plan in plans.items():
-        spec = sigs[name].inputs[0]
-        if spec.shape[0] not in ("batch", "cfg_batch"):
-            continue  # the text encoder's batch is prompts
+        spec = model.signature(name).inputs[0]
+        kind = kinds.get(str(spec.shape[0]))
+        if kind not in BATCH_KINDS:
+            continue  # the text stage's batch is prompts
         largest = read_meta(plan).profile[spec.name][2][0]
-        most.append(largest // 2 if spec.shape[0] == "cfg_batch" else largest)
+        most.append(largest // 2 if kind == "guided" else largest)
     return min(most)
 
 
-def fit_tile_batch(options: ServingOptions, most: int) -> ServingOptions:
-    """Tiles per call within what the engines take: a larger asked batch is an error, the default shrinks."""
+def fit_tile_batch(options: ServingOptions, most: int, defaults: PipelineConfig) -> ServingOptions:
+    """Tiles per call within what the engines take: a larger asked batch is an error; the checkpoint's own
+    setting shrinks to fit."""
     if options.tile_batch is None:
-        return replace(options, tile_batch=min(PipelineConfig.tile_batch, most))
+        return replace(options, tile_batch=min(defaults.tile_batch, most))
     if options.tile_batch > most:
         raise DiffsrError(f"--tile-batch {options.tile_batch} is above the engines' largest batch {most} "
                           "(build them with --max-batch to raise it)")

@@ -18,12 +18,12 @@ import numpy as np
 from diffsr.app.serving.triton_client import TritonClient
 from diffsr.app.serving.triton_server import Ports, TritonServer
 from diffsr.calib.data import PHOTOS, photo
-from diffsr.export.model.checkpoint import Checkpoint
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.graphs.exporter import export_onnx
+from diffsr.export.model.checkpoint import Checkpoint
 from diffsr.export.model.random_init import ensure_checkpoint
-from diffsr.runtime.backends import load_runners
 from diffsr.runtime.image import decode_image, encode_png, save_image
+from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
 from diffsr.triton_models.repository import build_repository
 
@@ -42,20 +42,22 @@ class DemoResult:
 
 def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = True,
              say: Callable[[str], None] = lambda _: None, folder: Path = DEMO_DIR,
-             triton_url: str | None = None) -> DemoResult:
-    """`triton_url`: send the photo to a running server of this checkpoint instead of starting one."""
+             triton_url: str | None = None, steps: int | None = None) -> DemoResult:
+    """`triton_url`: send the photo to a running server of this checkpoint instead of starting one; `steps`:
+    the sampler's steps (default: the checkpoint's)."""
     if photo_name not in PHOTOS:
         raise DiffsrError(f"unknown demo photo {photo_name!r}; choose one of {list(PHOTOS)}")
     ckpt_dir, onnx_dir = folder / f"checkpoint-{preset}", folder / f"onnx-{preset}"
     say(f"the {preset} checkpoint in {ckpt_dir} (created once)")
     ckpt = ensure_checkpoint(preset, 0, ckpt_dir)
+    config = ckpt.defaults.replace(steps=steps)
     lq = photo(photo_name, LQ_SIZE)
     result = DemoResult(folder / f"{photo_name}_lq.png")
     save_image(lq, result.lq_path)
 
     def upscale(backend: str, **kwargs) -> np.ndarray:
         say(f"upscaling with {backend}")
-        out = Pipeline(load_runners(backend, ckpt, **kwargs), ckpt)(lq)
+        out = Pipeline(load_runners(backend, ckpt, **kwargs), ckpt)(lq, config)
         result.outputs[backend] = folder / f"{photo_name}_x4_{preset}_{backend}.png"
         save_image(out.image, result.outputs[backend])
         result.timings[backend] = out.timings
@@ -67,26 +69,26 @@ def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = 
     direct = upscale("onnxruntime", onnx_dir=onnx_dir)
     if serve:
         if triton_url is None:
-            result.endpoint_latency_s, remote = _serve_once(ckpt, onnx_dir, folder / f"triton-{preset}", lq, say)
+            result.endpoint_latency_s, remote = _serve_once(ckpt, onnx_dir, folder / f"triton-{preset}", lq, steps, say)
         else:
-            result.endpoint_latency_s, remote = _ask(triton_url, lq, say)
+            result.endpoint_latency_s, remote = _ask(triton_url, lq, steps, say)
         result.outputs["triton"] = folder / f"{photo_name}_x4_{preset}_triton.png"
         save_image(remote, result.outputs["triton"])
         result.endpoint_max_abs_diff = int(np.abs(remote.astype(int) - direct.astype(int)).max())
     return result
 
 
-def _serve_once(ckpt: Checkpoint, onnx_dir: Path, repo: Path, lq: np.ndarray,
+def _serve_once(ckpt: Checkpoint, onnx_dir: Path, repo: Path, lq: np.ndarray, steps: int | None,
                 say: Callable[[str], None]) -> tuple[float, np.ndarray]:
     shutil.rmtree(repo, ignore_errors=True)
     build_repository(ckpt, onnx_dir, repo)
     say("starting tritonserver")
     with TritonServer(repo, Ports.free()) as server:
-        return _ask(server.http_url, lq, say)
+        return _ask(server.http_url, lq, steps, say)
 
 
-def _ask(url: str, lq: np.ndarray, say: Callable[[str], None]) -> tuple[float, np.ndarray]:
+def _ask(url: str, lq: np.ndarray, steps: int | None, say: Callable[[str], None]) -> tuple[float, np.ndarray]:
     say(f"upscaling through the endpoint at {url}")
     with TritonClient(url) as client:
-        remote = client.upscale(encode_png(lq))
+        remote = client.upscale(encode_png(lq), steps=steps)
     return remote.latency_s, decode_image(remote.png, "the endpoint's answer")

@@ -13,8 +13,8 @@ from diffsr.app.measure.bench_report import memory_line, table_rows
 from diffsr.app.measure.gpu_check import GRAPH_TOLERANCE, GpuReport
 from diffsr.app.measure.parity import ParityReport
 from diffsr.app.measure.scaling import ScalingRecord
+from diffsr.export.core.precision import Precision
 from diffsr.export.engines.budget import GIB, ORIN_MODULES_GIB, RUNTIME_RESERVE, EngineBudget, device_total
-from diffsr.export.model.config import Precision
 from diffsr.export.engines.metadata import EngineMeta
 
 MIB = 1 << 20
@@ -164,4 +164,17 @@ def budget_totals(engines: list[EngineBudget]) -> Table:
     for precision in (Precision.FP16, Precision.INT8):
         total = device_total(engines, precision)
         table.add_row(precision.value, f"{total / GIB:.2f}", *("fits" if total <= gib * GIB else "no" for gib in ORIN_MODULES_GIB))
+    return table
+
+
+def families(registered: dict[str, Any]) -> Table:
+    """Each family's presets, submodules and stages."""
+    table = Table(title="model families (diffsr.json names one)")
+    for col in ("family", "presets", "submodules (pipeline order)", "text | lq | every step | decode"):
+        table.add_column(col)
+    for name, family in registered.items():
+        model = family(next(iter(family.presets.values())))
+        s = model.stages
+        table.add_row(name, ", ".join(family.presets), ", ".join(model.submodules),
+                      f"{', '.join(s.text)} | {s.lq} | {', '.join(s.step)} | {s.decode}")
     return table

@@ -24,21 +24,21 @@ from typing import Any
 from diffsr.app.measure.process_memory import device_used_mib, rss_mib, tree_rss_mib
 from diffsr.app.serving.triton_client import TritonClient
 from diffsr.calib.data import photo
-from diffsr.export.model.checkpoint import Checkpoint
-from diffsr.export.model.config import Precision
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.precision import Precision
 from diffsr.export.graphs.manifest import verified_files
-from diffsr.export.model.signatures import SUBMODULES, signatures
+from diffsr.export.model.checkpoint import Checkpoint
+from diffsr.export.model.dims import TARGETS
 from diffsr.runtime.backends.names import BACKENDS as PIPELINE_BACKENDS
 from diffsr.runtime.backends.names import DEFAULTS, SERVED
-from diffsr.runtime.backends import load_pipeline
 from diffsr.runtime.image import encode_png, latent_grid
+from diffsr.runtime.loading import load_pipeline
 from diffsr.runtime.tiling import tiling_for
 
 SERVED_ENSEMBLE = f"{SERVED}-ensemble"  # the endpoint with the ensemble entry point, to compare with the BLS one
 ENTRIES = {SERVED: "bls", SERVED_ENSEMBLE: "ensemble"}
 BACKENDS = (*PIPELINE_BACKENDS, SERVED, SERVED_ENSEMBLE)
-STAGES = ("preprocess", "text_encoder", "lq_encoder", "denoise_step", "denoise", "vae_decoder", "postprocess")
+STAGES = ("preprocess", "text", "lq", "denoise_step", "denoise", "decode", "postprocess")  # the pipeline's timings
 Say = Callable[[str], None]
 
 
@@ -66,21 +66,21 @@ def stats(samples: list[float]) -> dict[str, float]:
 
 
 def stage_flops(ckpt: Checkpoint, onnx_dir: Path, size: tuple[int, int]) -> dict[str, float]:
-    """FLOPs per stage at the benchmark size (one denoising step: fusion transformer + ControlNet/UNet),
-    counted over the tiles the pipeline runs: one tile's FLOPs times the tiles."""
+    """FLOPs per stage at the benchmark size (one denoising step: every submodule of the step stage),
+    counted over the tiles the pipeline runs: one tile's FLOPs times the tiles (the text stage runs once)."""
     from diffsr.app.measure.flops import graph_flops
 
-    scale = ckpt.defaults.upscale
-    h, w = latent_grid(scale * size[1], scale * size[0], ckpt.model.latent_multiple)
-    tiling = tiling_for(ckpt.model, ckpt.defaults)
-    tiles = tiling.layout(h, w)
-    dims = dict(batch=1, cfg_batch=2, text_batch=2, latent_height=tiles[0].h, latent_width=tiles[0].w)
-    sigs = signatures(ckpt.model)
-    paths = verified_files(onnx_dir, ckpt, SUBMODULES, Precision.FP32)
-    f = {name: float(graph_flops(paths[name], sigs[name], dims)) * (1 if name == "text_encoder" else len(tiles))
-         for name in SUBMODULES}
-    return {"text_encoder": f["text_encoder"], "lq_encoder": f["lq_encoder"],
-            "denoise_step": f["fusion_transformer"] + f["controlnet_unet"], "vae_decoder": f["vae_decoder"]}
+    model, scale = ckpt.model, ckpt.defaults.upscale
+    tiles = tiling_for(model, ckpt.defaults).layout(*latent_grid(model, scale * size[1], scale * size[0]))
+    dims = TARGETS["server"].at(model.dims(), side=(tiles[0].h, tiles[0].w))  # one image, guided, one tile
+    paths = verified_files(onnx_dir, ckpt, Precision.FP32)
+
+    def flops(names: tuple[str, ...], times: int) -> float:
+        return sum(float(graph_flops(paths[name], model.signature(name), dims)) for name in names) * times
+
+    stages = model.stages
+    return {"text": flops(stages.text, 1), "lq": flops((stages.lq,), len(tiles)),
+            "denoise_step": flops(stages.step, len(tiles)), "decode": flops((stages.decode,), len(tiles))}
 
 
 def check_backends(backends: list[str]) -> None:

@@ -26,13 +26,13 @@ import torch
 from diffsr.app.measure.bench import Record, run_bench
 from diffsr.app.measure.parity import TOLERANCES, ImageParity, judge_image
 from diffsr.calib.data import photo
-from diffsr.export.model.checkpoint import Checkpoint
-from diffsr.export.model.config import LATENT_FACTOR, Precision
-from diffsr.export.engines.metadata import read_meta, tensorrt_module
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.precision import Precision
+from diffsr.export.engines.metadata import read_meta, tensorrt_module
 from diffsr.export.graphs.manifest import checkpoint_digest
+from diffsr.export.model.checkpoint import Checkpoint
 from diffsr.export.model.random_init import ensure_checkpoint
-from diffsr.runtime.backends import load_runners
+from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
 
 GRAPH_TOLERANCE = 2  # max |graph - eager| on uint8: the same kernels, but the graph reads device scalars
@@ -119,7 +119,7 @@ def check_gpu(
     if engines is not None and _engines_match(engines, bench_ckpt):
         backends.append("tensorrt")
     say(f"benchmark: {bench_preset}, {', '.join(backends)}")
-    side = bench_ckpt.model.native_latent * LATENT_FACTOR // 4  # x4 gives the model's native output size
+    side = bench_ckpt.model.native_latent * bench_ckpt.model.latent_factor // 4  # x4 gives the model's native output size
     records = run_bench(bench_ckpt, onnx, backends, (side, side), 20, runs, warmup, (), say=say, device="cuda",
                         engines_dir=engines)
     report.bench = records

@@ -18,14 +18,15 @@ import torch
 
 from diffsr.calib.data import photo
 from diffsr.calib.quantize import HELD_OUT
-from diffsr.export.model.checkpoint import SUBMODULES, Checkpoint
-from diffsr.export.model.config import ModelConfig, Precision
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.precision import Precision
 from diffsr.export.graphs.manifest import read_manifest
+from diffsr.export.model.checkpoint import Checkpoint
+from diffsr.export.model.dims import TARGETS, odd_sizes
+from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.samples import sample_inputs
-from diffsr.export.model.signatures import TARGETS, signatures
-from diffsr.runtime.backends import load_runners
 from diffsr.runtime.backends.base import Runner
+from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
 
 
@@ -82,18 +83,17 @@ class ParityReport:
 SHAPES = ("min", "opt", "odd")
 
 
-def parity_shapes(cfg: ModelConfig, labels: tuple[str, ...] = SHAPES) -> dict[str, dict[str, int]]:
+def parity_shapes(model: ModelFamily, labels: tuple[str, ...] = SHAPES) -> dict[str, dict[str, int]]:
     """min and opt of the server profile, and an odd non-square shape with a batch of two (those of
     `labels`: SDXL's opt is 1024 x 1024, minutes per submodule on a CPU)."""
     unknown = [label for label in labels if label not in SHAPES]
     if not labels or unknown:
         raise DiffsrError(f"parity shapes {list(labels)} must be one or more of {list(SHAPES)}")
-    ranges = TARGETS["server"].dim_ranges(cfg)
-    m = cfg.latent_multiple
+    ranges = TARGETS["server"].dim_ranges(model.dims())
     shapes = {
         "min": {name: r.min for name, r in ranges.items()},
         "opt": {name: r.opt for name, r in ranges.items()},
-        "odd": dict(batch=2, cfg_batch=4, text_batch=3, latent_height=3 * m, latent_width=5 * m),
+        "odd": odd_sizes(model.dims()),
     }
     return {label: shapes[label] for label in labels}
 
@@ -103,14 +103,14 @@ def parity_shapes(cfg: ModelConfig, labels: tuple[str, ...] = SHAPES) -> dict[st
 
 def run_submodules(
     ckpt: Checkpoint, reference: Mapping[str, Runner], candidate: Mapping[str, Runner], seed: int = 0,
-    labels: tuple[str, ...] = SHAPES, names: tuple[str, ...] = SUBMODULES,
+    labels: tuple[str, ...] = SHAPES, names: tuple[str, ...] | None = None,
 ) -> list[tuple[str, str, dict[str, int], str, np.ndarray, np.ndarray]]:
     """(submodule, shape label, dims, output name, reference, candidate) on fresh random inputs. Each
     side runs every shape, then is released before the other loads: one copy of a submodule's weights in
     memory at a time (SDXL's ControlNet + UNet is 14 GiB in FP32, on either side)."""
-    sigs, shapes, results = signatures(ckpt.model), parity_shapes(ckpt.model, labels), []
-    for name in names:
-        feeds = {label: sample_inputs(sigs[name], dims, seed=seed) for label, dims in shapes.items()}
+    sigs, shapes, results = ckpt.model.signatures(), parity_shapes(ckpt.model, labels), []
+    for name in ckpt.model.submodules if names is None else names:
+        feeds = {label: sample_inputs(ckpt.model, name, dims, seed=seed) for label, dims in shapes.items()}
         outputs = []
         for runner in (reference[name], candidate[name]):
             outputs.append({label: {k: _np(v) for k, v in runner.infer(feed).items()} for label, feed in feeds.items()})
@@ -172,7 +172,7 @@ def check_parity(
     reference = load_runners("torch", ckpt, lean=True)
     candidate = load_runners("onnxruntime", ckpt, onnx_dir=onnx_dir, precision=precision, lean=True)
     report = ParityReport(precision.value, tol)
-    names = SUBMODULES
+    names = None
     photos: tuple[str, ...] = ("astronaut",)
     if precision is Precision.INT8:
         names, photos = tuple(read_manifest(Path(onnx_dir))["int8_calibration"]["submodules"]), HELD_OUT

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from diffsr.calib.data import photo
-from diffsr.export.model.checkpoint import open_checkpoint
 from diffsr.export.core.errors import DiffsrError
-from diffsr.runtime.backends import load_pipeline
+from diffsr.export.model.checkpoint import open_checkpoint
 from diffsr.runtime.image import latent_grid, output_size
+from diffsr.runtime.loading import load_pipeline
 from diffsr.runtime.tiling import tiling_for
 
 SCALING_BACKENDS = ("torch", "onnxruntime")
@@ -71,7 +71,7 @@ def measure(checkpoint: Path, onnx_dir: Path | None, backend: str, case: str, st
     start = time.perf_counter()
     pipe(image, cfg)
     seconds = time.perf_counter() - start
-    tiles = tiling_for(ckpt.model, cfg).tiles(*latent_grid(h, w, ckpt.model.latent_multiple))
+    tiles = tiling_for(ckpt.model, cfg).tiles(*latent_grid(ckpt.model, h, w))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return ScalingRecord(backend, case, (image.shape[1], image.shape[0]), (w, h), tiles, seconds, peak)
 

@@ -27,7 +27,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,7 @@ from diffsr.triton_models.repository import loop_model, verify_repository
 
 log = logging.getLogger(__name__)
 ADMIN_HEADER = "diffsr-admin"  # the header that unlocks Triton's model-repository API (load, unload)
+LOG_LINES = 1000  # a long-running server keeps this many of its log lines (it forwards them all as they come)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class TritonServer:
         self.repository, self.ports, self.host, self.system = Path(repository), ports, host, system
         self.log_line, self.ready_model = log_line, ready_model
         self.process: subprocess.Popen[str] | None = None
-        self.logs: list[str] = []
+        self.logs: deque[str] = deque(maxlen=LOG_LINES)  # the last lines: what an error message quotes
         self._work: tempfile.TemporaryDirectory[str] | None = None  # the backend folder, while running
         self.watch: StubWatch | None = StubWatch(self) if watch_stubs else None
         # explicit model control lets a client unload models: only a caller holding this header may (HTTP; a

@@ -18,17 +18,18 @@ No weights are read: graphs are loaded without their external data.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
 from onnx import external_data_helper
 
-from diffsr.export.model.config import ModelConfig, Precision
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.graphs.to_int8 import DEFAULT_SUBMODULES, select_layers
-from diffsr.export.graphs.manifest import read_manifest, verified_files
-from diffsr.export.model.signatures import SUBMODULES, signatures, target
+from diffsr.export.core.precision import Precision
+from diffsr.export.graphs.manifest import manifest_model, read_manifest, verified_files
+from diffsr.export.graphs.to_int8 import select_layers
+from diffsr.export.model.dims import target
 
 GIB = 1 << 30
 RUNTIME_RESERVE = 2 * GIB  # assumed: CUDA context + TensorRT + Python process + OS share of a Jetson's memory
@@ -51,11 +52,13 @@ class EngineBudget:
         return self.weights_int8 if precision is Precision.INT8 and self.quantized else self.weights_fp16
 
 
-def engine_budget(onnx_path: Path, name: str, shapes: dict[str, tuple[int, ...]]) -> EngineBudget:
+def engine_budget(onnx_path: Path, name: str, shapes: dict[str, tuple[int, ...]],
+                  kept_modules: Mapping[str, str]) -> EngineBudget:
+    """`kept_modules`: what INT8 leaves out (the family's `int8_kept`)."""
     model = onnx.load(str(onnx_path), load_external_data=False)
     graph = model.graph
     fp16 = int8 = 0
-    quantized = set(select_layers(onnx_path)[0])
+    quantized = set(select_layers(onnx_path, kept_modules)[0])
     int8_weights = {n.input[1]: n.op_type for n in graph.node if n.name in quantized}
     for init in graph.initializer:
         count = math.prod(init.dims)
@@ -154,13 +157,13 @@ def budget(onnx_dir: Path, target_name: str = "edge", max_batch: int | None = No
     INT8 for the submodules `diffsr quantize` quantized there (by default: those it quantizes by default)."""
     deployment = target(target_name).resized(max_batch, static)
     manifest = read_manifest(onnx_dir)
-    model = ModelConfig.from_json(manifest["model"])
-    paths = verified_files(onnx_dir, None, SUBMODULES, Precision.FP32)
-    quantized = (manifest.get("int8_calibration") or {}).get("submodules", DEFAULT_SUBMODULES)
-    sigs, ranges = signatures(model), deployment.dim_ranges(model)
-    return [replace(engine_budget(paths[name], name, {k: r.max for k, r in sigs[name].shape_ranges(ranges).items()}),
-                    quantized=name in quantized)
-            for name in SUBMODULES]
+    model = manifest_model(manifest)
+    paths = verified_files(onnx_dir, None, Precision.FP32)
+    quantized = (manifest.get("int8_calibration") or {}).get("submodules", model.int8_default)
+    ranges = deployment.dim_ranges(model.dims())
+    return [replace(engine_budget(paths[name], name, {k: r.max for k, r in sig.shape_ranges(ranges).items()},
+                                  model.int8_kept), quantized=name in quantized)
+            for name, sig in model.signatures().items()]
 
 
 def device_total(engines: list[EngineBudget], precision: Precision) -> int:

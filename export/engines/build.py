@@ -22,7 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from diffsr.export.model.config import ModelConfig, Precision
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.precision import Precision
+from diffsr.export.core.progress import OnProgress, Progress, ignore
 from diffsr.export.engines.metadata import (
     EngineMeta,
     check_engine_io,
@@ -31,10 +33,10 @@ from diffsr.export.engines.metadata import (
     tensorrt_module,
     write_meta,
 )
-from diffsr.export.core.errors import DiffsrError
-from diffsr.export.graphs.manifest import file_sha256, read_manifest, signature_hash, verified_files
-from diffsr.export.core.progress import OnProgress, Progress, ignore
-from diffsr.export.model.signatures import SUBMODULES, ShapeRange, Signature, Target, signatures, target
+from diffsr.export.graphs.manifest import file_sha256, manifest_model, read_manifest, signature_hash, verified_files
+from diffsr.export.model.dims import ShapeRange, Target, target
+from diffsr.export.model.family import ModelFamily
+from diffsr.export.model.signatures import Signature
 
 try:
     import tensorrt as trt
@@ -45,10 +47,10 @@ log = logging.getLogger(__name__)
 DEFAULT_OPTIMIZATION_LEVEL = 3  # TensorRT's default: 0 builds fastest, 5 searches longest
 
 
-def engine_profiles(model: ModelConfig, deployment: Target) -> dict[str, dict[str, ShapeRange]]:
+def engine_profiles(model: ModelFamily, deployment: Target) -> dict[str, dict[str, ShapeRange]]:
     """submodule -> input -> (min, opt, max) shape: the optimisation profile of each engine."""
-    ranges = deployment.dim_ranges(model)
-    return {name: sig.shape_ranges(ranges) for name, sig in signatures(model).items()}
+    ranges = deployment.dim_ranges(model.dims())
+    return {name: sig.shape_ranges(ranges) for name, sig in model.signatures().items()}
 
 
 def profile_json(shapes: dict[str, ShapeRange]) -> dict[str, list[list[int]]]:
@@ -124,16 +126,16 @@ def build_engines(
     if precision not in (Precision.FP16, Precision.INT8):
         raise DiffsrError(f"engines are built from the fp16 or int8 graphs, not {precision.value}")
     manifest = read_manifest(onnx_dir)
-    paths = verified_files(onnx_dir, None, SUBMODULES, precision)  # refuses files that do not match
-    model = ModelConfig.from_json(manifest["model"])
+    paths = verified_files(onnx_dir, None, precision)  # refuses files that do not match
+    model = manifest_model(manifest)
     tensorrt_module()
     env = current_environment()
-    sigs, profiles = signatures(model), engine_profiles(model, deployment)
+    sigs, profiles = model.signatures(), engine_profiles(model, deployment)
     flags = {"strongly_typed": True, "precision": precision.value, "static": deployment.static,
              "max_batch": deployment.batch.max, "builder_optimization_level": opt_level, "tf32": False}
     out.mkdir(parents=True, exist_ok=True)
     built = {}
-    for i, name in enumerate(SUBMODULES):
+    for i, name in enumerate(model.submodules):
         plan_path = out / f"{name}.plan"
         meta = EngineMeta(
             submodule=name, plan_sha256="", built_with=env, onnx_file=paths[name].name,
@@ -144,9 +146,9 @@ def build_engines(
         kept = _up_to_date(plan_path, meta)
         if kept is not None:
             built[name] = kept
-            on_progress(Progress("build", f"{name} up to date", i + 1, len(SUBMODULES)))
+            on_progress(Progress("build", f"{name} up to date", i + 1, len(model.submodules)))
             continue
-        on_progress(Progress("build", f"building {name}", i, len(SUBMODULES)))
+        on_progress(Progress("build", f"building {name}", i, len(model.submodules)))
         start = time.perf_counter()
         plan = plan_from_onnx(paths[name], profiles[name], timing_cache, opt_level)
         memory = inspect_plan(plan, sigs[name], profiles[name])
@@ -157,7 +159,7 @@ def build_engines(
                         build_seconds=round(time.perf_counter() - start, 1))
         write_meta(meta, plan_path)
         built[name] = meta
-        on_progress(Progress("build", f"built {name}", i + 1, len(SUBMODULES)))
+        on_progress(Progress("build", f"built {name}", i + 1, len(model.submodules)))
     return built
 
 

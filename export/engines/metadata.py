@@ -18,11 +18,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from diffsr.export.model.config import dataclass_from_json
+from diffsr.export.core.configs import dataclass_from_json
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.graphs.manifest import checkpoint_digest, file_sha256, read_manifest
-from diffsr.export.model.signatures import ShapeRange, Signature
+from diffsr.export.model.dims import ShapeRange
+from diffsr.export.model.signatures import Signature
 
 try:
     import tensorrt as trt

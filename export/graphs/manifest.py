@@ -13,17 +13,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from diffsr.export.model.checkpoint import Checkpoint
-from diffsr.export.model.config import ModelConfig, Precision
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
-from diffsr.export.model.signatures import Signature, signatures
+from diffsr.export.core.precision import Precision
+from diffsr.export.model.checkpoint import Checkpoint
+from diffsr.export.model.family import ModelFamily, model_from_json
+from diffsr.export.model.signatures import Signature
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 # Bumped whenever the export produces different graphs from the same inputs (2: fake-tensor tracing,
-# folded weight transposes, no pattern rewriter); graphs of another revision are never "up to date".
-EXPORTER_REVISION = 2
+# folded weight transposes, no pattern rewriter; 3: each dim within its declared bound, no process-dependent
+# metadata); graphs of another revision are never "up to date".
+EXPORTER_REVISION = 3
 FUSED = "ort_fused"  # key, in an FP32 entry, of the graph with ONNX Runtime's fused kernels (`ort_fusions`)
 LIBRARIES = ("diffsr", "torch", "onnx", "onnxruntime", "onnxscript", "diffusers", "transformers")
 
@@ -86,7 +88,7 @@ def write_manifest(out: Path, ckpt: Checkpoint, opset: int, files: dict[str, dic
                    **extra: Any) -> dict[str, Any]:
     """files: submodule -> precision -> {"file": name, ...extra}; hashes and signatures are added here,
     `extra` keys at the top level."""
-    sigs = signatures(ckpt.model)
+    sigs = ckpt.model.signatures()
     submodules = {}
     for name, by_precision in files.items():
         entry: dict[str, Any] = {"signature": signature_json(sigs[name]), "signature_sha256": signature_hash(sigs[name])}
@@ -98,6 +100,7 @@ def write_manifest(out: Path, ckpt: Checkpoint, opset: int, files: dict[str, dic
     manifest = {
         "format_version": FORMAT_VERSION,
         "checkpoint": {"path": str(ckpt.path.resolve()), "sha256": checkpoint_digest(ckpt.path)},
+        "family": ckpt.model.name,
         "model": ckpt.model.to_json(),
         "opset": opset,
         "exporter": "torch.onnx.export(dynamo=True)",
@@ -110,6 +113,11 @@ def write_manifest(out: Path, ckpt: Checkpoint, opset: int, files: dict[str, dic
     return manifest
 
 
+def manifest_model(manifest: dict[str, Any]) -> ModelFamily:
+    """The model a manifest was exported from (a manifest written before families had names holds none)."""
+    return model_from_json(manifest.get("family"), manifest["model"])
+
+
 def read_manifest(onnx_dir: Path) -> dict[str, Any]:
     if not (Path(onnx_dir) / MANIFEST).is_file():
         raise DiffsrError(f"no {MANIFEST} in {onnx_dir}: export it with `diffsr export --out {onnx_dir}`")
@@ -117,9 +125,10 @@ def read_manifest(onnx_dir: Path) -> dict[str, Any]:
 
 
 def verified_files(
-    onnx_dir: Path, ckpt: Checkpoint | None, names: tuple[str, ...], precision: Precision, fused: bool = False,
+    onnx_dir: Path, ckpt: Checkpoint | None, precision: Precision, names: tuple[str, ...] | None = None,
+    fused: bool = False,
 ) -> dict[str, Path]:
-    """The ONNX file of each submodule, after checking it is the one exported with today's signature
+    """The ONNX file of each submodule (`names`, or all), after checking it is the one exported with today's signature
     from this checkpoint (or, with no checkpoint, from the model the manifest names). Any mismatch
     is an error that names it. `fused` (for ONNX Runtime): the FP32 graph's fused variant where the
     export made one (`diffsr export` does by default), the graph itself where not."""
@@ -129,10 +138,10 @@ def verified_files(
             f"{onnx_dir} was exported from another checkpoint ({manifest['checkpoint']['path']}), "
             f"not {ckpt.path}: re-export with `diffsr export --checkpoint {ckpt.path}`"
         )
-    model = ckpt.model if ckpt is not None else ModelConfig.from_json(manifest["model"])
-    sigs = signatures(model)
+    model = ckpt.model if ckpt is not None else manifest_model(manifest)
+    sigs = model.signatures()
     paths = {}
-    for name in names:
+    for name in model.submodules if names is None else names:
         entry = manifest["submodules"].get(name, {})
         info = entry.get(precision.value)
         quantized = (manifest.get("int8_calibration") or {}).get("submodules", ())

@@ -32,40 +32,31 @@ from safetensors import safe_open
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 
-from diffsr.export.model.checkpoint import Checkpoint, build, stored_shapes, weight_source, weights_file
-from diffsr.export.model.config import ModelConfig
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.logs import quiet
+from diffsr.export.model.checkpoint import Checkpoint, build, stored_shapes, weight_source, weights_file
+from diffsr.export.model.dims import trace_sizes
+from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.samples import sample_inputs
-from diffsr.export.model.signatures import Signature, parse_dim, signatures
+from diffsr.export.model.signatures import Signature, parse_dim
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18  # the dynamo exporter's floor; TensorRT 10's parser reads opsets 9 to 20
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB; keep a margin for the graph itself
-MAX_SIDE = 512  # export-time bound on latent sides, in units of the UNet's multiple (ONNX has none)
 TENSORRT_OPS = Path(__file__).with_name("data") / "tensorrt_onnx_ops.json"
 ONNX_TYPES = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16",
               onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.BOOL: "BOOL",
               onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.INT8: "INT8", onnx.TensorProto.DOUBLE: "DOUBLE"}
 
 
-def export_dims(cfg: ModelConfig) -> dict[str, int]:
-    """Example sizes for tracing: all distinct and > 1, so no dim is specialised to a constant."""
-    m = cfg.latent_multiple
-    return dict(batch=2, cfg_batch=4, text_batch=3, latent_height=2 * m, latent_width=3 * m)
-
-
-def torch_dynamic_shapes(sig: Signature, cfg: ModelConfig) -> dict[str, dict[int, Any]]:
-    """The signature's named dims as torch.export Dims; latent sides as multiples of the UNet's."""
-    m = cfg.latent_multiple
-    base = {
-        "batch": Dim("batch", min=1, max=64),
-        "cfg_batch": Dim("cfg_batch", min=1, max=128),
-        "text_batch": Dim("text_batch", min=1, max=128),
-        "latent_height": m * Dim("latent_height_units", min=1, max=MAX_SIDE),
-        "latent_width": m * Dim("latent_width_units", min=1, max=MAX_SIDE),
-    }
+def torch_dynamic_shapes(model: ModelFamily, sig: Signature) -> dict[str, dict[int, Any]]:
+    """The signature's named dims as torch.export Dims, within each dim's declared bound; a side as a
+    multiple of its cells (`NamedDim.multiple`)."""
+    base = {}
+    for d in model.dims():
+        dim = Dim(d.name if d.multiple == 1 else f"{d.name}_units", min=1, max=d.bound)
+        base[d.name] = dim if d.multiple == 1 else d.multiple * dim
     shapes: dict[str, dict[int, Any]] = {}
     for spec in sig.inputs:
         axes = {}
@@ -78,8 +69,8 @@ def torch_dynamic_shapes(sig: Signature, cfg: ModelConfig) -> dict[str, dict[int
 
 
 def onnx_from_checkpoint(ckpt: Checkpoint, name: str, path: Path, opset: int = DEFAULT_OPSET) -> Path:
-    sig = signatures(ckpt.model)[name]
-    real_feed = sample_inputs(sig, export_dims(ckpt.model))
+    sig = ckpt.model.signature(name)
+    real_feed = sample_inputs(ckpt.model, name, trace_sizes(ckpt.model.dims()))
     fake = FakeTensorMode()
     try:
         with fake, warnings.catch_warnings(), quiet("torch.onnx"):  # its "torchvision is not installed" notes
@@ -91,7 +82,7 @@ def onnx_from_checkpoint(ckpt: Checkpoint, name: str, path: Path, opset: int = D
             program = torch.onnx.export(
                 module, feed, dynamo=True, opset_version=opset,
                 input_names=[t.name for t in sig.inputs], output_names=[t.name for t in sig.outputs],
-                dynamic_shapes=torch_dynamic_shapes(sig, ckpt.model), optimize=False, verbose=False,
+                dynamic_shapes=torch_dynamic_shapes(ckpt.model, sig), optimize=False, verbose=False,
             )
     except DiffsrError:
         raise
@@ -104,6 +95,9 @@ def onnx_from_checkpoint(ckpt: Checkpoint, name: str, path: Path, opset: int = D
         elif init.const_value is not None and "Fake" in type(getattr(init.const_value, "raw", None)).__name__:
             raise DiffsrError(f"ONNX export of {name}: {init.name!r} is neither a stored parameter nor a constant")
     tidy(model)
+    # torch.export's value ranges are a dict printed in an order that depends on what the process traced
+    # before: without it, the same checkpoint exports to the same bytes in any process
+    model.graph.metadata_props.pop("pkg.torch.export.ExportedProgram.range_constraints", None)
     n_bytes = bind_weights(model, ckpt, name, parameters)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in (path, path.with_name(path.name + ".data")):

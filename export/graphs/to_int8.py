@@ -10,10 +10,10 @@
 
 The quantization follows the field's recipe for diffusion UNets (NVIDIA ModelOpt's, TensorRT's demo):
 symmetric INT8, weights per channel on the output-channel axis, activations per tensor, float bias, no
-quantization of an INT8 layer's output; kept in higher precision: the timestep and text embedding
-paths, the first and last convolutions, shortcut convolutions, the ControlNet's conditioning and zero
-convolutions, attention's own matmuls and softmax, normalisations (which are never quantized here:
-only Conv and MatMul with a weight are).
+quantization of an INT8 layer's output; kept in higher precision: what the family names (`int8_kept`: for
+SD the timestep and text embedding paths, the first and last convolutions, shortcut convolutions, the
+ControlNet's conditioning and zero convolutions), attention's own matmuls and softmax, normalisations
+(which are never quantized here: only Conv and MatMul with a weight are).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import contextlib
 import io
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,34 +32,17 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.graphs.to_fp16 import fp16_from_fp32
 from diffsr.export.core.logs import quiet
-from diffsr.export.model.signatures import SUBMODULES
+from diffsr.export.graphs.to_fp16 import fp16_from_fp32
 
 QUANTIZED_OPS = ("Conv", "MatMul")
-DEFAULT_SUBMODULES = ("controlnet_unet",)  # the denoising step's cost; `diffsr quantize --submodules` widens it
 QDQ_OPSET = 19  # QuantizeLinear / DequantizeLinear take FP16 scales from opset 19 (TensorRT 10 reads up to 20)
 METHODS = ("percentile", "entropy")
-# weight names (module paths, as the exporter keeps them) of layers kept in higher precision, and why
-KEPT_MODULES = {
-    "time_embedding": "timestep embedding",
-    "time_emb_proj": "timestep embedding projection",
-    "add_embedding": "SDXL's text and size embedding",
-    "conv_in": "first convolution",
-    "conv_out": "last convolution",
-    "conv_shortcut": "shortcut convolution",
-    "controlnet_cond_embedding": "ControlNet conditioning embedding",
-    "controlnet_down_blocks": "ControlNet zero convolution",
-    "controlnet_mid_block": "ControlNet zero convolution",
-}
-_KEPT = re.compile(r"(?:^|\.)(" + "|".join(KEPT_MODULES) + r")(?:\.|$)")
 
 
-def check_submodules(names: Sequence[str]) -> None:
-    """Submodules to quantize: one or more, each a submodule of the pipeline."""
-    unknown = [name for name in names if name not in SUBMODULES]
-    if not names or unknown:
-        raise DiffsrError(f"submodules to quantize {list(names)} must be one or more of {list(SUBMODULES)}")
+def _kept_pattern(kept: Mapping[str, str]) -> re.Pattern[str] | None:
+    """Weight names (module paths, as the exporter keeps them) holding one of `kept`'s parts."""
+    return re.compile(r"(?:^|\.)(" + "|".join(map(re.escape, kept)) + r")(?:\.|$)") if kept else None
 
 
 @dataclass(frozen=True)
@@ -86,23 +69,25 @@ class ExcludedLayer:
     reason: str
 
 
-def select_layers(onnx_path: Path) -> tuple[list[str], list[ExcludedLayer]]:
+def select_layers(onnx_path: Path, kept_modules: Mapping[str, str]) -> tuple[list[str], list[ExcludedLayer]]:
     """(nodes to quantize, Conv/MatMul nodes kept in higher precision with why). A layer is quantized when
-    it multiplies an activation by a stored weight, is not on a path the recipe keeps, and does not read a
+    it multiplies an activation by a stored weight, is not on a path the family keeps (`kept_modules`: a
+    part of the weight's name -> why), and does not read a
     graph input directly (the text embeddings, the latents: the network's inputs stay as given)."""
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
     inputs = {t.name for t in graph.input}
     quantize, excluded = [], []
+    pattern = _kept_pattern(kept_modules)
     for node in graph.node:
         if node.op_type not in QUANTIZED_OPS:
             continue
         weight = node.input[1] if len(node.input) > 1 else ""
-        kept = _KEPT.search(weight)
+        kept = pattern.search(weight) if pattern is not None else None
         if weight not in weights:
             reason = "attention's matmul of two activations"
         elif kept:
-            reason = KEPT_MODULES[kept.group(1)]
+            reason = kept_modules[kept.group(1)]
         elif node.input[0] in inputs:
             reason = f"reads the graph input {node.input[0]!r} directly"
         else:
@@ -134,6 +119,7 @@ class _Feeds:
 
 def int8_from_fp32(
     src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]], keep_fp32: set[str], settings: Int8Settings,
+    kept_modules: Mapping[str, str],
 ) -> tuple[list[str], list[ExcludedLayer]]:
     """Write the INT8 graph of `src` (FP32) to `dst`: Q/DQ on the selected layers, calibrated on `feeds`,
     FP16 elsewhere but for `keep_fp32` (the FP16 check's layers). Returns (quantized, excluded)."""
@@ -141,7 +127,7 @@ def int8_from_fp32(
 
     if not feeds:
         raise DiffsrError(f"{src.name}: no calibration feeds recorded")
-    quantize, excluded = select_layers(src)
+    quantize, excluded = select_layers(src, kept_modules)
     # a layer the FP16 check keeps FP32 stays out: a cast between its DQ and it would stop TensorRT's fusion
     excluded += [ExcludedLayer(n, "", "kept FP32 by the FP16 check") for n in quantize if n in keep_fp32]
     quantize = [n for n in quantize if n not in keep_fp32]

@@ -1,13 +1,10 @@
 """Checkpoint folders: read any one that follows the layout (`random_init` writes seeded ones).
 
-    diffsr.json                  model widths (ModelConfig) and the pipeline's defaults
-    tokenizer/                   tokenizer.json, tokenizer_config.json (CLIP BPE)
-    text_encoder/                config.json, model.safetensors            (transformers CLIPTextModel)
-    text_encoder_2/, tokenizer_2/  SDXL's second encoder    (transformers CLIPTextModelWithProjection)
-    lq_encoder/                  config.json, model.safetensors            (ours)
-    fusion_transformer/          config.json, model.safetensors            (ours)
-    controlnet/  unet/  vae/     config.json, diffusion_pytorch_model.safetensors  (diffusers)
+    diffsr.json                  the family, the model config (its widths) and the pipeline's defaults
     scheduler/                   scheduler_config.json                     (diffusers)
+    <component>/                 config.json + weights, one folder per network, as the family declares
+                                 (diffusers and transformers layouts where the library has one)
+    tokenizer*/                  the tokenizers, as the family declares
 
 Weights are loaded strictly: a missing, extra or mis-shaped tensor is an error naming the file.
 Nothing cares how the weights were trained, nor in which float type they are stored (SDXL
@@ -27,45 +24,15 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffsr.export.model.config import ModelConfig, dataclass_from_json
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
-from diffsr.export.families.sd_networks import (
-    ControlNetUNet,
-    ControlNetUNetXL,
-    FusionConfig,
-    FusionTransformer,
-    LQEncoder,
-    LQEncoderConfig,
-    TextEncoder,
-    VAEDecoder,
-)
+from diffsr.export.model.family import ModelFamily, model_from_json
 from diffsr.export.model.settings import PipelineConfig
-from diffsr.export.model.signatures import SUBMODULES
-from diffsr.export.model.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-WEIGHTS = "model.safetensors"
-
-# Stable Diffusion's training schedule (SD 1.x and SDXL alike), as written into a new checkpoint.
-SD_SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "DDIMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "clip_sample": False,
-}
 
 
 @dataclass(frozen=True)
@@ -73,17 +40,12 @@ class Checkpoint:
     """What a checkpoint folder says, read without building any network."""
 
     path: Path
-    model: ModelConfig
+    model: ModelFamily  # the family, bound to the model config
     defaults: PipelineConfig
     scheduler_config: dict[str, Any]
 
-    def tokenizer(self) -> Tokenizer:
-        return Tokenizer([self.path / folder for folder in tokenizer_folders(self.model)])
-
-
-def tokenizer_folders(model: ModelConfig) -> tuple[str, ...]:
-    """The tokenizer folders, in the order of the text encoder's inputs (input_ids, input_ids_2)."""
-    return ("tokenizer", "tokenizer_2") if model.sdxl else ("tokenizer",)
+    def tokenizer(self) -> Callable[[list[str]], dict[str, Any]]:
+        return self.model.tokenizer(self.path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -100,68 +62,23 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             f"{path / 'diffsr.json'} has format_version {meta.get('format_version')!r}; this diffsr reads {FORMAT_VERSION}"
         )
     try:
-        model = ModelConfig.from_json(meta["model"])
+        model = model_from_json(meta.get("family"), meta["model"])
         defaults = PipelineConfig.from_json(meta.get("pipeline", {}))
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise DiffsrError(f"{path / 'diffsr.json'} is malformed: {e!r}") from None
     return Checkpoint(path, model, defaults, _read_json(path / "scheduler" / "scheduler_config.json"))
 
 
-# --- building networks from their configs ----------------------------------------------------------
+def checkpoint_meta(model: ModelFamily, defaults: PipelineConfig) -> dict[str, Any]:
+    """The `diffsr.json` of a checkpoint."""
+    return {"format_version": FORMAT_VERSION, "family": model.name, "model": model.to_json(), "pipeline": defaults.to_json()}
 
 
-def _diffusers(cls: Any) -> Callable[[Path], nn.Module]:
-    def build(folder: Path) -> nn.Module:
-        config = _read_json(folder / "config.json")
-        if config.get("_class_name", cls.__name__) != cls.__name__:
-            raise DiffsrError(f"{folder / 'config.json'} describes a {config['_class_name']}, expected {cls.__name__}")
-        try:
-            return cls.from_config(config)
-        except (ValueError, TypeError, KeyError) as e:
-            raise DiffsrError(f"{folder / 'config.json'} is not a valid {cls.__name__} config: {e}") from None
-
-    return build
-
-
-def _ours(cls: Any, config_cls: Any) -> Callable[[Path], nn.Module]:
-    return lambda folder: cls(dataclass_from_json(config_cls, _read_json(folder / "config.json"), str(folder / "config.json")))
-
-
-def _clip(cls: Any) -> Callable[[Path], nn.Module]:
-    return lambda folder: cls(CLIPTextConfig.from_dict(_read_json(folder / "config.json")))
-
-
-# component folder -> (network from its config.json, weights file name)
-COMPONENTS: dict[str, tuple[Callable[[Path], nn.Module], str]] = {
-    "text_encoder": (_clip(CLIPTextModel), WEIGHTS),
-    "text_encoder_2": (_clip(CLIPTextModelWithProjection), WEIGHTS),
-    "lq_encoder": (_ours(LQEncoder, LQEncoderConfig), WEIGHTS),
-    "fusion_transformer": (_ours(FusionTransformer, FusionConfig), WEIGHTS),
-    "controlnet": (_diffusers(ControlNetModel), DIFFUSERS_WEIGHTS),
-    "unet": (_diffusers(UNet2DConditionModel), DIFFUSERS_WEIGHTS),
-    "vae": (_diffusers(AutoencoderKL), DIFFUSERS_WEIGHTS),
-}
-
-
-def parts(model: ModelConfig, name: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]:
-    """The component folders a submodule is made of, and how they combine."""
-    table: dict[str, tuple[tuple[str, ...], Callable[..., nn.Module]]] = {
-        "text_encoder": (("text_encoder", "text_encoder_2") if model.sdxl else ("text_encoder",), TextEncoder),
-        "lq_encoder": (("lq_encoder",), lambda m: m),
-        "fusion_transformer": (("fusion_transformer",), lambda m: m),
-        "controlnet_unet": (("controlnet", "unet"), ControlNetUNetXL if model.sdxl else ControlNetUNet),
-        "vae_decoder": (("vae",), VAEDecoder),
-    }
-    if name not in table:
-        raise DiffsrError(f"unknown submodule {name!r}; choose one of {list(SUBMODULES)}")
-    return table[name]
-
-
-def weight_source(model: ModelConfig, name: str, parameter: str) -> tuple[str, str]:
+def weight_source(model: ModelFamily, name: str, parameter: str) -> tuple[str, str]:
     """(component folder, key in its weights file) of a submodule's parameter. Wrappers hold their
     components under the folders' names (`controlnet.conv_in.weight` -> controlnet, conv_in.weight);
     a single-component submodule's names are its file's keys."""
-    folders = parts(model, name)[0]
+    folders = model.parts(name)[0]
     head, _, rest = parameter.partition(".")
     if head in folders:
         return head, rest
@@ -173,8 +90,9 @@ def weight_source(model: ModelConfig, name: str, parameter: str) -> tuple[str, s
 def build(ckpt: Checkpoint, name: str) -> nn.Module:
     """A submodule from its components' configs, in eval mode, without loading any weights: call it
     under `torch.device("meta")`, a FakeTensorMode or `empty_parameters()`."""
-    folders, combine = parts(ckpt.model, name)
-    return combine(*(COMPONENTS[f][0](ckpt.path / f) for f in folders)).eval().requires_grad_(False)
+    folders, combine = ckpt.model.parts(name)
+    components = ckpt.model.components()
+    return combine(*(components[f].build(ckpt.path / f) for f in folders)).eval().requires_grad_(False)
 
 
 @contextmanager
@@ -185,7 +103,7 @@ def empty_parameters() -> Iterator[None]:
 
 
 def weights_file(ckpt: Checkpoint, folder: str) -> Path:
-    return ckpt.path / folder / COMPONENTS[folder][1]
+    return ckpt.path / folder / ckpt.model.components()[folder].weights
 
 
 def stored_shapes(file: Path) -> dict[str, tuple[int, ...]]:
@@ -227,7 +145,7 @@ def load_submodule(ckpt: Checkpoint, name: str) -> nn.Module:
     state: dict[str, torch.Tensor] = {}
     for folder, keys in wanted.items():
         file = weights_file(ckpt, folder)
-        check_weights(file, {k: shape for k, (_, shape) in keys.items()}, others_allowed=name == "vae_decoder")
+        check_weights(file, {k: shape for k, (_, shape) in keys.items()}, others_allowed=ckpt.model.partial(name))
         for key, tensor in read_tensors(file, list(keys)):
             state[keys[key][0]] = tensor.float() if tensor.is_floating_point() else tensor
     module.load_state_dict(state, strict=True, assign=True)
@@ -256,4 +174,4 @@ def parameter_bytes(ckpt: Checkpoint, name: str) -> int:
 
 def load_reference(path: str | Path) -> tuple[Checkpoint, dict[str, nn.Module]]:
     ckpt = open_checkpoint(path)
-    return ckpt, {name: load_submodule(ckpt, name) for name in SUBMODULES}
+    return ckpt, {name: load_submodule(ckpt, name) for name in ckpt.model.submodules}

@@ -17,68 +17,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffsr.export.model.checkpoint import (
-    COMPONENTS,
-    SD_SCHEDULER_CONFIG,
-    Checkpoint,
-    empty_parameters,
-    open_checkpoint,
-)
-from diffsr.export.model.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
-from diffsr.export.model.config import ModelConfig, preset, text_config, unet_config, vae_config
 from diffsr.export.core.files import require_new_folder
-from diffsr.export.families.sd_networks import FusionConfig, FusionTransformer, LQEncoder, LQEncoderConfig, config_to_json
 from diffsr.export.core.progress import OnProgress, Progress, ignore
+from diffsr.export.model.checkpoint import Checkpoint, checkpoint_meta, open_checkpoint
+from diffsr.export.model.family import ModelFamily, preset
 from diffsr.export.model.settings import PipelineConfig
-from diffsr.export.model.tokenizer import OPENCLIP_PAD, build_clip_tokenizer
 
 STORED_DTYPE = torch.float16
-
-
-def networks(cfg: ModelConfig) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
-    """Each component folder's network (parameters on the meta device) and the config.json that builds it."""
-    with empty_parameters():
-        vae = AutoencoderKL(**vae_config(cfg))
-        unet = UNet2DConditionModel(**unet_config(cfg))
-        controlnet = ControlNetModel.from_unet(
-            unet, conditioning_channels=cfg.f2_channels, conditioning_embedding_out_channels=(cfg.f2_channels,),
-            load_weights_from_unet=False,
-        )
-        text = CLIPTextModel(CLIPTextConfig(**text_config(cfg)))
-        lq = LQEncoder(LQEncoderConfig(cfg.vae_channels, cfg.vae_layers_per_block, cfg.vae_norm_groups,
-                                       cfg.f1_channels, cfg.lq_fusion_heads, cfg.scaling_factor))
-        fusion = FusionTransformer(FusionConfig(cfg.f1_channels, cfg.f2_channels, cfg.fusion_heads, cfg.fusion_blocks))
-        found: dict[str, tuple[nn.Module, dict[str, Any]]] = {
-            "text_encoder": (text, text.config.to_dict()),
-            "lq_encoder": (lq, config_to_json(lq.config)),
-            "fusion_transformer": (fusion, config_to_json(fusion.config)),
-        }
-        for name, net in (("vae", vae), ("unet", unet), ("controlnet", controlnet)):
-            config = {k: v for k, v in net.config.items() if not k.startswith("_")}
-            found[name] = (net, config | {"_class_name": type(net).__name__})
-        if cfg.sdxl:
-            text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config(cfg, second=True)))
-            found["text_encoder_2"] = (text_2, text_2.config.to_dict())
-    return found
-
-
-def _source(folder: str, key: str, shapes: dict[str, dict[str, tuple[int, ...]]]) -> str:
-    """The seed name of a tensor: a copy is drawn under its original's name."""
-    if folder == "controlnet" and shapes["unet"].get(key) == shapes["controlnet"][key]:
-        return f"unet/{key}"  # ControlNet is a trainable copy of the UNet's encoder
-    if folder == "lq_encoder" and key.split(".")[0] in ("encoder", "quant_conv"):
-        return f"vae/{key}"  # the LQ encoder starts as the VAE's encoder
-    return f"{folder}/{key}"
 
 
 def _draw(module: nn.Module, kind: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -93,8 +45,8 @@ def _draw(module: nn.Module, kind: str, shape: tuple[int, ...], generator: torch
     return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
-def random_tensors(folder: str, net: nn.Module, seed: int,
-                   shapes: dict[str, dict[str, tuple[int, ...]]]) -> Iterator[tuple[str, torch.Tensor]]:
+def random_tensors(model: ModelFamily, folder: str, net: nn.Module, seed: int,
+                   shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, FP16 tensor) for every parameter and persistent buffer of a component, each drawn alone."""
     buffers = dict(net.named_buffers())  # real even now: their values are the network's own
     kinds = {}
@@ -106,7 +58,7 @@ def random_tensors(folder: str, net: nn.Module, seed: int,
             buffer = buffers[key]
             yield key, buffer.to(STORED_DTYPE) if buffer.is_floating_point() else buffer.clone()
             continue
-        digest = hashlib.sha256(f"{seed}/{_source(folder, key, shapes)}".encode()).digest()
+        digest = hashlib.sha256(f"{seed}/{model.copy_source(folder, key, shapes)}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         module, kind = kinds.get(key, (net, key))
         yield key, _draw(module, kind, shape, generator).to(STORED_DTYPE)
@@ -114,25 +66,23 @@ def random_tensors(folder: str, net: nn.Module, seed: int,
 
 def init_checkpoint(preset_name: str, seed: int, out: str | Path, on_progress: OnProgress = ignore) -> Checkpoint:
     """Write a random-weight checkpoint of a preset; the same preset and seed give the same bytes."""
-    cfg = preset(preset_name)
+    model = preset(preset_name)
     out = Path(out)
     require_new_folder(out)
-    found = networks(cfg)
+    found = model.networks()
+    components = model.components()
     shapes = {name: {k: tuple(v.shape) for k, v in net.state_dict().items()} for name, (net, _) in found.items()}
     for i, (folder, (net, config)) in enumerate(found.items()):
         on_progress(Progress("init", folder, i, len(found)))
         (out / folder).mkdir(parents=True)
         (out / folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tensors = dict(random_tensors(folder, net, seed, shapes))  # one component's FP16 tensors at a time
-        save_file(tensors, str(out / folder / COMPONENTS[folder][1]), {"format": "pt"})
+        tensors = dict(random_tensors(model, folder, net, seed, shapes))  # one component's FP16 tensors at a time
+        save_file(tensors, str(out / folder / components[folder].weights), {"format": "pt"})
         del tensors
-    build_clip_tokenizer().save_pretrained(str(out / "tokenizer"))
-    if cfg.sdxl:
-        build_clip_tokenizer(pad_token=OPENCLIP_PAD).save_pretrained(str(out / "tokenizer_2"))
+    model.write_extras(out)
     (out / "scheduler").mkdir()
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_SCHEDULER_CONFIG, indent=2) + "\n")
-    meta = {"format_version": CHECKPOINT_FORMAT, "model": cfg.to_json(), "pipeline": PipelineConfig().to_json()}
-    (out / "diffsr.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(model.scheduler_config), indent=2) + "\n")
+    (out / "diffsr.json").write_text(json.dumps(checkpoint_meta(model, PipelineConfig()), indent=2) + "\n")
     on_progress(Progress("init", "written", len(found), len(found)))
     return open_checkpoint(out)
 

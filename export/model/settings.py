@@ -7,14 +7,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from diffsr.export.model.config import dataclass_from_json
+from diffsr.export.core.configs import dataclass_from_json
 from diffsr.export.core.errors import DiffsrError
 
 DEFAULT_PROMPT = "clean, natural, high quality, rich detail, sharp focus, 8k"
 DEFAULT_NEGATIVE_PROMPT = (
     "dotted, noise, blur, lowres, oversmooth, bad anatomy, worst quality, low quality, jpeg artifacts, watermark"
 )
-SCHEDULERS = ("ddim",)
 STARTS = ("noise", "lq")  # start the sampler from pure noise, or from z_lq noised to the first step
 COLOR_FIXES = ("adain", "none")
 TILE_BLENDS = ("ramp", "none")
@@ -28,7 +27,7 @@ class PipelineConfig:
     steps: int = 20
     guidance_scale: float = 5.5  # 1.0 runs no negative branch
     seed: int = 0
-    scheduler: str = "ddim"
+    scheduler: str = "ddim"  # a name of the runtime's scheduler registry (`runtime.schedulers`), checked there
     start: str = "noise"
     color_fix: str = "adain"
     upscale: int = 4
@@ -55,7 +54,6 @@ class PipelineConfig:
         if not 1 <= self.upscale <= 8:
             raise DiffsrError(f"upscale={self.upscale} is out of range: use 1 to 8")
         for name, value, choices in (
-            ("scheduler", self.scheduler, SCHEDULERS),
             ("start", self.start, STARTS),
             ("color_fix", self.color_fix, COLOR_FIXES),
             ("tile_blend", self.tile_blend, TILE_BLENDS),

@@ -10,14 +10,15 @@ from __future__ import annotations
 import gzip
 import importlib.metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from transformers import CLIPTokenizer
 
-from diffsr.export.model.config import TEXT_LENGTH, VOCAB_SIZE
 from diffsr.export.core.errors import DiffsrError
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+VOCAB_SIZE = 49408  # CLIP BPE vocabulary (256 bytes, 256 word-ends, 48894 merges, 2 specials)
+CLIP_LENGTH = 77  # CLIP's context length
 N_MERGES = VOCAB_SIZE - 2 * 256 - 2
 
 
@@ -48,8 +49,11 @@ END_OF_TEXT = "<|endoftext|>"
 OPENCLIP_PAD = "!"  # SDXL's second tokenizer (OpenCLIP bigG) pads with "!", id 0
 
 
-def build_clip_tokenizer(pad_token: str = END_OF_TEXT) -> CLIPTokenizer:
-    """The real CLIP tokenizer: 49408 tokens, ids identical to OpenAI's; padded with `pad_token`."""
+def build_clip_tokenizer(pad_token: str = END_OF_TEXT) -> Any:
+    """The real CLIP tokenizer (transformers' `CLIPTokenizer`): 49408 tokens, ids identical to OpenAI's;
+    padded with `pad_token`."""
+    from transformers import CLIPTokenizer
+
     alphabet = _bytes_to_unicode()
     merges = _bpe_merges()
     tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]
@@ -58,20 +62,22 @@ def build_clip_tokenizer(pad_token: str = END_OF_TEXT) -> CLIPTokenizer:
 
 
 class Tokenizer:
-    """Prompts -> {input name: (N, 77) int32 ids}, long prompts truncated. One CLIP tokenizer per
-    folder: `tokenizer/` gives input_ids (padded with end-of-text); SDXL's `tokenizer_2/` gives
-    input_ids_2 (padded as its config says, "!")."""
+    """Prompts -> {input name: (N, length) int32 ids}, long prompts truncated: one CLIP tokenizer per
+    input, read from its checkpoint folder (SD's `tokenizer/` pads with end-of-text; SDXL's `tokenizer_2/`
+    pads as its config says, "!")."""
 
-    def __init__(self, folders: list[Path]):
+    def __init__(self, folders: dict[str, Path], length: int = CLIP_LENGTH):
         if not folders:
             raise DiffsrError("a tokenizer needs at least one tokenizer folder")
-        self._toks = []
-        for folder in folders:
+        from transformers import CLIPTokenizer
+
+        self.length = length
+        self._toks = {}
+        for name, folder in folders.items():
             if not (folder / "tokenizer.json").is_file():
                 raise DiffsrError(f"tokenizer file missing: {folder / 'tokenizer.json'}: the checkpoint is incomplete")
-            self._toks.append(CLIPTokenizer.from_pretrained(str(folder)))
+            self._toks[name] = CLIPTokenizer.from_pretrained(str(folder))
 
     def __call__(self, prompts: list[str]) -> dict[str, np.ndarray]:
-        names = ["input_ids", *(f"input_ids_{i}" for i in range(2, len(self._toks) + 1))]
-        return {name: np.asarray(tok(prompts, padding="max_length", max_length=TEXT_LENGTH, truncation=True).input_ids,
-                                 dtype=np.int32) for name, tok in zip(names, self._toks)}
+        return {name: np.asarray(tok(prompts, padding="max_length", max_length=self.length, truncation=True).input_ids,
+                                 dtype=np.int32) for name, tok in self._toks.items()}

@@ -3,7 +3,7 @@ text reads them before any backend is loaded)."""
 
 from __future__ import annotations
 
-from diffsr.export.model.config import Precision
+from diffsr.export.core.precision import Precision
 
 BACKENDS = ("torch", "torch-cuda", "onnxruntime", "tensorrt")
 DEFAULTS = {  # backend -> (device, precision)

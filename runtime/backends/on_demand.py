@@ -1,8 +1,9 @@
 """Runners that load on first use and are released when another needs the room: the pipeline then holds
 one stage's weights at a time (SDXL in FP32: 15 GB for ControlNet + UNet, not the 19 GB of all five).
 
-The budget is the pipeline's smallest working set: the largest submodule plus the fusion transformer,
-which the denoising loop calls alternately with ControlNet + UNet and must not evict. A runner about to
+The budget is the pipeline's smallest working set: the largest submodule, or the submodules every
+denoising step calls (the family's step stage: SD's fusion transformer and ControlNet + UNet), which must
+not evict one another, if those are larger. A runner about to
 load releases the least recently used others until it fits. Over repeated runs the stages before the
 loop reload each time: what calibration and parity trade for memory.
 """
@@ -66,8 +67,9 @@ class OnDemandRunner(Runner):
 
 
 def on_demand(signatures: Mapping[str, Signature], loaders: Mapping[str, Callable[[], Runner]],
-              nbytes: Mapping[str, int]) -> dict[str, Runner]:
-    """One on-demand runner per submodule, sharing the budget of the pipeline's smallest working set."""
-    budget = max(nbytes.values()) + nbytes["fusion_transformer"]
+              nbytes: Mapping[str, int], together: tuple[str, ...]) -> dict[str, Runner]:
+    """One on-demand runner per submodule, sharing the budget of the pipeline's smallest working set
+    (`together`: the submodules every step calls)."""
+    budget = max(max(nbytes.values()), sum(nbytes[name] for name in together))
     residency = Residency(budget)
     return {name: OnDemandRunner(signatures[name], loaders[name], nbytes[name], residency) for name in loaders}

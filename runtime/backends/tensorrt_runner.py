@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from diffsr.export.core.errors import DiffsrError
 from diffsr.export.engines.metadata import (
     Environment,
     check_engine_io,
@@ -27,9 +28,10 @@ from diffsr.export.engines.metadata import (
     tensorrt_module,
     verified_plans,
 )
-from diffsr.export.core.errors import DiffsrError
 from diffsr.export.graphs.manifest import signature_hash
-from diffsr.export.model.signatures import SUBMODULES, ShapeRange, Signature
+from diffsr.export.model.checkpoint import Checkpoint
+from diffsr.export.model.dims import ShapeRange
+from diffsr.export.model.signatures import Signature
 from diffsr.runtime.backends.base import TORCH_DTYPES, Runner
 
 try:
@@ -142,7 +144,7 @@ class TensorRTRunner(Runner):
 
 
 def load_tensorrt_runners(
-    ckpt_path: Path, sigs: Mapping[str, Signature], engines_dir: Path, device: str = "cuda",
+    ckpt: Checkpoint, engines_dir: Path, device: str = "cuda",
     onnx_dir: Path | None = None, running: Environment | None = None,
 ) -> dict[str, Runner]:
     """One runner per submodule from `diffsr build-engines` output, every plan's metadata checked first
@@ -151,7 +153,8 @@ def load_tensorrt_runners(
     tensorrt_module()
     dev = torch.device(device)
     running = running or current_environment(dev.index or 0)
-    hashes = {name: signature_hash(sigs[name]) for name in SUBMODULES}
-    plans = verified_plans(engines_dir, ckpt_path, hashes, running, onnx_dir)
+    sigs = ckpt.model.signatures()
+    hashes = {name: signature_hash(sig) for name, sig in sigs.items()}
+    plans = verified_plans(engines_dir, ckpt.path, hashes, running, onnx_dir)
     scratch = SharedScratch(dev)
-    return {name: TensorRTRunner(sigs[name], plans[name], scratch, dev).load() for name in SUBMODULES}
+    return {name: TensorRTRunner(sigs[name], plans[name], scratch, dev).load() for name in sigs}

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from diffsr.export.model.config import Precision
+from diffsr.export.core.precision import Precision
 from diffsr.export.model.signatures import Signature
 from diffsr.runtime.backends.base import TORCH_DTYPES, Runner
 

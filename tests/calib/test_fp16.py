@@ -1,30 +1,18 @@
 """The FP16 safety check: its rules on a hand-made graph, and its effect on the real UNet."""
 
-import shutil
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
-from safetensors.torch import load_file, save_file
+from onnx import TensorProto, helper, numpy_helper
 
-from diffsr.calib.fp16 import (
-    HEADROOM,
-    Calibration,
-    activation_ranges,
-    fp16_check,
-    fp16_error,
-    fp32_layers,
-    record_feeds,
-)
-from diffsr.export.model.checkpoint import open_checkpoint
+from diffsr.calib.keep_fp32 import HEADROOM, activation_ranges, fp16_check, fp16_error, fp32_layers
+from diffsr.calib.record import Calibration, record_feeds
 from diffsr.export.graphs.to_fp16 import FP16_MAX, fp16_from_fp32
-from diffsr.export.graphs.onnx_export import infer_and_check, onnx_from_checkpoint
 from diffsr.export.model.samples import sample_inputs
-from diffsr.export.model.signatures import signatures
-from diffsr.runtime.backends import load_runners
+from diffsr.runtime.loading import load_runners
 
 
 def _graph(tmp_path):
@@ -68,12 +56,12 @@ def test_converted_graph_runs_and_keeps_chosen_nodes_fp32(tmp_path):
 
 
 def test_keeping_the_timestep_embedding_fp32_cuts_the_unet_error(tiny_checkpoint, tiny_reference, tiny_onnx, tmp_path):
-    sig = signatures(tiny_checkpoint.model)["controlnet_unet"]
     bare = fp16_from_fp32(tiny_onnx / "controlnet_unet.onnx", tmp_path / "bare.onnx", set(), external_data=False)
     errors = {}
     for label, path in (("bare", bare), ("checked", tiny_onnx / "controlnet_unet.fp16.onnx")):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feed = sample_inputs(sig, dict(batch=1, cfg_batch=2, text_batch=2, latent_height=16, latent_width=16))
+        feed = sample_inputs(tiny_checkpoint.model, "controlnet_unet",
+                             dict(batch=1, cfg_batch=2, text_batch=2, latent_height=16, latent_width=16))
         feed["timestep"] = torch.full((2,), 900.0)
         with torch.no_grad():
             ref = tiny_reference["controlnet_unet"](*feed.values()).numpy()
@@ -91,16 +79,14 @@ def test_recorder_sees_every_timestep(tiny_checkpoint, photo_lq):
 
 
 @pytest.fixture()
-def overflowing_decoder(tiny_checkpoint, tmp_path):
-    """The tiny VAE with its decoder's first convolution scaled 30000x: activations reach 2e5, past FP16's
-    65504 (random weights never do; SDXL's real VAE does, in its up blocks)."""
-    ckpt_dir = shutil.copytree(tiny_checkpoint.path, tmp_path / "ckpt")
-    file = ckpt_dir / "vae" / "diffusion_pytorch_model.safetensors"
-    state = load_file(str(file))
-    state["decoder.conv_in.weight"] = (state["decoder.conv_in.weight"].float() * 3e4).half()
-    save_file(state, str(file), {"format": "pt"})
-    path = onnx_from_checkpoint(open_checkpoint(ckpt_dir), "vae_decoder", tmp_path / "vae_decoder.onnx")
-    infer_and_check(path)  # as `diffsr export` does: the FP16 conversion reads the inferred types
+def overflowing_decoder(tiny_onnx, tmp_path):
+    """The tiny VAE decoder's graph with its first convolution's weight scaled 30000x: activations reach 2e5,
+    past FP16's 65504 (random weights never do; SDXL's real VAE does, in its up blocks)."""
+    model = onnx.load(str(tiny_onnx / "vae_decoder.onnx"))  # exported with inferred types, as the check reads
+    (weight,) = [w for w in model.graph.initializer if w.name == "decoder.conv_in.weight"]
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(3e4), weight.name))
+    path = tmp_path / "vae_decoder.onnx"
+    onnx.save(model, str(path))
     g = torch.Generator().manual_seed(0)
     return path, [{"latent": torch.randn(1, 4, 8, 8, generator=g)} for _ in range(3)]
 
@@ -115,14 +101,15 @@ def test_a_planted_overflow_is_found_and_the_fp16_decoder_stays_finite(overflowi
 
 
 def test_a_force_upcast_vae_stays_fp32_unless_fp16_is_proven(sdxl_checkpoint, sdxl_onnx, monkeypatch):
-    from diffsr.calib import fp16 as check
+    from diffsr.calib import keep_fp32 as check
 
     small = Calibration(photos=("coffee",), prompts=("",), steps=1, size=16)
-    assert check.force_upcast(sdxl_checkpoint)
+    upcast = sdxl_checkpoint.model.force_upcast(sdxl_checkpoint.path)
+    assert upcast == ("lq_encoder", "vae_decoder")  # the networks made of the VAE
     proven = fp16_check(sdxl_checkpoint, sdxl_onnx, small)  # random weights: FP16 is within tolerance
     monkeypatch.setattr(check, "PROOF_REL", 0.0)  # nothing can be proven now
     unproven = fp16_check(sdxl_checkpoint, sdxl_onnx, small)
-    for name in check.VAE_SUBMODULES:
+    for name in upcast:
         nodes = {n.name for n in onnx.load(str(sdxl_onnx / f"{name}.onnx"), load_external_data=False).graph.node}
         assert {k.node for k in unproven[name]} == nodes and "force_upcast" in unproven[name][0].reason
         assert len(proven[name]) < len(nodes)

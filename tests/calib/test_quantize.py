@@ -11,12 +11,14 @@ from typer.testing import CliRunner
 from diffsr.app.cli.main import app
 from diffsr.app.measure.parity import check_parity
 from diffsr.calib.quantize import HELD_OUT, Int8Calibration
-from diffsr.export.model.config import Precision
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.graphs.to_int8 import KEPT_MODULES, check_qdq
+from diffsr.export.core.precision import Precision
 from diffsr.export.graphs.manifest import read_manifest, verified_files
 from diffsr.export.graphs.onnx_export import lint_for_tensorrt
-from diffsr.export.model.signatures import SUBMODULES
+from diffsr.export.graphs.to_int8 import check_qdq
+from diffsr.export.model.family import preset
+
+SUBMODULES = preset("tiny").submodules
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def test_every_qdq_pair_is_symmetric_and_weights_per_output_channel(tiny_int8):
             scale = numpy_helper.to_array(inits[node.input[1]])
             assert axis == {"Conv": 0, "MatMul": 1}[user.op_type], node.name
             assert scale.shape == (inits[node.input[0]].dims[axis],) and scale.dtype == np.float16, node.name
-            assert not any(key in node.input[0] for key in KEPT_MODULES), node.input[0]  # kept layers stay FP16
+            assert not any(key in node.input[0] for key in preset("tiny").int8_kept), node.input[0]  # kept layers stay FP16
         if node.op_type == "QuantizeLinear":  # activations only: never an INT8 layer's output
             producer = next((n for n in model.graph.node if node.input[0] in n.output), None)
             assert producer is None or producer.op_type not in ("Conv", "MatMul") or not any(
@@ -84,14 +86,14 @@ def test_manifest_records_calibration_and_what_stayed_out(tiny_checkpoint, tiny_
     reasons = {e["reason"] for e in manifest["submodules"]["controlnet_unet"]["int8"]["excluded"]}
     assert {"first convolution", "last convolution", "attention's matmul of two activations",
             "shortcut convolution"} <= reasons
-    paths = verified_files(tiny_int8, tiny_checkpoint, SUBMODULES, Precision.INT8)
+    paths = verified_files(tiny_int8, tiny_checkpoint, Precision.INT8)
     assert paths["controlnet_unet"].name == "controlnet_unet.int8.onnx"
     assert all(paths[n].name == f"{n}.fp16.onnx" for n in SUBMODULES if n != "controlnet_unet")
     # the folder quantize read from is untouched: no INT8 entry, its graphs still match their hashes
     assert "int8_calibration" not in json.loads((tiny_onnx / "manifest.json").read_text())
-    verified_files(tiny_onnx, tiny_checkpoint, SUBMODULES, Precision.FP16)
+    verified_files(tiny_onnx, tiny_checkpoint, Precision.FP16)
     with pytest.raises(DiffsrError, match="diffsr quantize"):
-        verified_files(tiny_onnx, tiny_checkpoint, SUBMODULES, Precision.INT8)
+        verified_files(tiny_onnx, tiny_checkpoint, Precision.INT8)
 
 
 def test_int8_pipeline_within_30_db_of_fp32_on_unseen_photos(tiny_checkpoint, tiny_int8):
@@ -102,11 +104,13 @@ def test_int8_pipeline_within_30_db_of_fp32_on_unseen_photos(tiny_checkpoint, ti
     assert report.passed and report.outputs[0].rel > 1e-4  # INT8 really ran: not the FP32 graph's error
 
 
-def test_calibration_size_and_settings_are_checked():
+def test_calibration_size_and_settings_are_checked(tiny_checkpoint, tiny_onnx):
+    from diffsr.calib.quantize import quantize
+
     with pytest.raises(DiffsrError, match="calib-size"):
         Int8Calibration.of_size(len(SUBMODULES) + 10)
-    with pytest.raises(DiffsrError, match="must be one or more"):
-        Int8Calibration(submodules=("unet",))
+    with pytest.raises(DiffsrError, match=r"submodules to quantize \['unet'\] must be one or more of \['text_encoder'"):
+        quantize(tiny_checkpoint, tiny_onnx, Int8Calibration(submodules=("unet",)))  # before any calibration run
     result = CliRunner().invoke(app, ["quantize", "--checkpoint", "x", "--onnx", "y", "--method", "minmax"])
     assert result.exit_code == 2 and "percentile" in result.output
 
@@ -114,8 +118,8 @@ def test_calibration_size_and_settings_are_checked():
 def test_engine_builds_take_the_int8_graphs_verified(tiny_int8, tmp_path):
     import shutil
 
-    from diffsr.export.engines.metadata import tensorrt_available
     from diffsr.export.engines.build import build_engines
+    from diffsr.export.engines.metadata import tensorrt_available
 
     copy = shutil.copytree(tiny_int8, tmp_path / "onnx")
     int8 = copy / "controlnet_unet.int8.onnx"

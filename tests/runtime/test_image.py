@@ -34,10 +34,11 @@ def test_undecodable_bytes_are_one_clear_error():
             decode_image(bad)
 
 
-def test_output_must_be_a_multiple_of_8():
+def test_output_is_exactly_the_scale_times_the_input_at_any_side():
     assert output_size(32, 48, 4) == (128, 192)
-    with pytest.raises(DiffsrError, match=r"output size 132x132 \(input 33x33 x4\) is not a multiple of 8"):
-        output_size(33, 33, 4)
+    assert output_size(183, 183, 4) == (732, 732) and output_size(86, 57, 4) == (344, 228)
+    with pytest.raises(DiffsrError, match="empty"):
+        output_size(0, 5, 4)
 
 
 def test_upsample_range_and_size():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.runtime.backends import load_runners
+from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
 
 
@@ -26,13 +26,13 @@ def test_same_seed_same_image_other_seed_other_image(pipe, photo_lq):
     assert not np.array_equal(a, c)
 
 
-def test_full_20_steps_at_the_benchmark_size(pipe):
-    rgb = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+def test_the_default_20_steps_each_report_progress(pipe):
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     steps = []
     result = pipe(rgb, pipe.checkpoint.defaults, on_step=lambda i, n: steps.append((i, n)))
-    assert result.image.shape == (512, 512, 3)
+    assert result.image.shape == (192, 256, 3)
     assert steps == [(i, 20) for i in range(1, 21)]
-    for stage in ("preprocess", "text_encoder", "lq_encoder", "denoise", "vae_decoder", "postprocess", "total"):
+    for stage in ("preprocess", "text", "lq", "denoise", "decode", "postprocess", "total"):
         assert result.timings[stage] > 0
 
 
@@ -40,6 +40,31 @@ def test_non_square_and_unaligned_sizes_are_padded_and_cropped(pipe):
     # 18x22 -> 72x88 output, latent 9x11: padded to the UNet's multiple, cropped back
     rgb = np.random.default_rng(1).integers(0, 256, (18, 22, 3), dtype=np.uint8)
     assert pipe(rgb, _cfg(pipe)).image.shape == (72, 88, 3)
+
+
+@pytest.mark.parametrize("size", [(183, 183), (57, 86), (31, 17), (1, 1)], ids=["183x183", "57x86", "prime-sides", "one-pixel"])
+def test_any_photo_size_comes_back_at_exactly_four_times(pipe, size, tmp_path):
+    """Odd and prime sides (a real photo, RGBA through the file loader): padded to the model's pixel multiple
+    inside, cropped back to exactly 4x; tiled too (732 px out is four of tiny's 512 px tiles already)."""
+    from PIL import Image
+
+    from diffsr.calib.data import photo
+    from diffsr.runtime.image import load_image
+
+    rgba = Image.fromarray(photo("coffee", size)).convert("RGBA")
+    rgba.putalpha(200)
+    rgba.save(tmp_path / "in.png")
+    rgb = load_image(tmp_path / "in.png")
+    w, h = size
+    assert pipe(rgb, _cfg(pipe, steps=2)).image.shape == (4 * h, 4 * w, 3)
+    if w < 100:
+        assert pipe(rgb, _cfg(pipe, steps=2, tile=8, tile_overlap=2)).image.shape == (4 * h, 4 * w, 3)
+
+
+def test_dpm_solver_runs_at_fewer_steps(pipe, photo_lq):
+    ddim = pipe(photo_lq, _cfg(pipe, steps=10)).image
+    dpm = pipe(photo_lq, _cfg(pipe, steps=10, scheduler="dpmpp-2m")).image
+    assert dpm.shape == ddim.shape and not np.array_equal(dpm, ddim)
 
 
 def test_options_change_the_image(pipe, photo_lq):
@@ -54,7 +79,17 @@ def test_colour_fix_follows_the_input(pipe, photo_lq):
 
 
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(steps=10_000), dict(guidance_scale=float("nan")),
-                                 dict(scheduler="euler_x"), dict(start="middle")])
+                                 dict(start="middle")])
 def test_bad_settings_are_refused(pipe, bad):
     with pytest.raises(DiffsrError):
         pipe.checkpoint.defaults.replace(**bad)
+
+
+def test_an_unknown_scheduler_is_refused_before_any_model_runs(tiny_checkpoint, photo_lq):
+    class Untouchable:
+        def infer(self, feed):
+            raise AssertionError("a model ran")
+
+    pipe = Pipeline(dict.fromkeys(tiny_checkpoint.model.submodules, Untouchable()), tiny_checkpoint)
+    with pytest.raises(DiffsrError, match=r"scheduler 'euler_x' is not supported; choose one of \['ddim', 'dpmpp-2m'\]"):
+        pipe(photo_lq, tiny_checkpoint.defaults.replace(scheduler="euler_x"))

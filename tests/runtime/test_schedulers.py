@@ -1,65 +1,121 @@
-"""The DDIM step math against diffusers' DDIMScheduler on the same model outputs."""
+"""The schedulers against diffusers' (same config), step for step: DDIM and DPM-Solver++ (2M), through
+diffusers' contract and through the device table the loop reads."""
 
 import pytest
 import torch
-from diffusers import DDIMScheduler as Reference
+from diffusers import DDIMScheduler as DDIMReference
+from diffusers import DPMSolverMultistepScheduler as DPMReference
 
-from diffsr.export.model.checkpoint import SD_SCHEDULER_CONFIG
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.families.sd import SD_SCHEDULER_CONFIG
+from diffsr.runtime.schedulers import SCHEDULERS, make_scheduler
 from diffsr.runtime.schedulers.ddim import DDIMScheduler
+from diffsr.runtime.step import LEADING_COLUMNS, step_table
+
+REFERENCES = {"ddim": DDIMReference, "dpmpp-2m": DPMReference}
+SPACINGS = {"ddim": ("leading", "trailing"), "dpmpp-2m": ("leading", "trailing", "linspace")}
+CASES = [(name, spacing) for name in SCHEDULERS for spacing in SPACINGS[name]]
 
 
-@pytest.mark.parametrize("steps", [1, 20, 50])
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def _reference_step(ref, name, model_output, t, x):
+    kwargs = {"eta": 0.0} if name == "ddim" else {}
+    return ref.step(model_output, t, x, **kwargs).prev_sample
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("name,spacing", CASES)
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_matches_diffusers_over_a_whole_trajectory(steps, spacing, prediction):
+@pytest.mark.parametrize("steps", [1, 2, 10, 20, 50])
+def test_matches_diffusers_step_for_step(name, spacing, prediction, steps):
+    """Each step from the same input (errors cannot compound), the multistep solver's history its own:
+    within 1e-6 of diffusers' largest value at every step."""
     config = SD_SCHEDULER_CONFIG | {"timestep_spacing": spacing, "prediction_type": prediction}
-    ours, ref = DDIMScheduler.from_config(config), Reference.from_config(config)
+    ours, ref = make_scheduler(name, config), REFERENCES[name].from_config(config)
     ours.set_timesteps(steps)
     ref.set_timesteps(steps)
     assert ours.timesteps == ref.timesteps.tolist()
-
     g = torch.Generator().manual_seed(0)
-    x_ours = x_ref = torch.randn(1, 4, 16, 16, generator=g)
+    x = torch.randn(1, 4, 16, 16, generator=g)
     for t in ours.timesteps:
         model_output = torch.randn(1, 4, 16, 16, generator=g)  # stands in for the UNet
-        x_ours = ours.step(model_output, t, x_ours)
-        x_ref = ref.step(model_output, t, x_ref, eta=0.0).prev_sample
-        assert (x_ours - x_ref).abs().max() <= 1e-6, t
-        x_ours = x_ref  # compare each step from the same input, so errors cannot compound
+        want = _reference_step(ref, name, model_output, t, x)
+        assert _rel(ours.step(model_output, t, x), want) <= 1e-6, t
+        x = want
 
 
-def test_add_noise_matches_diffusers():
-    ours, ref = DDIMScheduler.from_config(SD_SCHEDULER_CONFIG), Reference.from_config(SD_SCHEDULER_CONFIG)
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_the_device_table_gives_diffusers_steps(name):
+    """What the loop runs: each step's coefficients read from its row of the device table (0-d tensors, as a
+    CUDA graph reads them) and the solver's history in a state buffer, against diffusers' `step`. A table
+    whose columns were out of order, or a history not kept, fails this."""
+    config = SD_SCHEDULER_CONFIG
+    ours, ref = make_scheduler(name, config), REFERENCES[name].from_config(config)
+    ours.set_timesteps(20)
+    ref.set_timesteps(20)
+    table = step_table(ours, 5.5)
+    assert table.shape == (20, len(LEADING_COLUMNS) + len(ours.columns)) and table.dtype == torch.float32
+    assert table[:, 0].tolist() == [float(t) for t in ours.timesteps] and table[:, 1].eq(5.5).all()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    state = ours.initial_state(x)
+    for i, t in enumerate(ours.timesteps):
+        model_output = torch.randn(1, 4, 8, 8, generator=g)
+        got = ours.update(model_output, x, table[i, len(LEADING_COLUMNS):].unbind(), state)
+        want = _reference_step(ref, name, model_output, t, x)
+        assert _rel(got, want) <= 1e-6, (i, t)
+        x = want
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_add_noise_matches_diffusers_at_the_first_step(name):
+    ours, ref = make_scheduler(name, SD_SCHEDULER_CONFIG), REFERENCES[name].from_config(SD_SCHEDULER_CONFIG)
+    ours.set_timesteps(20)
+    ref.set_timesteps(20)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = ours.timesteps[0]
+    assert (ours.add_noise(x0, noise, t) - ref.add_noise(x0, noise, torch.tensor([t]))).abs().max() <= 1e-6
+
+
+def test_ddim_adds_noise_at_any_trained_timestep():
+    ours, ref = DDIMScheduler.from_config(SD_SCHEDULER_CONFIG), DDIMReference.from_config(SD_SCHEDULER_CONFIG)
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     for t in (1, 500, 951, 999):
-        expected = ref.add_noise(x0, noise, torch.tensor([t]))
-        assert (ours.add_noise(x0, noise, t) - expected).abs().max() <= 1e-6
+        assert (ours.add_noise(x0, noise, t) - ref.add_noise(x0, noise, torch.tensor([t]))).abs().max() <= 1e-6
 
 
-def test_step_stays_on_the_inputs_device_and_dtype():
+def test_step_stays_on_the_inputs_dtype():
     s = DDIMScheduler()
     s.set_timesteps(20)
     x = torch.randn(1, 4, 8, 8, dtype=torch.float16)
     assert s.step(x, s.timesteps[0], x).dtype == torch.float16
 
 
+@pytest.mark.parametrize("name", SCHEDULERS)
 @pytest.mark.parametrize("steps", [0, 1001])
-def test_bad_step_counts_are_refused(steps):
+def test_bad_step_counts_are_refused(name, steps):
     with pytest.raises(DiffsrError, match="out of range"):
-        DDIMScheduler().set_timesteps(steps)
+        make_scheduler(name, SD_SCHEDULER_CONFIG).set_timesteps(steps)
 
 
 def test_a_step_count_past_the_last_trained_timestep_is_refused():
-    """Leading spacing with steps_offset 1 (SD's config): 1000 steps would start at t = 1000, which has no
-    alpha (diffusers indexes past its table there); 999 steps are the most, and start at 999."""
+    """Leading spacing with steps_offset 1 (SD's config): 1000 DDIM steps would start at t = 1000, which has
+    no alpha (diffusers indexes past its table there); 999 steps are the most, and start at 999."""
     with pytest.raises(DiffsrError, match="steps=1000 is out of range for this scheduler.*timestep 1000"):
         DDIMScheduler.from_config(SD_SCHEDULER_CONFIG).set_timesteps(1000)
     most = DDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
     most.set_timesteps(999)
     assert most.timesteps[0] == 999
+    with pytest.raises(DiffsrError, match="repeats timesteps"):  # leading spacing over 1000 steps: a ratio of 0
+        make_scheduler("dpmpp-2m", SD_SCHEDULER_CONFIG).set_timesteps(1000)
 
 
-def test_unsupported_config_is_refused():
+def test_unknown_schedulers_and_unsupported_configs_are_refused():
+    with pytest.raises(DiffsrError, match=r"scheduler 'euler_x' is not supported; choose one of \['ddim', 'dpmpp-2m'\]"):
+        make_scheduler("euler_x", SD_SCHEDULER_CONFIG)
     with pytest.raises(DiffsrError, match="prediction_type='sample'"):
         DDIMScheduler.from_config(SD_SCHEDULER_CONFIG | {"prediction_type": "sample"})
+    with pytest.raises(DiffsrError, match="solver_order=3 is not supported by dpmpp-2m"):
+        make_scheduler("dpmpp-2m", SD_SCHEDULER_CONFIG | {"solver_order": 3})

@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from diffsr.calib.data import photo
-from diffsr.export.model.config import PRESETS
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.family import preset
 from diffsr.export.model.settings import PipelineConfig
-from diffsr.runtime.backends import load_runners
-from diffsr.runtime.pipeline import Pipeline, decode, encode_lq, prepare_lq
-from diffsr.runtime.sampler import TiledStep, denoise_step, make_scheduler, step_table, tile_conditioning
+from diffsr.runtime.loading import load_runners
+from diffsr.runtime.pipeline import Pipeline
+from diffsr.runtime.schedulers import make_scheduler
+from diffsr.runtime.stages import decode, encode_lq, prepare_lq
+from diffsr.runtime.step import Step, TiledStep, step_table
 from diffsr.runtime.tiling import Blender, Tiling, axis_starts, tiling_for
 
 
@@ -61,17 +63,17 @@ def test_bad_tilings_are_refused():
     with pytest.raises(DiffsrError, match="overlap"):
         Tiling(16, 9)
     with pytest.raises(DiffsrError, match="multiple of 2"):
-        tiling_for(PRESETS["tiny"], PipelineConfig(tile=15))
+        tiling_for(preset("tiny"), PipelineConfig(tile=15))
     with pytest.raises(DiffsrError, match="tile_batch"):
         PipelineConfig(tile_batch=0)
-    assert tiling_for(PRESETS["sdxl"], PipelineConfig()) == Tiling(128, 32, 4)  # SDXL: its native 1024 px
+    assert tiling_for(preset("sdxl"), PipelineConfig()) == Tiling(128, 32, 4)  # SDXL: its native 1024 px
 
 
 def test_tile_conditioning_repeats_text_rows_and_gives_each_tile_its_corner():
     text = torch.arange(2.0)[:, None, None].expand(2, 77, 4)  # negative row 0, positive row 1
     ids = torch.tensor([[600.0, 800, 0, 0, 600, 800]] * 2)
     corners = torch.tensor([[0.0, 0, 512, 512], [0, 288, 512, 512], [88, 0, 512, 512]])
-    cond = tile_conditioning({"text_embeddings": text, "time_ids": ids}, corners)
+    cond = preset("sdxl-tiny").tile_conditioning({"text_embeddings": text, "time_ids": ids}, corners)
     assert cond["text_embeddings"][:, 0, 0].tolist() == [0, 0, 0, 1, 1, 1]  # the doubled batch: negatives first
     assert cond["time_ids"].tolist()[4] == [600, 800, 0, 288, 512, 512]  # image size kept, the tile's own crop
 
@@ -80,17 +82,19 @@ def test_a_tiled_step_over_one_tile_is_the_untiled_step(tiny_checkpoint):
     """The tiled step's own work (crops, repeated conditioning, blending) adds nothing to one tile."""
     runners = load_runners("torch", tiny_checkpoint)
     run = lambda name, **feed: runners[name].infer(feed)  # noqa: E731
+    model = tiny_checkpoint.model
     scheduler = make_scheduler("ddim", tiny_checkpoint.scheduler_config)
     scheduler.set_timesteps(4)
     row = step_table(scheduler, 5.5)[1]
     g = torch.Generator().manual_seed(0)
-    x, f1 = torch.randn(1, 4, 16, 24, generator=g), torch.randn(1, 64, 16, 24, generator=g)
+    x, lq = torch.randn(1, 4, 16, 24, generator=g), {"f1": torch.randn(1, 64, 16, 24, generator=g)}
     cond = {"text_embeddings": torch.randn(2, 77, 32, generator=g)}
-    tiled = TiledStep(run, scheduler, Tiling(24, 0), (16, 24), x.device)
+    whole = Step(model, run, scheduler)(x, lq, cond, row, None)
+    tiled = TiledStep(model, run, scheduler, Tiling(24, 0), (16, 24), x.device)
     assert tiled.tiles == 1
-    assert torch.equal(tiled(x, f1, cond, row), denoise_step(run, scheduler, x, f1, cond, row))
-    two = TiledStep(run, scheduler, Tiling(16, 4), (16, 24), x.device)  # and with tiles, a different step
-    assert two.tiles == 2 and not torch.allclose(two(x, f1, cond, row), denoise_step(run, scheduler, x, f1, cond, row))
+    assert torch.equal(tiled(x, lq, cond, row, None), whole)
+    two = TiledStep(model, run, scheduler, Tiling(16, 4), (16, 24), x.device)  # and with tiles, a different step
+    assert two.tiles == 2 and not torch.allclose(two(x, lq, cond, row, None), whole)
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +128,13 @@ def test_tiled_lq_encoder_and_decoder_stay_close_to_untiled(torch_pipeline, tiny
     """Tiled VAE stages compute GroupNorm statistics per tile (as diffusers' tiled VAE does); on a size that
     fits both (latent 32: tiles of 24 against one of 32) the blended result stays near the untiled one.
     Measured: z_lq 27.3 dB, f1 31.8 dB, decoded 31.0 dB (random weights)."""
-    run = torch_pipeline.run
-    lq = prepare_lq(photo("astronaut", (64, 64)), 4, tiny_checkpoint.model.latent_multiple)  # latent 32x32
+    run, model = torch_pipeline.run, tiny_checkpoint.model
+    lq = prepare_lq(model, photo("astronaut", (64, 64)), 4)  # latent 32x32
     whole, tiled = Tiling(32, 8), Tiling(24, 6)
-    f1, z = encode_lq(run, lq, whole)
-    f1_t, z_t = encode_lq(run, lq, tiled)
+    f1, z = encode_lq(model, run, lq, whole).values()
+    f1_t, z_t = encode_lq(model, run, lq, tiled).values()
     assert _psnr(z_t, z, z.abs().max()) > 25 and _psnr(f1_t, f1, f1.abs().max()) > 28
-    image, image_t = decode(run, z, whole), decode(run, z, tiled)
+    image, image_t = decode(model, run, z, whole), decode(model, run, z, tiled)
     assert image_t.shape == image.shape == (1, 3, 256, 256)
     assert 28 < _psnr(image_t, image, 2.0) < 60  # close, and tiled for real
 

@@ -5,8 +5,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.signatures import SUBMODULES, signatures
+from diffsr.export.model.family import preset
 from diffsr.triton_models.repository import OUTPUT, TRITON_DTYPES, ServingOptions, model_configs, write_config
+
+SUBMODULES = preset("tiny").submodules
+BATCHED = preset("tiny").stages.step  # the submodules every step calls
 
 
 @pytest.mark.parametrize("flavour", ["onnxruntime", "tensorrt"])
@@ -16,7 +19,7 @@ def test_configs_parse_and_match_the_signatures(tiny_checkpoint, flavour, entry,
     stages = {"preprocess", "sampler", "postprocess"} if entry == "ensemble" else set()
     assert set(configs) == {*SUBMODULES, *stages, "diffsr"}
     assert (configs["diffsr"].platform == "ensemble") == (entry == "ensemble")
-    sigs = signatures(tiny_checkpoint.model)
+    sigs = tiny_checkpoint.model.signatures()
     for name, config in configs.items():
         write_config(config, tmp_path / flavour / entry / name)
         parsed = text_format.Parse((tmp_path / flavour / entry / name / "config.pbtxt").read_text(), mc.ModelConfig())
@@ -39,7 +42,7 @@ def test_ensemble_wires_every_step_output_to_a_later_input(tiny_checkpoint):
     ensemble = model_configs(tiny_checkpoint, "onnxruntime", ServingOptions(entry="ensemble"))["diffsr"]
     available = {i.name for i in ensemble.input}
     optional = {i.name for i in ensemble.input if i.optional}
-    assert optional == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed"}
+    assert optional == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed", "scheduler"}
     for step in ensemble.ensemble_scheduling.step:
         assert set(step.input_map.values()) <= available, step.model_name  # topological order
         available |= set(step.output_map.values())
@@ -69,11 +72,11 @@ def test_the_loop_queue_is_bounded_and_times_out(tiny_checkpoint, entry, loop):
 
 
 def test_tensorrt_models_capture_cuda_graphs_at_the_served_shape(tiny_checkpoint):
-    from diffsr.export.model.signatures import TARGETS
+    from diffsr.export.model.dims import TARGETS
 
     configs = model_configs(tiny_checkpoint, "tensorrt", ServingOptions())
-    opt = {n: r.opt for n, r in TARGETS["server"].dim_ranges(tiny_checkpoint.model).items()}
-    sig = signatures(tiny_checkpoint.model)["controlnet_unet"]
+    opt = {n: r.opt for n, r in TARGETS["server"].dim_ranges(tiny_checkpoint.model.dims()).items()}
+    sig = tiny_checkpoint.model.signature("controlnet_unet")
     cuda = configs["controlnet_unet"].optimization.cuda
     assert cuda.graphs
     assert {k: list(v.dim) for k, v in cuda.graph_spec[0].input.items()} == {k: list(v) for k, v in sig.input_shapes(opt).items()}
@@ -114,8 +117,6 @@ def test_step_batching_configs(tiny_checkpoint):
     """With --step-batch N (onnxruntime flavour) the per-step models take a leading call axis (max batch N)
     behind the dynamic batcher, and the loop is told which models take it; off by default; the tensorrt
     flavour's plans take none, and asking for it there is an error."""
-    from diffsr.triton_models.step_batching import BATCHED
-
     for entry, loop in (("bls", "diffsr"), ("ensemble", "sampler")):
         configs = model_configs(tiny_checkpoint, "onnxruntime", ServingOptions(entry=entry, step_batch=8,
                                                                                step_batch_delay_us=500))
@@ -135,3 +136,33 @@ def test_step_batching_configs(tiny_checkpoint):
         model_configs(tiny_checkpoint, "tensorrt", ServingOptions(step_batch=4))
     with pytest.raises(DiffsrError, match="at least 0"):
         ServingOptions(step_batch=-1)
+
+
+def test_warmup_runs_each_submodule_once_at_the_served_shape(tiny_checkpoint):
+    """`ServingOptions.warmup`: Triton's model warm-up on zeros at the served (opt) shape, per submodule model
+    (the session's server starts with it, so Triton accepts it); off, no warm-up."""
+    from diffsr.export.model.dims import TARGETS
+
+    opt = TARGETS["server"].at(tiny_checkpoint.model.dims())
+    on = model_configs(tiny_checkpoint, "onnxruntime", ServingOptions())
+    for name, sig in tiny_checkpoint.model.signatures().items():
+        (warm,) = on[name].model_warmup
+        assert {k: list(v.dims) for k, v in warm.inputs.items()} == {k: list(v) for k, v in sig.input_shapes(opt).items()}
+        assert all(v.zero_data for v in warm.inputs.values()) and warm.batch_size == 1
+    off = model_configs(tiny_checkpoint, "onnxruntime", ServingOptions(warmup=False))
+    assert not any(off[name].model_warmup for name in SUBMODULES)
+
+
+def test_engine_tile_batch_shrinks_the_checkpoints_own_default(tiny_checkpoint):
+    """The tensorrt flavour fits the tiles per call to the engines: the checkpoint's own `tile_batch`, not the
+    settings class's default, is what shrinks; a larger asked batch is an error."""
+    from dataclasses import replace
+
+    from diffsr.triton_models.repository import fit_tile_batch
+
+    defaults = replace(tiny_checkpoint.defaults, tile_batch=2)
+    assert fit_tile_batch(ServingOptions(), 8, defaults).tile_batch == 2  # was 4, the class default
+    assert fit_tile_batch(ServingOptions(), 1, defaults).tile_batch == 1
+    assert fit_tile_batch(ServingOptions(tile_batch=3), 4, defaults).tile_batch == 3
+    with pytest.raises(DiffsrError, match="above the engines' largest batch 2"):
+        fit_tile_batch(ServingOptions(tile_batch=3), 2, defaults)

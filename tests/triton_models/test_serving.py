@@ -1,5 +1,6 @@
 """The endpoint served by a real tritonserver, against the in-process ONNX Runtime pipeline: the session's
-server has the BLS entry point (the default), the tiled server the ensemble one."""
+`server` (BLS entry point, step batching), the `narrow_server` (tiled, one loop instance, a queue of one) and
+the `sdxl_server` (the ensemble entry point), all from conftest."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,14 +10,13 @@ import pytest
 from diffsr.app.serving.triton_client import TritonClient, request_inputs
 from diffsr.calib.data import photo
 from diffsr.export.core.errors import DiffsrError
-from diffsr.runtime.backends import load_runners
 from diffsr.runtime.image import decode_image
 from diffsr.runtime.image import encode_png as _png
+from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
+from tests.conftest import NARROW_TILING as SERVED_TILING  # 8 latent cells (64 px): the 40x32 photo is 9 tiles
 
 SETTINGS = dict(steps=4, seed=11)
-# the tiled server's tiles: 8 latent cells (64 px), so the tests' 40x32 photo is 9 tiles
-SERVED_TILING = dict(tile=8, tile_overlap=2)
 
 
 def _decode(png: bytes) -> np.ndarray:
@@ -26,20 +26,6 @@ def _decode(png: bytes) -> np.ndarray:
 @pytest.fixture(scope="module")
 def lq():
     return photo("chelsea", (40, 32))
-
-
-@pytest.fixture(scope="module")
-def tiled_server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
-    """A second server of the tiny checkpoint whose sampler tiles (the session's `server` does not), behind
-    the ensemble entry point (the session's has the BLS one)."""
-    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
-    from diffsr.app.serving.triton_server import Ports, TritonServer
-    from diffsr.triton_models.repository import ServingOptions, build_repository
-
-    repo = tmp_path_factory.mktemp("repo-tiled") / "models"
-    build_repository(tiny_checkpoint, tiny_onnx, repo, "onnxruntime", options=ServingOptions(**SERVED_TILING, entry="ensemble"))
-    with TritonServer(repo, Ports.free()) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +44,8 @@ def test_endpoint_matches_the_onnxruntime_pipeline(server, local, tiny_checkpoin
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_tiled_endpoint_matches_the_tiled_onnxruntime_pipeline(tiled_server, local, tiny_checkpoint, lq, protocol):
-    url = tiled_server.http_url if protocol == "http" else tiled_server.grpc_url
+def test_tiled_endpoint_matches_the_tiled_onnxruntime_pipeline(narrow_server, local, tiny_checkpoint, lq, protocol):
+    url = narrow_server.http_url if protocol == "http" else narrow_server.grpc_url
     with TritonClient(url, protocol) as client:  # closed: a server stopping waits for open connections
         remote = _decode(client.upscale(_png(lq), **SETTINGS).png)
     direct = local(lq, tiny_checkpoint.defaults.replace(**SETTINGS, **SERVED_TILING)).image
@@ -69,9 +55,9 @@ def test_tiled_endpoint_matches_the_tiled_onnxruntime_pipeline(tiled_server, loc
     assert np.abs(remote.astype(int) - untiled.astype(int)).max() > 1  # the server did tile (9 tiles of 64 px)
 
 
-def test_request_settings_reach_the_sampler(tiled_server, local, tiny_checkpoint, lq):
-    settings = dict(steps=3, seed=5, guidance_scale=1.0, prompt="a cat", negative_prompt="dogs")
-    with TritonClient(tiled_server.http_url) as client:
+def test_request_settings_reach_the_sampler(narrow_server, local, tiny_checkpoint, lq):
+    settings = dict(steps=3, seed=5, guidance_scale=1.0, prompt="a cat", negative_prompt="dogs", scheduler="dpmpp-2m")
+    with TritonClient(narrow_server.http_url) as client:
         remote = _decode(client.upscale(_png(lq), **settings).png)
     direct = local(lq, tiny_checkpoint.defaults.replace(**settings, **SERVED_TILING)).image
     assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
@@ -105,15 +91,15 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(server, lq, reques
     bad = {
         "corrupt": dict(image=b"\x89PNG\r\n\x1a\n" + b"\0" * 64),
         "truncated": dict(image=png[: len(png) // 2]),
-        "one pixel": dict(image=_png(np.zeros((1, 1, 3), np.uint8))),
         "too large": dict(image=big),
         "zero steps": dict(image=png, steps=0),
         "10000 steps": dict(image=png, steps=10_000),
         "nan guidance": dict(image=png, guidance_scale=float("nan")),
+        "unknown scheduler": dict(image=png, scheduler="euler_x"),
     }
-    expected = {"corrupt": "cannot decode", "truncated": "cannot decode", "one pixel": "not a multiple of 8",
-                "too large": "pixel limit", "zero steps": "steps=0", "10000 steps": "steps=10000",
-                "nan guidance": "guidance_scale=nan"}
+    expected = {"corrupt": "cannot decode", "truncated": "cannot decode", "too large": "pixel limit",
+                "zero steps": "steps=0", "10000 steps": "steps=10000", "nan guidance": "guidance_scale=nan",
+                "unknown scheduler": "scheduler 'euler_x' is not supported"}
     for case, kwargs in bad.items():
         with pytest.raises(DiffsrError, match=expected[case]):
             client.upscale(**kwargs)
@@ -161,11 +147,11 @@ def test_concurrent_requests_each_get_their_own_image(server, lq, request):
     seeds = list(range(100, 108))
     client = TritonClient(server.http_url)
     request.addfinalizer(client.close)
-    alone = {s: client.upscale(_png(lq), steps=2, seed=s).png for s in seeds}
+    alone = {s: client.upscale(_png(lq), steps=4, seed=s).png for s in seeds}
 
     def one(seed):
         with TritonClient(server.http_url) as own:
-            return seed, own.upscale(_png(lq), steps=2, seed=seed).png
+            return seed, own.upscale(_png(lq), steps=4, seed=seed).png
 
     before = _executions(server, "controlnet_unet")
     with ThreadPoolExecutor(8) as pool:
@@ -173,7 +159,7 @@ def test_concurrent_requests_each_get_their_own_image(server, lq, request):
     assert together == alone  # step batching on: stacked calls give each loop exactly its own rows
     assert len(set(alone.values())) == len(seeds)
     requests, runs = (a - b for a, b in zip(_executions(server, "controlnet_unet"), before))
-    assert requests == 8 * 2 and runs < requests, (requests, runs)  # some runs served several loops' calls
+    assert requests == 8 * 4 and runs < requests, (requests, runs)  # some runs served several loops' calls
 
 
 def _executions(server, model):
@@ -188,21 +174,10 @@ def _executions(server, model):
     return value("nv_inference_request_success"), value("nv_inference_exec_count")
 
 
-@pytest.fixture(scope="module")
-def sdxl_server(sdxl_checkpoint, sdxl_onnx, tmp_path_factory):
-    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
-    from diffsr.app.serving.triton_server import Ports, TritonServer
-    from diffsr.triton_models.repository import build_repository
-
-    repo = tmp_path_factory.mktemp("repo-sdxl") / "models"
-    build_repository(sdxl_checkpoint, sdxl_onnx, repo, "onnxruntime")
-    with TritonServer(repo, Ports.free()) as srv:
-        yield srv
-
-
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_sdxl_endpoint_matches_the_onnxruntime_pipeline(sdxl_server, sdxl_checkpoint, sdxl_onnx, lq, protocol):
-    """Same request as SD's: the preprocess model tokenises for both encoders, the sampler builds time_ids."""
+    """Same request as SD's, through the ensemble entry point: the preprocess model tokenises for both
+    encoders, the ensemble calls the text encoder, the sampler model builds time_ids."""
     url = sdxl_server.http_url if protocol == "http" else sdxl_server.grpc_url
     with TritonClient(url, protocol) as client:
         remote = _decode(client.upscale(_png(lq), prompt="a cat", **SETTINGS).png)
@@ -294,20 +269,6 @@ def test_metrics_count_steps_pixels_and_rejections(server, lq):
     assert "diffsr_requests_cancelled_total" in after
 
 
-@pytest.fixture(scope="module")
-def narrow_server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
-    """One loop instance and a queue of one: a third request at once is overload."""
-    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
-    from diffsr.app.serving.triton_server import Ports, TritonServer
-    from diffsr.triton_models.repository import ServingOptions, build_repository
-
-    repo = tmp_path_factory.mktemp("repo-narrow") / "models"
-    build_repository(tiny_checkpoint, tiny_onnx, repo, "onnxruntime",
-                     options=ServingOptions(sampler_instances=1, max_queue_size=1, warmup=False))
-    with TritonServer(repo, Ports.free()) as srv:
-        yield srv
-
-
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_overload_is_unavailable_and_the_server_serves_on(narrow_server, lq, protocol):
     """Four requests at once against one instance and a queue of one: those beyond are refused at once as
@@ -322,7 +283,7 @@ def test_overload_is_unavailable_and_the_server_serves_on(narrow_server, lq, pro
     def one(_):
         client = kind.InferenceServerClient(url)
         try:
-            client.infer("diffsr", request_inputs(protocol, _png(lq), steps=30))
+            client.infer("diffsr", request_inputs(protocol, _png(lq), steps=10))
             return "ok"
         except InferenceServerException as e:
             return f"{e.status()} {e.message()}"
@@ -337,3 +298,23 @@ def test_overload_is_unavailable_and_the_server_serves_on(narrow_server, lq, pro
     assert all(expected in o for o in refused), outcomes
     with TritonClient(url, protocol) as client:
         assert _decode(client.upscale(_png(lq), steps=1).png).shape == (128, 160, 3)
+
+
+@pytest.mark.parametrize("size,scheduler", [((183, 183), "ddim"), ((57, 86), "dpmpp-2m")])
+def test_any_photo_size_comes_back_at_four_times_with_either_scheduler(server, local, tiny_checkpoint, size, scheduler):
+    """A 183x183 RGBA photo and a 57x86 one: exactly 4x their size from the endpoint; the smaller one is the
+    in-process pipeline's image (with DPM-Solver++ 2M at 10 steps, through the endpoint too)."""
+    from PIL import Image
+
+    rgba = Image.fromarray(photo("astronaut", size)).convert("RGBA")
+    rgba.putalpha(180)
+    buffer = __import__("io").BytesIO()
+    rgba.save(buffer, format="PNG")
+    settings = dict(steps=10 if scheduler == "dpmpp-2m" else 2, seed=3, scheduler=scheduler)
+    with TritonClient(server.http_url) as client:
+        remote = _decode(client.upscale(buffer.getvalue(), **settings).png)
+    w, h = size
+    assert remote.shape == (4 * h, 4 * w, 3)
+    if w * h < 100 * 100:  # the 732 px one is four tiles a step: its endpoint-vs-pipeline check is the tiled tests'
+        direct = local(decode_image(buffer.getvalue()), tiny_checkpoint.defaults.replace(**settings)).image
+        assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1

@@ -1,4 +1,4 @@
-"""What the python-backend models share: tensors in and out, optional inputs, errors, BLS calls.
+"""What the python-backend models that hold tensors share: tensors in and out through DLPack, BLS calls.
 
 Tensors cross through DLPack, so on a GPU they stay in device memory; on the CPU it copies nothing.
 Only imported inside Triton's python backend (`triton_python_backend_utils` exists there alone).
@@ -6,20 +6,14 @@ Only imported inside Triton's python backend (`triton_python_backend_utils` exis
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 from diffsr.export.core.errors import DiffsrError
-
-
-def parameters(args: dict[str, Any]) -> dict[str, str]:
-    config = json.loads(args["model_config"])
-    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+from diffsr.triton_models.models.requests import StageError
 
 
 def to_torch(tensor: Any) -> torch.Tensor:
@@ -28,52 +22,6 @@ def to_torch(tensor: Any) -> torch.Tensor:
 
 def from_torch(name: str, t: torch.Tensor) -> Any:
     return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(t.contiguous()))
-
-
-def optional(request: Any, name: str) -> np.ndarray | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
-def scalar(request: Any, name: str, kind: type) -> Any:
-    """An optional one-element input as a Python value, or None when absent."""
-    value = optional(request, name)
-    if value is None:
-        return None
-    if value.size != 1:
-        raise DiffsrError(f"{name} must hold one value, got shape {list(value.shape)}")
-    item = value.reshape(-1)[0]
-    if kind is str:
-        if not isinstance(item, bytes):
-            raise DiffsrError(f"{name} must be BYTES (UTF-8 text)")
-        try:
-            return item.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DiffsrError(f"{name} is not valid UTF-8") from None
-    return kind(item)
-
-
-class StageError(DiffsrError):
-    """A model this one called failed: the server's fault, not the request's."""
-
-
-def respond(requests: list, handle: Callable[[Any], list]) -> list:
-    """One response per request; an error becomes that request's error and the server serves on. A
-    DiffsrError is the request's fault (bad image, parameters, size: INVALID_ARGUMENT, HTTP 400) unless
-    the request was cancelled (CANCELLED) or a called model failed (INTERNAL)."""
-    responses = []
-    for request in requests:
-        try:
-            responses.append(pb_utils.InferenceResponse(output_tensors=handle(request)))
-        except DiffsrError as e:
-            if isinstance(e, StageError):
-                code = pb_utils.TritonError.INTERNAL
-            elif request.is_cancelled():
-                code = pb_utils.TritonError.CANCELLED
-            else:
-                code = pb_utils.TritonError.INVALID_ARG
-            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), code)))
-    return responses
 
 
 def call(model: str, inputs: list, outputs: list[str], gpu: bool = False) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The endpoint's entry point: one python model that runs the request through the pipeline's stages on
 the client's own request. Preprocessing, the loop's Python side (`sampler.Sampler`) and postprocessing
-run here; the text encoder and the per-step submodules are called through Triton (BLS).
+run here; the family's submodules (text encoding, the LQ stage, the per-step ones, decoding) are called
+through Triton (BLS).
 
 Why not an ensemble: Triton 2.51 marks only an ensemble's *next* step of a cancelled request as cancelled;
 a composing model already running (the loop) is never told (Triton server issue #6739), so a cancelled
@@ -15,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.triton_models.models.common import StageError, call, parameters, respond, to_torch
+from diffsr.triton_models.models.common import to_torch
+from diffsr.triton_models.models.requests import StageError, parameters, respond
 from diffsr.triton_models.models.metrics import Metrics
 from diffsr.triton_models.models.postprocess import Postprocess
 from diffsr.triton_models.models.preprocess import Preprocess
@@ -28,8 +30,6 @@ class TritonPythonModel:
         self.preprocess = Preprocess(params, Path(args["model_repository"]) / args["model_version"])
         self.sampler = Sampler(params)
         self.postprocess = Postprocess(params["color_fix"])
-        self.ids = params["text_inputs"].split(",")
-        self.gpu = self.sampler.device.type == "cuda"
         self.metrics = Metrics(args["model_name"])
 
     def execute(self, requests: list) -> list:
@@ -38,10 +38,11 @@ class TritonPythonModel:
     def _handle(self, request) -> list:
         try:
             pre = {tensor.name(): tensor for tensor in self.preprocess(request)}
-            text = call("text_encoder", [pre[n] for n in self.ids], self.sampler.text, self.gpu)
-            lq, size = to_torch(pre["lq_image"]), to_torch(pre["output_size"])
-            decoded = self.sampler(request, {n: to_torch(t) for n, t in text.items()}, lq, size, request.is_cancelled,
-                                   self.metrics)
+            self.sampler.settings(request)  # a bad setting is the client's fault before any model runs
+            ids = {n: to_torch(pre[n]).to(self.sampler.device) for n in self.sampler.text_inputs}
+            text = self.sampler.model.encode_text(self.sampler.run, ids)
+            lq, size = to_torch(pre[self.preprocess.lq_name]), to_torch(pre["output_size"])
+            decoded = self.sampler(request, text, lq, size, request.is_cancelled, self.metrics)
             png = self.postprocess(decoded.cpu(), lq, size)
         except StageError:
             raise

@@ -39,7 +39,7 @@ class Metrics:
         self.pixels = counter("diffsr_output_pixels_total", "pixels of the images returned")
 
     def step_timer(self, steps: int) -> Callable[[int, int], None]:
-        """An `on_step(done, total)` for `runtime.sampler.denoise` (which counts tile-steps) that observes
+        """An `on_step(done, total)` for `runtime.loop.denoise` (which counts tile-steps) that observes
         each whole step's seconds."""
         last = [time.perf_counter()]
 

@@ -1,6 +1,6 @@
 """One submodule's ONNX file run by ONNX Runtime inside Triton (the portable flavour).
 
-With step batching (`max_batch_size` > 0 in its config: fusion_transformer and controlnet_unet), every
+With step batching (`max_batch_size` > 0 in its config: the submodules of the family's step stage), every
 request is one loop's call with a leading axis of 1, and Triton's dynamic batcher hands over several at
 once: calls of equal shapes run as one (`triton_models.step_batching`), each answered with its own rows.
 """
@@ -15,10 +15,8 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from diffsr.export.model.config import ModelConfig
-from diffsr.export.model.signatures import signatures
-from diffsr.triton_models.models.common import parameters, respond
-from diffsr.triton_models.step_batching import groups, stack, unstack
+from diffsr.triton_models.models.requests import parameters, respond
+from diffsr.triton_models.step_batching import StepBatching
 
 
 class TritonPythonModel:
@@ -29,8 +27,12 @@ class TritonPythonModel:
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
         self.batched = config.get("max_batch_size", 0) > 0
-        if self.batched:
-            self.sig = signatures(ModelConfig.from_json(json.loads(params["model"])))[args["model_name"]]
+        if self.batched:  # the family (and torch, which it brings) only where calls are stacked
+            from diffsr.export.model.family import model_from_json
+
+            model = model_from_json(params["family"], json.loads(params["model"]))
+            self.sig = model.signature(args["model_name"])
+            self.stacking = StepBatching(self.sig, model.dims())
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # each model is a process of its own: threads that spin on after a request take the cores from the
@@ -66,8 +68,9 @@ class TritonPythonModel:
             by_shape[tuple(feed[name].shape for name in self.inputs)].append((i, feed))
         for calls in by_shape.values():
             feeds = [feed for _, feed in calls]
-            outputs = dict(zip(self.outputs, self.session.run(self.outputs, stack(self.sig, feeds))))
-            for (i, _), own in zip(calls, unstack(self.sig, outputs, len(calls), groups(self.sig, feeds[0]))):
+            outputs = dict(zip(self.outputs, self.session.run(self.outputs, self.stacking.stack(feeds))))
+            groups = self.stacking.groups(feeds[0])
+            for (i, _), own in zip(calls, self.stacking.unstack(outputs, len(calls), groups)):
                 answers[i] = self._tensors({name: value[None] for name, value in own.items()})
         return [pb_utils.InferenceResponse(error=a) if isinstance(a, pb_utils.TritonError)
                 else pb_utils.InferenceResponse(output_tensors=a) for a in answers]

@@ -9,9 +9,10 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from diffsr.runtime.image import encode_png
-from diffsr.runtime.pipeline import finish
+from diffsr.runtime.stages import finish
 from diffsr.triton_models.endpoint import OUTPUT
-from diffsr.triton_models.models.common import parameters, respond, to_torch
+from diffsr.triton_models.models.common import to_torch
+from diffsr.triton_models.models.requests import parameters, respond
 
 
 class Postprocess:
@@ -27,11 +28,13 @@ class Postprocess:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        self.postprocess = Postprocess(parameters(args)["color_fix"])
+        params = parameters(args)
+        self.postprocess = Postprocess(params["color_fix"])
+        self.inputs = ("decoded", params["lq_input"], "output_size")
 
     def execute(self, requests: list) -> list:
         return respond(requests, self._handle)
 
     def _handle(self, request) -> list:
-        decoded, lq, size = (to_torch(pb_utils.get_input_tensor_by_name(request, n)) for n in ("decoded", "lq_image", "output_size"))
+        decoded, lq, size = (to_torch(pb_utils.get_input_tensor_by_name(request, n)) for n in self.inputs)
         return [self.postprocess(decoded, lq, size)]

@@ -1,6 +1,8 @@
 """Faults of a real tritonserver: a python backend stub process killed mid-request. Triton 2.51 does not
 restart it (the model would answer "not healthy" for ever while the server reports ready); the server's
-stub watch (`app.triton_server.StubWatch`) reloads the model. Each test kills a stub of its own server."""
+stub watch (`app.serving.triton_server.StubWatch`) reloads the model. The stubs killed are the narrow
+server's (one loop instance: the running request's stub is the one to kill); the tests after it get the
+server back whole (the watch's reloads are checked here)."""
 
 import threading
 import time
@@ -15,21 +17,7 @@ from diffsr.runtime.image import encode_png
 
 @pytest.fixture(scope="module")
 def png():
-    return encode_png(photo("chelsea", (64, 64)))
-
-
-@pytest.fixture(scope="module")
-def fresh_server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
-    """A server of its own (its stubs get killed), with one entry instance: the running request's stub is
-    the one to kill."""
-    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
-    from diffsr.app.serving.triton_server import Ports, TritonServer
-    from diffsr.triton_models.repository import ServingOptions, build_repository
-
-    repo = tmp_path_factory.mktemp("repo-faults") / "models"
-    build_repository(tiny_checkpoint, tiny_onnx, repo, "onnxruntime", options=ServingOptions(sampler_instances=1))
-    with TritonServer(repo, Ports.free()) as srv:
-        yield srv
+    return encode_png(photo("chelsea", (32, 32)))  # 128 px out: 9 of the narrow server's 64 px tiles a step
 
 
 def _stub_of(server, model):
@@ -40,34 +28,34 @@ def _stub_of(server, model):
 
 
 @pytest.mark.parametrize("model", ["controlnet_unet", "diffsr"])
-def test_a_killed_stub_fails_its_request_cleanly_and_the_model_comes_back(fresh_server, png, model):
+def test_a_killed_stub_fails_its_request_cleanly_and_the_model_comes_back(narrow_server, png, model):
     """SIGKILL of a stub (a per-step model's, or the entry model's own) while a 999-step request runs in it:
     that request gets an error naming the failure, not a hang; the watch reloads the model; the next
     requests are answered, with the same image as before the fault."""
     import tritonclient.grpc as grpc
     from tritonclient.utils import InferenceServerException
 
-    client = grpc.InferenceServerClient(fresh_server.grpc_url)
+    client = grpc.InferenceServerClient(narrow_server.grpc_url)
     try:
         before = client.infer("diffsr", request_inputs("grpc", png, steps=4)).as_numpy("upscaled")[0]
         outcome = {}
 
         def long_request():
             try:
-                client.infer("diffsr", request_inputs("grpc", png, steps=999), client_timeout=120)  # ~15 s: still running at the kill
+                client.infer("diffsr", request_inputs("grpc", png, steps=999), client_timeout=120)  # still running at the kill
                 outcome["status"] = "ok"
             except InferenceServerException as e:
                 outcome["status"], outcome["message"] = e.status(), e.message()
 
-        dead_before = len(dead_stubs(fresh_server.process.pid))
+        dead_before = len(dead_stubs(narrow_server.process.pid))
         running = threading.Thread(target=long_request)
         running.start()
         time.sleep(1.5)
-        _stub_of(fresh_server, model).kill()
+        _stub_of(narrow_server, model).kill()
         killed = time.perf_counter()
         time.sleep(0.2)
-        assert len(dead_stubs(fresh_server.process.pid)) == dead_before + 1
-        probe = ["--pid", str(fresh_server.process.pid), "--url", f"http://{fresh_server.http_url}"]
+        assert len(dead_stubs(narrow_server.process.pid)) == dead_before + 1
+        probe = ["--pid", str(narrow_server.process.pid), "--url", f"http://{narrow_server.http_url}"]
         assert main(probe) == 1  # what a pod's liveness probe runs: Triton's own /v2/health/live still says 200
         running.join(timeout=120)
         assert not running.is_alive(), "the request in the killed stub never returned"
@@ -84,18 +72,18 @@ def test_a_killed_stub_fails_its_request_cleanly_and_the_model_comes_back(fresh_
     finally:
         client.close()
     assert after == before
-    reloads = [r for r in fresh_server.watch.recoveries if r.model == model]
-    assert reloads and reloads[-1].error is None, fresh_server.watch.recoveries
+    reloads = [r for r in narrow_server.watch.recoveries if r.model == model]
+    assert reloads and reloads[-1].error is None, narrow_server.watch.recoveries
     print(f"{model}: stub killed; the request's outcome: {outcome}; served again after {recovered:.1f} s "
           f"(model reload {reloads[-1].seconds:.1f} s)")
 
 
-def test_only_the_watch_may_unload_models(fresh_server):
+def test_only_the_watch_may_unload_models(narrow_server):
     """Explicit model control opens Triton's load/unload API; it is restricted to the server's own header."""
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
-    with http.InferenceServerClient(fresh_server.http_url) as client:
+    with http.InferenceServerClient(narrow_server.http_url) as client:
         with pytest.raises(InferenceServerException):
             client.unload_model("controlnet_unet")
         assert client.is_model_ready("controlnet_unet")

@@ -55,13 +55,25 @@ def test_bad_cluster_options_are_refused(kwargs, message):
         ClusterOptions(**{"image": "img", "repository": "s3://b/m", **kwargs})
 
 
-def test_the_cli_writes_the_manifests(tmp_path):
+def test_the_cli_writes_manifests_with_what_it_was_given(tmp_path):
+    """The file the command writes: four valid documents carrying its options (image, repository, replicas,
+    GPUs, queue target, credentials), each read back from the YAML."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
     out = tmp_path / "diffsr.yaml"
     result = CliRunner().invoke(app, ["kubernetes", "--image", "img:1", "--repository", "s3://b/m", "-o", str(out),
-                                      "--max-replicas", "8"])
+                                      "--name", "sr", "--replicas", "2", "--max-replicas", "8", "--gpus", "2",
+                                      "--queue-target-us", "250000", "--credentials-secret", "keys"])
     assert result.exit_code == 0, result.output
-    docs = list(yaml.safe_load_all(out.read_text()))
-    assert docs == manifests(ClusterOptions("img:1", "s3://b/m", max_replicas=8))
+    deployment, service, autoscaler, budget = yaml.safe_load_all(out.read_text())
+    for doc in (deployment, service, autoscaler, budget):
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+        assert doc["metadata"]["name"] == "sr"
+    triton = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert triton["image"] == "img:1" and "--model-repository=s3://b/m" in triton["args"]
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == 2 and triton["envFrom"] == [{"secretRef": {"name": "keys"}}]
+    assert deployment["spec"]["replicas"] == 2
+    assert (autoscaler["spec"]["minReplicas"], autoscaler["spec"]["maxReplicas"]) == (2, 8)
+    assert autoscaler["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == "250000"
 
 
 def _hadolint() -> str:

@@ -1,16 +1,17 @@
 """The edge memory budget: the liveness walk and the INT8 weight count on graphs worked out by hand, then
 the real export."""
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-import numpy as np
-
 from diffsr.app.cli.main import app
+from diffsr.export.core.precision import Precision
 from diffsr.export.engines.budget import RUNTIME_RESERVE, attention_scores, budget, device_total, engine_budget
-from diffsr.export.model.config import Precision
-from diffsr.export.model.signatures import SUBMODULES
+from diffsr.export.model.family import preset
+
+SUBMODULES = preset("tiny").submodules
 
 
 def _save(tmp_path, nodes, inputs, outputs, inits=()):
@@ -30,7 +31,7 @@ def test_peak_and_weights_of_two_convolutions(tmp_path):
              helper.make_node("Conv", ["y2", "block.conv.weight"], ["out"], name="c2")]
     path = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, "h", "w"])],
                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", 4, "h", "w"])], [w1, w2])
-    e = engine_budget(path, "g", {"x": (1, 4, 8, 8)})
+    e = engine_budget(path, "g", {"x": (1, 4, 8, 8)}, preset("tiny").int8_kept)  # SD's: conv_in stays FP16
     # FP16 bytes: x 512, y1 1024, y2 1024, out 512; x is freed after c1, y1 after r: peak y1 + y2
     assert e.activations == 2048
     assert e.weights_fp16 == 2 * 64
@@ -46,7 +47,7 @@ def test_attention_scores_are_not_counted(tmp_path):
               helper.make_tensor_value_info("v", f, [1, 16, 8])]
     path = _save(tmp_path, nodes, inputs, [helper.make_tensor_value_info("o", f, [1, 16, 8])])
     assert attention_scores(onnx.load(str(path)).graph) == {"s", "p"}
-    e = engine_budget(path, "g", {"q": (1, 16, 8), "k": (1, 8, 16), "v": (1, 16, 8)})
+    e = engine_budget(path, "g", {"q": (1, 16, 8), "k": (1, 8, 16), "v": (1, 16, 8)}, {})
     assert e.activations == 3 * 256  # q, k, v; with the 16x16 scores it would be 256 + 512 + 512
 
 

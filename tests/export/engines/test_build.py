@@ -9,9 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 from diffsr.app.cli.main import app
-from diffsr.export.engines.metadata import read_meta, tensorrt_available
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.engines.build import _builder_errors, build_engines
+from diffsr.export.engines.metadata import read_meta, tensorrt_available
 
 needs_tensorrt = pytest.mark.skipif(not (tensorrt_available() and torch.cuda.is_available()),
                                     reason="needs TensorRT and a CUDA GPU (the builder cannot be installed here)")

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from diffsr.export.core.errors import DiffsrError
 from diffsr.export.engines.metadata import (
     EngineMeta,
     Environment,
@@ -15,7 +16,6 @@ from diffsr.export.engines.metadata import (
     tensorrt_module,
     write_meta,
 )
-from diffsr.export.core.errors import DiffsrError
 
 HERE = Environment("10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
 

@@ -3,18 +3,18 @@
 import pytest
 
 from diffsr.app.measure.parity import parity_shapes
-from diffsr.export.model.config import PRESETS
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.signatures import TARGETS, signatures, target
 from diffsr.export.engines.build import engine_profiles, profile_json
+from diffsr.export.model.dims import TARGETS, target
+from diffsr.export.model.family import preset, presets
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset_name", sorted(presets()))
 @pytest.mark.parametrize("name", sorted(TARGETS))
-def test_profiles_cover_every_input_in_order_min_opt_max(preset, name):
-    model = PRESETS[preset]
+def test_profiles_cover_every_input_in_order_min_opt_max(preset_name, name):
+    model = preset(preset_name)
     for sub, profile in engine_profiles(model, target(name)).items():
-        assert list(profile) == [t.name for t in signatures(model)[sub].inputs]
+        assert list(profile) == [t.name for t in model.signature(sub).inputs]
         for r in profile.values():
             assert all(lo <= o <= hi for lo, o, hi in zip(r.min, r.opt, r.max)), (sub, r)
             assert r.contains(r.min) and r.contains(r.max)
@@ -32,17 +32,17 @@ TINY_SERVER_OPT = {
 
 
 def test_opt_shapes_are_the_benchmark_request():
-    profiles = engine_profiles(PRESETS["tiny"], target("server"))
+    profiles = engine_profiles(preset("tiny"), target("server"))
     assert {sub: {k: r.opt for k, r in p.items()} for sub, p in profiles.items()} == TINY_SERVER_OPT
     assert profiles["vae_decoder"]["latent"].min == (1, 4, 8, 8)  # 64 pixels a side
     assert profiles["text_encoder"]["input_ids"].max == (8, 77)  # CFG doubles the 4-image max batch
 
 
 def test_server_profile_holds_every_parity_shape_and_the_benchmark_size():
-    model = PRESETS["sd15"]
+    model = preset("sd15")
     profiles = engine_profiles(model, target("server"))
     for label, dims in parity_shapes(model).items():
-        for sub, sig in signatures(model).items():
+        for sub, sig in model.signatures().items():
             for name, shape in sig.input_shapes(dims).items():
                 assert profiles[sub][name].contains(shape), (label, sub, name, shape)
     # the benchmark: 512x512 out, CFG, one image -> latent 64x64, UNet batch 2
@@ -52,13 +52,13 @@ def test_server_profile_holds_every_parity_shape_and_the_benchmark_size():
 
 
 def test_edge_is_one_image_up_to_768_pixels():
-    profiles = engine_profiles(PRESETS["sd15"], target("edge"))
+    profiles = engine_profiles(preset("sd15"), target("edge"))
     assert profiles["controlnet_unet"]["sample"].max == (2, 4, 96, 96)
     assert profiles["vae_decoder"]["latent"].max == (1, 4, 96, 96)
 
 
 def test_static_fixes_every_dim_at_its_opt():
-    model = PRESETS["tiny"]
+    model = preset("tiny")
     for sub, profile in engine_profiles(model, target("server").resized(static=True)).items():
         for name, r in profile.items():
             assert r.min == r.opt == r.max, (sub, name)
@@ -67,7 +67,7 @@ def test_static_fixes_every_dim_at_its_opt():
 
 
 def test_max_batch_widens_the_batch_dims_only():
-    model = PRESETS["small"]
+    model = preset("small")
     wide = engine_profiles(model, target("server").resized(max_batch=8))
     base = engine_profiles(model, target("server"))
     assert wide["controlnet_unet"]["sample"].max == (16, 4, 128, 128)
@@ -78,16 +78,16 @@ def test_max_batch_widens_the_batch_dims_only():
 
 
 def test_profile_json_is_min_opt_max_lists():
-    profile = engine_profiles(PRESETS["tiny"], target("edge"))["vae_decoder"]
+    profile = engine_profiles(preset("tiny"), target("edge"))["vae_decoder"]
     assert profile_json(profile) == {"latent": [[1, 4, 8, 8], [1, 4, 64, 64], [1, 4, 96, 96]]}
 
 
 def test_sdxl_profiles_are_at_its_native_1024_pixels():
-    profiles = engine_profiles(PRESETS["sdxl"], target("server"))
+    profiles = engine_profiles(preset("sdxl"), target("server"))
     unet = profiles["controlnet_unet"]
     assert unet["sample"].opt == (2, 4, 128, 128) and unet["sample"].max == (8, 4, 256, 256)
     assert unet["text_embeds"].opt == (2, 1280) and unet["time_ids"].max == (8, 6)
     assert unet["text_embeddings"].opt == (2, 77, 2048)
     assert profiles["text_encoder"]["input_ids_2"].opt == (2, 77)
     assert profiles["vae_decoder"]["latent"].opt == (1, 4, 128, 128)  # 1024 x 1024 pixels
-    assert engine_profiles(PRESETS["sdxl"], target("edge"))["lq_encoder"]["lq_image"].max == (1, 3, 1536, 1536)
+    assert engine_profiles(preset("sdxl"), target("edge"))["lq_encoder"]["lq_image"].max == (1, 3, 1536, 1536)

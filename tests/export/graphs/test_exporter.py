@@ -6,13 +6,15 @@ import pytest
 from rich.console import Console
 from rich.progress import Progress as RichProgress
 
-from diffsr.app.cli.main import Bars
-from diffsr.export.model.checkpoint import SUBMODULES
+from diffsr.app.cli.common import Bars
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.graphs.exporter import write_fp16
-from diffsr.export.graphs.to_fp16 import KeptLayer
-from diffsr.export.graphs.manifest import read_manifest
 from diffsr.export.core.progress import Progress
+from diffsr.export.graphs.exporter import write_fp16
+from diffsr.export.graphs.manifest import read_manifest
+from diffsr.export.graphs.to_fp16 import KeptLayer
+from diffsr.export.model.family import preset
+
+SUBMODULES = preset("tiny").submodules
 
 
 @pytest.fixture()

@@ -5,11 +5,12 @@ import json
 import onnx
 import pytest
 
-from diffsr.export.model.checkpoint import SUBMODULES
-from diffsr.export.model.config import Precision
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.precision import Precision
 from diffsr.export.graphs.onnx_export import lint_for_tensorrt, tensorrt_support
-from diffsr.export.model.signatures import signatures
+from diffsr.export.model.family import preset
+
+SUBMODULES = preset("tiny").submodules
 
 
 def _io(path):
@@ -20,12 +21,11 @@ def _io(path):
     }
 
 
-@pytest.mark.parametrize("model", ["tiny", "sdxl"])
-@pytest.mark.parametrize("precision", [Precision.FP32, Precision.FP16])  # INT8: tests/calib/test_int8.py
-@pytest.mark.parametrize("name", SUBMODULES)
+@pytest.mark.parametrize("model,precision", [("tiny", Precision.FP32), ("tiny", Precision.FP16), ("sdxl", Precision.FP32)])
+@pytest.mark.parametrize("name", SUBMODULES)  # INT8: tests/calib/test_quantize.py
 def test_graph_interface_is_the_signature(request, model, name, precision):
     ckpt, onnx_dir = (request.getfixturevalue(f"{model}_{kind}") for kind in ("checkpoint", "onnx"))
-    sig = signatures(ckpt.model)[name]
+    sig = ckpt.model.signature(name)
     expected = {t.name: (t.dtype, t.shape) for t in sig.inputs + sig.outputs}
     assert _io(onnx_dir / precision.filename(name)) == expected
 
@@ -44,7 +44,8 @@ def test_manifest_records_files_signatures_checkpoint_and_versions(tiny_checkpoi
     manifest = json.loads((tiny_onnx / "manifest.json").read_text())
     assert manifest["checkpoint"]["sha256"] == checkpoint_digest(tiny_checkpoint.path)
     assert manifest["opset"] == 18 and manifest["versions"]["torch"].startswith("2.")
-    sigs = signatures(tiny_checkpoint.model)
+    assert manifest["family"] == "sd" and manifest["model"] == json.loads(json.dumps(tiny_checkpoint.model.to_json()))
+    sigs = tiny_checkpoint.model.signatures()
     for name in SUBMODULES:
         entry = manifest["submodules"][name]
         assert entry["signature_sha256"] == signature_hash(sigs[name])

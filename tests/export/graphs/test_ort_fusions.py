@@ -8,14 +8,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from diffsr.export.model.config import Precision
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.precision import Precision
 from diffsr.export.graphs.exporter import export_onnx
 from diffsr.export.graphs.manifest import FUSED, file_sha256, read_manifest
 from diffsr.export.graphs.onnx_export import lint_for_tensorrt
+from diffsr.export.model.family import preset
 from diffsr.export.model.samples import sample_inputs
-from diffsr.export.model.signatures import SUBMODULES, signatures
-from diffsr.runtime.backends import load_runners
+from diffsr.runtime.loading import load_runners
+
+SUBMODULES = preset("tiny").submodules
 
 
 def test_export_writes_fused_graphs_that_the_backend_loads(tiny_checkpoint, tiny_onnx):
@@ -24,8 +26,8 @@ def test_export_writes_fused_graphs_that_the_backend_loads(tiny_checkpoint, tiny
     assert fused["controlnet_unet"]["fusions"].get("MultiHeadAttention", 0) >= 4, fused["controlnet_unet"]
     runners = load_runners("onnxruntime", tiny_checkpoint, onnx_dir=tiny_onnx)
     assert all(runners[name].path.name == f"{name}.ort.onnx" for name in SUBMODULES)
-    sig = signatures(tiny_checkpoint.model)["controlnet_unet"]
-    feed = sample_inputs(sig, dict(batch=1, cfg_batch=2, text_batch=2, latent_height=16, latent_width=24))
+    feed = sample_inputs(tiny_checkpoint.model, "controlnet_unet",
+                         dict(batch=1, cfg_batch=2, text_batch=2, latent_height=16, latent_width=24))
     plain = ort.InferenceSession(str(tiny_onnx / "controlnet_unet.onnx"), providers=["CPUExecutionProvider"])
     want = plain.run(None, {k: v.numpy() for k, v in feed.items()})[0]
     got = runners["controlnet_unet"].infer(feed)["noise_pred"].numpy()

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.signatures import signatures
-from diffsr.runtime.backends import load_runners
 from diffsr.runtime.backends.base import Runner
 from diffsr.runtime.backends.on_demand import on_demand
+from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
 
 
@@ -29,9 +28,10 @@ class Counting(Runner):
 
 
 def test_the_denoising_loop_keeps_its_pair_and_the_rest_is_evicted(tiny_checkpoint):
-    sigs = signatures(tiny_checkpoint.model)
+    sigs = tiny_checkpoint.model.signatures()
     sizes = {"text_encoder": 40, "lq_encoder": 30, "fusion_transformer": 10, "controlnet_unet": 100, "vae_decoder": 30}
-    runners = on_demand(sigs, {n: (lambda n=n: Counting(sigs[n]).load()) for n in sizes}, sizes)  # budget 110
+    runners = on_demand(sigs, {n: (lambda n=n: Counting(sigs[n]).load()) for n in sizes}, sizes,
+                        tiny_checkpoint.model.stages.step)  # budget 110
     Counting.loads = {}
     one_run = ["text_encoder", "lq_encoder", *["fusion_transformer", "controlnet_unet"] * 5, "vae_decoder"]
     for name in one_run * 2:  # two pipeline runs
@@ -43,14 +43,14 @@ def test_the_denoising_loop_keeps_its_pair_and_the_rest_is_evicted(tiny_checkpoi
 
 
 def test_a_runner_that_fails_to_load_holds_no_room(tiny_checkpoint):
-    sigs = signatures(tiny_checkpoint.model)
+    sigs = tiny_checkpoint.model.signatures()
 
     def broken():
         raise DiffsrError("cannot load")
 
     sizes = dict.fromkeys(sigs, 10) | {"controlnet_unet": 100}
     loaders = {n: (lambda n=n: Counting(sigs[n]).load()) for n in sigs} | {"controlnet_unet": broken}
-    runners = on_demand(sigs, loaders, sizes)
+    runners = on_demand(sigs, loaders, sizes, tiny_checkpoint.model.stages.step)
     runners["fusion_transformer"]._infer({}, {})
     with pytest.raises(DiffsrError, match="cannot load"):
         runners["controlnet_unet"]._infer({}, {})

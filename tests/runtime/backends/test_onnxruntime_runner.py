@@ -6,8 +6,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from diffsr.app.cli.main import app
-from diffsr.export.model.config import Precision
-from diffsr.runtime.backends import load_runners
+from diffsr.export.core.precision import Precision
+from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
 
 
@@ -20,15 +20,16 @@ def test_onnxruntime_pipeline_matches_torch(tiny_checkpoint, tiny_onnx, photo_lq
         assert np.abs(out.astype(int) - ref.astype(int)).max() <= limit, precision
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_cli_upscale_with_onnxruntime(tiny_checkpoint, tiny_onnx, tmp_path, photo_lq, precision):
+@pytest.mark.parametrize("precision,scheduler,steps", [("fp32", "dpmpp-2m", 10), ("fp16", "ddim", 2)])
+def test_cli_upscale_with_onnxruntime(tiny_checkpoint, tiny_onnx, tmp_path, photo_lq, precision, scheduler, steps):
+    """Prime sides (17x23 in, exactly 68x92 out), either scheduler."""
     src, out = tmp_path / "in.png", tmp_path / "out.png"
-    Image.fromarray(photo_lq[:16, :24]).save(src)
+    Image.fromarray(photo_lq[:23, :17]).save(src)
     result = CliRunner().invoke(app, ["upscale", str(src), "-o", str(out), "--checkpoint", str(tiny_checkpoint.path),
                                       "--backend", "onnxruntime", "--onnx", str(tiny_onnx), "--precision", precision,
-                                      "--steps", "2"])
+                                      "--scheduler", scheduler, "--steps", str(steps)])
     assert result.exit_code == 0, result.output
-    assert Image.open(out).size == (96, 64)
+    assert Image.open(out).size == (68, 92) and f"{scheduler} {steps} steps" in result.output
 
 
 def test_cli_onnxruntime_needs_an_onnx_folder(tiny_checkpoint, tmp_path, photo_lq):

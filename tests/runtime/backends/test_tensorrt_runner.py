@@ -12,13 +12,13 @@ import torch
 
 import diffsr.export.engines.metadata as engines_module
 import diffsr.runtime.backends.tensorrt_runner as tensorrt_runner
-from diffsr.export.model.config import Precision
-from diffsr.export.engines.metadata import EngineMeta, Environment, tensorrt_available, write_meta
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.graphs.manifest import file_sha256, read_manifest, signature_hash
-from diffsr.export.model.signatures import SUBMODULES, signatures, target
+from diffsr.export.core.precision import Precision
 from diffsr.export.engines.build import engine_profiles, profile_json
-from diffsr.runtime.backends import load_runners
+from diffsr.export.engines.metadata import EngineMeta, Environment, tensorrt_available, write_meta
+from diffsr.export.graphs.manifest import file_sha256, read_manifest, signature_hash
+from diffsr.export.model.dims import target
+from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
 from tests.runtime.backends import fake_tensorrt
 
@@ -33,13 +33,14 @@ def fake_trt(monkeypatch):
     return fake_tensorrt
 
 
-def write_plans(ckpt, onnx_dir: Path, out: Path, extra_io: dict | None = None) -> Path:
-    """Plans and metadata as `diffsr build-engines` would write them, the plans being fake_tensorrt's."""
+def write_plans(ckpt, onnx_dir: Path, out: Path, extra_io: dict | None = None, precision=Precision.FP16) -> Path:
+    """Plans and metadata as `diffsr build-engines` would write them from the `precision` graphs, the plans
+    being fake_tensorrt's."""
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(onnx_dir)
-    sigs, profiles = signatures(ckpt.model), engine_profiles(ckpt.model, target("server"))
-    for i, name in enumerate(SUBMODULES):
-        fp16 = manifest["submodules"][name][Precision.FP16.value]
+    sigs, profiles = ckpt.model.signatures(), engine_profiles(ckpt.model, target("server"))
+    for i, name in enumerate(sigs):
+        fp16 = manifest["submodules"][name][precision.value]
         spec = {"onnx": str(onnx_dir / fp16["file"]), "profile": profile_json(profiles[name]), "scratch": 1000 * (i + 1),
                 "extra_io": (extra_io or {}) if name == "vae_decoder" else {}}
         plan = out / f"{name}.plan"
@@ -58,12 +59,13 @@ def engines(tiny_checkpoint, tiny_onnx, tmp_path):
 
 
 def load(ckpt, engines, onnx_dir=None, running=HERE):
-    return tensorrt_runner.load_tensorrt_runners(ckpt.path, signatures(ckpt.model), engines, "cpu", onnx_dir, running)
+    return tensorrt_runner.load_tensorrt_runners(ckpt, engines, "cpu", onnx_dir, running)
 
 
+@pytest.mark.parametrize("scheduler,steps", [("ddim", 3), ("dpmpp-2m", 10)])
 def test_pipeline_on_tensorrt_runners_matches_onnxruntime_on_the_same_graphs(fake_trt, tiny_checkpoint, tiny_onnx,
-                                                                             engines, photo_lq):
-    config = tiny_checkpoint.defaults.replace(steps=3)
+                                                                             engines, photo_lq, scheduler, steps):
+    config = tiny_checkpoint.defaults.replace(steps=steps, scheduler=scheduler)
     runners = load(tiny_checkpoint, engines, tiny_onnx)
     got = Pipeline(runners, tiny_checkpoint)(photo_lq, config).image
     ref_runners = load_runners("onnxruntime", tiny_checkpoint, onnx_dir=tiny_onnx, precision=Precision.FP16)
@@ -148,7 +150,7 @@ def test_triton_repository_takes_only_verified_plans(tiny_checkpoint, tiny_onnx,
     from diffsr.triton_models.repository import build_repository
 
     build_repository(tiny_checkpoint, None, tmp_path / "repo", "tensorrt", engines)
-    for name in SUBMODULES:
+    for name in tiny_checkpoint.model.submodules:
         assert (tmp_path / "repo" / name / "1" / "model.plan").read_bytes() == (engines / f"{name}.plan").read_bytes()
     (engines / "controlnet_unet.plan").write_text("{}")
     with pytest.raises(DiffsrError, match="controlnet_unet: the plan does not match the sha256 in its metadata"):
@@ -183,10 +185,12 @@ def test_real_engines_match_the_cpu_reference_with_a_graph_per_step(tiny_checkpo
 
 
 def test_sdxl_pipeline_on_tensorrt_runners_matches_onnxruntime(fake_trt, sdxl_checkpoint, sdxl_onnx, tmp_path, photo_lq):
-    """SDXL's extra inputs (input_ids_2, text_embeds, time_ids) through the runner's buffers and profiles."""
-    engines = write_plans(sdxl_checkpoint, sdxl_onnx, tmp_path / "engines")
+    """SDXL's extra inputs (input_ids_2, text_embeds, time_ids) through the runner's buffers and profiles (the
+    fake plans hold the FP32 graphs: the test's SDXL export has no FP16 ones, and the runner's buffers and
+    profiles are what is tested)."""
+    engines = write_plans(sdxl_checkpoint, sdxl_onnx, tmp_path / "engines", precision=Precision.FP32)
     config = sdxl_checkpoint.defaults.replace(steps=3)
     got = Pipeline(load(sdxl_checkpoint, engines, sdxl_onnx), sdxl_checkpoint)(photo_lq, config).image
-    ref_runners = load_runners("onnxruntime", sdxl_checkpoint, onnx_dir=sdxl_onnx, precision=Precision.FP16)
+    ref_runners = load_runners("onnxruntime", sdxl_checkpoint, onnx_dir=sdxl_onnx, precision=Precision.FP32)
     want = Pipeline(ref_runners, sdxl_checkpoint)(photo_lq, config).image
     assert np.array_equal(got, want)

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from diffsr.app.measure.parity import TOLERANCES, judge_image
+from diffsr.export.core.precision import Precision
 from diffsr.export.model.checkpoint import load_submodule
-from diffsr.export.model.config import Precision
 from diffsr.export.model.samples import sample_inputs
-from diffsr.export.model.signatures import signatures
-from diffsr.runtime.backends import load_runners
 from diffsr.runtime.backends.torch_runner import TorchRunner
+from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -21,18 +20,18 @@ DIMS = dict(batch=1, cfg_batch=2, text_batch=2, latent_height=8, latent_width=12
 
 
 def fp16_runners(ckpt, device="cpu"):
-    sigs = signatures(ckpt.model)
+    sigs = ckpt.model.signatures()
     return {name: TorchRunner(sig, load_submodule(ckpt, name), device, Precision.FP16, channels_last=True)
             for name, sig in sigs.items()}
 
 
 def test_fp16_channels_last_runners_keep_the_signature_and_the_numbers(tiny_checkpoint):
-    sigs, fast = signatures(tiny_checkpoint.model), fp16_runners(tiny_checkpoint)
+    sigs, fast = tiny_checkpoint.model.signatures(), fp16_runners(tiny_checkpoint)
     reference = load_runners("torch", tiny_checkpoint)
     for name, sig in sigs.items():
         conv = next((m for m in fast[name].module.modules() if isinstance(m, torch.nn.Conv2d)), None)
         assert conv is None or conv.weight.is_contiguous(memory_format=torch.channels_last)
-        feed = sample_inputs(sig, DIMS, seed=1)
+        feed = sample_inputs(tiny_checkpoint.model, name, DIMS, seed=1)
         got, want = fast[name].infer(feed), reference[name].infer(feed)
         for spec in sig.outputs:
             assert got[spec.name].dtype == torch.float32  # the signature's dtype, whatever ran inside
@@ -51,10 +50,11 @@ def test_attention_runs_through_sdpa(tiny_checkpoint):
 
 
 def test_fp16_pipeline_matches_the_reference(tiny_checkpoint, photo_lq):
-    config = tiny_checkpoint.defaults.replace(steps=20)
-    ref = Pipeline(load_runners("torch", tiny_checkpoint), tiny_checkpoint)(photo_lq, config).image
-    out = Pipeline(fp16_runners(tiny_checkpoint), tiny_checkpoint)(photo_lq, config).image
-    assert judge_image((64, 64), ref, out, TOLERANCES[Precision.FP16]).passed
+    config = tiny_checkpoint.defaults.replace(steps=8)
+    lq = photo_lq[:32, :32]  # PyTorch's FP16 on a CPU is slow: a small image
+    ref = Pipeline(load_runners("torch", tiny_checkpoint), tiny_checkpoint)(lq, config).image
+    out = Pipeline(fp16_runners(tiny_checkpoint), tiny_checkpoint)(lq, config).image
+    assert judge_image((32, 32), ref, out, TOLERANCES[Precision.FP16]).passed
 
 
 @needs_cuda

@@ -1,16 +1,16 @@
-"""FP16 safety check: which layers must stay FP32, decided from activation ranges on real data.
+"""Deciding which layers must stay FP32 in the FP16 graphs, from activation ranges on real data.
 
-1. `record_feeds` runs the real pipeline (PyTorch reference) over real photos and prompts, every
+1. `calib.record` runs the real pipeline (PyTorch reference) over real photos and prompts, every
    timestep, and records what each submodule was fed.
 2. `activation_ranges` replays those feeds through the FP32 ONNX graph in ONNX Runtime with every
    float intermediate exposed, and keeps the largest |value| each node produced and consumed.
 3. `fp32_layers` applies the rules (overflow headroom, periodic arguments) and names each node it
    keeps FP32 with its observed range. Everything else goes FP16.
 
-4. A VAE whose config says `force_upcast` (diffusers' mark of a VAE that overflows in FP16: SDXL's)
-   stays entirely FP32 in its two submodules (LQ encoder, decoder) unless calibration proves FP16
-   safe: the FP16 graph with the kept layers, run on the recorded inputs, finite and within
-   PROOF_REL of the FP32 graph.
+4. The submodules the family names as overflow-prone (`ModelFamily.force_upcast`: SD's two made of a
+   VAE whose config says `force_upcast`, diffusers' mark of a VAE that overflows in FP16, SDXL's) stay
+   entirely FP32 unless calibration proves FP16 safe: the FP16 graph with the kept layers, run on the
+   recorded inputs, finite and within PROOF_REL of the FP32 graph.
 
 `fp16_check` runs them over a `Calibration` (photos, prompts, steps, size); the export layer's
 `write_fp16` then converts the graphs with those keep-lists.
@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,95 +30,19 @@ import numpy as np
 import onnx
 import torch
 
-from diffsr.calib.data import PHOTOS, PROMPTS, photos
-from diffsr.export.model.checkpoint import SUBMODULES, Checkpoint
-from diffsr.export.model.config import Precision
-from diffsr.export.core.errors import DiffsrError
-from diffsr.export.core.files import read_json
-from diffsr.export.graphs.to_fp16 import FP16_MAX, KeptLayer, fp16_from_fp32
-from diffsr.export.graphs.manifest import verified_files
+from diffsr.calib.record import Calibration, calibration_feeds
 from diffsr.export.core.memory import return_freed_memory
+from diffsr.export.core.precision import Precision
 from diffsr.export.core.progress import OnProgress, Progress, ignore
-from diffsr.runtime.backends import load_runners
-from diffsr.runtime.backends.base import Runner
-from diffsr.runtime.pipeline import Pipeline
+from diffsr.export.graphs.manifest import verified_files
+from diffsr.export.graphs.to_fp16 import FP16_MAX, KeptLayer, fp16_from_fp32
+from diffsr.export.model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
 HEADROOM = 4.0  # values above FP16_MAX / HEADROOM leave too little room for an unseen input
 PERIODIC_ARG = 4.0  # FP16 spacing reaches 0.004 rad at 4; sin/cos of larger arguments lose digits
-PROOF_REL = 1e-2  # a force_upcast VAE goes FP16 only if every recorded output is within this (parity's FP16 bound)
-VAE_SUBMODULES = ("lq_encoder", "vae_decoder")  # the networks made of the VAE: its encoder, its decoder
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """The real data the FP16 check runs: each photo (size x size LQ) with each prompt, every timestep
-    of `steps`. The default spans every timestep the sampler visits at its default 20 steps."""
-
-    photos: tuple[str, ...] = PHOTOS[:3]
-    prompts: tuple[str, ...] = PROMPTS[:2]
-    steps: int = 20
-    size: int = 64
-
-    def __post_init__(self) -> None:
-        unknown = [p for p in self.photos if p not in PHOTOS]
-        if not self.photos or unknown:
-            raise DiffsrError(f"calibration photos {list(self.photos)} must be one or more of {list(PHOTOS)}")
-        if not self.prompts:
-            raise DiffsrError("the FP16 check needs at least one calibration prompt")
-        if not 1 <= self.steps <= 1000 or not 8 <= self.size <= 1024:
-            raise DiffsrError(f"calibration steps={self.steps} (1 to 1000) or size={self.size} (8 to 1024) is out of range")
-
-
-class Recorder(Runner):
-    """Passes calls through to a runner and keeps a CPU copy of every feed."""
-
-    def __init__(self, inner: Runner):
-        super().__init__(inner.signature)
-        self.inner, self.feeds = inner, []
-
-    def _infer(self, feed: Mapping[str, torch.Tensor], dims: Mapping[str, int]) -> dict[str, torch.Tensor]:
-        self.feeds.append({k: v.detach().cpu().clone() for k, v in feed.items()})
-        return self.inner.infer(feed)
-
-
-def record_feeds(
-    ckpt: Checkpoint, runners: Mapping[str, Runner], images: Iterable[np.ndarray], prompts: Iterable[str],
-    steps: int = 20, on_run: Callable[[], None] | None = None,
-) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """Every submodule's inputs over full pipeline runs: each image with each prompt, all timesteps."""
-    recorders = {name: Recorder(r) for name, r in runners.items()}
-    pipe = Pipeline(recorders, ckpt)
-    prompts = list(prompts)
-    for i, image in enumerate(images):
-        for j, prompt in enumerate(prompts):
-            pipe(image, ckpt.defaults.replace(prompt=prompt, steps=steps, seed=100 * i + j))
-            if on_run is not None:
-                on_run()
-    return {name: r.feeds for name, r in recorders.items()}
-
-
-def calibration_feeds(ckpt: Checkpoint, cal: Calibration, task: str, total: int,
-                      on_progress: OnProgress = ignore) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """`record_feeds` over the calibration data on the PyTorch reference, a progress event per run (of
-    `total` for `task`). Lean runners: one stage's FP32 weights in memory at a time (SDXL's reference does
-    not fit twice), all released before the caller loads anything else."""
-    runs, done = len(cal.photos) * len(cal.prompts), 0
-
-    def finished_run() -> None:
-        nonlocal done
-        done += 1
-        on_progress(Progress(task, f"calibration run {done}/{runs}", done, total))
-
-    on_progress(Progress(task, "calibration runs", 0, total))
-    runners = load_runners("torch", ckpt, lean=True)
-    try:
-        return record_feeds(ckpt, runners, photos((cal.size, cal.size), cal.photos), cal.prompts, cal.steps,
-                            on_run=finished_run)
-    finally:
-        for runner in runners.values():
-            runner.release()
+PROOF_REL = 1e-2  # an upcast submodule goes FP16 only if every recorded output is within this (parity's FP16 bound)
 
 
 def activation_ranges(onnx_path: Path, feeds: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -221,20 +144,21 @@ def fp16_check(
     through its FP32 graph in `onnx_dir`; return, per submodule, the layers to keep FP32."""
     cal = calibration
     runs = len(cal.photos) * len(cal.prompts)
-    total = runs + len(SUBMODULES)
-    paths = verified_files(onnx_dir, ckpt, SUBMODULES, Precision.FP32)  # this checkpoint's graphs, unchanged
+    names = ckpt.model.submodules
+    total = runs + len(names)
+    paths = verified_files(onnx_dir, ckpt, Precision.FP32)  # this checkpoint's graphs, unchanged
     feeds = calibration_feeds(ckpt, cal, "fp16 check", total, on_progress)
     kept = {}
-    upcast = force_upcast(ckpt)
-    for i, name in enumerate(SUBMODULES):
+    upcast = ckpt.model.force_upcast(ckpt.path)
+    for i, name in enumerate(names):
         path = paths[name]
         kept[name] = fp32_layers(path, activation_ranges(path, feeds[name]))
         return_freed_memory()  # what the last session freed, before the next one loads
-        if upcast and name in VAE_SUBMODULES:
+        if name in upcast:
             error = fp16_error(path, kept[name], feeds[name])
             return_freed_memory()
             if not error <= PROOF_REL:
-                reason = (f"the VAE's config says force_upcast and FP16 is not proven safe: relative error "
+                reason = (f"the model marks it as overflowing in FP16 (force_upcast) and FP16 is not proven safe: relative error "
                           f"{error:.3g} > {PROOF_REL:g} on the calibration data")
                 log.warning("%s: keeping the whole graph in FP32: %s", name, reason)
                 kept[name] = all_layers(path, reason)
@@ -244,11 +168,6 @@ def fp16_check(
             log.warning("%s: keeping %s (%s) in FP32: %s", name, layer.node, layer.op_type, layer.reason)
         on_progress(Progress("fp16 check", f"{name} ranges", runs + i + 1, total))
     return kept
-
-
-def force_upcast(ckpt: Checkpoint) -> bool:
-    """Whether the checkpoint's VAE config marks it as overflowing in FP16 (diffusers' `force_upcast`)."""
-    return bool(read_json(ckpt.path / "vae" / "config.json", "checkpoint file").get("force_upcast", False))
 
 
 def fp16_error(onnx_path: Path, keep: list[KeptLayer], feeds: list[dict[str, torch.Tensor]], limit: int = 8) -> float:

@@ -1,4 +1,5 @@
-"""`diffsr soak` against the session's real server: 200 requests at concurrency 4, one in ten bad."""
+"""`diffsr soak` against the session's real server: 40 requests at concurrency 4, one in ten bad (every bad kind
+once); the command's default is 200, measured in docs/serving.md."""
 
 import json
 
@@ -6,23 +7,23 @@ import pytest
 from typer.testing import CliRunner
 
 from diffsr.app.cli.main import app
-from diffsr.app.serving.soak import BAD_KINDS, SoakReport, SoakSettings, run_soak
+from diffsr.app.measure.soak import BAD_KINDS, SoakReport, SoakSettings, run_soak
 from diffsr.app.serving.stub_probe import main as stub_probe
 from diffsr.export.core.errors import DiffsrError
 
 
-def test_soak_200_requests_with_bad_ones_mixed_in(server, tmp_path):
+def test_soak_with_bad_requests_mixed_in(server, tmp_path):
     """Every good answer equals its solo image, every bad one is INVALID_ARGUMENT, the server's memory (with
-    its stubs) after the run is within 5 % of after the first 20 requests."""
+    its stubs) after the run is within 5 % of after the first 10 requests."""
     report = tmp_path / "soak.json"
-    result = CliRunner().invoke(app, ["soak", "--url", server.grpc_url, "--requests", "200", "--concurrency", "4",
+    result = CliRunner().invoke(app, ["soak", "--url", server.grpc_url, "--requests", "40", "--concurrency", "4",
                                       "--bad-fraction", "0.1", "--server-pid", str(server.process.pid),
-                                      "--json", str(report)])
+                                      "--settle", "10", "--size", "32x32", "--json", str(report)])
     print(result.output)
     assert result.exit_code == 0, result.output
     got = json.loads(report.read_text())
     assert got["failures"] == [] and got["ok"]
-    assert got["good"] == 180 and got["bad"] == 20
+    assert got["good"] == 36 and got["bad"] == 4 == len(BAD_KINDS)
     assert got["rss_settled_mib"] > 100 and abs(got["memory_growth"]) <= 0.05
     assert 0 < got["median_s"] <= got["p95_s"]
     probe = ["--pid", str(server.process.pid), "--url", f"http://{server.http_url}"]

@@ -1,4 +1,4 @@
-"""The PyTorch reference: the five submodules the runtime, the exporters and the parity tests share.
+"""The SD family's networks (`sd.py` declares the family): the PyTorch reference of its five submodules.
 
     text_encoder        input_ids (B, 77)                     -> text_embeddings (B, 77, D)
       SDXL              + input_ids_2 (B, 77)                 -> D = 768 + 1280, + text_embeds (B, 1280)
@@ -26,7 +26,7 @@ from diffusers.models.autoencoders.vae import Encoder
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from diffsr.export.model.config import LATENT_CHANNELS
+from diffsr.export.model.families.sd import LATENT_CHANNELS
 
 
 class Attention(nn.Module):
@@ -236,15 +236,18 @@ class ControlNetUNetXL(ControlNetUNet):
 
 
 class VAEDecoder(nn.Module):
-    """latent / scaling factor -> image in [-1, 1]. Keeps only the decoder half of the VAE."""
+    """latent -> image in [-1, 1]: the latent unscaled and unshifted as the VAE's config says (diffusers:
+    latent / scaling_factor + shift_factor; SD's shift is none, SD3's 0.0609), then the decoder half of the
+    VAE (its post-quant conv where it has one)."""
 
     def __init__(self, vae: AutoencoderKL):
         super().__init__()
-        self.post_quant_conv, self.decoder = vae.post_quant_conv, vae.decoder
+        self.post_quant_conv, self.decoder = vae.post_quant_conv or nn.Identity(), vae.decoder
         self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(vae.config.get("shift_factor") or 0.0)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        x = self.post_quant_conv(latent / self.scaling_factor)
+        x = self.post_quant_conv(latent / self.scaling_factor + self.shift_factor)
         return self.decoder(x).clamp(-1.0, 1.0)
 
 

@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 
 from diffsr.export.model.checkpoint import weights_file
 from diffsr.export.model.samples import sample_inputs
-from diffsr.export.model.signatures import signatures
 from diffsr.runtime.backends.torch_runner import TorchRunner
 
 DIMS = [
@@ -21,8 +20,8 @@ DIMS = [
 @pytest.mark.parametrize("dims", DIMS, ids=["b1-64px", "b2-128x192px"])
 @pytest.mark.parametrize("name", ["text_encoder", "lq_encoder", "fusion_transformer", "controlnet_unet", "vae_decoder"])
 def test_output_shapes(tiny_checkpoint, tiny_reference, name, dims):
-    sig = signatures(tiny_checkpoint.model)[name]
-    out = TorchRunner(sig, tiny_reference[name]).infer(sample_inputs(sig, dims))
+    sig = tiny_checkpoint.model.signature(name)
+    out = TorchRunner(sig, tiny_reference[name]).infer(sample_inputs(tiny_checkpoint.model, name, dims))
     for spec in sig.outputs:
         assert tuple(out[spec.name].shape) == spec.resolve(dims)
         assert torch.isfinite(out[spec.name]).all()
@@ -43,6 +42,20 @@ def test_z_lq_is_the_scaled_mean_of_the_vae_encoder(tiny_checkpoint, tiny_refere
     assert (vae.encode(lq).latent_dist.std > 1e-3).all()  # a sample would differ from the mean
 
 
+def test_the_decoder_unshifts_the_latent_as_the_vaes_config_says(tiny_checkpoint, tiny_reference):
+    """A VAE config with a `shift_factor` (SD3's 0.0609): decoding x is decoding x + shift * scaling unshifted."""
+    from diffsr.export.model.families.sd_networks import VAEDecoder
+
+    config = json.loads((tiny_checkpoint.path / "vae" / "config.json").read_text())
+    vae = AutoencoderKL.from_config(config | {"shift_factor": 0.0609}).eval()
+    vae.load_state_dict({k: v.float() for k, v in load_file(str(weights_file(tiny_checkpoint, "vae"))).items()})
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = VAEDecoder(vae)(latent)
+        want = tiny_reference["vae_decoder"](latent + 0.0609 * config["scaling_factor"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_decoder_output_is_in_range(tiny_reference):
     with torch.no_grad():
         img = tiny_reference["vae_decoder"](torch.randn(1, 4, 8, 8) * 10)
@@ -51,8 +64,7 @@ def test_decoder_output_is_in_range(tiny_reference):
 
 def test_control_path_is_live(tiny_checkpoint, tiny_reference):
     """f2 must change the noise prediction: the zero convs were given weights."""
-    sig = signatures(tiny_checkpoint.model)["controlnet_unet"]
-    feed = sample_inputs(sig, DIMS[0])
+    feed = sample_inputs(tiny_checkpoint.model, "controlnet_unet", DIMS[0])
     with torch.no_grad():
         a = tiny_reference["controlnet_unet"](*feed.values())
         feed["f2"] = feed["f2"] + 1.0
@@ -62,8 +74,7 @@ def test_control_path_is_live(tiny_checkpoint, tiny_reference):
 
 def test_f2_is_shared_across_the_cfg_batch(tiny_checkpoint, tiny_reference):
     """With CFG, one f2 serves both branches: same as feeding it twice."""
-    sig = signatures(tiny_checkpoint.model)["controlnet_unet"]
-    feed = sample_inputs(sig, DIMS[0])
+    feed = sample_inputs(tiny_checkpoint.model, "controlnet_unet", DIMS[0])
     with torch.no_grad():
         shared = tiny_reference["controlnet_unet"](*feed.values())
         doubled = tiny_reference["controlnet_unet"](*list(feed.values())[:3], feed["f2"].repeat(2, 1, 1, 1))

@@ -1,0 +1,253 @@
+"""Commands on a model: init, upscale, demo, export, quantize, parity, build-engines, budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from diffsr.app.cli.common import bars, command, console, out, parse_precision, parse_size, writable
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.precision import Precision
+from diffsr.export.core.progress import Progress
+from diffsr.runtime.backends.names import BACKENDS
+
+
+@command()
+def init(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder to create")],
+    preset: Annotated[str, typer.Option(help="a family's preset (`diffsr families` lists them)")] = "tiny",
+    seed: Annotated[int, typer.Option(help="weights seed: same seed, same bytes")] = 0,
+) -> None:
+    """Write a seeded random-weight checkpoint of a preset."""
+    from diffsr.export.model.random_init import init_checkpoint
+
+    with bars() as draw:
+        init_checkpoint(preset, seed, out_dir, on_progress=draw)
+    console.print(f"wrote {preset} checkpoint (seed {seed}) to {out_dir}", highlight=False)
+
+
+@command()
+def families() -> None:
+    """The model families: each one's presets, submodules and which plays each part of the pipeline."""
+    from diffsr.app.cli import tables
+    from diffsr.export.model.family import families as registered
+
+    out.print(tables.families(registered()))
+
+
+@command()
+def upscale(
+    image: Annotated[Path, typer.Argument(help="low-quality input image (any format PIL reads)")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="output PNG")],
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
+    prompt: Annotated[Optional[str], typer.Option()] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option()] = None,
+    steps: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="CFG scale; 1.0 turns CFG off")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="ddim or dpmpp-2m (default: the checkpoint's)")] = None,
+    start: Annotated[Optional[str], typer.Option(help="noise or lq")] = None,
+    color_fix: Annotated[Optional[str], typer.Option(help="adain or none")] = None,
+    backend: Annotated[str, typer.Option(help=", ".join(BACKENDS))] = "torch",
+    onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder, for --backend onnxruntime (tensorrt: checked against)")] = None,
+    engines: Annotated[Optional[Path], typer.Option(help="engine folder, for --backend tensorrt")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32 or fp16 (default: the backend's)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N] (default: the backend's)")] = None,
+    cuda_graph: Annotated[Optional[bool], typer.Option("--cuda-graph/--no-cuda-graph",
+                          help="replay each denoising step as a CUDA graph (default: on for torch-cuda, tensorrt)")] = None,
+    tile: Annotated[Optional[int], typer.Option(help="tile side in latent cells (x8 pixels; default: the model's native side)")] = None,
+    tile_overlap: Annotated[Optional[int], typer.Option(help="latent cells shared by neighbouring tiles (default: a quarter tile)")] = None,
+    tile_batch: Annotated[Optional[int], typer.Option(help="tiles per submodule call")] = None,
+) -> None:
+    """Upscale one image x4 (over overlapping tiles where it is larger than the model's native size)."""
+    from diffsr.app.cli import tables
+    from diffsr.export.model.checkpoint import open_checkpoint
+    from diffsr.runtime.image import load_image, output_size, save_image
+    from diffsr.runtime.loading import load_pipeline
+    from diffsr.runtime.schedulers import make_scheduler
+    from diffsr.runtime.tiling import tiling_for
+
+    rgb = load_image(image)
+    writable(out_file)
+    ckpt = open_checkpoint(checkpoint)
+    config = ckpt.defaults.replace(prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
+                                   guidance_scale=guidance, scheduler=scheduler, start=start, color_fix=color_fix,
+                                   tile=tile, tile_overlap=tile_overlap, tile_batch=tile_batch)
+    output_size(rgb.shape[0], rgb.shape[1], config.upscale)  # fail before loading weights
+    tiling_for(ckpt.model, config)
+    make_scheduler(config.scheduler, ckpt.scheduler_config).set_timesteps(config.steps)
+    pipe = load_pipeline(backend, ckpt, device, onnx, parse_precision(precision), engines, cuda_graph)
+    with bars() as draw:
+        result = pipe(rgb, config, on_step=lambda done, total: draw(Progress("denoise", "tile-steps", done, total)))
+    save_image(result.image, out_file)
+    h, w = result.image.shape[:2]
+    console.print(f"{image} -> {out_file} ({w}x{h}, {backend}, {config.scheduler} {config.steps} steps)", soft_wrap=True,
+                  highlight=False)
+    console.print(tables.timings(result.timings))
+
+
+@command()
+def demo(
+    preset: Annotated[str, typer.Option(help="checkpoint preset to create if absent")] = "tiny",
+    photo: Annotated[str, typer.Option(help="a skimage.data photo")] = "astronaut",
+    serve: Annotated[bool, typer.Option(help="end by serving it from Triton and upscaling through the endpoint")] = True,
+    steps: Annotated[Optional[int], typer.Option(help="sampler steps (default: the checkpoint's, 20)")] = None,
+) -> None:
+    """Upscale a real photo 128 -> 512 with PyTorch, ONNX Runtime and a Triton endpoint."""
+    from diffsr.app.cli import tables
+    from diffsr.app.cli.demo import run_demo
+
+    with console.status("demo") as status:
+        result = run_demo(preset, photo, serve, say=lambda text: status.update(text), steps=steps)
+    console.print(tables.demo(result.timings, f"{result.lq_path} (128x128) -> 512x512, {preset} preset, seconds"))
+    for backend, path in result.outputs.items():
+        console.print(f"{backend:>12}: {path}", highlight=False)
+    if result.endpoint_latency_s is not None:
+        console.print(f"Triton endpoint: {result.endpoint_latency_s:.3f} s end to end (HTTP); "
+                      f"max |endpoint - onnxruntime| = {result.endpoint_max_abs_diff} on uint8", highlight=False)
+
+
+@command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for the ONNX files and manifest.json")],
+    opset: Annotated[int, typer.Option(help="ONNX opset (TensorRT 10 reads 9 to 20)")] = 18,
+    fp16: Annotated[bool, typer.Option("--fp16", help="also write FP16 graphs, layers kept FP32 by the FP16 check")] = False,
+    calib_photos: Annotated[str, typer.Option(help="FP16 check: skimage photos, comma-separated")] = "astronaut,coffee,chelsea",
+    calib_steps: Annotated[int, typer.Option(help="FP16 check: sampler steps per run (its timesteps are checked)")] = 20,
+    ort_fusions: Annotated[bool, typer.Option("--ort-fusions/--no-ort-fusions",
+                           help="also write each FP32 graph with ONNX Runtime's fused attention (the onnxruntime backend's)")] = True,
+) -> None:
+    """Export every submodule to ONNX, checked, linted for TensorRT, with a manifest."""
+    from dataclasses import asdict
+
+    from diffsr.app.cli import tables
+    from diffsr.calib.keep_fp32 import fp16_check
+    from diffsr.calib.record import Calibration
+    from diffsr.export.graphs.exporter import export_onnx, write_fp16
+    from diffsr.export.model.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(checkpoint)
+    calibration = Calibration(photos=tuple(p for p in calib_photos.split(",") if p), steps=calib_steps) if fp16 else None
+    with bars() as draw:
+        manifest = export_onnx(ckpt, out_dir, opset, on_progress=draw, ort_fusions=ort_fusions)
+        if calibration is not None:
+            kept = fp16_check(ckpt, out_dir, calibration, on_progress=draw)
+            manifest = write_fp16(out_dir, ckpt, kept, asdict(calibration), on_progress=draw)
+    console.print(tables.export(manifest, out_dir))
+    console.print(f"manifest: {out_dir / 'manifest.json'}", soft_wrap=True, highlight=False)
+
+
+@command()
+def quantize(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
+    onnx: Annotated[Path, typer.Option(help="folder made by `diffsr export --fp16`")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="folder for the INT8 graphs and a manifest "
+                                                    "(default: beside the graphs in --onnx)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="int8 (explicit Q/DQ, for TensorRT)")] = "int8",
+    calib_size: Annotated[int, typer.Option(help="calibration photos, each with two prompts, every timestep")] = 3,
+    calib_steps: Annotated[int, typer.Option(help="sampler steps per calibration run")] = 20,
+    method: Annotated[str, typer.Option(help="activation calibration: percentile or entropy")] = "percentile",
+    percentile: Annotated[float, typer.Option(help="percentile of |activation| that sets its range")] = 99.999,
+    submodules: Annotated[Optional[str], typer.Option(help="comma-separated submodules to quantize "
+                          "(default: the family's, SD's controlnet_unet)")] = None,
+) -> None:
+    """INT8 post-training quantization (Q/DQ, FP16 elsewhere) calibrated on real photos over every timestep."""
+    from diffsr.app.cli import tables
+    from diffsr.calib.quantize import Int8Calibration
+    from diffsr.calib.quantize import quantize as run_quantize
+    from diffsr.export.core.files import linked_copy
+    from diffsr.export.graphs.to_int8 import Int8Settings
+    from diffsr.export.model.checkpoint import open_checkpoint
+
+    if fmt != "int8":
+        raise DiffsrError(f"--format {fmt!r} is not supported; the one format is int8")
+    chosen = tuple(s for s in submodules.split(",") if s) if submodules is not None else None
+    calibration = Int8Calibration.of_size(calib_size, calib_steps, Int8Settings(method, percentile), chosen)
+    ckpt = open_checkpoint(checkpoint)
+    target = onnx
+    if out_dir is not None and out_dir.resolve() != onnx.resolve():
+        target = linked_copy(onnx, out_dir)  # a self-contained folder: the graphs linked, not duplicated
+    with bars() as draw:
+        manifest = run_quantize(ckpt, target, calibration, on_progress=draw)
+    console.print(tables.quantized(manifest))
+    console.print(f"manifest: {target / 'manifest.json'}", soft_wrap=True, highlight=False)
+
+
+@command()
+def parity(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
+    onnx: Annotated[Path, typer.Option(help="folder made by `diffsr export`")],
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8 (the graphs of `diffsr quantize`)")] = "fp32",
+    size: Annotated[str, typer.Option(help="LQ size of the end-to-end check, WIDTHxHEIGHT")] = "128x96",
+    steps: Annotated[int, typer.Option(help="sampler steps of the end-to-end check")] = 20,
+    shapes: Annotated[str, typer.Option(help="submodule shapes, of min,opt,odd (SDXL's opt is 1024 px)")] = "min,opt,odd",
+    json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
+) -> None:
+    """ONNX Runtime against PyTorch per submodule (min, opt, odd shapes) and end to end; exit 1 on a breach."""
+    from diffsr.app.cli import tables
+    from diffsr.app.measure.parity import check_parity
+    from diffsr.export.model.checkpoint import open_checkpoint
+    from diffsr.runtime.image import output_size
+
+    chosen = parse_precision(precision) or Precision.FP32
+    wh = parse_size(size)
+    ckpt = open_checkpoint(checkpoint)
+    ckpt.defaults.replace(steps=steps)  # validates
+    output_size(wh[1], wh[0], ckpt.defaults.upscale)  # an unusable size fails now, not after the submodules
+    with console.status("running parity checks"):
+        report = check_parity(ckpt, onnx, chosen, wh, steps, tuple(s for s in shapes.split(",") if s))
+    if json_out:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        out.print(tables.parity(report))
+    if not report.passed:
+        raise typer.Exit(code=1)
+
+
+@command("build-engines")
+def build_engines_cmd(
+    onnx: Annotated[Path, typer.Option(help="folder made by `diffsr export --fp16`")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for <submodule>.plan and .json")],
+    target: Annotated[str, typer.Option(help="shape ranges: server or edge")] = "server",
+    timing_cache: Annotated[Optional[Path], typer.Option(help="tactic timing cache to read and extend")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(help="largest batch of images (default: the target's)")] = None,
+    static: Annotated[bool, typer.Option("--static", help="one shape, the target's opt: fastest, CUDA-graph friendly")] = False,
+    opt_level: Annotated[int, typer.Option(help="builder optimisation level 0..5")] = 3,
+    precision: Annotated[str, typer.Option(help="fp16, or int8 (the graphs of `diffsr quantize`, FP16 for the rest)")] = "fp16",
+) -> None:
+    """Build one TensorRT FP16 (or INT8) engine per submodule (strongly typed), with its metadata."""
+    from diffsr.app.cli import tables
+    from diffsr.export.engines.build import build_engines
+
+    chosen = parse_precision(precision) or Precision.FP16
+    with bars() as draw:
+        metas = build_engines(onnx, out_dir, target, timing_cache, max_batch, static, opt_level, on_progress=draw,
+                              precision=chosen)
+    console.print(tables.engines(metas, out_dir, target))
+
+
+@command()
+def budget(
+    onnx: Annotated[Path, typer.Option(help="folder made by `diffsr export` (the FP32 graphs are read, not their weights)")],
+    target: Annotated[str, typer.Option(help="shape ranges: edge or server")] = "edge",
+    max_batch: Annotated[Optional[int], typer.Option(help="largest batch of images (default: the target's)")] = None,
+    static: Annotated[bool, typer.Option("--static", help="engines fixed at the target's opt shape (build-engines --static)")] = False,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="write the budget as JSON")] = None,
+) -> None:
+    """Device memory of the engines at the target's largest shapes, FP16 and INT8, against Jetson Orin modules."""
+    from dataclasses import asdict
+
+    from diffsr.app.cli import tables
+    from diffsr.export.engines.budget import budget as engine_budgets
+
+    writable(json_file)
+    with console.status("inferring shapes"):
+        engines = engine_budgets(onnx, target, max_batch, static)
+    out.print(tables.budget(engines, target + (" (static: its opt shape)" if static else "")))
+    out.print(tables.budget_totals(engines))
+    if json_file is not None:
+        json_file.write_text(json.dumps([asdict(e) for e in engines], indent=2))

@@ -1,0 +1,61 @@
+"""How a checkpoint folder becomes a network: from its config.json, with no weights (the checkpoint
+assigns them). One builder per library: diffusers models, transformers models, and our own modules
+(a dataclass config)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from diffsr.export.core.configs import dataclass_from_json
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.files import read_json
+from diffsr.export.model.family import Component
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS = "model.safetensors"
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    return read_json(folder / "config.json", "checkpoint file", "create one with `diffsr init` or fix --checkpoint")
+
+
+def diffusers_component(cls: Any) -> Component:
+    """A diffusers model (ModelMixin) of this class from its folder's config.json."""
+
+    def build(folder: Path) -> nn.Module:
+        config = read_config(folder)
+        if config.get("_class_name", cls.__name__) != cls.__name__:
+            raise DiffsrError(f"{folder / 'config.json'} describes a {config['_class_name']}, expected {cls.__name__}")
+        try:
+            module: nn.Module = cls.from_config(config)
+        except (ValueError, TypeError, KeyError) as e:
+            raise DiffsrError(f"{folder / 'config.json'} is not a valid {cls.__name__} config: {e}") from None
+        return module
+
+    return Component(build, DIFFUSERS_WEIGHTS)
+
+
+def transformers_component(cls: Any, config_cls: Any) -> Component:
+    """A transformers model of this class from its folder's config.json (a `config_cls` dict)."""
+
+    def build(folder: Path) -> nn.Module:
+        try:
+            module: nn.Module = cls(config_cls.from_dict(read_config(folder)))
+        except (ValueError, TypeError, KeyError) as e:
+            raise DiffsrError(f"{folder / 'config.json'} is not a valid {config_cls.__name__}: {e}") from None
+        return module
+
+    return Component(build, WEIGHTS)
+
+
+def our_component(cls: Callable[[Any], nn.Module], config_cls: Any) -> Component:
+    """One of our modules, built from a dataclass config stored as its config.json."""
+
+    def build(folder: Path) -> nn.Module:
+        return cls(dataclass_from_json(config_cls, read_config(folder), str(folder / "config.json")))
+
+    return Component(build, WEIGHTS)

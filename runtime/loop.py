@@ -1,0 +1,56 @@
+"""The sampler loop: a seeded start, then `steps` denoising steps that read device tensors only.
+
+Shared by the in-process pipeline and the Triton entry model (which passes `cancelled`, checked before
+every step). With `graphs`, each step is a replay of the captured step graph (`runtime/cuda_graph.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.family import ModelFamily, RunFn, Tensors
+from diffsr.export.model.settings import PipelineConfig
+from diffsr.runtime.cuda_graph import StepGraphs
+from diffsr.runtime.schedulers.base import Scheduler
+from diffsr.runtime.step import Step, StepCallback, TiledStep, step_table
+from diffsr.runtime.tiling import Tiling
+
+
+def denoise(
+    model: ModelFamily, run: RunFn, lq: Tensors, cond: Tensors, cfg: PipelineConfig, scheduler: Scheduler,
+    on_step: StepCallback | None = None, cancelled: Callable[[], bool] | None = None, graphs: StepGraphs | None = None,
+    tiling: Tiling | None = None,
+) -> torch.Tensor:
+    """Seeded noise (drawn on the CPU, so every device starts alike) or the LQ latent noised to the first
+    step, then `cfg.steps` steps of `scheduler`, over tiles where the latent is larger than one `tiling`
+    tile. `lq` holds the LQ encoder's outputs; `on_step` counts tile-steps."""
+    scheduler.set_timesteps(cfg.steps)
+    start = lq[model.stages.start]
+    noise = torch.randn(start.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(start.device)
+    x = noise if cfg.start == "noise" else scheduler.add_noise(start, noise, scheduler.timesteps[0])
+    table = step_table(scheduler, cfg.guidance_scale).to(x.device)  # one small copy per request
+    grid = (x.shape[-2], x.shape[-1])
+    step = (TiledStep(model, run, scheduler, tiling, grid, x.device) if tiling is not None and tiling.tiles(*grid) > 1
+            else Step(model, run, scheduler))
+    graph = graphs.prepare(step, x, lq, cond, table) if graphs is not None else None
+    state = scheduler.initial_state(x) if graph is None else None
+    done = 0
+
+    def count(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_step is not None:
+            on_step(done, cfg.steps * step.tiles)
+
+    if graph is None and step.tiles > 1:
+        step.progress = count  # eagerly, the bar moves with every batch of tiles
+    for i in range(cfg.steps):
+        if cancelled is not None and cancelled():
+            raise DiffsrError(f"cancelled after {i} of {cfg.steps} steps")
+        x = graph(i) if graph is not None else step(x, lq, cond, table[i], state)
+        if graph is not None or step.tiles == 1:
+            count(step.tiles)
+    return x.clone() if graph is not None else x  # a graph's x is overwritten by its next request

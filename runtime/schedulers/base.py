@@ -1,0 +1,90 @@
+"""What every scheduler is: diffusers' contract on the host, a table of coefficients for the device.
+
+    set_timesteps(n)                      the n steps; `timesteps` are the model's timestep input per step
+    step(model_output, t, sample)         diffusers' contract: x_t -> x_{t-1} (a multistep solver keeps
+                                          its history itself)
+    columns, coefficients(i)              step i as a row of Python floats, computed on the host once
+    update(model_output, sample, coef, state)
+                                          the same step as element-wise ops, its coefficients read from
+                                          the row (floats, or device scalars: what a captured CUDA graph
+                                          reads, so one capture serves every step); `state` is a device
+                                          buffer a multistep solver updates in place (`initial_state`)
+    add_noise(x0, noise, t)               q(x_t | x_0), to start from the LQ latent
+
+The loop (`runtime/loop.py`) sends a request's table to the device once; nothing returns to the host
+inside it. Only the constructor's keys are read from a diffusers `scheduler_config.json`; others (another
+scheduler's) are ignored, as diffusers' `from_config` does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from diffsr.export.core.errors import DiffsrError
+
+Coefficients = Sequence[float | torch.Tensor]
+
+
+def alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str) -> torch.Tensor:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s), in float32 as the model was trained with."""
+    if beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    else:
+        raise DiffsrError(f"beta_schedule={beta_schedule!r} is not supported; choose 'scaled_linear' or 'linear'")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def choose(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise DiffsrError(f"{name}={value!r} is not supported; use one of {list(choices)}")
+
+
+class Scheduler(ABC):
+    name: ClassVar[str]
+    columns: ClassVar[tuple[str, ...]]
+
+    def __init__(self) -> None:
+        self.timesteps: list[int] = []
+        self._state: torch.Tensor | None = None  # the history `step` keeps
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Scheduler:
+        keys = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+        return cls(**{k: config[k] for k in keys if k in config})
+
+    @abstractmethod
+    def set_timesteps(self, num_inference_steps: int) -> None: ...
+
+    @abstractmethod
+    def coefficients(self, i: int) -> tuple[float, ...]:
+        """Step i's row (sampling order), the values of `columns`."""
+
+    @abstractmethod
+    def update(self, model_output: torch.Tensor, sample: torch.Tensor, coef: Coefficients,
+               state: torch.Tensor | None) -> torch.Tensor:
+        """x_t -> x_{t-1} given the step's coefficients; writes the solver's history into `state`."""
+
+    def initial_state(self, sample: torch.Tensor) -> torch.Tensor | None:
+        """The history buffer of a multistep solver (None: a one-step scheduler has none)."""
+        return None
+
+    @abstractmethod
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor: ...
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor) -> torch.Tensor:
+        """diffusers' contract: the step of `timestep`, the history kept here (reset at the first step)."""
+        i = self.timesteps.index(timestep)
+        if i == 0 or self._state is None:
+            self._state = self.initial_state(sample)
+        return self.update(model_output, sample, self.coefficients(i), self._state)
+
+    def check_steps(self, n: int, most: int) -> None:
+        if not 1 <= n <= most:
+            raise DiffsrError(f"num_inference_steps={n} is out of range: use 1 to {most}")

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.families.sd import SD
+from diffsr.export.model.families.sdxl import SDXL
+from diffsr.export.model.family import family, model_from_json, preset, presets
+from tests.conftest import DATA
+
+
+def test_unknown_preset_and_family_name_the_choices():
+    with pytest.raises(DiffsrError, match=r"unknown preset 'huge'.*\['sd15', 'sdxl', 'sdxl-tiny', 'small', 'tiny'\]"):
+        preset("huge")
+    with pytest.raises(DiffsrError, match=r"unknown model family 'dit'.*\['sd', 'sdxl'\]"):
+        family("dit")
+
+
+@pytest.mark.parametrize("name", sorted(presets()))
+def test_model_config_json_round_trip(name):
+    model = preset(name)
+    assert model_from_json(model.name, json.loads(json.dumps(model.to_json()))) == model
+
+
+def test_sd15_has_sd15_widths():
+    model = preset("sd15")
+    assert isinstance(model, SD) and model.name == "sd"
+    assert model.config.unet_channels == (320, 640, 1280, 1280) and model.config.vae_channels == (128, 256, 512, 512)
+    assert model.config.text_hidden == 768 and model.config.f1_channels == 512
+    assert model.latent_multiple == 8 and model.pixel_multiple == 64
+
+
+def test_unknown_or_missing_config_keys_are_named():
+    data = preset("tiny").to_json()
+    with pytest.raises(DiffsrError, match="bogus"):
+        model_from_json("sd", data | {"bogus": 1})
+    del data["f1_channels"]
+    with pytest.raises(DiffsrError, match=r"lacks keys \['f1_channels'\]"):
+        model_from_json("sd", data)
+
+
+def test_sdxl_is_sdxl_base():
+    model = preset("sdxl")
+    c = model.config
+    assert isinstance(model, SDXL) and c.unet_channels == (320, 640, 1280) and c.unet_transformer_depth == (1, 2, 10)
+    assert c.unet_cross_attention == (False, True, True) and c.unet_heads == (5, 10, 20)
+    assert model.context_dim == 2048 and model.pooled_dim == 1280 and c.scaling_factor == 0.13025
+    assert model.unet_config()["projection_class_embeddings_input_dim"] == 2816
+    assert model.latent_multiple == 4 and c.vae_force_upcast and c.f1_channels == 512 and model.native_latent == 128
+
+
+def test_sdxl_tiny_has_the_structure_of_sdxl():
+    tiny, full = preset("sdxl-tiny"), preset("sdxl")
+    assert type(tiny) is SDXL and tiny.config.unet_cross_attention == full.config.unet_cross_attention
+    assert len(tiny.config.unet_transformer_depth) == len(full.config.unet_transformer_depth)
+    assert set(tiny.signature("controlnet_unet").input_shapes(dict(cfg_batch=2, batch=1, latent_height=8,
+                                                                    latent_width=8))) >= {"text_embeds", "time_ids"}
+    assert "time_ids" not in preset("sd15").signature("controlnet_unet").input_shapes(
+        dict(cfg_batch=2, batch=1, latent_height=8, latent_width=8))
+
+
+def test_an_sdxl_config_needs_its_second_encoder():
+    data = preset("sdxl-tiny").to_json() | {"text2_hidden": 0}
+    with pytest.raises(DiffsrError, match="second text encoder"):
+        model_from_json("sdxl", data)
+
+
+def test_legacy_model_entries_get_their_family_by_the_one_rule(tmp_path):
+    """A diffsr.json written before families had names: SDXL where it has a second text encoder, SD with its
+    zero SDXL keys dropped; an SD entry with non-zero SDXL keys is refused."""
+    legacy = json.loads((DATA / "legacy-tiny-diffsr.json").read_text())
+    assert model_from_json(None, legacy["model"]) == preset("tiny")
+    legacy_xl = json.loads((DATA / "legacy-sdxl-tiny-diffsr.json").read_text())
+    assert model_from_json(None, legacy_xl["model"]) == preset("sdxl-tiny")
+    with pytest.raises(DiffsrError, match="SDXL's, not SD's"):
+        model_from_json(None, legacy["model"] | {"text2_hidden": 0, "addition_time_embed_dim": 8})
