@@ -9,9 +9,9 @@ Everything session-scoped is made once, at the smallest size that still tests it
   FP16 check's path (one photo with the two default prompts, three steps: timesteps 667, 334 and 1, so the
   timestep embedding's arguments pass through FP16's trouble zone). `sdxl_onnx` is FP32 only, without ONNX
   Runtime's fused variants (the onnxruntime backend then runs the plain graphs): the SDXL tests need no
-  more. Exporting is mostly single-threaded tracing, so where the collected tests need the SDXL export it
-  runs in a `diffsr export` process of its own from the session's start, beside the tiny export and the
-  tests (on a 2-core machine about 90 s of the suite's wall).
+  more. Exporting is mostly single-threaded tracing: each export the collected tests need runs in a
+  `diffsr export` process of its own from the session's start, and the tests that need none run first,
+  beside them (`pytest_collection_modifyitems`).
 - Three `tritonserver`s at most per run: `server` (the tiny checkpoint, BLS entry, step batching on),
   `narrow_server` (tiled, one loop instance and a queue of one: the tiling, overload and fault tests),
   `sdxl_server` (the ensemble entry point).
@@ -20,12 +20,14 @@ Everything session-scoped is made once, at the smallest size that still tests it
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from diffsr.calib.data import photo
@@ -67,61 +69,89 @@ def export(ckpt, out, *args):
     return out
 
 
-TINY_EXPORT = ("--fp16", "--calib-photos", "astronaut", "--calib-steps", "3")
-SDXL_EXPORT = ("--no-ort-fusions",)
+# the session's exports: the checkpoint fixture each exports, and its `diffsr export` arguments
+EXPORTS = {
+    "tiny": ("tiny_checkpoint", ("--fp16", "--calib-photos", "astronaut", "--calib-steps", "3")),
+    "sdxl": ("sdxl_checkpoint", ("--no-ort-fusions",)),
+}
+
+
+def _needs_export(item, family: str) -> bool:
+    """A test asks for `<family>_onnx` (or a fixture built on it: a server), or picks it through a `model` or
+    `report` parameter (the tests that run both families call `getfixturevalue`)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    named = [v for k, v in params.items() if k in ("model", "report")]
+    return f"{family}_onnx" in item.fixturenames or any(v == family or (isinstance(v, tuple) and v[0] == family)
+                                                        for v in named)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "disruptive(server=False): kills a shared server's stubs, or with server=True the server (run last)")
+    # three processes share two cores while the exports run (tracing is single-threaded): a torch thread
+    # pool of one here keeps a descheduled worker thread from stalling every parallel op
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The exports run in processes of their own from the session's start; the tests that need none of them
+    run first, beside them, in their collected order."""
+    config.exports_wanted = [f for f in EXPORTS if any(_needs_export(item, f) for item in items)]
+    # last, the tests that kill a server's processes: were the server to go down with them, nothing else fails
+    items.sort(key=lambda item: (any(_needs_export(item, f) for f in EXPORTS), _disruption(item)))
+
+
+def _disruption(item) -> int:
+    """0: none; 1: kills a server's stubs (the server recovers); 2: kills a server (the session's last)."""
+    marker = item.get_closest_marker("disruptive")
+    return 0 if marker is None else 2 if marker.kwargs.get("server") else 1
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _exports(request, tmp_path_factory):
+    """family -> (process, folder, log) of each export the collected tests need, started now."""
+    started = {}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for family in getattr(request.config, "exports_wanted", []):
+        fixture, args = EXPORTS[family]
+        ckpt = request.getfixturevalue(fixture)
+        out = tmp_path_factory.mktemp(f"onnx-{family}")
+        log = out.parent / f"export-{family}.log"
+        with log.open("w") as sink:
+            command = [sys.executable, "-m", "diffsr.app.cli", "export", "--checkpoint", str(ckpt.path), "--out", str(out)]
+            started[family] = (subprocess.Popen([*command, *args], stdout=sink, stderr=subprocess.STDOUT, env=env), out, log)
+    try:
+        yield started
+    finally:
+        for process, _, _ in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def _exported(family, request, tmp_path_factory):
+    started = request.getfixturevalue("_exports")
+    if family not in started:  # asked for by a test the collection could not tell
+        fixture, args = EXPORTS[family]
+        return export(request.getfixturevalue(fixture), tmp_path_factory.mktemp(f"onnx-{family}"), *args)
+    process, out, log = started[family]
+    assert process.wait() == 0, log.read_text()[-3000:]
+    return out
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx(tiny_checkpoint, tmp_path_factory):
+def tiny_onnx(request, tmp_path_factory):
     """The tiny checkpoint exported FP32 (with ONNX Runtime's fused variants) and FP16, through the CLI, with
     a small real-data FP16 check."""
-    out = export(tiny_checkpoint, tmp_path_factory.mktemp("onnx"), *TINY_EXPORT)
+    out = _exported("tiny", request, tmp_path_factory)
     calibration = json.loads((out / "manifest.json").read_text())["fp16_calibration"]
     assert calibration["photos"] == ["astronaut"] and calibration["steps"] == 3, calibration
     return out
 
 
-def _needs_sdxl_export(item) -> bool:
-    """A test asks for `sdxl_onnx` (or a fixture built on it), or picks it through a `model` or `report`
-    parameter (the tests that run both families call `getfixturevalue`)."""
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    named = [v for k, v in params.items() if k in ("model", "report")]
-    return "sdxl_onnx" in item.fixturenames or any(v == "sdxl" or (isinstance(v, tuple) and v[0] == "sdxl")
-                                                   for v in named)
-
-
-def pytest_collection_finish(session):
-    session.config.wants_sdxl_export = any(_needs_sdxl_export(item) for item in session.items)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _sdxl_export(request, tmp_path_factory):
-    """Where the collected tests need `sdxl_onnx`: its `diffsr export`, started now in a process of its own."""
-    if not getattr(request.config, "wants_sdxl_export", False):
-        yield None
-        return
-    ckpt = request.getfixturevalue("sdxl_checkpoint")
-    out = tmp_path_factory.mktemp("onnx-sdxl")
-    log = out.parent / "export-sdxl.log"
-    with log.open("w") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "diffsr.app.cli", "export", "--checkpoint", str(ckpt.path),
-                                    "--out", str(out), *SDXL_EXPORT], stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        yield process, out, log
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
 @pytest.fixture(scope="session")
-def sdxl_onnx(_sdxl_export, sdxl_checkpoint, tmp_path_factory):
+def sdxl_onnx(request, tmp_path_factory):
     """The sdxl-tiny checkpoint exported FP32 only, without ONNX Runtime's fused variants."""
-    if _sdxl_export is None:  # asked for by a test the collection could not tell
-        return export(sdxl_checkpoint, tmp_path_factory.mktemp("onnx-sdxl"), *SDXL_EXPORT)
-    process, out, log = _sdxl_export
-    assert process.wait() == 0, log.read_text()[-3000:]
-    return out
+    return _exported("sdxl", request, tmp_path_factory)
 
 
 SERVERS: list = []  # every server the session started, stopped together at its end
@@ -135,6 +165,9 @@ def _stop_servers_together():
     for srv in SERVERS:
         if srv.process is not None and srv.process.poll() is None:
             srv.process.terminate()
+        elif srv.process is not None:  # it died on its own: what it said last goes into the log
+            print(f"tritonserver {srv.repository} exited with {srv.process.returncode} during the session; its last lines:",
+                  *list(srv.logs)[-40:], sep="\n", file=sys.stderr)
     for srv in SERVERS:
         srv.stop()
 

@@ -56,7 +56,7 @@ def test_any_photo_size_comes_back_at_exactly_four_times(pipe, size, tmp_path):
     rgba.save(tmp_path / "in.png")
     rgb = load_image(tmp_path / "in.png")
     w, h = size
-    assert pipe(rgb, _cfg(pipe, steps=2)).image.shape == (4 * h, 4 * w, 3)
+    assert pipe(rgb, _cfg(pipe, steps=1 if w > 100 else 2)).image.shape == (4 * h, 4 * w, 3)
     if w < 100:
         assert pipe(rgb, _cfg(pipe, steps=2, tile=8, tile_overlap=2)).image.shape == (4 * h, 4 * w, 3)
 

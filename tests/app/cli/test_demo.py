@@ -15,7 +15,7 @@ def test_demo_writes_every_backends_image_and_the_endpoint_agrees(tmp_path, tiny
     shutil.copytree(tiny_onnx, tmp_path / "onnx-tiny")
     # the session's server serves this checkpoint and export: the demo's request goes there (starting a
     # server from a generated repository is what that fixture and the bench test already do)
-    result = run_demo("tiny", "coffee", serve=True, folder=tmp_path, triton_url=server.http_url, steps=4)
+    result = run_demo("tiny", "coffee", serve=True, folder=tmp_path, triton_url=server.http_url, steps=2)
     assert set(result.outputs) == {"torch", "onnxruntime", "triton"}
     images = {k: np.asarray(Image.open(p)) for k, p in result.outputs.items()}
     assert all(img.shape == (512, 512, 3) for img in images.values())
