@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -249,7 +250,9 @@ class TritonServer:
         try:  # whatever fails on the way, nothing is left running and the temporary folder goes
             cmd, env = self.command()
             try:
-                self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                # a session of its own: the stubs stay in the server's process group, found by it even after a crash
+                self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                                start_new_session=True)
             except OSError as e:
                 raise DiffsrError(f"cannot start {cmd[0]}: {e.strerror}") from None
             threading.Thread(target=self._pump, daemon=True).start()
@@ -309,6 +312,11 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.process is not None:  # a server that died (killed, crashed) leaves its python stubs running
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # none left
+                pass
         if self._work is not None:
             self._work.cleanup()
             self._work = None

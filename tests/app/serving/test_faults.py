@@ -27,6 +27,7 @@ def _stub_of(server, model):
     raise AssertionError(f"no stub process of {model}")
 
 
+@pytest.mark.disruptive
 @pytest.mark.parametrize("model", ["controlnet_unet", "diffsr"])
 def test_a_killed_stub_fails_its_request_cleanly_and_the_model_comes_back(narrow_server, png, model):
     """SIGKILL of a stub (a per-step model's, or the entry model's own) while a 999-step request runs in it:
@@ -87,3 +88,29 @@ def test_only_the_watch_may_unload_models(narrow_server):
         with pytest.raises(InferenceServerException):
             client.unload_model("controlnet_unet")
         assert client.is_model_ready("controlnet_unet")
+
+
+@pytest.mark.disruptive(server=True)
+def test_a_dead_server_leaves_no_stub_running(narrow_server, png):
+    """The session's last test (it takes the narrow server down): tritonserver SIGKILLed while a request runs
+    leaves a stub of the model that was running it alive, orphaned, for good (Triton 2.51's stubs end with
+    their server only when idle); `stop` ends it (the stubs share the server's process group)."""
+    import psutil
+    import tritonclient.grpc as grpc
+    from tritonclient.utils import InferenceServerException
+
+    stubs = stub_processes(narrow_server.process.pid)
+    assert len(stubs) >= 2, stubs  # the entry model's and the per-step models'
+    client = grpc.InferenceServerClient(narrow_server.grpc_url)
+    running = threading.Thread(target=lambda: pytest.raises(InferenceServerException, client.infer, "diffsr",
+                                                            request_inputs("grpc", png, steps=999), client_timeout=60))
+    running.start()
+    time.sleep(1.5)
+    narrow_server.process.kill()
+    narrow_server.process.wait()
+    narrow_server.stop()
+    gone, alive = psutil.wait_procs(stubs, timeout=5)
+    running.join(timeout=60)
+    client.close()
+    assert not alive, [" ".join(p.cmdline()[:2]) for p in alive]
+    narrow_server.process = None  # stopped here: the session's teardown has no crash of it to report
