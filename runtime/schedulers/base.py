@@ -11,6 +11,10 @@
                                           buffer a multistep solver updates in place (`initial_state`)
     add_noise(x0, noise, t)               q(x_t | x_0), to start from the LQ latent
 
+`process` is what the model was trained to reverse: a diffusion (noise) process, whose model predicts the
+noise or v (DDIM, DPM-Solver++), or a flow-matching path, whose model predicts the velocity (SD3's);
+`make_scheduler` refuses a scheduler of the other kind than the checkpoint's.
+
 The loop (`runtime/loop.py`) sends a request's table to the device once; nothing returns to the host
 inside it. Only the constructor's keys are read from a diffusers `scheduler_config.json`; others (another
 scheduler's) are ignored, as diffusers' `from_config` does.
@@ -48,10 +52,11 @@ def choose(name: str, value: Any, choices: Sequence[Any]) -> None:
 
 class Scheduler(ABC):
     name: ClassVar[str]
+    process: ClassVar[str] = "diffusion"
     columns: ClassVar[tuple[str, ...]]
 
     def __init__(self) -> None:
-        self.timesteps: list[int] = []
+        self.timesteps: list[float] = []  # the model's timestep input per step
         self._state: torch.Tensor | None = None  # the history `step` keeps
 
     @classmethod
@@ -76,9 +81,9 @@ class Scheduler(ABC):
         return None
 
     @abstractmethod
-    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor: ...
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timestep: float) -> torch.Tensor: ...
 
-    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor) -> torch.Tensor:
+    def step(self, model_output: torch.Tensor, timestep: float, sample: torch.Tensor) -> torch.Tensor:
         """diffusers' contract: the step of `timestep`, the history kept here (reset at the first step)."""
         i = self.timesteps.index(timestep)
         if i == 0 or self._state is None:

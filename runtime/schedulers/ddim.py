@@ -50,11 +50,12 @@ class DDIMScheduler(Scheduler):
             raise DiffsrError(f"steps={n} is out of range for this scheduler: its {self.timestep_spacing} spacing with "
                               f"steps_offset={self.steps_offset} would start at timestep {ts[-1]}, past the last "
                               f"trained one ({T - 1}); use fewer steps")
-        self.timesteps = ts[::-1]
+        steps = ts[::-1]
+        self.timesteps = [float(t) for t in steps]
         # per step: sqrt(a_t), sqrt(1 - a_t) and the same for the step it jumps to (t - T/n), or the final
         # alpha_bar past t = 0; rounded to float32 like the training code's tensors
         self._coef = []
-        for t in self.timesteps:
+        for t in steps:
             a_prev = self.alphas_cumprod[t - stride] if t - stride >= 0 else self.final_alpha_cumprod
             self._coef.append((*_sqrt_pair(self.alphas_cumprod[t]), *_sqrt_pair(a_prev)))
 
@@ -74,9 +75,9 @@ class DDIMScheduler(Scheduler):
         # 2. x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps  (eq. 12 with sigma = 0)
         return sqrt_a_prev * x0 + sqrt_b_prev * eps
 
-    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timestep: float) -> torch.Tensor:
         """q(x_t | x_0) = sqrt(a_t) x_0 + sqrt(1 - a_t) noise."""
-        sqrt_a, sqrt_b = _sqrt_pair(self.alphas_cumprod[timestep])
+        sqrt_a, sqrt_b = _sqrt_pair(self.alphas_cumprod[int(timestep)])
         return sqrt_a * original + sqrt_b * noise
 
 

@@ -80,7 +80,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         if len(set(timesteps.tolist())) < n:
             raise DiffsrError(f"steps={n} is out of range for this scheduler: its {self.timestep_spacing} spacing "
                               f"repeats timesteps; use fewer steps")
-        self.timesteps = [int(t) for t in timesteps]
+        self.timesteps = [float(t) for t in timesteps]
         spaced = np.interp(timesteps, np.arange(0, len(self.train_sigmas)), self.train_sigmas)
         sigmas = torch.from_numpy(np.concatenate([spaced, [0.0]]).astype(np.float32))  # the last step lands on 0
         alpha = 1 / ((sigmas**2 + 1) ** 0.5)
@@ -120,7 +120,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         state.copy_(x0)
         return prev
 
-    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timestep: float) -> torch.Tensor:
         """alpha_t x_0 + sigma_t noise at a step's timestep (the first, to start from the LQ latent)."""
         alpha, sigma = self._sigma_alpha[self.timesteps.index(timestep)]
         return alpha * original + sigma * noise

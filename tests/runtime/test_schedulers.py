@@ -1,10 +1,12 @@
-"""The schedulers against diffusers' (same config), step for step: DDIM and DPM-Solver++ (2M), through
-diffusers' contract and through the device table the loop reads."""
+"""The schedulers against diffusers' (same config), step for step: DDIM and DPM-Solver++ (2M) on SD's
+diffusion process, flow-matching Euler on SD3.5's, through diffusers' contract and through the device
+table the loop reads."""
 
 import pytest
 import torch
 from diffusers import DDIMScheduler as DDIMReference
 from diffusers import DPMSolverMultistepScheduler as DPMReference
+from diffusers import FlowMatchEulerDiscreteScheduler as FlowReference
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.families.sd import SD_SCHEDULER_CONFIG
@@ -12,14 +14,17 @@ from diffsr.runtime.schedulers import SCHEDULERS, make_scheduler
 from diffsr.runtime.schedulers.ddim import DDIMScheduler
 from diffsr.runtime.step import LEADING_COLUMNS, step_table
 
-REFERENCES = {"ddim": DDIMReference, "dpmpp-2m": DPMReference}
+REFERENCES = {"ddim": DDIMReference, "dpmpp-2m": DPMReference, "flow-euler": FlowReference}
 SPACINGS = {"ddim": ("leading", "trailing"), "dpmpp-2m": ("leading", "trailing", "linspace")}
-CASES = [(name, spacing) for name in SCHEDULERS for spacing in SPACINGS[name]]
+CASES = [(name, spacing) for name in SPACINGS for spacing in SPACINGS[name]]
+SD35_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+CONFIGS = {"ddim": SD_SCHEDULER_CONFIG, "dpmpp-2m": SD_SCHEDULER_CONFIG, "flow-euler": SD35_SCHEDULER_CONFIG}
 
 
 def _reference_step(ref, name, model_output, t, x):
     kwargs = {"eta": 0.0} if name == "ddim" else {}
-    return ref.step(model_output, t, x, **kwargs).prev_sample
+    timestep = t if SCHEDULERS[name].process == "flow" else int(t)  # diffusers' diffusion schedulers index by it
+    return ref.step(model_output, timestep, x, **kwargs).prev_sample
 
 
 def _rel(a, b):
@@ -51,7 +56,7 @@ def test_the_device_table_gives_diffusers_steps(name):
     """What the loop runs: each step's coefficients read from its row of the device table (0-d tensors, as a
     CUDA graph reads them) and the solver's history in a state buffer, against diffusers' `step`. A table
     whose columns were out of order, or a history not kept, fails this."""
-    config = SD_SCHEDULER_CONFIG
+    config = CONFIGS[name]
     ours, ref = make_scheduler(name, config), REFERENCES[name].from_config(config)
     ours.set_timesteps(20)
     ref.set_timesteps(20)
@@ -71,12 +76,16 @@ def test_the_device_table_gives_diffusers_steps(name):
 
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_add_noise_matches_diffusers_at_the_first_step(name):
-    ours, ref = make_scheduler(name, SD_SCHEDULER_CONFIG), REFERENCES[name].from_config(SD_SCHEDULER_CONFIG)
+    ours, ref = make_scheduler(name, CONFIGS[name]), REFERENCES[name].from_config(CONFIGS[name])
     ours.set_timesteps(20)
     ref.set_timesteps(20)
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = ours.timesteps[0]
-    assert (ours.add_noise(x0, noise, t) - ref.add_noise(x0, noise, torch.tensor([t]))).abs().max() <= 1e-6
+    if name == "flow-euler":  # a point of the path (at the first sigma, 1 for SD3.5: the noise itself)
+        want = ref.scale_noise(x0, torch.tensor([t]), noise)
+    else:
+        want = ref.add_noise(x0, noise, torch.tensor([int(t)]))
+    assert (ours.add_noise(x0, noise, t) - want).abs().max() <= 1e-6
 
 
 def test_ddim_adds_noise_at_any_trained_timestep():
@@ -97,7 +106,7 @@ def test_step_stays_on_the_inputs_dtype():
 @pytest.mark.parametrize("steps", [0, 1001])
 def test_bad_step_counts_are_refused(name, steps):
     with pytest.raises(DiffsrError, match="out of range"):
-        make_scheduler(name, SD_SCHEDULER_CONFIG).set_timesteps(steps)
+        make_scheduler(name, CONFIGS[name]).set_timesteps(steps)
 
 
 def test_a_step_count_past_the_last_trained_timestep_is_refused():
@@ -115,7 +124,37 @@ def test_a_step_count_past_the_last_trained_timestep_is_refused():
 def test_unknown_schedulers_and_unsupported_configs_are_refused():
     with pytest.raises(DiffsrError, match=r"scheduler 'euler_x' is not supported; choose one of \['ddim', 'dpmpp-2m'\]"):
         make_scheduler("euler_x", SD_SCHEDULER_CONFIG)
+    with pytest.raises(DiffsrError, match=r"use_dynamic_shifting"):
+        make_scheduler("flow-euler", SD35_SCHEDULER_CONFIG | {"use_dynamic_shifting": True})
     with pytest.raises(DiffsrError, match="prediction_type='sample'"):
         DDIMScheduler.from_config(SD_SCHEDULER_CONFIG | {"prediction_type": "sample"})
     with pytest.raises(DiffsrError, match="solver_order=3 is not supported by dpmpp-2m"):
         make_scheduler("dpmpp-2m", SD_SCHEDULER_CONFIG | {"solver_order": 3})
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [1, 2, 10, 20, 40])
+def test_flow_matching_matches_diffusers_step_for_step(shift, steps):
+    """SD3.5's sampler (shift 3.0) and the unshifted one: the same timesteps (the model's input, float) and
+    each step within 1e-6 of diffusers' largest value, from the same input."""
+    config = SD35_SCHEDULER_CONFIG | {"shift": shift}
+    ours, ref = make_scheduler("flow-euler", config), FlowReference.from_config(config)
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    assert ours.timesteps == ref.timesteps.tolist() and ours.sigmas == ref.sigmas.tolist()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 16, 16, generator=g)
+    for t in ours.timesteps:
+        velocity = torch.randn(1, 16, 16, 16, generator=g)  # stands in for the transformer
+        want = _reference_step(ref, "flow-euler", velocity, t, x)
+        assert _rel(ours.step(velocity, t, x), want) <= 1e-6, t
+        x = want
+
+
+def test_a_scheduler_of_the_other_process_is_refused():
+    """A noise-predicting sampler on a flow-matching model (or the other way round) would run and give noise:
+    refused with the names that fit."""
+    with pytest.raises(DiffsrError, match=r"'ddim' samples a diffusion process.*flow.*choose one of \['flow-euler'\]"):
+        make_scheduler("ddim", SD35_SCHEDULER_CONFIG)
+    with pytest.raises(DiffsrError, match=r"'flow-euler' samples a flow process.*choose one of \['ddim', 'dpmpp-2m'\]"):
+        make_scheduler("flow-euler", SD_SCHEDULER_CONFIG)
