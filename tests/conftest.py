@@ -4,12 +4,12 @@ Everything session-scoped is made once, at the smallest size that still tests it
 
 - `tiny_checkpoint` is a checkpoint as main wrote it before families had names: its `diffsr.json` is the
   checked-in legacy file (no `family`, SDXL's keys at zero). Every test that uses it, export and serving
-  included, also proves that an old checkpoint still works. `sdxl_checkpoint` has the current form.
+  included, also proves that an old checkpoint still works. `sdxl_checkpoint` and `dit4sr_checkpoint` have the current form.
 - `tiny_onnx` goes through `diffsr export --fp16` with the smallest calibration that still exercises the
   FP16 check's path (one photo with the two default prompts, three steps: timesteps 667, 334 and 1, so the
   timestep embedding's arguments pass through FP16's trouble zone). `sdxl_onnx` is FP32 only, without ONNX
   Runtime's fused variants (the onnxruntime backend then runs the plain graphs): the SDXL tests need no
-  more. Exporting is mostly single-threaded tracing: each export the collected tests need runs in a
+  more; `dit4sr_onnx` likewise. Exporting is mostly single-threaded tracing: each export the collected tests need runs in a
   `diffsr export` process of its own from the session's start, and the tests that need none run first,
   beside them (`pytest_collection_modifyitems`).
 - Three `tritonserver`s at most per run: `server` (the tiny checkpoint, BLS entry, step batching on),
@@ -51,6 +51,11 @@ def sdxl_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def dit4sr_checkpoint(tmp_path_factory):
+    return init_checkpoint("dit4sr-tiny", seed=0, out=tmp_path_factory.mktemp("ckpt") / "dit4sr-tiny")
+
+
+@pytest.fixture(scope="session")
 def tiny_reference(tiny_checkpoint):
     return load_reference(tiny_checkpoint.path)[1]
 
@@ -73,6 +78,7 @@ def export(ckpt, out, *args):
 EXPORTS = {
     "tiny": ("tiny_checkpoint", ("--fp16", "--calib-photos", "astronaut", "--calib-steps", "3")),
     "sdxl": ("sdxl_checkpoint", ("--no-ort-fusions",)),
+    "dit4sr": ("dit4sr_checkpoint", ("--no-ort-fusions",)),
 }
 
 
@@ -152,6 +158,12 @@ def tiny_onnx(request, tmp_path_factory):
 def sdxl_onnx(request, tmp_path_factory):
     """The sdxl-tiny checkpoint exported FP32 only, without ONNX Runtime's fused variants."""
     return _exported("sdxl", request, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def dit4sr_onnx(request, tmp_path_factory):
+    """The dit4sr-tiny checkpoint exported FP32 only, without ONNX Runtime's fused variants."""
+    return _exported("dit4sr", request, tmp_path_factory)
 
 
 SERVERS: list = []  # every server the session started, stopped together at its end

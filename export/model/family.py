@@ -29,6 +29,7 @@ from torch import nn
 from diffsr.export.core.configs import dataclass_from_json
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.dims import NamedDim
+from diffsr.export.model.settings import PipelineConfig
 from diffsr.export.model.signatures import Signature, parse_dim
 
 RunFn = Callable[..., Mapping[str, torch.Tensor]]  # run(submodule, **inputs) -> outputs
@@ -65,6 +66,7 @@ class ModelFamily(ABC):
     latent_channels: ClassVar[int]
     latent_factor: ClassVar[int] = 8  # pixels per latent cell
     scheduler_config: ClassVar[Mapping[str, Any]]  # a new checkpoint's scheduler/scheduler_config.json
+    defaults: ClassVar[PipelineConfig] = PipelineConfig()  # a new checkpoint's pipeline settings (diffsr.json)
     int8_default: ClassVar[tuple[str, ...]] = ()  # what `diffsr quantize` quantizes by default
     int8_kept: ClassVar[Mapping[str, str]] = {}  # weight-name parts kept out of INT8 -> why
 

@@ -28,13 +28,15 @@ from diffsr.export.core.files import require_new_folder
 from diffsr.export.core.progress import OnProgress, Progress, ignore
 from diffsr.export.model.checkpoint import Checkpoint, checkpoint_meta, open_checkpoint
 from diffsr.export.model.family import ModelFamily, preset
-from diffsr.export.model.settings import PipelineConfig
 
 STORED_DTYPE = torch.float16
 
 
+NORMS = ("RMSNorm", "T5LayerNorm")  # norms of other libraries (diffusers, transformers): weight one, as initialised
+
+
 def _draw(module: nn.Module, kind: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__ in NORMS:
         return torch.ones(shape) if kind == "weight" else torch.zeros(shape)
     if isinstance(module, nn.Embedding):
         return torch.randn(shape, generator=generator) * 0.02
@@ -82,7 +84,7 @@ def init_checkpoint(preset_name: str, seed: int, out: str | Path, on_progress: O
     model.write_extras(out)
     (out / "scheduler").mkdir()
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(model.scheduler_config), indent=2) + "\n")
-    (out / "diffsr.json").write_text(json.dumps(checkpoint_meta(model, PipelineConfig()), indent=2) + "\n")
+    (out / "diffsr.json").write_text(json.dumps(checkpoint_meta(model, model.defaults), indent=2) + "\n")
     on_progress(Progress("init", "written", len(found), len(found)))
     return open_checkpoint(out)
 

@@ -1,14 +1,18 @@
-"""The CLIP BPE tokenizer, built offline from the vocabulary that ships inside `open-clip-torch`.
+"""The CLIP BPE tokenizer, built offline from the vocabulary that ships inside `open-clip-torch`, and a
+T5-style one made from it for seeded checkpoints.
 
 `open_clip` itself is never imported (it needs torchvision); its `bpe_simple_vocab_16e6.txt.gz` is
 read through the installed distribution's file list and turned into the Hugging Face layout
-(`tokenizer.json`) that every SD checkpoint carries.
+(`tokenizer.json`) that every SD checkpoint carries. A published SD3 checkpoint's `tokenizer_3/` holds T5's
+own SentencePiece vocabulary; a seeded one gets a Unigram vocabulary of CLIP's whole words instead
+(`build_t5_tokenizer`): the same kind of tokenizer (T5's pieces, pad 0, end 1, unknown 2), other ids.
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib.metadata
+import json
 from pathlib import Path
 from typing import Any
 
@@ -61,23 +65,45 @@ def build_clip_tokenizer(pad_token: str = END_OF_TEXT) -> Any:
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, pad_token=pad_token)
 
 
-class Tokenizer:
-    """Prompts -> {input name: (N, length) int32 ids}, long prompts truncated: one CLIP tokenizer per
-    input, read from its checkpoint folder (SD's `tokenizer/` pads with end-of-text; SDXL's `tokenizer_2/`
-    pads as its config says, "!")."""
+def build_t5_tokenizer(vocab_size: int) -> Any:
+    """A T5 tokenizer (transformers' `T5Tokenizer`: SentencePiece-style Unigram pieces, "▁" marking a word's
+    start) of at most `vocab_size` pieces: T5's specials, the single characters, then CLIP's whole words in
+    merge order (the earlier, the likelier)."""
+    from transformers import T5Tokenizer
 
-    def __init__(self, folders: dict[str, Path], length: int = CLIP_LENGTH):
+    alphabet = [c for c in _bytes_to_unicode() if c.isprintable() and not c.isspace()]
+    words = [a + b[: -len("</w>")] for a, b in _bpe_merges() if b.endswith("</w>") and (a + b).isprintable()]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -20.0) for c in alphabet] + [("▁" + c, -19.0) for c in alphabet]
+    seen = {p for p, _ in pieces}
+    for rank, word in enumerate(words):
+        if len(pieces) >= vocab_size:
+            break
+        if "▁" + word not in seen:
+            seen.add("▁" + word)
+            pieces.append(("▁" + word, -3.0 - rank / len(words)))
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+class Tokenizer:
+    """Prompts -> {input name: (N, length) int32 ids}, long prompts truncated and short ones padded: one
+    tokenizer per input, read from its checkpoint folder (CLIP's: SD's `tokenizer/` pads with end-of-text,
+    SDXL's `tokenizer_2/` as its config says, "!"; T5's: SD3's `tokenizer_3/`, as its config says)."""
+
+    def __init__(self, folders: dict[str, Path], length: int | dict[str, int] = CLIP_LENGTH):
         if not folders:
             raise DiffsrError("a tokenizer needs at least one tokenizer folder")
-        from transformers import CLIPTokenizer
+        from transformers import CLIPTokenizer, T5Tokenizer
 
-        self.length = length
+        self.lengths = length if isinstance(length, dict) else {name: length for name in folders}
         self._toks = {}
         for name, folder in folders.items():
             if not (folder / "tokenizer.json").is_file():
                 raise DiffsrError(f"tokenizer file missing: {folder / 'tokenizer.json'}: the checkpoint is incomplete")
-            self._toks[name] = CLIPTokenizer.from_pretrained(str(folder))
+            config = folder / "tokenizer_config.json"
+            kind = json.loads(config.read_text()).get("tokenizer_class", "") if config.is_file() else ""
+            self._toks[name] = (T5Tokenizer if kind.startswith("T5") else CLIPTokenizer).from_pretrained(str(folder))
 
     def __call__(self, prompts: list[str]) -> dict[str, np.ndarray]:
-        return {name: np.asarray(tok(prompts, padding="max_length", max_length=self.length, truncation=True).input_ids,
+        return {name: np.asarray(tok(prompts, padding="max_length", max_length=self.lengths[name], truncation=True).input_ids,
                                  dtype=np.int32) for name, tok in self._toks.items()}

@@ -1,4 +1,4 @@
-"""The model families, one module each (`sd`, `sdxl`), registered on import.
+"""The model families, one module each (`sd`, `sdxl`, `dit4sr`), registered on import.
 
 `legacy_family` is the one place that infers a family: for a `diffsr.json` (or an export manifest)
 written before it named one.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffsr.export.model.families import sd, sdxl
+from diffsr.export.model.families import dit4sr, sd, sdxl  # noqa: F401 (registered on import)
 from diffsr.export.model.families.sd import legacy_json
 
 SDXL_KEYS = ("text2_hidden", "text2_layers", "text2_heads", "text2_intermediate", "addition_time_embed_dim")

@@ -72,8 +72,10 @@ def test_every_preset_builds_its_networks_without_memory(name):
     model = preset(name)
     found = model.networks()
     assert set(found) == set(model.components())
-    expected = {"text_encoder", "lq_encoder", "fusion_transformer", "controlnet", "unet", "vae"}
-    assert set(found) == expected | ({"text_encoder_2"} if model.name == "sdxl" else set())
+    sd = {"text_encoder", "lq_encoder", "fusion_transformer", "controlnet", "unet", "vae"}
+    expected = {"sd": sd, "sdxl": sd | {"text_encoder_2"},
+                "dit4sr": {"text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"}}
+    assert set(found) == expected[model.name]
     assert all(p.is_meta for net, _ in found.values() for p in net.parameters())
 
 

@@ -1,0 +1,147 @@
+"""The dit4sr family: SD3.5's MM-DiT with DiT4SR's LR stream, three text encoders, flow matching.
+
+The official DiT4SR class cannot be imported here (it is not a package); its shared parts are held to
+diffusers' own `SD3Transformer2DModel`, its weight names to the official layout, and the whole family goes
+through a new checkpoint, the export, parity and the in-process pipeline on two backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+
+from diffsr.app.measure.parity import check_parity
+from diffsr.calib.data import photo
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.checkpoint import load_submodule
+from diffsr.export.model.families.dit4sr import DiT4SR
+from diffsr.export.model.families.dit4sr_networks import DiT4SRTransformer
+from diffsr.export.model.family import preset
+from diffsr.runtime.loading import load_pipeline
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def dit4sr(dit4sr_checkpoint, dit4sr_onnx):
+    return dit4sr_checkpoint, dit4sr_onnx
+
+
+def _seeded_transformer() -> DiT4SRTransformer:
+    torch.manual_seed(0)
+    net = DiT4SRTransformer(preset("dit4sr-tiny").transformer_config()).eval()
+    with torch.no_grad():  # the control layers the official code zero-initialises, alive here
+        for name, p in net.named_parameters():
+            if "control" in name:
+                p.normal_(0, 0.05)
+    return net
+
+
+def test_without_the_lr_stream_the_transformer_is_diffusers_sd35():
+    """The shared parts (patch and positional embedding, AdaLN, joint and dual attention with RMS QK-norm, the
+    MLP, the output) on a non-square latent: diffusers' class, loaded strictly with the same weights."""
+    ours = _seeded_transformer()
+    config = preset("dit4sr-tiny").transformer_config()
+    theirs = SD3Transformer2DModel(**config).eval()
+    shared = {k: v for k, v in ours.state_dict().items() if k in theirs.state_dict()}
+    theirs.load_state_dict(shared, strict=True)
+    g = torch.Generator().manual_seed(1)
+    sample, ctx = torch.randn(2, 16, 8, 12, generator=g), torch.randn(2, 101, 96, generator=g)
+    pooled, t = torch.randn(2, 80, generator=g), torch.tensor([999.0, 250.0])
+    with torch.no_grad():
+        want = theirs(hidden_states=sample, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t).sample
+        got = ours.velocity(sample, t, ctx, pooled)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-6
+
+
+def test_the_weights_are_the_official_layout():
+    """Beyond SD3.5's: per block the attention's four control projections and the MLP's depthwise conv, and in
+    the dual-attention blocks attn2's control projections plus the text projections the official attn2 is
+    built with (unused, but in the published files): 474 tensors at full size."""
+    with torch.device("meta"):
+        ours = set(DiT4SRTransformer(preset("dit4sr").transformer_config()).state_dict())
+        sd35 = set(SD3Transformer2DModel(**preset("dit4sr").transformer_config()).state_dict())
+    extra = ours - sd35
+    assert sd35 <= ours and len(extra) == 24 * 10 + 13 * 18
+    assert "transformer_blocks.0.attn2.to_add_out.weight" in extra and "transformer_blocks.13.attn2.to_q.weight" not in ours
+    assert {k.split(".", 2)[2] for k in extra if k.startswith("transformer_blocks.23.")} == {
+        f"{m}.{p}" for m in ("attn.to_q_control", "attn.to_k_control", "attn.to_v_control", "attn.to_out_control",
+                             "ff.control_conv") for p in ("weight", "bias")}
+    assert "pos_embed.pos_embed" in ours  # persistent: loaded from the published file, not recomputed
+
+
+def test_the_lr_latent_steers_the_velocity():
+    net = _seeded_transformer()
+    g = torch.Generator().manual_seed(2)
+    sample, lr = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 16, 8, 8, generator=g)
+    ctx, pooled, t = torch.randn(1, 101, 96, generator=g), torch.randn(1, 80, generator=g), torch.tensor([500.0])
+    with torch.no_grad():
+        a, b = net(sample, t, lr, ctx, pooled), net(sample, t, lr.flip(-1), ctx, pooled)
+    assert not torch.allclose(a, b, atol=1e-4) and torch.isfinite(a).all()
+
+
+def test_a_new_checkpoint_is_sd35_layout_with_the_official_defaults(dit4sr):
+    ckpt, _ = dit4sr
+    assert isinstance(ckpt.model, DiT4SR)
+    assert {p.name for p in ckpt.path.iterdir()} == {
+        "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3", "transformer",
+        "vae", "scheduler", "diffsr.json"}
+    d = ckpt.defaults
+    assert (d.steps, d.guidance_scale, d.scheduler, d.tile_overlap) == (40, 8.0, "flow-euler", 24)
+    ids = ckpt.tokenizer()(["a photo of a cat", ""])
+    assert ids["input_ids_3"].shape == (2, 24) and ids["input_ids"].shape == (2, 77)
+    t5 = ids["input_ids_3"]
+    assert t5[1, 0] == 1 and t5[1, 1:].max() == 0 and (t5[0] == 1).sum() == 1  # ends with </s>, pads with 0
+    with pytest.raises(DiffsrError, match=r"'ddim' samples a diffusion process.*\['flow-euler'\]"):
+        load_pipeline("torch", ckpt)(photo("coffee", (16, 16)), d.replace(scheduler="ddim"))
+
+
+def test_the_lr_encoder_is_the_shifted_scaled_posterior_mean(dit4sr):
+    ckpt, _ = dit4sr
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(ckpt.path / "vae")).float().eval()
+    image = torch.rand(1, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        want = (vae.encode(image).latent_dist.mean - 0.0609) * 1.5305
+        got = load_submodule(ckpt, "lr_encoder")(image)
+    assert float((got - want).abs().max()) <= 1e-5
+
+
+def test_export_and_parity_hold_every_submodule(dit4sr):
+    ckpt, onnx_dir = dit4sr
+    report = check_parity(ckpt, onnx_dir, size=(32, 24), steps=3, shapes=("min", "odd"))
+    assert {o.submodule for o in report.outputs} == set(ckpt.model.submodules)
+    assert report.passed, report.to_json()
+
+
+def test_the_pipeline_on_two_backends_at_any_size(dit4sr):
+    """A non-square photo with odd sides comes back at exactly 4x on PyTorch and ONNX Runtime, the same image;
+    tiled too (64 px tiles)."""
+    ckpt, onnx_dir = dit4sr
+    image = photo("coffee", (29, 22))
+    config = ckpt.defaults.replace(steps=4)
+    torch_image = load_pipeline("torch", ckpt)(image, config).image
+    ort_image = load_pipeline("onnxruntime", ckpt, onnx_dir=onnx_dir)(image, config).image
+    assert torch_image.shape == ort_image.shape == (88, 116, 3)
+    assert _psnr(torch_image, ort_image) >= 45
+    tiled = load_pipeline("torch", ckpt)(image, config.replace(tile=8, tile_overlap=2)).image
+    assert tiled.shape == (88, 116, 3)
+
+
+def test_the_triton_repository_serves_its_submodules(dit4sr):
+    """Both flavours' configs: the five submodules, the step stage batched (onnxruntime), the three
+    token inputs of the preprocessing (T5's at the checkpoint's fixed length)."""
+    from diffsr.triton_models.repository import ServingOptions, model_configs
+
+    ckpt, _ = dit4sr
+    for flavour, batch in (("onnxruntime", 4), ("tensorrt", 0)):
+        configs = model_configs(ckpt, flavour, ServingOptions(entry="ensemble", step_batch=batch))
+        assert set(ckpt.model.submodules) <= set(configs)
+        assert configs["transformer"].max_batch_size == batch and configs["vae_decoder"].max_batch_size == 0
+        ids = {i.name: list(i.dims) for i in configs["preprocess"].output if i.name.startswith("input_ids")}
+        assert ids == {"input_ids": [-1, 77], "input_ids_2": [-1, 77], "input_ids_3": [-1, 24]}, ids
