@@ -74,6 +74,83 @@ def test_the_weights_are_the_official_layout():
     assert "pos_embed.pos_embed" in ours  # persistent: loaded from the published file, not recomputed
 
 
+def _official_attention(attn, hidden, context):
+    """DiT4SR's processor, statement for statement as the official code orders it (square grids, `chunk`, the
+    LR keys computed and then replaced by the noisy keys normalised twice)."""
+    b, heads = hidden.shape[0], attn.heads
+    split = lambda t: t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa: E731
+    xs, xc = hidden.chunk(2, dim=1)
+    residual_c = xc
+    q, k, v = split(attn.to_q(xs)), split(attn.to_k(xs)), split(attn.to_v(xs))
+    qc = split(attn.to_q_control(attn.to_q(xc)))
+    kc = split(attn.to_k_control(attn.to_k(xc)))
+    vc = split(attn.to_v_control(attn.to_v(xc)))
+    q, qc = attn.norm_q(q), attn.norm_q(qc)
+    k = attn.norm_k(k)
+    kc = attn.norm_k(k)
+    q, k, v = torch.cat([q, qc], 2), torch.cat([k, kc], 2), torch.cat([v, vc], 2)
+    if context is not None:
+        q = torch.cat([q, attn.norm_added_q(split(attn.add_q_proj(context)))], 2)
+        k = torch.cat([k, attn.norm_added_k(split(attn.add_k_proj(context)))], 2)
+        v = torch.cat([v, split(attn.add_v_proj(context))], 2)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, hidden.shape[-1])
+    img, txt = o[:, : hidden.shape[1]], o[:, hidden.shape[1]:]
+    if context is not None and not attn.context_pre_only:
+        txt = attn.to_add_out(txt)
+    o_s, o_c = img.chunk(2, dim=1)
+    return torch.cat([attn.to_out[0](o_s), attn.to_out_control(o_c + residual_c)], dim=1), txt
+
+
+def _official_ff(ff, hidden):
+    a = ff.net[1](ff.net[0](hidden))
+    a_s, a_c = a.chunk(2, dim=1)
+    side = int(a_c.shape[1] ** 0.5)
+    g = ff.control_conv(a_c.reshape(a.shape[0], side, side, -1).permute(0, 3, 1, 2))
+    a_s = a_s + 1.2 * g.reshape(a.shape[0], a.shape[-1], -1).permute(0, 2, 1)
+    return ff.net[2](torch.cat([a_s, a_c], dim=1))
+
+
+def _official_forward(net, sample, lr, ctx, pooled, t):
+    h, w = sample.shape[-2:]
+    x = torch.cat([net.pos_embed(sample), net.pos_embed(lr)], dim=1)  # diffusers' own patch embedding
+    temb, ctx = net.time_text_embed(t, pooled), net.context_embedder(ctx)
+    for block in net.transformer_blocks:
+        if block.use_dual_attention:
+            nx, gate, shift_mlp, scale_mlp, gate_mlp, nx2, gate2 = block.norm1(x, emb=temb)
+        else:
+            nx, gate, shift_mlp, scale_mlp, gate_mlp = block.norm1(x, emb=temb)
+        if block.context_pre_only:
+            nctx = block.norm1_context(ctx, temb)
+        else:
+            nctx, c_gate, c_shift, c_scale, c_gate_mlp = block.norm1_context(ctx, emb=temb)
+        out, ctx_out = _official_attention(block.attn, nx, nctx)
+        x = x + gate.unsqueeze(1) * out
+        if block.use_dual_attention:
+            x = x + gate2.unsqueeze(1) * _official_attention(block.attn2, nx2, None)[0]
+        x = x + gate_mlp.unsqueeze(1) * _official_ff(block.ff, block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
+        if not block.context_pre_only:
+            ctx = ctx + c_gate.unsqueeze(1) * ctx_out
+            ctx = ctx + c_gate_mlp.unsqueeze(1) * block.ff_context(block.norm2_context(ctx) * (1 + c_scale[:, None]) + c_shift[:, None])
+    x = net.proj_out(net.norm_out(x.chunk(2, dim=1)[0], temb))
+    p = net.config.patch_size
+    x = x.reshape(x.shape[0], h // p, w // p, p, p, -1)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], -1, h, w)
+
+
+def test_the_lr_stream_is_the_official_codes():
+    """Against the official forward written out statement for statement (on the square latents it takes):
+    the LR queries and values through the stacked control projections, its keys the noisy ones normalised
+    twice, the residual before `to_out_control`, attn2 with the LR tokens, the 1.2-weighted depthwise conv."""
+    net = _seeded_transformer()
+    g = torch.Generator().manual_seed(3)
+    sample, lr = torch.randn(2, 16, 8, 8, generator=g), torch.randn(1, 16, 8, 8, generator=g)
+    ctx, pooled, t = torch.randn(2, 101, 96, generator=g), torch.randn(2, 80, generator=g), torch.tensor([900.0, 40.0])
+    with torch.no_grad():
+        want = _official_forward(net, sample, lr.repeat(2, 1, 1, 1), ctx, pooled, t)
+        got = net(sample, t, lr, ctx, pooled)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-6
+
+
 def test_the_lr_latent_steers_the_velocity():
     net = _seeded_transformer()
     g = torch.Generator().manual_seed(2)
