@@ -127,10 +127,12 @@ def _official_forward(net, sample, lr, ctx, pooled, t):
         x = x + gate.unsqueeze(1) * out
         if block.use_dual_attention:
             x = x + gate2.unsqueeze(1) * _official_attention(block.attn2, nx2, None)[0]
-        x = x + gate_mlp.unsqueeze(1) * _official_ff(block.ff, block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
+        nx = block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        x = x + gate_mlp.unsqueeze(1) * _official_ff(block.ff, nx)
         if not block.context_pre_only:
             ctx = ctx + c_gate.unsqueeze(1) * ctx_out
-            ctx = ctx + c_gate_mlp.unsqueeze(1) * block.ff_context(block.norm2_context(ctx) * (1 + c_scale[:, None]) + c_shift[:, None])
+            nctx = block.norm2_context(ctx) * (1 + c_scale[:, None]) + c_shift[:, None]
+            ctx = ctx + c_gate_mlp.unsqueeze(1) * block.ff_context(nctx)
     x = net.proj_out(net.norm_out(x.chunk(2, dim=1)[0], temb))
     p = net.config.patch_size
     x = x.reshape(x.shape[0], h // p, w // p, p, p, -1)
