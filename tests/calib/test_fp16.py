@@ -114,3 +114,26 @@ def test_a_force_upcast_vae_stays_fp32_unless_fp16_is_proven(sdxl_checkpoint, sd
         assert {k.node for k in unproven[name]} == nodes and "force_upcast" in unproven[name][0].reason
         assert len(proven[name]) < len(nodes)
     assert unproven["controlnet_unet"] == proven["controlnet_unet"]  # only the VAE's submodules are concerned
+
+
+def test_a_planted_t5_overflow_is_kept_fp32(dit4sr_onnx, tmp_path):
+    """T5 is famous for FP16 overflow in its feed-forward output (`wo`; transformers keeps those layers FP32):
+    dit4sr-tiny's T5 with every `wo` scaled 30000x puts the residual stream past FP16's range, and the check
+    keeps the overflowing MatMuls and Adds FP32 (the kept graph within parity's FP16 bound); unscaled, it keeps
+    nothing. (ONNX Runtime's CPU kernels compute FP16 MatMuls in FP32, so the bare graph stays finite here:
+    the check reads ranges, not one backend's luck.)"""
+    model = onnx.load(str(dit4sr_onnx / "t5_encoder.onnx"))
+    wo = [w for w in model.graph.initializer if w.name.endswith("DenseReluDense.wo.weight")]
+    assert len(wo) == 2  # one per layer
+    for w in wo:
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * np.float32(3e4), w.name))
+    hot = tmp_path / "t5_encoder.onnx"
+    onnx.save(model, str(hot))
+    g = torch.Generator().manual_seed(0)
+    feeds = [{"input_ids_3": torch.randint(0, 32128, (2, 24), generator=g, dtype=torch.int32)} for _ in range(2)]
+    kept = fp32_layers(hot, activation_ranges(hot, feeds))
+    overflow = [k for k in kept if "above FP16's" in k.reason]
+    assert {"MatMul", "Add"} <= {k.op_type for k in overflow}, kept
+    assert fp16_error(hot, kept, feeds) <= 1e-2
+    calm = dit4sr_onnx / "t5_encoder.onnx"
+    assert fp32_layers(calm, activation_ranges(calm, feeds)) == []
