@@ -152,9 +152,14 @@ def judge_output(submodule: str, label: str, dims: dict, output: str, ref: np.nd
     return row
 
 
-def judge_image(size: tuple[int, int], ref: np.ndarray, out: np.ndarray, tol: Tolerance, name: str = "astronaut") -> ImageParity:
+def psnr_db(ref: np.ndarray, out: np.ndarray) -> float:
+    """PSNR of two uint8 images in dB, capped at `PSNR_CAP` (identical images)."""
     mse = float(np.mean((out.astype(np.float64) - ref.astype(np.float64)) ** 2))
-    psnr = PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(255.0**2 / mse))
+    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(255.0**2 / mse))
+
+
+def judge_image(size: tuple[int, int], ref: np.ndarray, out: np.ndarray, tol: Tolerance, name: str = "astronaut") -> ImageParity:
+    psnr = psnr_db(ref, out)
     row = ImageParity(name, f"{size[0]}x{size[1]}", psnr, int(np.abs(out.astype(int) - ref.astype(int)).max()))
     row.passed = psnr >= tol.psnr_db
     return row

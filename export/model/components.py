@@ -59,3 +59,8 @@ def our_component(cls: Callable[[Any], nn.Module], config_cls: Any) -> Component
         return cls(dataclass_from_json(config_cls, read_config(folder), str(folder / "config.json")))
 
     return Component(build, WEIGHTS)
+
+
+def diffusers_config(net: Any) -> dict[str, Any]:
+    """A diffusers network's config.json: its config without the private keys, named by its class."""
+    return {k: v for k, v in net.config.items() if not k.startswith("_")} | {"_class_name": type(net).__name__}

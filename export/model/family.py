@@ -223,6 +223,20 @@ class ModelFamily(ABC):
         return cls(dataclass_from_json(cls.config_class, data, f"{cls.name} model config"))
 
 
+def guided(x: torch.Tensor, text_rows: int, row: torch.Tensor,
+           call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Classifier-free guidance around one model call: with two text rows per latent row (negative, then
+    positive) the latent is doubled, `call(batch, timestep)` runs once on it, and the output is
+    negative + scale * (positive - negative); `row` holds the timestep, then the scale."""
+    two = text_rows == 2 * x.shape[0]
+    batch = torch.cat([x, x]) if two else x
+    out = call(batch, row[:1].expand(batch.shape[0]))
+    if two:
+        negative, positive = out.chunk(2)
+        out = negative + row[1] * (positive - negative)
+    return out
+
+
 FAMILIES: dict[str, type[ModelFamily]] = {}
 
 

@@ -26,10 +26,16 @@ import torch
 from torch import nn
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.core.files import read_json
-from diffsr.export.model.components import DIFFUSERS_WEIGHTS, diffusers_component, read_config, transformers_component
+from diffsr.export.model.components import (
+    DIFFUSERS_WEIGHTS,
+    diffusers_component,
+    diffusers_config,
+    read_config,
+    transformers_component,
+)
 from diffsr.export.model.dims import BATCH, CFG_BATCH, TEXT_BATCH, NamedDim, latent_sides
-from diffsr.export.model.family import Component, Draw, ModelFamily, RunFn, Stages, Tensors, register
+from diffsr.export.model.families.sd import clip_config, vae_force_upcast, vae_of
+from diffsr.export.model.family import Component, Draw, ModelFamily, RunFn, Stages, Tensors, guided, register
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.export.model.signatures import Signature, TensorSpec
 from diffsr.export.model.tokenizer import (
@@ -238,12 +244,6 @@ class DiT4SR(ModelFamily):
         lengths = {"input_ids": CLIP_LENGTH, "input_ids_2": CLIP_LENGTH, "input_ids_3": int(self.config.t5_length)}
         return Tokenizer({name: path / folder for name, folder in self.tokenizer_folders().items()}, lengths)
 
-    def clip_config(self, widths: tuple[int, int, int, int], act: str, pad: int) -> dict[str, Any]:
-        hidden, layers, heads, intermediate = widths
-        return dict(vocab_size=VOCAB_SIZE, max_position_embeddings=CLIP_LENGTH, bos_token_id=49406, eos_token_id=49407,
-                    hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                    intermediate_size=intermediate, hidden_act=act, projection_dim=hidden, pad_token_id=pad)
-
     def t5_config(self) -> dict[str, Any]:
         """T5 v1.1 (T5-XXL's kind): gated GELU, no tied embeddings."""
         c = self.config
@@ -263,26 +263,21 @@ class DiT4SR(ModelFamily):
 
     def networks(self) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
         from accelerate import init_empty_weights
-        from diffusers import AutoencoderKL
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
         from diffsr.export.model.families.dit4sr_networks import DiT4SRTransformer
 
         c = self.config
         with init_empty_weights(include_buffers=False):
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=c.vae_channels, layers_per_block=c.vae_layers_per_block,
-                norm_num_groups=c.vae_norm_groups, scaling_factor=c.scaling_factor, shift_factor=c.shift_factor,
-                use_quant_conv=False, use_post_quant_conv=False)
-            clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**self.clip_config(c.clip_l, "quick_gelu", 49407)))
-            clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**self.clip_config(c.clip_g, "gelu", 0)))
+            vae = vae_of(c.vae_channels, c.vae_layers_per_block, c.vae_norm_groups, LATENT_CHANNELS,
+                         scaling_factor=c.scaling_factor, shift_factor=c.shift_factor, use_quant_conv=False,
+                         use_post_quant_conv=False)
+            clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config(*c.clip_l, "quick_gelu", 49407, projection=True)))
+            clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config(*c.clip_g, "gelu", 0, projection=True)))
             t5 = T5EncoderModel(T5Config(**self.t5_config()))
             transformer = DiT4SRTransformer(self.transformer_config())
-        vae_config = {k: v for k, v in vae.config.items() if not k.startswith("_")} | {"_class_name": "AutoencoderKL"}
         return {"text_encoder": (clip_l, clip_l.config.to_dict()), "text_encoder_2": (clip_g, clip_g.config.to_dict()),
-                "text_encoder_3": (t5, t5.config.to_dict()), "vae": (vae, vae_config),
+                "text_encoder_3": (t5, t5.config.to_dict()), "vae": (vae, diffusers_config(vae)),
                 "transformer": (transformer, self.transformer_config() | {"_class_name": "SD3Transformer2DModel"})}
 
     def write_extras(self, out: Path) -> None:
@@ -296,8 +291,7 @@ class DiT4SR(ModelFamily):
                 "lq_image": lambda shape, g: torch.rand(shape, generator=g) * 2 - 1}
 
     def force_upcast(self, path: Path) -> tuple[str, ...]:
-        vae = read_json(path / "vae" / "config.json", "checkpoint file")
-        return ("lr_encoder", "vae_decoder") if vae.get("force_upcast", False) else ()
+        return ("lr_encoder", "vae_decoder") if vae_force_upcast(path) else ()  # the networks made of the VAE
 
     # --- a step ----------------------------------------------------------------------------
 
@@ -307,12 +301,7 @@ class DiT4SR(ModelFamily):
                 "pooled_projections": text["pooled_projections"]}
 
     def predict(self, run: RunFn, x: torch.Tensor, lq: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
-        guided = cond["prompt_embeds"].shape[0] == 2 * x.shape[0]
-        batch = torch.cat([x, x]) if guided else x  # negative rows, then positive; the LR latent repeated inside
-        timestep = row[:1].expand(batch.shape[0])  # 1000 sigma
-        v = run("transformer", sample=batch, timestep=timestep, lr_latent=lq["lr_latent"], **cond)["velocity"]
-        if guided:
-            v_neg, v_pos = v.chunk(2)
-            v = v_neg + row[1] * (v_pos - v_neg)
-        return v
+        # the timestep is 1000 sigma; the LR latent is repeated for the guidance rows inside the graph
+        return guided(x, cond["prompt_embeds"].shape[0], row, lambda batch, timestep: run(
+            "transformer", sample=batch, timestep=timestep, lr_latent=lq["lr_latent"], **cond)["velocity"])
 

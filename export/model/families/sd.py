@@ -27,9 +27,9 @@ from torch import nn
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
-from diffsr.export.model.components import diffusers_component, our_component, transformers_component
+from diffsr.export.model.components import diffusers_component, diffusers_config, our_component, transformers_component
 from diffsr.export.model.dims import BATCH, CFG_BATCH, TEXT_BATCH, NamedDim, latent_sides
-from diffsr.export.model.family import Component, Draw, ModelFamily, RunFn, Stages, Tensors, register
+from diffsr.export.model.family import Component, Draw, ModelFamily, RunFn, Stages, Tensors, guided, register
 from diffsr.export.model.signatures import Signature, TensorSpec
 from diffsr.export.model.tokenizer import CLIP_LENGTH, VOCAB_SIZE, Tokenizer, build_clip_tokenizer
 
@@ -129,6 +129,32 @@ INT8_KEPT = {
     "controlnet_down_blocks": "ControlNet zero convolution",
     "controlnet_mid_block": "ControlNet zero convolution",
 }
+
+
+def clip_config(hidden: int, layers: int, heads: int, intermediate: int, act: str, pad: int,
+                projection: bool = False) -> dict[str, Any]:
+    """transformers `CLIPTextConfig` arguments of a CLIP text encoder on the CLIP BPE vocabulary (77 tokens);
+    with `projection`, a projection of the pooled output as wide as its states (OpenCLIP bigG, SD3's two)."""
+    config = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=CLIP_LENGTH, bos_token_id=49406, eos_token_id=49407,
+                  hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate,
+                  hidden_act=act, pad_token_id=pad)
+    return config | ({"projection_dim": hidden} if projection else {})
+
+
+def vae_of(channels: tuple[int, ...], layers_per_block: int, norm_groups: int, latent_channels: int, **config: Any) -> Any:
+    """An SD-style `AutoencoderKL` (four blocks, three downsampling: factor 8), parameters on the meta device
+    when built under `init_empty_weights`; `config`: its scaling, shift and quant-conv settings."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=channels, layers_per_block=layers_per_block, norm_num_groups=norm_groups,
+                         **config)
+
+
+def vae_force_upcast(path: Path) -> bool:
+    """Whether a checkpoint's VAE is marked as overflowing in FP16 (diffusers' `force_upcast`)."""
+    return bool(read_json(path / "vae" / "config.json", "checkpoint file").get("force_upcast", False))
 
 
 def _ids(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
@@ -264,14 +290,11 @@ class SD(ModelFamily):
     def text_config(self) -> dict[str, Any]:
         """transformers `CLIPTextConfig` arguments: CLIP-L at sd15."""
         c = self.config
-        return dict(vocab_size=VOCAB_SIZE, max_position_embeddings=self.text_length, bos_token_id=49406,
-                    eos_token_id=49407, hidden_size=c.text_hidden, num_hidden_layers=c.text_layers,
-                    num_attention_heads=c.text_heads, intermediate_size=c.text_intermediate, hidden_act="quick_gelu",
-                    pad_token_id=49407)
+        return clip_config(c.text_hidden, c.text_layers, c.text_heads, c.text_intermediate, "quick_gelu", 49407)
 
     def networks(self) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
         from accelerate import init_empty_weights
-        from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+        from diffusers import ControlNetModel, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
         from diffsr.export.model.families.sd_networks import (
@@ -284,11 +307,8 @@ class SD(ModelFamily):
 
         c = self.config
         with init_empty_weights(include_buffers=False):
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, latent_channels=self.latent_channels,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=c.vae_channels, layers_per_block=c.vae_layers_per_block,
-                norm_num_groups=c.vae_norm_groups, scaling_factor=c.scaling_factor, force_upcast=c.vae_force_upcast)
+            vae = vae_of(c.vae_channels, c.vae_layers_per_block, c.vae_norm_groups, self.latent_channels,
+                         scaling_factor=c.scaling_factor, force_upcast=c.vae_force_upcast)
             unet = UNet2DConditionModel(**self.unet_config())
             controlnet = ControlNetModel.from_unet(
                 unet, conditioning_channels=c.f2_channels, conditioning_embedding_out_channels=(c.f2_channels,),
@@ -303,8 +323,7 @@ class SD(ModelFamily):
                 "fusion_transformer": (fusion, config_to_json(fusion.config)),
             }
             for name, net in (("vae", vae), ("unet", unet), ("controlnet", controlnet)):
-                config = {k: v for k, v in net.config.items() if not k.startswith("_")}
-                found[name] = (net, config | {"_class_name": type(net).__name__})
+                found[name] = (net, diffusers_config(net))
         return found
 
     def copy_source(self, folder: str, key: str, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> str:
@@ -325,21 +344,14 @@ class SD(ModelFamily):
         }
 
     def force_upcast(self, path: Path) -> tuple[str, ...]:
-        vae = read_json(path / "vae" / "config.json", "checkpoint file")
-        return ("lq_encoder", "vae_decoder") if vae.get("force_upcast", False) else ()  # the networks made of the VAE
+        return ("lq_encoder", "vae_decoder") if vae_force_upcast(path) else ()  # the networks made of the VAE
 
     # --- a step ----------------------------------------------------------------------------
 
     def predict(self, run: RunFn, x: torch.Tensor, lq: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
         f2 = run("fusion_transformer", f1=lq["f1"], sample=x)["f2"]  # (B, C2, h, w), shared by both branches
-        guided = cond["text_embeddings"].shape[0] == 2 * x.shape[0]
-        batch = torch.cat([x, x]) if guided else x  # (2B, 4, h, w): negative rows, then positive
-        timestep = row[:1].expand(batch.shape[0])
-        eps = run("controlnet_unet", sample=batch, timestep=timestep, f2=f2, **cond)["noise_pred"]
-        if guided:
-            eps_neg, eps_pos = eps.chunk(2)
-            eps = eps_neg + row[1] * (eps_pos - eps_neg)
-        return eps
+        return guided(x, cond["text_embeddings"].shape[0], row, lambda batch, timestep: run(
+            "controlnet_unet", sample=batch, timestep=timestep, f2=f2, **cond)["noise_pred"])
 
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.components import transformers_component
-from diffsr.export.model.families.sd import F32, SD, SDConfig, _ids
+from diffsr.export.model.families.sd import F32, SD, SDConfig, _ids, clip_config
 from diffsr.export.model.family import Component, Draw, Tensors, register
 from diffsr.export.model.signatures import TensorSpec
 from diffsr.export.model.tokenizer import OPENCLIP_PAD, build_clip_tokenizer
@@ -122,9 +122,7 @@ class SDXL(SD):
     def text2_config(self) -> dict[str, Any]:
         """OpenCLIP bigG: GELU, a projection of the pooled output as wide as its states."""
         c = self.config
-        return self.text_config() | dict(hidden_size=c.text2_hidden, num_hidden_layers=c.text2_layers,
-                                         num_attention_heads=c.text2_heads, intermediate_size=c.text2_intermediate,
-                                         hidden_act="gelu", projection_dim=c.text2_hidden, pad_token_id=0)
+        return clip_config(c.text2_hidden, c.text2_layers, c.text2_heads, c.text2_intermediate, "gelu", 0, projection=True)
 
     def networks(self) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
         from accelerate import init_empty_weights

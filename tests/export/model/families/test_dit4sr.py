@@ -6,12 +6,11 @@ through a new checkpoint, the export, parity and the in-process pipeline on two 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from diffsr.app.measure.parity import check_parity
+from diffsr.app.measure.parity import check_parity, psnr_db
 from diffsr.calib.data import photo
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.checkpoint import load_submodule
@@ -19,11 +18,6 @@ from diffsr.export.model.families.dit4sr import DiT4SR
 from diffsr.export.model.families.dit4sr_networks import DiT4SRTransformer
 from diffsr.export.model.family import preset
 from diffsr.runtime.loading import load_pipeline
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +201,7 @@ def test_the_pipeline_on_two_backends_at_any_size(dit4sr):
     torch_image = load_pipeline("torch", ckpt)(image, config).image
     ort_image = load_pipeline("onnxruntime", ckpt, onnx_dir=onnx_dir)(image, config).image
     assert torch_image.shape == ort_image.shape == (88, 116, 3)
-    assert _psnr(torch_image, ort_image) >= 45
+    assert psnr_db(torch_image, ort_image) >= 45
     tiled = load_pipeline("torch", ckpt)(image, config.replace(tile=8, tile_overlap=2)).image
     assert tiled.shape == (88, 116, 3)
 

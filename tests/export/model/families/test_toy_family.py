@@ -24,7 +24,7 @@ from diffsr.export.graphs.exporter import export_onnx
 from diffsr.export.model.components import our_component
 from diffsr.export.model.dims import BATCH, CFG_BATCH, TEXT_BATCH, NamedDim, latent_sides
 from diffsr.export.model.families.sd import SD_SCHEDULER_CONFIG
-from diffsr.export.model.family import FAMILIES, Component, ModelFamily, RunFn, Stages, Tensors, register
+from diffsr.export.model.family import FAMILIES, Component, ModelFamily, RunFn, Stages, Tensors, guided, register
 from diffsr.export.model.random_init import init_checkpoint
 from diffsr.export.model.signatures import Signature, TensorSpec
 from diffsr.export.model.tokenizer import CLIP_LENGTH, VOCAB_SIZE, Tokenizer, build_clip_tokenizer
@@ -154,13 +154,8 @@ class Toy(ModelFamily):
                 "t": lambda shape, g: torch.randint(0, 1000, shape, generator=g).float()}
 
     def predict(self, run: RunFn, x: torch.Tensor, lq: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
-        guided = cond["words"].shape[0] == 2 * x.shape[0]
-        batch = torch.cat([x, x]) if guided else x
-        out = run("denoiser", noisy=batch, t=row[:1].expand(batch.shape[0]), words=cond["words"], source=lq["source"])["noise"]
-        if guided:
-            neg, pos = out.chunk(2)
-            out = neg + row[1] * (pos - neg)
-        return out
+        return guided(x, cond["words"].shape[0], row, lambda batch, t: run(
+            "denoiser", noisy=batch, t=t, words=cond["words"], source=lq["source"])["noise"])
 
 
 @pytest.fixture(scope="module")
