@@ -9,12 +9,12 @@ Everything session-scoped is made once, at the smallest size that still tests it
   FP16 check's path (one photo with the two default prompts, three steps: timesteps 667, 334 and 1, so the
   timestep embedding's arguments pass through FP16's trouble zone). `sdxl_onnx` is FP32 only, without ONNX
   Runtime's fused variants (the onnxruntime backend then runs the plain graphs): the SDXL tests need no
-  more; `dit4sr_onnx` likewise. Exporting is mostly single-threaded tracing: each export the collected tests need runs in a
+  more. `dit4sr_onnx` is FP32 without the fused variants and FP16, with tiny's small FP16 check. Exporting is mostly single-threaded tracing: each export the collected tests need runs in a
   `diffsr export` process of its own from the session's start, and the tests that need none run first,
   beside them (`pytest_collection_modifyitems`).
-- Three `tritonserver`s at most per run: `server` (the tiny checkpoint, BLS entry, step batching on),
+- Four `tritonserver`s at most per run: `server` (the tiny checkpoint, BLS entry, step batching on),
   `narrow_server` (tiled, one loop instance and a queue of one: the tiling, overload and fault tests),
-  `sdxl_server` (the ensemble entry point).
+  `sdxl_server` (the ensemble entry point), `dit4sr_server` (the second family, tiled, BLS entry).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def export(ckpt, out, *args):
 EXPORTS = {
     "tiny": ("tiny_checkpoint", ("--fp16", "--calib-photos", "astronaut", "--calib-steps", "3")),
     "sdxl": ("sdxl_checkpoint", ("--no-ort-fusions",)),
-    "dit4sr": ("dit4sr_checkpoint", ("--no-ort-fusions",)),
+    "dit4sr": ("dit4sr_checkpoint", ("--no-ort-fusions", "--fp16", "--calib-photos", "astronaut", "--calib-steps", "3")),
 }
 
 
@@ -162,7 +162,8 @@ def sdxl_onnx(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def dit4sr_onnx(request, tmp_path_factory):
-    """The dit4sr-tiny checkpoint exported FP32 only, without ONNX Runtime's fused variants."""
+    """The dit4sr-tiny checkpoint exported FP32 without ONNX Runtime's fused variants, and FP16 (T5 and the
+    transformer through the FP16 check, as tiny's)."""
     return _exported("dit4sr", request, tmp_path_factory)
 
 
@@ -232,4 +233,15 @@ def sdxl_server(sdxl_checkpoint, sdxl_onnx, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo-sdxl") / "models"
     options = ServingOptions(entry="ensemble", sampler_instances=1, warmup=False)
     build_repository(sdxl_checkpoint, sdxl_onnx, repo, "onnxruntime", options=options)
+    return _serve(repo)
+
+
+@pytest.fixture(scope="session")
+def dit4sr_server(dit4sr_checkpoint, dit4sr_onnx, tmp_path_factory):
+    """The dit4sr-tiny checkpoint behind the BLS entry point, tiled as `narrow_server` (64 px tiles)."""
+    from diffsr.triton_models.repository import ServingOptions, build_repository
+
+    repo = tmp_path_factory.mktemp("repo-dit4sr") / "models"
+    options = ServingOptions(sampler_instances=1, warmup=False, **NARROW_TILING)
+    build_repository(dit4sr_checkpoint, dit4sr_onnx, repo, "onnxruntime", options=options)
     return _serve(repo)

@@ -185,6 +185,8 @@ def parity(
     size: Annotated[str, typer.Option(help="LQ size of the end-to-end check, WIDTHxHEIGHT")] = "128x96",
     steps: Annotated[int, typer.Option(help="sampler steps of the end-to-end check")] = 20,
     shapes: Annotated[str, typer.Option(help="submodule shapes, of min,opt,odd (SDXL's opt is 1024 px)")] = "min,opt,odd",
+    submodules: Annotated[Optional[str], typer.Option(help="only these submodules, comma-separated (default: all)")] = None,
+    end_to_end: Annotated[bool, typer.Option(help="also compare the whole pipeline's images")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
 ) -> None:
     """ONNX Runtime against PyTorch per submodule (min, opt, odd shapes) and end to end; exit 1 on a breach."""
@@ -199,7 +201,8 @@ def parity(
     ckpt.defaults.replace(steps=steps)  # validates
     output_size(wh[1], wh[0], ckpt.defaults.upscale)  # an unusable size fails now, not after the submodules
     with console.status("running parity checks"):
-        report = check_parity(ckpt, onnx, chosen, wh, steps, tuple(s for s in shapes.split(",") if s))
+        report = check_parity(ckpt, onnx, chosen, wh, steps, tuple(s for s in shapes.split(",") if s),
+                              None if submodules is None else tuple(s for s in submodules.split(",") if s), end_to_end)
     if json_out:
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:

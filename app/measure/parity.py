@@ -167,22 +167,34 @@ def judge_image(size: tuple[int, int], ref: np.ndarray, out: np.ndarray, tol: To
 
 def check_parity(
     ckpt: Checkpoint, onnx_dir, precision: Precision = Precision.FP32, size: tuple[int, int] = (128, 96), steps: int = 20,
-    shapes: tuple[str, ...] = SHAPES,
+    shapes: tuple[str, ...] = SHAPES, submodules: tuple[str, ...] | None = None, end_to_end: bool = True,
 ) -> ParityReport:
-    """ONNX Runtime against PyTorch (FP32): every submodule at three shapes, then the whole pipeline.
-    Runners are lean (loaded on use, released after), so SDXL's FP32 reference and graphs are never both in
-    memory. INT8: the submodules `diffsr quantize` quantized (the rest serve FP16, checked by `--precision
-    fp16`), and the pipeline on the photos calibration never saw."""
+    """ONNX Runtime against PyTorch (FP32): every submodule (or those of `submodules`) at three shapes, then
+    the whole pipeline (unless not `end_to_end`: a full-size model's 20 steps are hours on a CPU). Runners are
+    lean (loaded on use, released after), so SDXL's FP32 reference and graphs are never both in memory.
+    INT8: the submodules `diffsr quantize` quantized (the rest serve FP16, checked by `--precision fp16`),
+    and the pipeline on the photos calibration never saw."""
     tol = TOLERANCES[precision]
+    names = _chosen(ckpt.model, submodules)
+    photos: tuple[str, ...] = ("astronaut",)
+    if precision is Precision.INT8:
+        quantized = tuple(read_manifest(Path(onnx_dir))["int8_calibration"]["submodules"])
+        if names is not None and set(names) - set(quantized):
+            raise DiffsrError(f"{sorted(set(names) - set(quantized))} not quantized in {onnx_dir} (INT8 graphs: {list(quantized)})")
+        names, photos = names or quantized, HELD_OUT
     reference = load_runners("torch", ckpt, lean=True)
     candidate = load_runners("onnxruntime", ckpt, onnx_dir=onnx_dir, precision=precision, lean=True)
     report = ParityReport(precision.value, tol)
-    names = None
-    photos: tuple[str, ...] = ("astronaut",)
-    if precision is Precision.INT8:
-        names, photos = tuple(read_manifest(Path(onnx_dir))["int8_calibration"]["submodules"]), HELD_OUT
     rows = run_submodules(ckpt, reference, candidate, labels=shapes, names=names)
     report.outputs = [judge_output(*row, tol) for row in rows]
-    for name, (ref_img, out_img) in zip(photos, run_pipelines(reference, candidate, ckpt, size, steps, photos)):
-        report.images.append(judge_image(size, ref_img, out_img, tol, name))
+    if end_to_end:
+        for name, (ref_img, out_img) in zip(photos, run_pipelines(reference, candidate, ckpt, size, steps, photos)):
+            report.images.append(judge_image(size, ref_img, out_img, tol, name))
     return report
+
+
+def _chosen(model: ModelFamily, submodules: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    unknown = [name for name in submodules or () if name not in model.submodules]
+    if unknown or submodules == ():
+        raise DiffsrError(f"no submodule {unknown or ['']} in the {model.name} family: its submodules are {list(model.submodules)}")
+    return submodules

@@ -1,6 +1,7 @@
 """The endpoint served by a real tritonserver, against the in-process ONNX Runtime pipeline: the session's
-`server` (BLS entry point, step batching), the `narrow_server` (tiled, one loop instance, a queue of one) and
-the `sdxl_server` (the ensemble entry point), all from conftest."""
+`server` (BLS entry point, step batching), the `narrow_server` (tiled, one loop instance, a queue of one),
+the `sdxl_server` (the ensemble entry point) and the `dit4sr_server` (the second family, tiled), all from
+conftest."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -185,6 +186,23 @@ def test_sdxl_endpoint_matches_the_onnxruntime_pipeline(sdxl_server, sdxl_checkp
     direct = local(lq, sdxl_checkpoint.defaults.replace(prompt="a cat", **SETTINGS)).image
     assert remote.shape == direct.shape == (128, 160, 3)
     assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_dit4sr_endpoint_matches_the_onnxruntime_pipeline(dit4sr_server, dit4sr_checkpoint, dit4sr_onnx, protocol):
+    """The second family at the endpoint: three tokenisers in the preprocessing (T5's at its fixed length),
+    the flow-matching sampler with CFG, tiled (64 px tiles), on a non-square photo with odd sides."""
+    lq = photo("coffee", (29, 22))
+    url = dit4sr_server.http_url if protocol == "http" else dit4sr_server.grpc_url
+    with TritonClient(url, protocol) as client:
+        remote = _decode(client.upscale(_png(lq), **SETTINGS).png)
+    local = Pipeline(load_runners("onnxruntime", dit4sr_checkpoint, onnx_dir=dit4sr_onnx), dit4sr_checkpoint)
+    config = dit4sr_checkpoint.defaults.replace(**SETTINGS)
+    direct = local(lq, config.replace(**SERVED_TILING)).image
+    assert remote.shape == direct.shape == (88, 116, 3)
+    assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
+    untiled = local(lq, config).image
+    assert np.abs(remote.astype(int) - untiled.astype(int)).max() > 1  # the server did tile
 
 
 def test_a_cancelled_request_frees_its_instance_within_a_step(server, lq):

@@ -120,6 +120,11 @@ def test_missing_onnx_folder_for_parity(tiny_checkpoint, tmp_path):
     _one_line_error(_run("parity", "--checkpoint", tiny_checkpoint.path, "--onnx", tmp_path / "none"), "no manifest.json")
 
 
+def test_unknown_parity_submodule(tiny_checkpoint, tiny_onnx):
+    _one_line_error(_run("parity", "--checkpoint", tiny_checkpoint.path, "--onnx", tiny_onnx, "--submodules", "unet"),
+                    "no submodule ['unet'] in the sd family: its submodules are ['text_encoder',")
+
+
 def test_serve_on_a_missing_repository(tmp_path):
     _one_line_error(_run("serve", "--repo", tmp_path / "none"), "has no diffsr model: build it with `diffsr triton-repo`")
 

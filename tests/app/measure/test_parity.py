@@ -71,3 +71,14 @@ def test_cli_json_and_exit_code_on_a_breach(tiny_checkpoint, tiny_onnx, tmp_path
     assert breach.exit_code == 1
     rows = json.loads(breach.stdout)["outputs"]
     assert {r["submodule"] for r in rows if not r["passed"]} == {"fusion_transformer"}
+
+
+def test_cli_checks_only_the_submodules_asked_for(tiny_checkpoint, tiny_onnx):
+    """A full-size model's parity: one submodule at its smallest shape, no 20-step pipeline."""
+    args = ["parity", "--checkpoint", str(tiny_checkpoint.path), "--onnx", str(tiny_onnx), "--shapes", "min",
+            "--submodules", "vae_decoder", "--no-end-to-end", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [(r["submodule"], r["shape"]) for r in report["outputs"]] == [("vae_decoder", "min")]
+    assert report["images"] == [] and report["passed"]

@@ -13,6 +13,8 @@ from diffusers import SD3Transformer2DModel
 from diffsr.app.measure.parity import check_parity, psnr_db
 from diffsr.calib.data import photo
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.precision import Precision
+from diffsr.export.graphs.manifest import read_manifest
 from diffsr.export.model.checkpoint import load_submodule
 from diffsr.export.model.families.dit4sr import DiT4SR
 from diffsr.export.model.families.dit4sr_networks import DiT4SRTransformer
@@ -190,6 +192,17 @@ def test_export_and_parity_hold_every_submodule(dit4sr):
     report = check_parity(ckpt, onnx_dir, size=(32, 24), steps=3, shapes=("min", "odd"))
     assert {o.submodule for o in report.outputs} == set(ckpt.model.submodules)
     assert report.passed, report.to_json()
+
+
+def test_fp16_graphs_hold_the_image(dit4sr):
+    """FP16 (T5 and the transformer through the FP16 check): every submodule within FP16's tolerance, the
+    image >= 30 dB; the timestep embedding's Sin and Cos (arguments up to 1000) are among what the check kept FP32."""
+    ckpt, onnx_dir = dit4sr
+    report = check_parity(ckpt, onnx_dir, Precision.FP16, size=(32, 24), steps=3, shapes=("min",))
+    assert {o.submodule for o in report.outputs} == set(ckpt.model.submodules)
+    assert report.passed, report.to_json()
+    kept = read_manifest(onnx_dir)["submodules"]["transformer"]["fp16"]["kept_fp32"]
+    assert {"Sin", "Cos"} <= {k["op_type"] for k in kept}, kept
 
 
 def test_the_pipeline_on_two_backends_at_any_size(dit4sr):
