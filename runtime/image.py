@@ -83,17 +83,23 @@ def upsample(rgb: np.ndarray, scale: int) -> torch.Tensor:
     return x.clamp(-1.0, 1.0)
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Replicate-pad the bottom and right edges up to a multiple (the model's pixel multiple)."""
+def padded_side(side: int, multiple: int, minimum: int = 0) -> int:
+    """A side padded up to a multiple and to at least `minimum` (itself a multiple)."""
+    return max(-(-side // multiple) * multiple, minimum)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor:
+    """Replicate-pad the bottom and right edges up to a multiple (the model's pixel multiple) and to at least
+    `minimum` pixels a side (the model's `min_pixels`: no latent below the engines' least side)."""
     h, w = x.shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
+    ph, pw = padded_side(h, multiple, minimum) - h, padded_side(w, multiple, minimum) - w
     return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
 
 
 def latent_grid(model: ModelFamily, height: int, width: int) -> tuple[int, int]:
-    """The latent's (h, w) for an output size: padded as `pad_to_multiple` pads, in latent cells."""
-    m = model.pixel_multiple
-    return -(-height // m) * m // model.latent_factor, -(-width // m) * m // model.latent_factor
+    """The latent's (h, w) for an output size: padded as `prepare_lq` pads, in latent cells."""
+    m, least = model.pixel_multiple, model.min_pixels
+    return padded_side(height, m, least) // model.latent_factor, padded_side(width, m, least) // model.latent_factor
 
 
 def adain(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

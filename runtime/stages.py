@@ -22,8 +22,9 @@ from diffsr.runtime.tiling import Blender, Tiling
 
 
 def prepare_lq(model: ModelFamily, image: np.ndarray, scale: int) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (1, 3, sH', sW') in [-1, 1], replicate-padded to the model's pixel multiple."""
-    return pad_to_multiple(upsample(image, scale), model.pixel_multiple)
+    """(H, W, 3) uint8 -> (1, 3, sH', sW') in [-1, 1], replicate-padded to the model's pixel multiple and to
+    at least its `min_pixels` a side."""
+    return pad_to_multiple(upsample(image, scale), model.pixel_multiple, model.min_pixels)
 
 
 def prompts(cfg: PipelineConfig) -> list[str]:

@@ -128,12 +128,14 @@ class Target:
         return replace(self, batch=batch, static=self.static or static)
 
 
+MIN_LATENT = 8  # the smallest latent side of every target's profiles; the pipeline pads smaller images up to it
+
 TARGETS: dict[str, Target] = {
     # a datacenter GPU: up to 4 images a request, 64 pixels a side to twice the native side
     # (SD: 512 opt, 1024 max; SDXL: 1024 opt, 2048 max)
-    "server": Target("server", batch=DimRange(1, 1, 4), min_latent=8, max_scale=2.0),
+    "server": Target("server", batch=DimRange(1, 1, 4), min_latent=MIN_LATENT, max_scale=2.0),
     # a Jetson Orin class device: one image, up to 1.5 times the native side (SD 768, SDXL 1536 pixels)
-    "edge": Target("edge", batch=DimRange(1, 1, 1), min_latent=8, max_scale=1.5),
+    "edge": Target("edge", batch=DimRange(1, 1, 1), min_latent=MIN_LATENT, max_scale=1.5),
 }
 
 
@@ -144,8 +146,14 @@ def target(name: str) -> Target:
 
 
 def odd_sizes(dims: Iterable[NamedDim]) -> dict[str, int]:
-    """Parity's odd shape: two images, a non-square latent of odd multiples."""
-    return {d.name: d.odd * d.multiple if d.kind != "fixed" else d.native for d in dims}
+    """Parity's odd shape: two images, a non-square latent of odd multiples, each side at least `MIN_LATENT`
+    (the sides' odd multiples raised by the same even number where a small multiple needs it)."""
+    sides = [d for d in dims if d.kind == "side"]
+    raise_by = 0
+    while any((d.odd + raise_by) * d.multiple < MIN_LATENT for d in sides):
+        raise_by += 2
+    return {d.name: d.native if d.kind == "fixed" else (d.odd + (raise_by if d.kind == "side" else 0)) * d.multiple
+            for d in dims}
 
 
 def trace_sizes(dims: Iterable[NamedDim]) -> dict[str, int]:

@@ -28,7 +28,7 @@ from torch import nn
 
 from diffsr.export.core.configs import dataclass_from_json
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.dims import NamedDim
+from diffsr.export.model.dims import MIN_LATENT, NamedDim
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.export.model.signatures import Signature, parse_dim
 
@@ -99,6 +99,12 @@ class ModelFamily(ABC):
     def pixel_multiple(self) -> int:
         """Image sides the pipeline pads to: the latent factor times the latent multiple."""
         return self.latent_factor * self.latent_multiple
+
+    @property
+    def min_pixels(self) -> int:
+        """The smallest image side the pipeline pads to: `MIN_LATENT` cells (every engine profile's least),
+        rounded up to the pixel multiple."""
+        return -(-MIN_LATENT * self.latent_factor // self.pixel_multiple) * self.pixel_multiple
 
     @property
     @abstractmethod

@@ -6,7 +6,10 @@ import torch
 from PIL import Image
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.runtime.image import adain, decode_image, output_size, pad_to_multiple, to_rgb, upsample
+from diffsr.export.model.dims import MIN_LATENT
+from diffsr.export.model.family import preset
+from diffsr.runtime.image import adain, decode_image, latent_grid, output_size, pad_to_multiple, to_rgb, upsample
+from diffsr.runtime.stages import prepare_lq
 
 
 def _png(img: Image.Image) -> bytes:
@@ -52,6 +55,19 @@ def test_pad_to_multiple_keeps_the_image_top_left():
     x = torch.randn(1, 3, 72, 88)
     y = pad_to_multiple(x, 16)
     assert y.shape == (1, 3, 80, 96) and torch.equal(y[..., :72, :88], x)
+    z = pad_to_multiple(x[..., :4, :20], 16, minimum=64)  # small sides up to the minimum
+    assert z.shape == (1, 3, 64, 64) and torch.equal(z[..., :4, :20], x[..., :4, :20])
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "sdxl-tiny", "dit4sr-tiny"])
+def test_a_one_pixel_photo_is_padded_to_the_engines_least_latent(preset_name):
+    """dit4sr's multiple is 2 cells (16 px): a 1 x 1 photo would be a 2 x 2 latent, below every engine
+    profile's 8 cells; it is padded up to 8 (64 px), and `latent_grid` agrees with the padding."""
+    model = preset(preset_name)
+    lq = prepare_lq(model, np.zeros((1, 1, 3), np.uint8), 4)
+    assert lq.shape[-2:] == (model.min_pixels, model.min_pixels) == (64, 64)
+    assert latent_grid(model, 4, 4) == (MIN_LATENT, MIN_LATENT)
+    assert latent_grid(model, 4, 200)[1] == -(-200 // model.pixel_multiple) * model.pixel_multiple // 8
 
 
 def test_adain_matches_reference_statistics():

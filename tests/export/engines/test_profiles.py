@@ -7,6 +7,7 @@ from diffsr.export.core.errors import DiffsrError
 from diffsr.export.engines.build import engine_profiles, profile_json
 from diffsr.export.model.dims import TARGETS, target
 from diffsr.export.model.family import preset, presets
+from diffsr.runtime.tiling import tiling_for
 
 
 @pytest.mark.parametrize("preset_name", sorted(presets()))
@@ -38,13 +39,22 @@ def test_opt_shapes_are_the_benchmark_request():
     assert profiles["text_encoder"]["input_ids"].max == (8, 77)  # CFG doubles the 4-image max batch
 
 
-def test_server_profile_holds_every_parity_shape_and_the_benchmark_size():
-    model = preset("sd15")
+@pytest.mark.parametrize("preset_name", sorted(presets()))
+def test_server_profile_holds_every_parity_shape(preset_name):
+    """Parity's shapes are what an engine must run: dit4sr's odd shape (2-cell multiples) is raised to 10 x 14
+    cells, above the profiles' least side of 8."""
+    model = preset(preset_name)
     profiles = engine_profiles(model, target("server"))
     for label, dims in parity_shapes(model).items():
+        assert dims["latent_height"] != dims["latent_width"] or label != "odd"
         for sub, sig in model.signatures().items():
             for name, shape in sig.input_shapes(dims).items():
                 assert profiles[sub][name].contains(shape), (label, sub, name, shape)
+
+
+def test_server_profile_holds_the_benchmark_size():
+    model = preset("sd15")
+    profiles = engine_profiles(model, target("server"))
     # the benchmark: 512x512 out, CFG, one image -> latent 64x64, UNet batch 2
     assert profiles["controlnet_unet"]["sample"].opt == (2, 4, 64, 64)
     assert profiles["controlnet_unet"]["text_embeddings"].max == (8, 77, 768)
@@ -91,3 +101,20 @@ def test_sdxl_profiles_are_at_its_native_1024_pixels():
     assert profiles["text_encoder"]["input_ids_2"].opt == (2, 77)
     assert profiles["vae_decoder"]["latent"].opt == (1, 4, 128, 128)  # 1024 x 1024 pixels
     assert engine_profiles(preset("sdxl"), target("edge"))["lq_encoder"]["lq_image"].max == (1, 3, 1536, 1536)
+
+
+def test_dit4sr_profiles_are_at_its_native_512_pixels_with_t5_fixed():
+    """The official tile (64 latent cells, 512 px) is the opt; T5's sequence and the joint text length
+    (77 CLIP + 256 T5 tokens) are fixed per engine; the LR latent has the images' batch, not CFG's."""
+    model = preset("dit4sr")
+    profiles = engine_profiles(model, target("server"))
+    dit = profiles["transformer"]
+    assert dit["sample"].opt == (2, 16, 64, 64) and dit["sample"].max == (8, 16, 128, 128)
+    assert dit["lr_latent"].opt == (1, 16, 64, 64) and dit["lr_latent"].max == (4, 16, 128, 128)
+    assert dit["prompt_embeds"].min[1:] == dit["prompt_embeds"].max[1:] == (333, 4096)
+    assert profiles["t5_encoder"]["input_ids_3"].min[1] == profiles["t5_encoder"]["input_ids_3"].max[1] == 256
+    assert profiles["lr_encoder"]["lq_image"].opt == (1, 3, 512, 512)
+    tiling = tiling_for(model, model.defaults)
+    assert (tiling.size, tiling.overlap) == (64, 24)  # the official tiles: the engine's opt
+    edge = engine_profiles(model, target("edge"))["transformer"]
+    assert edge["sample"].max == (2, 16, 96, 96) and edge["prompt_embeds"].max == (2, 333, 4096)
