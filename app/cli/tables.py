@@ -156,14 +156,18 @@ def budget(engines: list[EngineBudget], target: str) -> Table:
 
 
 def budget_totals(engines: list[EngineBudget]) -> Table:
-    table = Table(title=f"device total: all weights + the largest scratch + {RUNTIME_RESERVE / GIB:g} GiB runtime (assumed)")
-    table.add_column("precision")
-    table.add_column("total GiB", justify="right")
-    for gib in ORIN_MODULES_GIB:
-        table.add_column(f"Orin {gib} GiB", justify="center")
+    table = Table(title=f"device total, GiB: all weights + the largest scratch + {RUNTIME_RESERVE / GIB:g} GiB runtime "
+                        "(assumed), against Jetson Orin modules (GiB)")
+    for col in ("precision", "engines", "total", *(f"Orin {gib}" for gib in ORIN_MODULES_GIB)):
+        table.add_column(col, justify="right" if col == "total" else "center" if col.startswith("Orin") else "left")
+    dropped = [e.submodule for e in engines if e.droppable]
     for precision in (Precision.FP16, Precision.INT8):
-        total = device_total(engines, precision)
-        table.add_row(precision.value, f"{total / GIB:.2f}", *("fits" if total <= gib * GIB else "no" for gib in ORIN_MODULES_GIB))
+        for drop in (False, True) if dropped else (False,):
+            total = device_total(engines, precision, drop)
+            table.add_row(precision.value, "no " + ", ".join(dropped) if drop else "all", f"{total / GIB:.2f}",
+                          *("fits" if total <= gib * GIB else "no" for gib in ORIN_MODULES_GIB))
+    if dropped:
+        table.caption = "; ".join(f"no {e.submodule}: {e.droppable}" for e in engines if e.droppable)
     return table
 
 

@@ -47,6 +47,7 @@ class EngineBudget:
     weights_int8: int  # bytes, the quantizable layers at one byte (plus their FP16 per-channel scales)
     activations: int  # bytes: peak of live FP16 activations at `shapes`
     quantized: bool = False  # whether the INT8 deployment quantizes it (else it serves FP16 there too)
+    droppable: str = ""  # what stands in for its outputs where a deployment leaves it out (the family's `droppable`)
 
     def weights(self, precision: Precision) -> int:
         return self.weights_int8 if precision is Precision.INT8 and self.quantized else self.weights_fp16
@@ -162,11 +163,13 @@ def budget(onnx_dir: Path, target_name: str = "edge", max_batch: int | None = No
     quantized = (manifest.get("int8_calibration") or {}).get("submodules", model.int8_default)
     ranges = deployment.dim_ranges(model.dims())
     return [replace(engine_budget(paths[name], name, {k: r.max for k, r in sig.shape_ranges(ranges).items()},
-                                  model.int8_kept), quantized=name in quantized)
+                                  model.int8_kept), quantized=name in quantized, droppable=model.droppable.get(name, ""))
             for name, sig in model.signatures().items()]
 
 
-def device_total(engines: list[EngineBudget], precision: Precision) -> int:
-    """What the pipeline's engines need on the device: all weights, the largest scratch, the runtime."""
-    weights = sum(e.weights(precision) for e in engines)
-    return weights + max(e.activations for e in engines) + RUNTIME_RESERVE
+def device_total(engines: list[EngineBudget], precision: Precision, dropped: bool = False) -> int:
+    """What the pipeline's engines need on the device: all weights, the largest scratch, the runtime;
+    `dropped`: without the engines a deployment may leave out (dit4sr's T5)."""
+    kept = [e for e in engines if not (dropped and e.droppable)]
+    weights = sum(e.weights(precision) for e in kept)
+    return weights + max(e.activations for e in kept) + RUNTIME_RESERVE

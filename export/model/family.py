@@ -69,6 +69,8 @@ class ModelFamily(ABC):
     defaults: ClassVar[PipelineConfig] = PipelineConfig()  # a new checkpoint's pipeline settings (diffsr.json)
     int8_default: ClassVar[tuple[str, ...]] = ()  # what `diffsr quantize` quantizes by default
     int8_kept: ClassVar[Mapping[str, str]] = {}  # weight-name parts kept out of INT8 -> why
+    # submodules a deployment may leave out -> what stands in for their outputs (the budget counts both ways)
+    droppable: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, config: Any):
         if not isinstance(config, self.config_class):

@@ -158,6 +158,7 @@ class DiT4SR(ModelFamily):
     defaults = DEFAULTS
     int8_default = ("transformer",)
     int8_kept = INT8_KEPT
+    droppable = {"t5_encoder": "zeros, as diffusers' SD3 pipeline gives with text_encoder_3=None"}
 
     @property
     def latent_multiple(self) -> int:

@@ -61,4 +61,22 @@ def test_budget_of_the_export_at_the_edge_target(tiny_onnx, tmp_path):
     assert RUNTIME_RESERVE < device_total(engines, Precision.INT8) < device_total(engines, Precision.FP16)
     result = CliRunner().invoke(app, ["budget", "--onnx", str(tiny_onnx), "--json", str(tmp_path / "b.json")])
     assert result.exit_code == 0, result.output
-    assert "Orin 8 GiB" in result.output and (tmp_path / "b.json").is_file()
+    assert "Orin 8 " in result.output and (tmp_path / "b.json").is_file()
+
+
+def test_dit4sr_budget_with_and_without_t5(dit4sr_onnx):
+    """T5 may be left out (diffusers' SD3 pipeline with text_encoder_3=None gives zeros): both totals,
+    the second exactly T5's weights (and, were it the largest, its scratch) below the first."""
+    engines = budget(dit4sr_onnx, "edge")
+    (t5,) = [e for e in engines if e.droppable]
+    assert t5.submodule == "t5_encoder" and "zeros" in t5.droppable and t5.shapes["input_ids_3"] == (2, 24)
+    for precision in (Precision.FP16, Precision.INT8):
+        rest = max(e.activations for e in engines if e is not t5)
+        with_t5, without = device_total(engines, precision), device_total(engines, precision, dropped=True)
+        assert with_t5 - without == t5.weights(precision) + max(rest, t5.activations) - rest > 0
+    result = CliRunner().invoke(app, ["budget", "--onnx", str(dit4sr_onnx)])
+    assert result.exit_code == 0, result.output
+    cells = [[cell.strip() for cell in line.split("│")[1:4]] for line in result.output.splitlines()]
+    assert [row for row in cells if row[1:2] == ["no t5_encoder"]] == [
+        ["fp16", "no t5_encoder", f"{device_total(engines, Precision.FP16, dropped=True) / 2**30:.2f}"],
+        ["int8", "no t5_encoder", f"{device_total(engines, Precision.INT8, dropped=True) / 2**30:.2f}"]]
