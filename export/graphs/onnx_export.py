@@ -34,11 +34,12 @@ from torch.export import Dim
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.logs import quiet
-from diffsr.export.model.checkpoint import Checkpoint, build, stored_shapes, weight_source, weights_file
+from diffsr.export.model.checkpoint import Checkpoint, build, stored_weights, weight_source
 from diffsr.export.model.dims import trace_sizes
 from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.samples import sample_inputs
 from diffsr.export.model.signatures import Signature, parse_dim
+from diffsr.export.model.weights import StoredWeights
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def bind_weights(model: ir.Model, ckpt: Checkpoint, name: str, parameters: dict[
     and without it ONNX Runtime and TensorRT fold it themselves when loading, holding both copies (SDXL's
     ControlNet + UNet: 24 GB instead of 15)."""
     permutations = _fold_weight_transposes(model, parameters)
-    shapes: dict[Path, dict[str, tuple[int, ...]]] = {}
+    stores: dict[str, StoredWeights] = {}
     total = 0
     for init in model.graph.initializers.values():
         if init.const_value is not None:
@@ -151,15 +152,15 @@ def bind_weights(model: ir.Model, ckpt: Checkpoint, name: str, parameters: dict[
         if init.name not in parameters:
             raise DiffsrError(f"ONNX export of {name}: initializer {init.name!r} has no value")
         folder, key = weight_source(ckpt.model, name, init.name)
-        file = weights_file(ckpt, folder)
-        stored = shapes.setdefault(file, stored_shapes(file)).get(key)
+        weights = stores.setdefault(folder, stored_weights(ckpt, folder))  # headers read once a folder
+        stored = weights.shapes.get(key)
         if stored != parameters[init.name]:
-            raise DiffsrError(f"weights in {file} do not match its config.json: {key} is {stored}, "
+            raise DiffsrError(f"weights in {weights} do not match its config.json: {key} is {stored}, "
                               f"expected {parameters[init.name]}")
         perm = permutations.get(init.name)
         shape = stored if perm is None else tuple(stored[i] for i in perm)
-        init.const_value = ir.LazyTensor(_reader(file, key, perm), dtype=ir.DataType.FLOAT, shape=ir.Shape(shape),
-                                         name=init.name)
+        init.const_value = ir.LazyTensor(_reader(*weights.locate(key), perm), dtype=ir.DataType.FLOAT,
+                                         shape=ir.Shape(shape), name=init.name)
         init.shape = ir.Shape(shape)
         total += 4 * math.prod(stored)
     return total

@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.model.family import ModelFamily, model_from_json
 from diffsr.export.model.settings import PipelineConfig
+from diffsr.export.model.weights import StoredWeights
 
 FORMAT_VERSION = 1
 
@@ -103,26 +103,21 @@ def empty_parameters() -> Iterator[None]:
 
 
 def weights_file(ckpt: Checkpoint, folder: str) -> Path:
-    return ckpt.path / folder / ckpt.model.components()[folder].weights
+    """The single weights file of a component as `init` writes it (a published one may be sharded)."""
+    return stored_weights(ckpt, folder).file
 
 
-def stored_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """key -> shape of every tensor in a safetensors file, read from its header only."""
-    if not file.is_file():
-        raise DiffsrError(f"checkpoint file missing: {file}")
-    try:
-        with safe_open(str(file), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise DiffsrError(f"cannot read weights {file}: {e}") from None
+def stored_weights(ckpt: Checkpoint, folder: str) -> StoredWeights:
+    component = ckpt.model.components()[folder]
+    return StoredWeights(ckpt.path / folder, component.weights, component.tied)
 
 
-def check_weights(file: Path, expected: dict[str, tuple[int, ...]], others_allowed: bool = False) -> None:
-    """A stored file against what a network needs: every key with its shape, and (unless the network
-    uses the file's component in part, as the decoder does the VAE) no other key."""
-    stored = stored_shapes(file)
+def check_weights(weights: StoredWeights, expected: dict[str, tuple[int, ...]], others_allowed: bool = False) -> None:
+    """Stored weights against what a network needs: every key with its shape, and (unless the network
+    uses the component in part, as the decoder does the VAE) no other key."""
+    stored = weights.shapes
     missing = sorted(set(expected) - set(stored))
-    unexpected = [] if others_allowed else sorted(set(stored) - set(expected))
+    unexpected = [] if others_allowed else sorted(weights.stored() - set(expected))
     shapes = [k for k in expected if k in stored and stored[k] != expected[k]]
     if missing or unexpected or shapes:
         detail = "; ".join(
@@ -130,7 +125,7 @@ def check_weights(file: Path, expected: dict[str, tuple[int, ...]], others_allow
             for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
             if keys
         )
-        raise DiffsrError(f"weights in {file} do not match its config.json: {detail}")
+        raise DiffsrError(f"weights in {weights} do not match its config.json: {detail}")
 
 
 def load_submodule(ckpt: Checkpoint, name: str) -> nn.Module:
@@ -144,26 +139,12 @@ def load_submodule(ckpt: Checkpoint, name: str) -> nn.Module:
         wanted.setdefault(folder, {})[key] = (parameter, tuple(tensor.shape))
     state: dict[str, torch.Tensor] = {}
     for folder, keys in wanted.items():
-        file = weights_file(ckpt, folder)
-        check_weights(file, {k: shape for k, (_, shape) in keys.items()}, others_allowed=ckpt.model.partial(name))
-        for key, tensor in read_tensors(file, list(keys)):
+        weights = stored_weights(ckpt, folder)
+        check_weights(weights, {k: shape for k, (_, shape) in keys.items()}, others_allowed=ckpt.model.partial(name))
+        for key, tensor in weights.read(list(keys)):
             state[keys[key][0]] = tensor.float() if tensor.is_floating_point() else tensor
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
-
-
-def read_tensors(file: Path, keys: list[str], window: int = 1 << 29) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) from a safetensors file, reopened after every `window` bytes read: a mapping keeps
-    the pages it touched resident, and SDXL's files are 5 GB."""
-    done = 0
-    while done < len(keys):
-        read = 0
-        with safe_open(str(file), "pt") as f:
-            while done < len(keys) and read < window:
-                tensor = f.get_tensor(keys[done])
-                read += tensor.numel() * tensor.element_size()
-                yield keys[done], tensor
-                done += 1
 
 
 def parameter_bytes(ckpt: Checkpoint, name: str) -> int:

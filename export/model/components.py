@@ -39,8 +39,9 @@ def diffusers_component(cls: Any) -> Component:
     return Component(build, DIFFUSERS_WEIGHTS)
 
 
-def transformers_component(cls: Any, config_cls: Any) -> Component:
-    """A transformers model of this class from its folder's config.json (a `config_cls` dict)."""
+def transformers_component(cls: Any, config_cls: Any, tied: tuple[tuple[str, str], ...] = ()) -> Component:
+    """A transformers model of this class from its folder's config.json (a `config_cls` dict); `tied`: its
+    tied weights, saved by transformers under one name."""
 
     def build(folder: Path) -> nn.Module:
         try:
@@ -49,7 +50,7 @@ def transformers_component(cls: Any, config_cls: Any) -> Component:
             raise DiffsrError(f"{folder / 'config.json'} is not a valid {config_cls.__name__}: {e}") from None
         return module
 
-    return Component(build, WEIGHTS)
+    return Component(build, WEIGHTS, tied)
 
 
 def our_component(cls: Callable[[Any], nn.Module], config_cls: Any) -> Component:

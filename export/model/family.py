@@ -50,10 +50,12 @@ class Stages:
 
 @dataclass(frozen=True)
 class Component:
-    """A checkpoint folder: its network, built from the folder's config.json, and its weights file."""
+    """A checkpoint folder: its network, built from the folder's config.json, and its weights file (or
+    that name's shards and index); `tied`: key pairs naming one tensor, either of which may be stored."""
 
     build: Callable[[Path], nn.Module]
     weights: str
+    tied: tuple[tuple[str, str], ...] = ()
 
 
 class ModelFamily(ABC):

@@ -49,8 +49,10 @@ def _draw(module: nn.Module, kind: str, shape: tuple[int, ...], generator: torch
 
 def random_tensors(model: ModelFamily, folder: str, net: nn.Module, seed: int,
                    shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, FP16 tensor) for every parameter and persistent buffer of a component, each drawn alone."""
+    """(key, FP16 tensor) for every parameter and persistent buffer of a component, each drawn alone; tied keys
+    (T5's embedding) are one tensor, drawn under one name."""
     buffers = dict(net.named_buffers())  # real even now: their values are the network's own
+    tied = dict(model.components()[folder].tied)
     kinds = {}
     for module_name, module in net.named_modules():
         for kind, _ in module.named_parameters(recurse=False):
@@ -60,7 +62,7 @@ def random_tensors(model: ModelFamily, folder: str, net: nn.Module, seed: int,
             buffer = buffers[key]
             yield key, buffer.to(STORED_DTYPE) if buffer.is_floating_point() else buffer.clone()
             continue
-        digest = hashlib.sha256(f"{seed}/{model.copy_source(folder, key, shapes)}".encode()).digest()
+        digest = hashlib.sha256(f"{seed}/{model.copy_source(folder, tied.get(key, key), shapes)}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         module, kind = kinds.get(key, (net, key))
         yield key, _draw(module, kind, shape, generator).to(STORED_DTYPE)

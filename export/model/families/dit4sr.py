@@ -55,6 +55,9 @@ SD35_SCHEDULER_CONFIG: dict[str, Any] = {"_class_name": "FlowMatchEulerDiscreteS
                                          "shift": 3.0}
 
 # the official test script's prompt suffix (here the whole default prompt: no captioner yet) and negative prompt
+# T5's token embedding, shared with its encoder: transformers saves it as `shared.weight` alone; both are read
+T5_TIED = (("encoder.embed_tokens.weight", "shared.weight"),)
+
 POSITIVE = ("Cinematic, hyper sharpness, highly detailed, perfect without deformations, camera, hyper detailed photo - "
             "realistic maximum detail, 32k, Color Grading, ultra HD, extreme meticulous detailing, skin pore detailing.")
 NEGATIVE = ("motion blur, noisy, dotted, bokeh, pointed, CG Style, 3D render, unreal engine, blurring, dirty, messy, "
@@ -218,7 +221,7 @@ class DiT4SR(ModelFamily):
 
         clip = transformers_component(CLIPTextModelWithProjection, CLIPTextConfig)
         return {"text_encoder": clip, "text_encoder_2": clip,
-                "text_encoder_3": transformers_component(T5EncoderModel, T5Config),
+                "text_encoder_3": transformers_component(T5EncoderModel, T5Config, tied=T5_TIED),
                 "transformer": _transformer_component(), "vae": diffusers_component(AutoencoderKL)}
 
     def parts(self, submodule: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]:

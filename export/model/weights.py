@@ -1,0 +1,107 @@
+"""A component's stored weights, as the libraries publish them: one safetensors file, or shards named by
+an index (`model.safetensors.index.json`, `diffusion_pytorch_model.safetensors.index.json`: T5-XXL and
+other large networks come so), with tied tensors stored under one of their names.
+
+Only headers are read to learn keys and shapes; tensors are read one at a time, when asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.files import read_json
+
+
+@dataclass(frozen=True)
+class StoredWeights:
+    """`folder/name`, or the shards its `name.index.json` maps keys to. `tied`: pairs of keys naming one
+    tensor (a tied embedding); either may be the one stored."""
+
+    folder: Path
+    name: str
+    tied: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def file(self) -> Path:
+        return self.folder / self.name
+
+    @property
+    def index(self) -> Path:
+        return self.folder / f"{self.name}.index.json"
+
+    def __str__(self) -> str:
+        return str(self.file if self.file.is_file() or not self.index.is_file() else self.index)
+
+    @cached_property
+    def files(self) -> dict[str, Path]:
+        """key -> the file holding it."""
+        if self.file.is_file():
+            return {key: self.file for key in _header(self.file)}
+        if not self.index.is_file():
+            raise DiffsrError(f"checkpoint file missing: {self.file} (nor a sharded {self.index.name})")
+        weight_map = read_json(self.index, "weights index", "fix or replace the checkpoint").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise DiffsrError(f"{self.index} has no weight_map")
+        files = {key: self.folder / shard for key, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            listed = {k for k, f in files.items() if f == shard}
+            stored = set(_header(shard))
+            if listed - stored:
+                raise DiffsrError(f"{self.index} maps {sorted(listed - stored)[:3]} to {shard.name}, which lacks them")
+        return files
+
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """key -> shape of every stored tensor, and of each tied key whose partner is stored."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in sorted(set(self.files.values())):
+            shapes.update((k, v) for k, v in _header(file).items() if self.files.get(k) == file)
+        for a, b in self.tied:
+            for key, partner in ((a, b), (b, a)):
+                if key not in shapes and partner in shapes:
+                    shapes[key] = shapes[partner]
+        return shapes
+
+    def stored(self) -> set[str]:
+        """The keys as stored (tied partners not added)."""
+        return set(self.files)
+
+    def locate(self, key: str) -> tuple[Path, str]:
+        """(file, stored key) of a key; a tied key resolves to its stored partner."""
+        if key in self.files:
+            return self.files[key], key
+        partner = {a: b for pair in self.tied for a, b in (pair, pair[::-1])}.get(key)
+        if partner is not None and partner in self.files:
+            return self.files[partner], partner
+        raise DiffsrError(f"weights in {self} have no tensor {key!r}")
+
+    def read(self, keys: list[str], window: int = 1 << 29) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) in `keys` order, each file reopened after every `window` bytes read: a mapping keeps
+        the pages it touched resident, and SDXL's files are 5 GB."""
+        done = 0
+        while done < len(keys):
+            file, read = self.locate(keys[done])[0], 0
+            with safe_open(str(file), "pt") as f:
+                while done < len(keys) and read < window and self.locate(keys[done])[0] == file:
+                    tensor = f.get_tensor(self.locate(keys[done])[1])
+                    read += tensor.numel() * tensor.element_size()
+                    yield keys[done], tensor
+                    done += 1
+
+
+def _header(file: Path) -> Mapping[str, tuple[int, ...]]:
+    """key -> shape of a safetensors file's tensors, from its header."""
+    if not file.is_file():
+        raise DiffsrError(f"checkpoint file missing: {file}")
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise DiffsrError(f"cannot read weights {file}: {e}") from None
