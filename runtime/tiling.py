@@ -60,12 +60,19 @@ def axis_starts(length: int, size: int, overlap: int) -> list[int]:
     return [round(i * (length - size) / (n - 1)) for i in range(n)]
 
 
+GAUSSIAN_SIGMA = 0.1  # of the tile's side: DiT4SR's (and MultiDiffusion's) tile weights, variance 0.01
+
+
 def axis_weights(starts: list[int], size: int, scale: int, blend: str) -> list[torch.Tensor]:
     """Each tile's weights along one side (at `scale` values per cell). Ramps span the band a tile
-    shares with each neighbour, so two overlapping weights sum to 1 everywhere in the band."""
+    shares with each neighbour, so two overlapping weights sum to 1 everywhere in the band. Gaussian:
+    the official DiT4SR pipeline's weights, a Gaussian over the whole tile centred on it, sigma a tenth
+    of its side (the blend divides by the weights' sum)."""
     weights = []
     n = size * scale
     pos = torch.arange(n, dtype=torch.float32) + 0.5
+    if blend == "gaussian":
+        return [torch.exp(-0.5 * ((pos / n - 0.5) / GAUSSIAN_SIGMA) ** 2) for _ in starts]
     for i, start in enumerate(starts):
         w = torch.ones(n)
         prev_end = starts[i - 1] + size if i > 0 else None

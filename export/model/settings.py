@@ -16,7 +16,7 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 STARTS = ("noise", "lq")  # start the sampler from pure noise, or from z_lq noised to the first step
 COLOR_FIXES = ("adain", "none")
-TILE_BLENDS = ("ramp", "none")
+TILE_BLENDS = ("ramp", "gaussian", "none")
 MAX_STEPS = 1000
 
 

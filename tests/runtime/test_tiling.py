@@ -13,7 +13,7 @@ from diffsr.runtime.pipeline import Pipeline
 from diffsr.runtime.schedulers import make_scheduler
 from diffsr.runtime.stages import decode, encode_lq, prepare_lq
 from diffsr.runtime.step import Step, TiledStep, step_table
-from diffsr.runtime.tiling import Blender, Tiling, axis_starts, tiling_for
+from diffsr.runtime.tiling import Blender, Tiling, axis_starts, axis_weights, tiling_for
 
 
 @pytest.mark.parametrize("length,size,overlap", [(300, 64, 16), (200, 64, 16), (65, 64, 16), (64, 64, 16),
@@ -33,7 +33,7 @@ def test_an_image_that_fits_one_tile_is_one_tile_of_its_own_shape():
     assert len(tiles) == 1 and (tiles[0].h, tiles[0].w) == (40, 64)
 
 
-@pytest.mark.parametrize("blend", ["ramp", "none"])
+@pytest.mark.parametrize("blend", ["ramp", "gaussian", "none"])
 @pytest.mark.parametrize("grid,scale", [((20, 16), 1), ((13, 29), 1), ((20, 16), 8)])
 def test_blending_a_pointwise_function_gives_the_untiled_result(blend, grid, scale):
     """Where every output cell depends on its own input cell only, tiles must not change anything: the
@@ -57,6 +57,19 @@ def test_ramp_weights_are_one_inside_and_fade_linearly_across_the_overlap():
     assert torch.all(left[:6] == 1) and torch.all(right[2:] == 1)
     torch.testing.assert_close(left[6:] + right[:2], torch.ones(2))
     assert left[6] > left[7] > 0 and 0 < right[0] < right[1]
+
+
+def test_gaussian_weights_are_the_official_dit4sr_ones():
+    """DiT4SR's pipeline weights a tile of side L at cell x by exp(-(x - (L-1)/2)^2 / L^2 / (2 * 0.01)) (up to
+    a constant, which the blend's normalisation removes), written out here; at 8 values a cell the same
+    curve, sampled at the pixel centres."""
+    from math import exp
+
+    (w,) = axis_weights([0], 64, 1, "gaussian")
+    official = torch.tensor([exp(-(x - 31.5) ** 2 / 64**2 / 0.02) for x in range(64)])
+    torch.testing.assert_close(w, official, rtol=1e-5, atol=1e-7)
+    (fine,) = axis_weights([0], 8, 8, "gaussian")
+    torch.testing.assert_close(fine, torch.tensor([exp(-(x - 31.5) ** 2 / 64**2 / 0.02) for x in range(64)]), rtol=1e-5, atol=1e-7)
 
 
 def test_bad_tilings_are_refused():
@@ -152,7 +165,7 @@ def seam_ratio(image: np.ndarray, boundaries: list[int], axis: int) -> float:
     return float(diffs[at].mean() / diffs[~at].mean())
 
 
-@pytest.mark.parametrize("blend,passes", [("ramp", True), ("none", False)])
+@pytest.mark.parametrize("blend,passes", [("ramp", True), ("gaussian", True), ("none", False)])
 def test_seams_of_blended_tiles_look_like_the_interior_and_pasted_ones_do_not(torch_pipeline, tiny_checkpoint,
                                                                                blend, passes):
     lq = photo("coffee", (80, 56))  # -> 320x224, latent 40x28: tiles of 16 start at 0, 12, 24 and 0, 12

@@ -62,9 +62,10 @@ POSITIVE = ("Cinematic, hyper sharpness, highly detailed, perfect without deform
             "realistic maximum detail, 32k, Color Grading, ultra HD, extreme meticulous detailing, skin pore detailing.")
 NEGATIVE = ("motion blur, noisy, dotted, bokeh, pointed, CG Style, 3D render, unreal engine, blurring, dirty, messy, "
             "worst quality, low quality, frames, watermark, signature, jpeg artifacts, deformed, lowres, chaotic")
-# the official test script's run: 40 steps, guidance 8.0, from noise, AdaIN; its 64-cell tiles overlap by 24
+# the official test script's run: 40 steps, guidance 8.0, from noise, AdaIN; its 64-cell tiles overlap by 24,
+# blended with Gaussian weights
 DEFAULTS = PipelineConfig(prompt=POSITIVE, negative_prompt=NEGATIVE, steps=40, guidance_scale=8.0,
-                          scheduler="flow-euler", tile_overlap=24)
+                          scheduler="flow-euler", tile_overlap=24, tile_blend="gaussian")
 
 
 @dataclass(frozen=True)
