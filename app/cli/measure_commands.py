@@ -1,4 +1,4 @@
-"""Commands that measure: bench, scaling, gpu-check."""
+"""Commands that measure: bench, scaling, gpu-check, eval."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from diffsr.app.cli.common import command, console, out, parse_ints, parse_size, writable
+from diffsr.app.cli.common import bars, command, console, out, parse_ints, parse_precision, parse_size, writable
 from diffsr.runtime.backends.names import BACKENDS, SERVED
 
 
@@ -110,3 +110,66 @@ def gpu_check(
         json_file.write_text(json.dumps(report.to_json(), indent=2))
     if not report.passed:
         raise typer.Exit(code=1)
+
+
+@command("eval")
+def eval_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
+    hr: Annotated[Path, typer.Option(help="folder of ground-truth HR images")],
+    lr: Annotated[Optional[Path], typer.Option(help="folder of their LR images (default: bicubic downscales of the HR)")] = None,
+    onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder, for the onnxruntime backend")] = None,
+    backends: Annotated[str, typer.Option(help=f"comma-separated, of {','.join(BACKENDS)}")] = "torch",
+    precision: Annotated[str, typer.Option(help="comma-separated, of fp32,fp16,int8 (the ONNX backends'; torch is FP32)")] = "fp32",
+    scheduler: Annotated[Optional[str], typer.Option(help="default: the checkpoint's")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="default: the checkpoint's")] = None,
+    tile: Annotated[Optional[int], typer.Option(help="tile side in latent cells (default: the model's native side)")] = None,
+    color_fix: Annotated[Optional[str], typer.Option(help="adain or none (default: the checkpoint's)")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    limit: Annotated[Optional[int], typer.Option(help="only the first N images")] = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="write every score as JSON")] = None,
+    plot_file: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG: bicubic | diffsr | HR crops")] = None,
+) -> None:
+    """PSNR and SSIM (Y channel, border cropped) against ground truth: bicubic first, then each backend."""
+    from diffsr.app.cli import tables
+    from diffsr.app.measure.bench import check_backends
+    from diffsr.app.measure.quality import BICUBIC, bicubic, evaluate, load_pair, pair_images, picture, reference_of
+    from diffsr.export.model.checkpoint import open_checkpoint
+    from diffsr.runtime.loading import load_pipeline
+    from diffsr.runtime.schedulers import make_scheduler
+    from diffsr.runtime.tiling import tiling_for
+
+    chosen = [b for b in backends.split(",") if b]
+    check_backends(chosen)
+    precisions = [parse_precision(p) for p in precision.split(",") if p]
+    writable(json_file, plot_file)
+    pairs = pair_images(hr, lr)[:limit]
+    ckpt = open_checkpoint(checkpoint)
+    config = ckpt.defaults.replace(scheduler=scheduler, steps=steps, tile=tile, color_fix=color_fix, seed=seed)
+    tiling_for(ckpt.model, config)
+    make_scheduler(config.scheduler, ckpt.scheduler_config).set_timesteps(config.steps)
+    scale = config.upscale
+    configs = {BICUBIC: lambda rgb: bicubic(rgb, (rgb.shape[1] * scale, rgb.shape[0] * scale))}
+    for backend in chosen:
+        for p in ([None] if backend.startswith("torch") else precisions):
+            pipe = load_pipeline(backend, ckpt, onnx_dir=onnx, precision=p, engines_dir=None)
+            configs[f"{backend} {(p.value if p else 'fp32')}"] = lambda rgb, pipe=pipe: pipe(rgb, config).image
+    # the picture: bicubic and the first diffsr row, on the first four images
+    shown, pictured, kept = list(configs)[:2], [p.name for p in pairs[:4]], {}
+
+    def keep(label: str, name: str, image: Any) -> None:
+        if plot_file is not None and label in shown and name in pictured:
+            kept[(label, name)] = image
+
+    with bars() as draw:
+        scores = evaluate(pairs, configs, scale, on_progress=draw, keep=keep)
+    title = (f"{ckpt.model.preset} on {hr} ({len(pairs)} images, x{scale}), {config.scheduler} {config.steps} steps; "
+             f"Y channel, {scale} px border cropped")
+    out.print(tables.quality(scores, title))
+    if json_file is not None:
+        ref = reference_of(scores)
+        json_file.write_text(json.dumps({"title": title, "reference": ref.label if ref else None,
+                                         "configs": [s.to_json() for s in scores]}, indent=2))
+    if plot_file is not None:
+        rows = [(pair.name, [*((label, kept[(label, pair.name)]) for label in shown), ("HR", load_pair(pair, scale)[1])])
+                for pair in pairs[:4]]
+        picture(rows, plot_file)

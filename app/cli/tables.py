@@ -12,6 +12,7 @@ from diffsr.app.measure.bench import Record
 from diffsr.app.measure.bench_report import memory_line, table_rows
 from diffsr.app.measure.gpu_check import GRAPH_TOLERANCE, GpuReport
 from diffsr.app.measure.parity import ParityReport
+from diffsr.app.measure.quality import ConfigScore, reference_of
 from diffsr.app.measure.scaling import ScalingRecord
 from diffsr.export.core.precision import Precision
 from diffsr.export.engines.budget import GIB, ORIN_MODULES_GIB, RUNTIME_RESERVE, EngineBudget, device_total
@@ -181,4 +182,16 @@ def families(registered: dict[str, Any]) -> Table:
         s = model.stages
         table.add_row(name, ", ".join(family.presets), ", ".join(model.submodules),
                       f"{', '.join(s.text)} | {s.lq} | {', '.join(s.step)} | {s.decode}")
+    return table
+
+
+def quality(scores: list[ConfigScore], title: str) -> Table:
+    """Mean Y-PSNR and Y-SSIM per configuration, the difference to the reference row in dB."""
+    ref = reference_of(scores)
+    table = Table(title=title)
+    for col in ("configuration", "PSNR-Y dB", "SSIM-Y", f"dB vs {ref.label if ref else '-'}", "s / image"):
+        table.add_column(col, justify="left" if col == "configuration" else "right")
+    for s in scores:
+        delta = f"{s.psnr_y - ref.psnr_y:+.3f}" if ref is not None and s is not ref else ""
+        table.add_row(s.label, f"{s.psnr_y:.2f}", f"{s.ssim_y:.4f}", delta, f"{s.seconds / max(len(s.images), 1):.2f}")
     return table
