@@ -97,6 +97,9 @@ class DiT4SRConfig:
     scaling_factor: float = 1.5305
     shift_factor: float = 0.0609
     native_latent: int = 64  # 512 px: the official tile
+    # False: no T5 (no text_encoder_3/ nor tokenizer_3/ folder), its embeddings zeros, as diffusers' SD3
+    # pipeline runs with text_encoder_3=None; the widths above still give the joint width and token count
+    text_encoder_3: bool = True
 
     def __post_init__(self) -> None:
         if self.clip_l[0] + self.clip_g[0] > self.t5_d_model:
@@ -155,14 +158,21 @@ class DiT4SR(ModelFamily):
     name = "dit4sr"
     config_class = DiT4SRConfig
     presets = PRESETS
-    stages = Stages(text=("text_encoder", "t5_encoder"), lq="lr_encoder", step=("transformer",), decode="vae_decoder",
-                    start="lr_latent")
     latent_channels = LATENT_CHANNELS
     scheduler_config = SD35_SCHEDULER_CONFIG
     defaults = DEFAULTS
     int8_default = ("transformer",)
     int8_kept = INT8_KEPT
     droppable = {"t5_encoder": "zeros, as diffusers' SD3 pipeline gives with text_encoder_3=None"}
+
+    @property
+    def t5(self) -> bool:
+        return bool(self.config.text_encoder_3)
+
+    @property  # type: ignore[override]
+    def stages(self) -> Stages:
+        text = ("text_encoder", "t5_encoder") if self.t5 else ("text_encoder",)
+        return Stages(text=text, lq="lr_encoder", step=("transformer",), decode="vae_decoder", start="lr_latent")
 
     @property
     def latent_multiple(self) -> int:
@@ -200,8 +210,8 @@ class DiT4SR(ModelFamily):
                               TensorSpec("input_ids_2", "int32", ("text_batch", CLIP_LENGTH))),
                       outputs=(TensorSpec("clip_embeddings", F32, ("text_batch", CLIP_LENGTH, self.joint_dim)),
                                TensorSpec("pooled_projections", F32, ("text_batch", self.pooled_dim)))),
-            Signature("t5_encoder", inputs=(TensorSpec("input_ids_3", "int32", ("text_batch", t5)),),
-                      outputs=(TensorSpec("t5_embeddings", F32, ("text_batch", t5, self.joint_dim)),)),
+            *([Signature("t5_encoder", inputs=(TensorSpec("input_ids_3", "int32", ("text_batch", t5)),),
+                         outputs=(TensorSpec("t5_embeddings", F32, ("text_batch", t5, self.joint_dim)),))] if self.t5 else []),
             Signature("lr_encoder", inputs=(TensorSpec("lq_image", F32, ("batch", 3, *img)),),
                       outputs=(TensorSpec("lr_latent", F32, latent),)),
             Signature("transformer",
@@ -221,8 +231,8 @@ class DiT4SR(ModelFamily):
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
         clip = transformers_component(CLIPTextModelWithProjection, CLIPTextConfig)
-        return {"text_encoder": clip, "text_encoder_2": clip,
-                "text_encoder_3": transformers_component(T5EncoderModel, T5Config, tied=T5_TIED),
+        t5 = {"text_encoder_3": transformers_component(T5EncoderModel, T5Config, tied=T5_TIED)} if self.t5 else {}
+        return {"text_encoder": clip, "text_encoder_2": clip, **t5,
                 "transformer": _transformer_component(), "vae": diffusers_component(AutoencoderKL)}
 
     def parts(self, submodule: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]:
@@ -243,11 +253,12 @@ class DiT4SR(ModelFamily):
         return submodule in ("lr_encoder", "vae_decoder")  # the VAE's encoder or decoder half
 
     def tokenizer_folders(self) -> dict[str, str]:
-        return {"input_ids": "tokenizer", "input_ids_2": "tokenizer_2", "input_ids_3": "tokenizer_3"}
+        return {"input_ids": "tokenizer", "input_ids_2": "tokenizer_2", **({"input_ids_3": "tokenizer_3"} if self.t5 else {})}
 
     def tokenizer(self, path: Path) -> Tokenizer:
         lengths = {"input_ids": CLIP_LENGTH, "input_ids_2": CLIP_LENGTH, "input_ids_3": int(self.config.t5_length)}
-        return Tokenizer({name: path / folder for name, folder in self.tokenizer_folders().items()}, lengths)
+        return Tokenizer({name: path / folder for name, folder in self.tokenizer_folders().items()},
+                         {name: lengths[name] for name in self.tokenizer_folders()})
 
     def t5_config(self) -> dict[str, Any]:
         """T5 v1.1 (T5-XXL's kind): gated GELU, no tied embeddings."""
@@ -281,14 +292,16 @@ class DiT4SR(ModelFamily):
             clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config(*c.clip_g, "gelu", 0, projection=True)))
             t5 = T5EncoderModel(T5Config(**self.t5_config()))
             transformer = DiT4SRTransformer(self.transformer_config())
-        return {"text_encoder": (clip_l, clip_l.config.to_dict()), "text_encoder_2": (clip_g, clip_g.config.to_dict()),
-                "text_encoder_3": (t5, t5.config.to_dict()), "vae": (vae, diffusers_config(vae)),
-                "transformer": (transformer, self.transformer_config() | {"_class_name": "SD3Transformer2DModel"})}
+        found = {"text_encoder": (clip_l, clip_l.config.to_dict()), "text_encoder_2": (clip_g, clip_g.config.to_dict()),
+                 "text_encoder_3": (t5, t5.config.to_dict()), "vae": (vae, diffusers_config(vae)),
+                 "transformer": (transformer, self.transformer_config() | {"_class_name": "SD3Transformer2DModel"})}
+        return {folder: net for folder, net in found.items() if folder in self.components()}
 
     def write_extras(self, out: Path) -> None:
         build_clip_tokenizer().save_pretrained(str(out / "tokenizer"))
         build_clip_tokenizer(pad_token=OPENCLIP_PAD).save_pretrained(str(out / "tokenizer_2"))
-        build_t5_tokenizer(self.config.t5_vocab).save_pretrained(str(out / "tokenizer_3"))
+        if self.t5:
+            build_t5_tokenizer(self.config.t5_vocab).save_pretrained(str(out / "tokenizer_3"))
 
     def sample_draws(self) -> Mapping[str, Draw]:
         return {"input_ids": _ids(VOCAB_SIZE), "input_ids_2": _ids(VOCAB_SIZE), "input_ids_3": _ids(self.config.t5_vocab),
@@ -301,9 +314,11 @@ class DiT4SR(ModelFamily):
     # --- a step ----------------------------------------------------------------------------
 
     def conditioning(self, text: Tensors, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """SD3's prompt embeddings: the CLIP states, then T5's, on the token axis; the pooled CLIP outputs."""
-        return {"prompt_embeds": torch.cat([text["clip_embeddings"], text["t5_embeddings"]], dim=1),
-                "pooled_projections": text["pooled_projections"]}
+        """SD3's prompt embeddings: the CLIP states, then T5's (zeros without T5, as diffusers gives), on the
+        token axis; the pooled CLIP outputs."""
+        clip = text["clip_embeddings"]
+        t5 = text["t5_embeddings"] if self.t5 else clip.new_zeros(clip.shape[0], int(self.config.t5_length), clip.shape[2])
+        return {"prompt_embeds": torch.cat([clip, t5], dim=1), "pooled_projections": text["pooled_projections"]}
 
     def predict(self, run: RunFn, x: torch.Tensor, lq: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
         # the timestep is 1000 sigma; the LR latent is repeated for the guidance rows inside the graph

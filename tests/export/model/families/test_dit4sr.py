@@ -255,3 +255,57 @@ def test_the_triton_repository_serves_its_submodules(dit4sr):
         assert configs["transformer"].max_batch_size == batch and configs["vae_decoder"].max_batch_size == 0
         ids = {i.name: list(i.dims) for i in configs["preprocess"].output if i.name.startswith("input_ids")}
         assert ids == {"input_ids": [-1, 77], "input_ids_2": [-1, 77], "input_ids_3": [-1, 24]}, ids
+
+
+@pytest.fixture(scope="module")
+def without_t5(dit4sr_checkpoint, tmp_path_factory):
+    """dit4sr-tiny as diffusers allows it without T5: no text_encoder_3/ nor tokenizer_3/, and the
+    checkpoint says so (`text_encoder_3: false` in diffsr.json's model)."""
+    import json
+    import shutil
+
+    from diffsr.export.model.checkpoint import open_checkpoint
+
+    path = shutil.copytree(dit4sr_checkpoint.path, tmp_path_factory.mktemp("no-t5") / "ck")
+    shutil.rmtree(path / "text_encoder_3")
+    shutil.rmtree(path / "tokenizer_3")
+    meta = json.loads((path / "diffsr.json").read_text())
+    meta["model"]["text_encoder_3"] = False
+    (path / "diffsr.json").write_text(json.dumps(meta))
+    return open_checkpoint(path)
+
+
+def test_without_t5_the_prompt_has_zeros_for_t5s_tokens(without_t5, dit4sr_checkpoint):
+    """Four submodules, two tokenisers, and the image of the full checkpoint's pipeline with T5's output
+    replaced by zeros (diffusers' `_get_t5_prompt_embeds` without a T5); the full checkpoint's T5 does
+    change the image."""
+    from diffsr.runtime.loading import load_runners
+    from diffsr.runtime.pipeline import Pipeline
+
+    assert without_t5.model.submodules == ("text_encoder", "lr_encoder", "transformer", "vae_decoder")
+    assert set(without_t5.tokenizer()(["a cat"])) == {"input_ids", "input_ids_2"}
+    image = photo("coffee", (24, 16))
+    config = dit4sr_checkpoint.defaults.replace(steps=2)
+    dropped = load_pipeline("torch", without_t5)(image, config).image
+    runners = load_runners("torch", dit4sr_checkpoint)
+    t5 = runners["t5_encoder"]
+
+    class Zeros:  # the full checkpoint's T5, its output zeroed
+        def __getattr__(self, name):
+            return getattr(t5, name)
+
+        def infer(self, feeds):
+            return {k: torch.zeros_like(v) for k, v in t5.infer(feeds).items()}
+
+    zeroed = Pipeline({**runners, "t5_encoder": Zeros()}, dit4sr_checkpoint)(image, config).image
+    full = Pipeline(runners, dit4sr_checkpoint)(image, config).image
+    assert (dropped == zeroed).all() and (dropped != full).any()
+
+
+def test_without_t5_the_repository_has_no_t5(without_t5):
+    from diffsr.triton_models.repository import ServingOptions, model_configs
+
+    configs = model_configs(without_t5, "onnxruntime", ServingOptions(entry="ensemble"))
+    assert "t5_encoder" not in configs and "text_encoder" in configs
+    ids = {i.name for i in configs["preprocess"].output if i.name.startswith("input_ids")}
+    assert ids == {"input_ids", "input_ids_2"}
