@@ -53,10 +53,17 @@ def test_the_published_layout_is_what_was_written(published):
 
 
 @pytest.mark.parametrize("name", ["t5_encoder", "transformer"])
-def test_sharded_and_tied_weights_load_and_export_as_the_single_file(published, dit4sr_checkpoint, name, tmp_path):
+def test_sharded_and_tied_weights_load_as_the_single_file(published, dit4sr_checkpoint, name):
     ours, theirs = load_submodule(dit4sr_checkpoint, name), load_submodule(published, name)
     mine, other = ours.state_dict(), theirs.state_dict()
     assert mine.keys() == other.keys() and all(torch.equal(mine[k], other[k]) for k in mine)
+
+
+def test_sharded_and_tied_weights_export_as_the_single_file(published, dit4sr_checkpoint, tmp_path):
+    """The export binds each initializer to its shard (and the tied embedding to its stored name); T5 has
+    both (the transformer's shards take the same path, at a minute and a half of tracing)."""
+    name = "t5_encoder"
+    ours = load_submodule(dit4sr_checkpoint, name)
     feeds = sample_inputs(published.model, name, DIMS, seed=0)
     graph = OnnxRuntimeRunner(published.model.signature(name), onnx_from_checkpoint(published, name, tmp_path / f"{name}.onnx"))
     want = ours(**feeds)
