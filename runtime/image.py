@@ -109,6 +109,25 @@ def adain(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor
     return ((x - mx) / (sx + eps) * sr + mr).clamp(-1.0, 1.0)
 
 
+def wavelet_split(x: torch.Tensor, levels: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) frequencies of (B, C, H, W) images, high + low == x: an a-trous wavelet pyramid, each
+    level a 3x3 binomial blur dilated 2^i (replicate-padded), its detail added to `high`."""
+    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=x.dtype, device=x.device) / 16
+    kernel = kernel.expand(x.shape[1], 1, 3, 3)
+    high, low = torch.zeros_like(x), x
+    for i in range(levels):
+        r = 2**i
+        blurred = F.conv2d(F.pad(low, (r, r, r, r), mode="replicate"), kernel, dilation=r, groups=x.shape[1])
+        high, low = high + (low - blurred), blurred
+    return high, low
+
+
+def wavelet_fix(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """StableSR's and SeeSR's colour fix: the output's high frequencies on the reference's low ones (the
+    bicubic-upsampled LQ image's colours and shading, the model's detail)."""
+    return (wavelet_split(x)[0] + wavelet_split(ref)[1]).clamp(-1.0, 1.0)
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
     y = ((x[0].float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)

@@ -17,7 +17,7 @@ import torch
 
 from diffsr.export.model.family import ModelFamily, RunFn
 from diffsr.export.model.settings import PipelineConfig
-from diffsr.runtime.image import adain, pad_to_multiple, to_uint8, upsample
+from diffsr.runtime.image import adain, pad_to_multiple, to_uint8, upsample, wavelet_fix
 from diffsr.runtime.tiling import Blender, Tiling
 
 
@@ -63,4 +63,6 @@ def finish(decoded: torch.Tensor, lq: torch.Tensor, size: tuple[int, int], color
     out = decoded[..., :h, :w]
     if color_fix == "adain":
         out = adain(out, lq[..., :h, :w])
+    elif color_fix == "wavelet":
+        out = wavelet_fix(out, lq[..., :h, :w])
     return to_uint8(out)

@@ -123,7 +123,7 @@ def eval_cmd(
     scheduler: Annotated[Optional[str], typer.Option(help="default: the checkpoint's")] = None,
     steps: Annotated[Optional[int], typer.Option(help="default: the checkpoint's")] = None,
     tile: Annotated[Optional[int], typer.Option(help="tile side in latent cells (default: the model's native side)")] = None,
-    color_fix: Annotated[Optional[str], typer.Option(help="adain or none (default: the checkpoint's)")] = None,
+    color_fix: Annotated[Optional[str], typer.Option(help="adain, wavelet or none (default: the checkpoint's)")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     limit: Annotated[Optional[int], typer.Option(help="only the first N images")] = None,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="write every score as JSON")] = None,

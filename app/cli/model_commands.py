@@ -50,7 +50,7 @@ def upscale(
     guidance: Annotated[Optional[float], typer.Option(help="CFG scale; 1.0 turns CFG off")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="ddim or dpmpp-2m (default: the checkpoint's)")] = None,
     start: Annotated[Optional[str], typer.Option(help="noise or lq")] = None,
-    color_fix: Annotated[Optional[str], typer.Option(help="adain or none")] = None,
+    color_fix: Annotated[Optional[str], typer.Option(help="adain, wavelet or none")] = None,
     backend: Annotated[str, typer.Option(help=", ".join(BACKENDS))] = "torch",
     onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder, for --backend onnxruntime (tensorrt: checked against)")] = None,
     engines: Annotated[Optional[Path], typer.Option(help="engine folder, for --backend tensorrt")] = None,

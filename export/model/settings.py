@@ -15,7 +15,7 @@ DEFAULT_NEGATIVE_PROMPT = (
     "dotted, noise, blur, lowres, oversmooth, bad anatomy, worst quality, low quality, jpeg artifacts, watermark"
 )
 STARTS = ("noise", "lq")  # start the sampler from pure noise, or from z_lq noised to the first step
-COLOR_FIXES = ("adain", "none")
+COLOR_FIXES = ("adain", "wavelet", "none")
 TILE_BLENDS = ("ramp", "gaussian", "none")
 MAX_STEPS = 1000
 

@@ -8,7 +8,17 @@ from PIL import Image
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.dims import MIN_LATENT
 from diffsr.export.model.family import preset
-from diffsr.runtime.image import adain, decode_image, latent_grid, output_size, pad_to_multiple, to_rgb, upsample
+from diffsr.runtime.image import (
+    adain,
+    decode_image,
+    latent_grid,
+    output_size,
+    pad_to_multiple,
+    to_rgb,
+    upsample,
+    wavelet_fix,
+    wavelet_split,
+)
 from diffsr.runtime.stages import prepare_lq
 
 
@@ -79,3 +89,23 @@ def test_adain_matches_reference_statistics():
     assert y.abs().max() < 1.0  # nothing clamped
     torch.testing.assert_close(y.mean((-2, -1)), ref.mean((-2, -1)), atol=1e-5, rtol=0)
     torch.testing.assert_close(y.std((-2, -1)), ref.std((-2, -1)), atol=1e-3, rtol=0)
+
+
+def test_wavelet_split_adds_back_up_to_the_image():
+    x = torch.rand(1, 3, 37, 50, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    high, low = wavelet_split(x)
+    torch.testing.assert_close(high + low, x, rtol=0, atol=1e-6)
+    assert low.std() < 0.5 * x.std()  # five levels of blur: little but the mean is left
+
+
+def test_wavelet_fix_takes_the_references_colours_and_keeps_the_outputs_detail():
+    """StableSR's colour fix: a colour cast of the output (low frequency) goes, a one-pixel checkerboard
+    added to it (high frequency) stays."""
+    g = torch.Generator().manual_seed(1)
+    ref = wavelet_split(torch.rand(1, 3, 64, 64, generator=g) * 1.2 - 0.6)[1]  # smooth, well inside [-1, 1]
+    cast = ref + torch.tensor([0.2, -0.1, 0.05]).view(1, 3, 1, 1)
+    torch.testing.assert_close(wavelet_fix(cast, ref), ref, rtol=0, atol=1e-5)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    checker = ((yy + xx) % 2 * 2 - 1).float() * 0.05
+    detail = wavelet_fix(cast + checker, ref) - ref
+    assert torch.nn.functional.cosine_similarity(detail.flatten(), checker.expand_as(detail).flatten(), dim=0) > 0.95

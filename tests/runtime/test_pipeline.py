@@ -69,12 +69,14 @@ def test_dpm_solver_runs_at_fewer_steps(pipe, photo_lq):
 
 def test_options_change_the_image(pipe, photo_lq):
     base = pipe(photo_lq, _cfg(pipe)).image
-    for change in (dict(guidance_scale=1.0), dict(start="lq"), dict(color_fix="none"), dict(prompt="a cat")):
+    for change in (dict(guidance_scale=1.0), dict(start="lq"), dict(color_fix="none"), dict(color_fix="wavelet"),
+                   dict(prompt="a cat")):
         assert not np.array_equal(pipe(photo_lq, _cfg(pipe, **change)).image, base), change
 
 
-def test_colour_fix_follows_the_input(pipe, photo_lq):
-    out = pipe(photo_lq, _cfg(pipe, color_fix="adain")).image.reshape(-1, 3).mean(0)
+@pytest.mark.parametrize("fix", ["adain", "wavelet"])
+def test_colour_fix_follows_the_input(pipe, photo_lq, fix):
+    out = pipe(photo_lq, _cfg(pipe, color_fix=fix)).image.reshape(-1, 3).mean(0)
     assert np.abs(out - photo_lq.reshape(-1, 3).mean(0)).max() < 4
 
 
