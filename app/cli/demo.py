@@ -4,6 +4,9 @@
     2. the PyTorch reference pipeline                        .demo/<photo>_x4_<preset>_torch.png
     3. ONNX export (once), the ONNX Runtime pipeline         .demo/<photo>_x4_<preset>_onnxruntime.png
     4. a Triton repository, a real tritonserver, one request .demo/<photo>_x4_<preset>_triton.png
+
+The LQ input is the photo at 512x512 downscaled x4 (bicubic); every output, and bicubic upscaling, is scored
+against that 512x512 photo as the papers score SR (PSNR and SSIM on Y, 4 px border: `diffsr eval`'s).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffsr.app.measure.quality import bicubic, psnr_y, ssim_y
 from diffsr.app.serving.triton_client import TritonClient
 from diffsr.app.serving.triton_server import Ports, TritonServer
 from diffsr.calib.data import PHOTOS, photo
@@ -29,6 +33,7 @@ from diffsr.triton_models.repository import build_repository
 
 DEMO_DIR = Path(".demo")
 LQ_SIZE = (128, 128)  # the benchmark size: 128 in, 512 out
+SCALE = 4
 
 
 @dataclass
@@ -38,6 +43,7 @@ class DemoResult:
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # backend -> stage -> seconds
     endpoint_latency_s: float | None = None
     endpoint_max_abs_diff: int | None = None  # endpoint image against the ONNX Runtime pipeline's
+    scores: dict[str, tuple[float, float]] = field(default_factory=dict)  # bicubic or backend -> (PSNR-Y, SSIM-Y)
 
 
 def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = True,
@@ -51,9 +57,15 @@ def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = 
     say(f"the {preset} checkpoint in {ckpt_dir} (created once)")
     ckpt = ensure_checkpoint(preset, 0, ckpt_dir)
     config = ckpt.defaults.replace(steps=steps)
-    lq = photo(photo_name, LQ_SIZE)
+    hr = photo(photo_name, (SCALE * LQ_SIZE[0], SCALE * LQ_SIZE[1]))
+    lq = bicubic(hr, LQ_SIZE)
     result = DemoResult(folder / f"{photo_name}_lq.png")
     save_image(lq, result.lq_path)
+
+    def score(label: str, image: np.ndarray) -> None:
+        result.scores[label] = (psnr_y(image, hr, SCALE), ssim_y(image, hr, SCALE))
+
+    score("bicubic", bicubic(lq, hr.shape[1::-1]))
 
     def upscale(backend: str, **kwargs) -> np.ndarray:
         say(f"upscaling with {backend}")
@@ -61,6 +73,7 @@ def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = 
         result.outputs[backend] = folder / f"{photo_name}_x4_{preset}_{backend}.png"
         save_image(out.image, result.outputs[backend])
         result.timings[backend] = out.timings
+        score(backend, out.image)
         return out.image
 
     upscale("torch")
@@ -74,6 +87,7 @@ def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = 
             result.endpoint_latency_s, remote = _ask(triton_url, lq, steps, say)
         result.outputs["triton"] = folder / f"{photo_name}_x4_{preset}_triton.png"
         save_image(remote, result.outputs["triton"])
+        score("triton", remote)
         result.endpoint_max_abs_diff = int(np.abs(remote.astype(int) - direct.astype(int)).max())
     return result
 

@@ -108,6 +108,8 @@ def demo(
     if result.endpoint_latency_s is not None:
         console.print(f"Triton endpoint: {result.endpoint_latency_s:.3f} s end to end (HTTP); "
                       f"max |endpoint - onnxruntime| = {result.endpoint_max_abs_diff} on uint8", highlight=False)
+    console.print("against the 512x512 photo (Y channel, 4 px border): " + ", ".join(
+        f"{label} {p:.2f} dB / SSIM {s:.4f}" for label, (p, s) in result.scores.items()), highlight=False)
 
 
 @command("export")

@@ -22,6 +22,10 @@ def test_demo_writes_every_backends_image_and_the_endpoint_agrees(tmp_path, tiny
     assert np.abs(images["torch"].astype(int) - images["onnxruntime"].astype(int)).max() <= 1
     assert result.endpoint_max_abs_diff <= 1 and result.endpoint_latency_s > 0
     assert result.timings["torch"]["denoise"] > 0
+    # scored against the 512x512 photo: bicubic well above random weights' noise, the backends alike
+    assert list(result.scores) == ["bicubic", "torch", "onnxruntime", "triton"]
+    assert result.scores["bicubic"][0] > 25 > result.scores["torch"][0]
+    assert abs(result.scores["torch"][0] - result.scores["onnxruntime"][0]) < 0.05
 
 
 def test_demo_refuses_an_unknown_photo(tmp_path):
