@@ -111,7 +111,7 @@ def run_bench(
             if backend in ENTRIES:
                 url = triton_url if backend == SERVED else None
                 if url is None:
-                    server = stack.enter_context(_triton_server(ckpt, onnx_dir, stack, say, ENTRIES[backend]))
+                    server = stack.enter_context(local_triton_server(ckpt, onnx_dir, stack, say, ENTRIES[backend]))
                     url = server.http_url
                     records[backend].host_mib = tree_rss_mib(server.process.pid if server.process else None)
                 calls[backend] = _remote_call(url, encode_png(image), steps, stack)
@@ -162,9 +162,10 @@ def _remote_call(url: str, png: bytes, steps: int, stack: ExitStack) -> Callable
     return call
 
 
-def _triton_server(ckpt: Checkpoint, onnx_dir: Path | None, stack: ExitStack, say: Say, entry: str = "bls") -> Any:
-    """A server on a repository (with `entry` as its entry point) in a temporary folder that `stack`
-    removes; entered by the caller.
+def local_triton_server(ckpt: Checkpoint, onnx_dir: Path | None, stack: ExitStack, say: Say, entry: str = "bls",
+                   tiling: tuple[int | None, int | None] = (None, None)) -> Any:
+    """A server on a repository (with `entry` as its entry point, `tiling` its tile and overlap) in a
+    temporary folder that `stack` removes; entered by the caller.
     Imported here: Triton's packages are only needed when the triton backend is benchmarked (the GPU
     check runs without them)."""
     from diffsr.app.serving.triton_server import Ports, TritonServer
@@ -173,7 +174,8 @@ def _triton_server(ckpt: Checkpoint, onnx_dir: Path | None, stack: ExitStack, sa
     if onnx_dir is None:
         raise DiffsrError("the triton backend needs --onnx DIR, or --triton-url of a running server")
     repo = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="diffsr-bench-"))) / "models"
-    build_repository(ckpt, onnx_dir, repo, options=ServingOptions(sampler_instances=4, entry=entry))
+    options = ServingOptions(sampler_instances=4, entry=entry, tile=tiling[0], tile_overlap=tiling[1])
+    build_repository(ckpt, onnx_dir, repo, options=options)
     say("starting tritonserver")
     return TritonServer(repo, Ports.free())
 

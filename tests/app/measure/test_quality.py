@@ -71,22 +71,26 @@ def test_pairs_by_name_and_the_errors(tmp_path):
 
 
 def test_eval_on_set14_crops(tiny_checkpoint, tiny_onnx, tmp_path):
-    """Bicubic first, then PyTorch and ONNX Runtime (FP32 and FP16) with the difference to PyTorch in dB;
-    the JSON holds every image's scores, the picture the crops side by side."""
+    """Bicubic first, then PyTorch, ONNX Runtime (FP32 and FP16) and the endpoint (a tritonserver started
+    for the run) with the difference to PyTorch in dB; the JSON holds every image's scores, the picture the
+    crops side by side."""
     args = ["eval", "--checkpoint", str(tiny_checkpoint.path), "--onnx", str(tiny_onnx), "--hr", str(CROPS), "--lr", str(CROPS),
-            "--backends", "torch,onnxruntime", "--precision", "fp32,fp16", "--steps", "2",
+            "--backends", "torch,onnxruntime,triton", "--precision", "fp32,fp16", "--steps", "2",
             "--json", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "q.json").read_text())
     labels = [c["label"] for c in report["configs"]]
-    assert labels == ["bicubic", "torch fp32", "onnxruntime fp32", "onnxruntime fp16"] and report["reference"] == "torch fp32"
+    assert labels == ["bicubic", "torch fp32", "onnxruntime fp32", "onnxruntime fp16", "triton fp32"]
+    assert report["reference"] == "torch fp32"
     bicubic_row = report["configs"][0]
     by_hand = [psnr_y(bicubic(lr, (64, 48)), hr, 4) for lr, hr in (load_pair(p, 4) for p in pair_images(CROPS, CROPS))]
     assert [i["psnr_y"] for i in bicubic_row["images"]] == pytest.approx(by_hand)
     assert bicubic_row["psnr_y"] == pytest.approx(np.mean(by_hand))
     torch_row, ort_row = report["configs"][1], report["configs"][2]
     assert abs(torch_row["psnr_y"] - ort_row["psnr_y"]) < 0.05  # the same model, two runtimes
+    endpoint = report["configs"][4]  # the endpoint serves the ONNX Runtime graphs: the same images, near enough
+    assert [i["psnr_y"] for i in endpoint["images"]] == pytest.approx([i["psnr_y"] for i in ort_row["images"]], abs=0.01)
     assert "dB vs torch fp32" in result.output
     sheet = Image.open(tmp_path / "q.png")
     assert sheet.size[0] > 3 * 160 and sheet.size[1] > 3 * 160  # 3 images x (bicubic | torch fp32 | HR)
