@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from diffsr.app.cli.common import bars, command, console, out, parse_ints, parse_precision, parse_size, writable
+from diffsr.export.core.precision import Precision
 from diffsr.runtime.backends.names import BACKENDS, SERVED
 
 
@@ -117,34 +118,30 @@ def eval_cmd(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
     hr: Annotated[Path, typer.Option(help="folder of ground-truth HR images")],
     lr: Annotated[Optional[Path], typer.Option(help="folder of their LR images (default: bicubic downscales of the HR)")] = None,
-    onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder, for the onnxruntime backend")] = None,
+    onnx: Annotated[Optional[Path], typer.Option(help="ONNX folder: the onnxruntime backend, the endpoint")] = None,
+    engines: Annotated[Optional[Path], typer.Option(help="engine folder, for the tensorrt backend")] = None,
     backends: Annotated[str, typer.Option(help=f"comma-separated, of {','.join((*BACKENDS, SERVED))} "
-                        f"({SERVED}: the endpoint, a tritonserver started on --onnx, FP32)")] = "torch",
-    precision: Annotated[str, typer.Option(help="comma-separated, of fp32,fp16,int8 (the ONNX backends'; torch is FP32)")] = "fp32",
+                        f"({SERVED}: the endpoint, a tritonserver started on --onnx)")] = "torch",
+    precision: Annotated[str, typer.Option(help="comma-separated, of fp32,fp16,int8: the onnxruntime and tensorrt "
+                                                "backends' (torch runs FP32, torch-cuda FP16, the endpoint FP32)")] = "fp32",
     scheduler: Annotated[Optional[str], typer.Option(help="default: the checkpoint's")] = None,
     steps: Annotated[Optional[int], typer.Option(help="default: the checkpoint's")] = None,
-    tile: Annotated[Optional[int], typer.Option(help="tile side in latent cells (default: the model's native side)")] = None,
+    tile: Annotated[Optional[int], typer.Option(help="tile side in latent cells (default: the checkpoint's)")] = None,
     color_fix: Annotated[Optional[str], typer.Option(help="adain, wavelet or none (default: the checkpoint's)")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    limit: Annotated[Optional[int], typer.Option(help="only the first N images")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="default: the checkpoint's")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="only the first N images", min=1)] = None,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="write every score as JSON")] = None,
     plot_file: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG: bicubic | diffsr | HR crops")] = None,
 ) -> None:
     """PSNR and SSIM (Y channel, border cropped) against ground truth: bicubic first, then each backend."""
-    import dataclasses
-    from contextlib import ExitStack
-
     from diffsr.app.cli import tables
-    from diffsr.app.measure.bench import check_backends
-    from diffsr.app.measure.quality import BICUBIC, bicubic, evaluate, load_pair, pair_images, picture, reference_of
+    from diffsr.app.measure.quality import evaluate, load_pair, pair_images, picture, reference_of, rows_for
     from diffsr.export.model.checkpoint import open_checkpoint
-    from diffsr.runtime.loading import load_pipeline
     from diffsr.runtime.schedulers import make_scheduler
     from diffsr.runtime.tiling import tiling_for
 
     chosen = [b for b in backends.split(",") if b]
-    check_backends([b for b in chosen if b != SERVED] or (["torch"] if chosen else []))
-    precisions = [parse_precision(p) for p in precision.split(",") if p]
+    precisions = [parse_precision(p) or Precision.FP32 for p in precision.split(",") if p]
     writable(json_file, plot_file)
     pairs = pair_images(hr, lr)[:limit]
     ckpt = open_checkpoint(checkpoint)
@@ -152,25 +149,16 @@ def eval_cmd(
     tiling_for(ckpt.model, config)
     make_scheduler(config.scheduler, ckpt.scheduler_config).set_timesteps(config.steps)
     scale = config.upscale
-    configs = {BICUBIC: lambda rgb: bicubic(rgb, (rgb.shape[1] * scale, rgb.shape[0] * scale))}
-    kept: dict[tuple[str, str], Any] = {}
-    with ExitStack() as stack:  # a server started here is stopped on any exit
-        for backend in chosen:
-            if backend == SERVED:  # the endpoint, served with this run's colour fix and tiling
-                configs[f"{SERVED} fp32"] = _endpoint(dataclasses.replace(ckpt, defaults=config), onnx, stack)
-                continue
-            for p in ([None] if backend.startswith("torch") else precisions):
-                pipe = load_pipeline(backend, ckpt, onnx_dir=onnx, precision=p, engines_dir=None)
-                configs[f"{backend} {(p.value if p else 'fp32')}"] = lambda rgb, pipe=pipe: pipe(rgb, config).image
-        # the picture: bicubic and the first diffsr row, on the first four images
-        shown, pictured = list(configs)[:2], [p.name for p in pairs[:4]]
+    rows = rows_for(ckpt, config, chosen, precisions, onnx, engines)
+    # the picture: bicubic and the first diffsr row, on the first four images
+    shown, pictured, kept = list(rows)[:2], [p.name for p in pairs[:4]], {}
 
-        def keep(label: str, name: str, image: Any) -> None:
-            if plot_file is not None and label in shown and name in pictured:
-                kept[(label, name)] = image
+    def keep(label: str, name: str, image: Any) -> None:
+        if plot_file is not None and label in shown and name in pictured:
+            kept[(label, name)] = image
 
-        with bars() as draw:
-            scores = evaluate(pairs, configs, scale, on_progress=draw, keep=keep)
+    with bars() as draw:
+        scores = evaluate(pairs, rows, scale, on_progress=draw, keep=keep)
     title = (f"{ckpt.model.preset} on {hr} ({len(pairs)} images, x{scale}), {config.scheduler} {config.steps} steps; "
              f"Y channel, {scale} px border cropped")
     out.print(tables.quality(scores, title))
@@ -179,20 +167,5 @@ def eval_cmd(
         json_file.write_text(json.dumps({"title": title, "reference": ref.label if ref else None,
                                          "configs": [s.to_json() for s in scores]}, indent=2))
     if plot_file is not None:
-        rows = [(pair.name, [*((label, kept[(label, pair.name)]) for label in shown), ("HR", load_pair(pair, scale)[1])])
-                for pair in pairs[:4]]
-        picture(rows, plot_file)
-
-
-def _endpoint(ckpt: Any, onnx: Optional[Path], stack: Any) -> Any:
-    """An upscaler through a tritonserver started on a repository of `ckpt` (its defaults as the served
-    settings), stopped by `stack`."""
-    from diffsr.app.measure.bench import local_triton_server
-    from diffsr.app.serving.triton_client import TritonClient
-    from diffsr.runtime.image import decode_image, encode_png
-
-    cfg = ckpt.defaults
-    server = stack.enter_context(local_triton_server(ckpt, onnx, stack, lambda _: None, tiling=(cfg.tile, cfg.tile_overlap)))
-    client = stack.enter_context(TritonClient(server.http_url))
-    settings = dict(steps=cfg.steps, seed=cfg.seed, scheduler=cfg.scheduler)
-    return lambda rgb: decode_image(client.upscale(encode_png(rgb), **settings).png, "the endpoint's answer")
+        picture([(pair.name, [*((label, kept[(label, pair.name)]) for label in shown), ("HR", load_pair(pair, scale)[1])])
+                 for pair in pairs[:4]], plot_file)

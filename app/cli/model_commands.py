@@ -187,7 +187,7 @@ def parity(
     size: Annotated[str, typer.Option(help="LQ size of the end-to-end check, WIDTHxHEIGHT")] = "128x96",
     steps: Annotated[int, typer.Option(help="sampler steps of the end-to-end check")] = 20,
     shapes: Annotated[str, typer.Option(help="submodule shapes, of min,opt,odd (SDXL's opt is 1024 px)")] = "min,opt,odd",
-    submodules: Annotated[Optional[str], typer.Option(help="only these submodules, comma-separated (default: all)")] = None,
+    submodules: Annotated[Optional[str], typer.Option(help="only these submodules, comma-separated (default: all; int8: the quantized ones)")] = None,
     end_to_end: Annotated[bool, typer.Option(help="also compare the whole pipeline's images")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
 ) -> None:

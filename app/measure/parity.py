@@ -196,5 +196,5 @@ def check_parity(
 def _chosen(model: ModelFamily, submodules: tuple[str, ...] | None) -> tuple[str, ...] | None:
     unknown = [name for name in submodules or () if name not in model.submodules]
     if unknown or submodules == ():
-        raise DiffsrError(f"no submodule {unknown or ['']} in the {model.name} family: its submodules are {list(model.submodules)}")
+        raise DiffsrError(f"no submodule {unknown or ['']} in this {model.name} checkpoint: its submodules are {list(model.submodules)}")
     return submodules

@@ -15,21 +15,29 @@ LR folder is given) is Pillow's bicubic downscale, antialiased as MATLAB's `imre
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.precision import Precision
 from diffsr.export.core.progress import OnProgress, Progress, ignore
 from diffsr.runtime.image import load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 PSNR_CAP = 100.0  # identical images (JSON has no infinity)
+SSIM_WINDOW = 11  # pixels: the Gaussian window's side (sigma 1.5)
+BICUBIC = "bicubic"  # the first row
+REFERENCE = "torch fp32"  # the row the others' dB difference is against, where it ran
+CROP = 160  # pixels a side of each crop in the picture
 
 
 def y_channel(rgb: np.ndarray) -> np.ndarray:
@@ -102,20 +110,30 @@ def pair_images(hr_dir: Path, lr_dir: Path | None) -> list[Pair]:
 
 
 def load_pair(pair: Pair, scale: int) -> tuple[np.ndarray, np.ndarray]:
-    """(LR, HR) as RGB uint8. A given LR must be exactly 1/scale of its HR; an LR made here is the bicubic
-    downscale of the HR cropped to a multiple of `scale` (the papers' `modcrop`)."""
+    """(LR, HR) as RGB uint8. A given LR must be 1/scale of its HR (an HR up to scale - 1 pixels larger is
+    cropped to LR x scale, as BasicSR does); an LR made here is the bicubic downscale of the HR cropped to a
+    multiple of `scale` (the papers' `modcrop`)."""
     hr = load_image(pair.hr)
     if pair.lr is None:
         h, w = (hr.shape[0] // scale) * scale, (hr.shape[1] // scale) * scale
         if h == 0 or w == 0:
             raise DiffsrError(f"{pair.hr.name} is {hr.shape[1]}x{hr.shape[0]}: smaller than the scale {scale}")
-        hr = hr[:h, :w]
+        hr = _big_enough(hr[:h, :w], pair.hr.name, scale)
         return bicubic(hr, (w // scale, h // scale)), hr
     lr = load_image(pair.lr)
-    if (lr.shape[0] * scale, lr.shape[1] * scale) != hr.shape[:2]:
+    h, w = lr.shape[0] * scale, lr.shape[1] * scale
+    if not (h <= hr.shape[0] < h + scale and w <= hr.shape[1] < w + scale):
         raise DiffsrError(f"{pair.lr.name} is {lr.shape[1]}x{lr.shape[0]} but {pair.hr.name} is {hr.shape[1]}x{hr.shape[0]}: "
-                          f"the HR image must be exactly {scale}x the LR one")
-    return lr, hr
+                          f"the HR image must be {scale}x the LR one (up to {scale - 1} pixels more, cropped)")
+    return lr, _big_enough(hr[:h, :w], pair.hr.name, scale)
+
+
+def _big_enough(hr: np.ndarray, name: str, border: int) -> np.ndarray:
+    """SSIM's 11-pixel window must fit inside the border crop."""
+    if min(hr.shape[:2]) < 2 * border + SSIM_WINDOW:
+        raise DiffsrError(f"{name} is {hr.shape[1]}x{hr.shape[0]}: too small to score (at least {2 * border + SSIM_WINDOW} "
+                          f"pixels a side: a {border} px border and SSIM's {SSIM_WINDOW} px window)")
+    return hr
 
 
 def bicubic(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -157,41 +175,102 @@ class ConfigScore:
 
 
 Upscaler = Callable[[np.ndarray], np.ndarray]  # LR RGB uint8 -> SR RGB uint8 at scale x
+Row = Callable[[], AbstractContextManager[Upscaler]]  # loads a configuration; leaving the context releases it
 
 
-def evaluate(pairs: Sequence[Pair], configs: dict[str, Upscaler], scale: int, on_progress: OnProgress = ignore,
+def evaluate(pairs: Sequence[Pair], rows: dict[str, Row], scale: int, on_progress: OnProgress = ignore,
              keep: Callable[[str, str, np.ndarray], None] | None = None) -> list[ConfigScore]:
-    """Every configuration on every pair (bicubic first, as `configs` orders them); `keep(label, name, image)`
-    sees each output (the picture keeps a few)."""
-    scores = [ConfigScore(label) for label in configs]
-    total, done = len(pairs) * len(configs), 0
-    for pair in pairs:
-        lr, hr = load_pair(pair, scale)
-        for score, upscale in zip(scores, configs.values()):
-            on_progress(Progress("eval", f"{score.label}: {pair.name}", done, total))
-            start = time.perf_counter()
-            sr = upscale(lr)
-            seconds = time.perf_counter() - start
-            if sr.shape != hr.shape:
-                raise DiffsrError(f"{score.label} made {sr.shape[1]}x{sr.shape[0]} of {pair.name}, expected {hr.shape[1]}x{hr.shape[0]}")
-            score.images.append(ImageScore(pair.name, psnr_y(sr, hr, scale), ssim_y(sr, hr, scale), seconds))
-            if keep is not None:
-                keep(score.label, pair.name, sr)
-            done += 1
+    """Every configuration on every pair (bicubic first, as `rows` orders them), one configuration loaded at
+    a time (a full-size model's backends do not fit in memory together); `keep(label, name, image)` sees
+    each output (the picture keeps a few)."""
+    images = [(pair.name, *load_pair(pair, scale)) for pair in pairs]  # test sets are small: read once
+    scores, total, done = [], len(images) * len(rows), 0
+    for label, row in rows.items():
+        on_progress(Progress("eval", f"loading {label}", done, total))
+        score = ConfigScore(label)
+        with row() as upscale:
+            for name, lr, hr in images:
+                on_progress(Progress("eval", f"{label}: {name}", done, total))
+                start = time.perf_counter()
+                sr = upscale(lr)
+                seconds = time.perf_counter() - start
+                if sr.shape != hr.shape:
+                    raise DiffsrError(f"{label} made {sr.shape[1]}x{sr.shape[0]} of {name}, expected {hr.shape[1]}x{hr.shape[0]}")
+                score.images.append(ImageScore(name, psnr_y(sr, hr, scale), ssim_y(sr, hr, scale), seconds))
+                if keep is not None:
+                    keep(label, name, sr)
+                done += 1
+        scores.append(score)
     on_progress(Progress("eval", "done", total, total))
     return scores
+
+
+# --- the rows ----------------------------------------------------------------------------------
+
+
+def rows_for(ckpt: Any, config: Any, backends: list[str], precisions: list[Precision], onnx: Path | None,
+             engines: Path | None) -> dict[str, Row]:
+    """label -> row: bicubic, then each backend (the ONNX ones at each precision; the endpoint, `triton`, a
+    tritonserver on `onnx` serving `config`'s colour fix and tiling). Checked before anything loads."""
+    from diffsr.runtime.backends.names import BACKENDS, DEFAULTS, SERVED
+
+    unknown = [b for b in backends if b not in (*BACKENDS, SERVED)]
+    if not backends or unknown:
+        raise DiffsrError(f"backends {unknown or backends}: choose one or more of {[*BACKENDS, SERVED]}")
+    needs = {"onnxruntime": (onnx, "--onnx DIR"), SERVED: (onnx, "--onnx DIR"), "tensorrt": (engines, "--engines DIR")}
+    for backend in backends:
+        folder, option = needs.get(backend, ("", ""))
+        if folder is None:
+            raise DiffsrError(f"the {backend} row needs {option}")
+    scale = config.upscale
+    rows: dict[str, Row] = {BICUBIC: lambda: nullcontext(lambda rgb: bicubic(rgb, (rgb.shape[1] * scale, rgb.shape[0] * scale)))}
+    for backend in backends:
+        if backend == SERVED:
+            rows[f"{SERVED} fp32"] = lambda: _endpoint(dataclasses.replace(ckpt, defaults=config), onnx)
+        elif backend in ("onnxruntime", "tensorrt"):
+            for p in precisions:
+                rows[f"{backend} {p.value}"] = lambda b=backend, p=p: _pipeline(b, ckpt, config, onnx, engines, p)
+        else:
+            rows[f"{backend} {DEFAULTS[backend][1].value}"] = lambda b=backend: _pipeline(b, ckpt, config, onnx, engines, None)
+    return rows
+
+
+@contextmanager
+def _pipeline(backend: str, ckpt: Any, config: Any, onnx: Path | None, engines: Path | None,
+              precision: Precision | None) -> Iterator[Upscaler]:
+    from diffsr.runtime.loading import load_pipeline
+
+    pipe = load_pipeline(backend, ckpt, onnx_dir=onnx, precision=precision, engines_dir=engines)
+    try:
+        yield lambda rgb: pipe(rgb, config).image
+    finally:
+        for runner in pipe.runners.values():
+            runner.release()
+
+
+@contextmanager
+def _endpoint(ckpt: Any, onnx: Path | None) -> Iterator[Upscaler]:
+    """Requests to a tritonserver started on a repository of `ckpt` (its defaults as the served settings)."""
+    from diffsr.app.measure.bench import local_triton_server
+    from diffsr.app.serving.triton_client import TritonClient
+    from diffsr.runtime.image import decode_image, encode_png
+
+    cfg = ckpt.defaults
+    with ExitStack() as stack:
+        server = stack.enter_context(local_triton_server(ckpt, onnx, stack, lambda _: None, tiling=(cfg.tile, cfg.tile_overlap)))
+        client = stack.enter_context(TritonClient(server.http_url))
+        settings = dict(steps=cfg.steps, seed=cfg.seed, scheduler=cfg.scheduler)
+        yield lambda rgb: decode_image(client.upscale(encode_png(rgb), **settings).png, "the endpoint's answer")
 
 
 # --- reporting ---------------------------------------------------------------------------------
 
 
 def reference_of(scores: list[ConfigScore]) -> ConfigScore | None:
-    """What the other rows' dB difference is against: the first diffsr row (PyTorch FP32 when run)."""
-    return next((s for s in scores if s.label != BICUBIC), None)
+    """What the other rows' dB difference is against: PyTorch FP32 where it ran, else the first diffsr row."""
+    return next((s for s in scores if s.label == REFERENCE), next((s for s in scores if s.label != BICUBIC), None))
 
 
-BICUBIC = "bicubic"
-CROP = 160  # pixels a side of each crop in the picture
 
 
 def picture(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], path: Path) -> None:

@@ -141,8 +141,10 @@ def load_submodule(ckpt: Checkpoint, name: str) -> nn.Module:
     for folder, keys in wanted.items():
         weights = stored_weights(ckpt, folder)
         check_weights(weights, {k: shape for k, (_, shape) in keys.items()}, others_allowed=ckpt.model.partial(name))
-        for key, tensor in weights.read(list(keys)):
-            state[keys[key][0]] = tensor.float() if tensor.is_floating_point() else tensor
+        stored = {key: weights.locate(key)[1] for key in keys}  # tied keys share one stored tensor: read once
+        read = {k: t.float() if t.is_floating_point() else t for k, t in weights.read(list(dict.fromkeys(stored.values())))}
+        for key, (parameter, _) in keys.items():
+            state[parameter] = read[stored[key]]
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 

@@ -122,7 +122,7 @@ def test_missing_onnx_folder_for_parity(tiny_checkpoint, tmp_path):
 
 def test_unknown_parity_submodule(tiny_checkpoint, tiny_onnx):
     _one_line_error(_run("parity", "--checkpoint", tiny_checkpoint.path, "--onnx", tiny_onnx, "--submodules", "unet"),
-                    "no submodule ['unet'] in the sd family: its submodules are ['text_encoder',")
+                    "no submodule ['unet'] in this sd checkpoint: its submodules are ['text_encoder',")
 
 
 def test_serve_on_a_missing_repository(tmp_path):

@@ -4,6 +4,7 @@ errors, and the command on real crops of Set14 (tests/data/set14-crops: 64 x 48 
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -61,10 +62,22 @@ def test_pairs_by_name_and_the_errors(tmp_path):
         pair_images(hr_only, lr_only)
     (hr_only / "img_014_SRF_4_HR.png").unlink()
     (lr_only / "img_001_SRF_4_LR.png").write_bytes((CROPS / "img_014_SRF_4_HR.png").read_bytes())
-    with pytest.raises(DiffsrError, match=r"img_001_SRF_4_LR.png is 64x48 but img_001_SRF_4_HR.png is 64x48: the HR image must be exactly 4x"):
+    with pytest.raises(DiffsrError, match=r"img_001_SRF_4_LR.png is 64x48 but img_001_SRF_4_HR.png is 64x48: the HR image must be 4x the LR one"):
         load_pair(pair_images(hr_only, lr_only)[0], 4)
     with pytest.raises(DiffsrError, match="does not exist"):
         pair_images(tmp_path / "none", None)
+    # an HR image up to 3 px larger than 4x its LR is cropped to it (BasicSR's test sets); more is refused
+    wide = np.asarray(Image.open(CROPS / "img_001_SRF_4_HR.png"))
+    Image.fromarray(np.pad(wide, ((0, 3), (0, 2), (0, 0)), mode="edge")).save(hr_only / "img_001_SRF_4_HR.png")
+    shutil.copy(CROPS / "img_001_SRF_4_LR.png", lr_only / "img_001_SRF_4_LR.png")
+    assert (load_pair(pair_images(hr_only, lr_only)[0], 4)[1] == wide).all()
+    Image.fromarray(np.pad(wide, ((0, 4), (0, 0), (0, 0)), mode="edge")).save(hr_only / "img_001_SRF_4_HR.png")
+    with pytest.raises(DiffsrError, match=r"is 64x52: the HR image must be 4x the LR one \(up to 3 pixels more"):
+        load_pair(pair_images(hr_only, lr_only)[0], 4)
+    Image.fromarray(wide[:16, :16]).save(hr_only / "img_001_SRF_4_HR.png")
+    with pytest.raises(DiffsrError, match=r"img_001_SRF_4_HR.png is 16x16: too small to score \(at least 19 pixels"):
+        load_pair(pair_images(hr_only, None)[0], 4)
+    shutil.copy(CROPS / "img_001_SRF_4_HR.png", hr_only / "img_001_SRF_4_HR.png")
     made_lr, made_hr = load_pair(pair_images(hr_only, None)[0], 4)  # no LR folder: bicubic downscales
     assert made_lr.shape == (12, 16, 3)
     assert psnr_y(bicubic(made_lr, (64, 48)), made_hr, 4) > 20
@@ -94,3 +107,15 @@ def test_eval_on_set14_crops(tiny_checkpoint, tiny_onnx, tmp_path):
     assert "dB vs torch fp32" in result.output
     sheet = Image.open(tmp_path / "q.png")
     assert sheet.size[0] > 3 * 160 and sheet.size[1] > 3 * 160  # 3 images x (bicubic | torch fp32 | HR)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--backends", "torch,triton-ensemble"], r"backends \['triton-ensemble'\]: choose one or more of"),
+    (["--backends", "onnxruntime"], "the onnxruntime row needs --onnx DIR"),
+    (["--backends", "tensorrt", "--onnx", "x"], "the tensorrt row needs --engines DIR"),
+])
+def test_eval_checks_its_rows_before_loading(tiny_checkpoint, args, message):
+    result = CliRunner().invoke(app, ["eval", "--checkpoint", str(tiny_checkpoint.path), "--hr", str(CROPS), *args])
+    assert result.exit_code == 2 and re.search(message, result.output), result.output
+    limit = CliRunner().invoke(app, ["eval", "--checkpoint", str(tiny_checkpoint.path), "--hr", str(CROPS), "--limit", "0"])
+    assert limit.exit_code == 2 and "--limit" in limit.output
