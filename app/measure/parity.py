@@ -153,7 +153,8 @@ def judge_output(submodule: str, label: str, dims: dict, output: str, ref: np.nd
 
 
 def psnr_db(ref: np.ndarray, out: np.ndarray) -> float:
-    """PSNR of two uint8 images in dB, capped at `PSNR_CAP` (identical images)."""
+    """PSNR in dB of two images on a 0-255 scale (uint8, or float as `eval`'s Y channel), capped at
+    `PSNR_CAP` (identical images)."""
     mse = float(np.mean((out.astype(np.float64) - ref.astype(np.float64)) ** 2))
     return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(255.0**2 / mse))
 

@@ -16,7 +16,6 @@ LR folder is given) is Pillow's bicubic downscale, antialiased as MATLAB's `imre
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -27,13 +26,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffsr.app.measure.parity import psnr_db
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.precision import Precision
 from diffsr.export.core.progress import OnProgress, Progress, ignore
 from diffsr.runtime.image import load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-PSNR_CAP = 100.0  # identical images (JSON has no infinity)
 SSIM_WINDOW = 11  # pixels: the Gaussian window's side (sigma 1.5)
 BICUBIC = "bicubic"  # the first row
 REFERENCE = "torch fp32"  # the row the others' dB difference is against, where it ran
@@ -52,9 +51,7 @@ def _crop(y: np.ndarray, border: int) -> np.ndarray:
 
 def psnr_y(out: np.ndarray, ref: np.ndarray, border: int) -> float:
     """PSNR (dB) of two RGB images' Y channels, `border` pixels cropped from each side."""
-    a, b = _crop(y_channel(out), border), _crop(y_channel(ref), border)
-    mse = float(np.mean((a - b) ** 2))
-    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(255.0**2 / mse))
+    return psnr_db(_crop(y_channel(ref), border), _crop(y_channel(out), border))
 
 
 def ssim_y(out: np.ndarray, ref: np.ndarray, border: int) -> float:

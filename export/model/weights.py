@@ -40,57 +40,65 @@ class StoredWeights:
         return str(self.file if self.file.is_file() or not self.index.is_file() else self.index)
 
     @cached_property
-    def files(self) -> dict[str, Path]:
-        """key -> the file holding it."""
+    def _stored(self) -> dict[str, tuple[Path, tuple[int, ...]]]:
+        """key -> (the file holding it, its shape), each file's header read once."""
         if self.file.is_file():
-            return {key: self.file for key in _header(self.file)}
+            return {key: (self.file, shape) for key, shape in _header(self.file).items()}
         if not self.index.is_file():
             raise DiffsrError(f"checkpoint file missing: {self.file} (nor a sharded {self.index.name})")
         weight_map = read_json(self.index, "weights index", "fix or replace the checkpoint").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise DiffsrError(f"{self.index} has no weight_map")
-        files = {key: self.folder / shard for key, shard in weight_map.items()}
-        for shard in sorted(set(files.values())):
-            listed = {k for k, f in files.items() if f == shard}
-            stored = set(_header(shard))
-            if listed - stored:
-                raise DiffsrError(f"{self.index} maps {sorted(listed - stored)[:3]} to {shard.name}, which lacks them")
-        return files
+        by_shard: dict[str, list[str]] = {}
+        for key, shard in weight_map.items():
+            by_shard.setdefault(shard, []).append(key)
+        stored: dict[str, tuple[Path, tuple[int, ...]]] = {}
+        for shard, listed in sorted(by_shard.items()):
+            header = _header(self.folder / shard)
+            lacking = sorted(k for k in listed if k not in header)
+            if lacking:
+                raise DiffsrError(f"{self.index} maps {lacking[:3]} to {shard}, which lacks them")
+            stored.update((k, (self.folder / shard, header[k])) for k in listed)
+        return stored
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """key -> the file holding it."""
+        return {key: file for key, (file, _) in self._stored.items()}
+
+    @cached_property
+    def _partners(self) -> dict[str, str]:
+        return {a: b for pair in self.tied for a, b in (pair, pair[::-1])}
 
     @cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """key -> shape of every stored tensor, and of each tied key whose partner is stored."""
-        shapes: dict[str, tuple[int, ...]] = {}
-        for file in sorted(set(self.files.values())):
-            shapes.update((k, v) for k, v in _header(file).items() if self.files.get(k) == file)
-        for a, b in self.tied:
-            for key, partner in ((a, b), (b, a)):
-                if key not in shapes and partner in shapes:
-                    shapes[key] = shapes[partner]
+        shapes = {key: shape for key, (_, shape) in self._stored.items()}
+        for key, partner in self._partners.items():
+            if key not in shapes and partner in shapes:
+                shapes[key] = shapes[partner]
         return shapes
 
     def stored(self) -> set[str]:
         """The keys as stored (tied partners not added)."""
-        return set(self.files)
+        return set(self._stored)
 
     def locate(self, key: str) -> tuple[Path, str]:
         """(file, stored key) of a key; a tied key resolves to its stored partner."""
-        if key in self.files:
-            return self.files[key], key
-        partner = {a: b for pair in self.tied for a, b in (pair, pair[::-1])}.get(key)
-        if partner is not None and partner in self.files:
-            return self.files[partner], partner
-        raise DiffsrError(f"weights in {self} have no tensor {key!r}")
+        name = key if key in self._stored else self._partners.get(key, key)
+        if name not in self._stored:
+            raise DiffsrError(f"weights in {self} have no tensor {key!r}")
+        return self._stored[name][0], name
 
     def read(self, keys: list[str], window: int = 1 << 29) -> Iterator[tuple[str, torch.Tensor]]:
         """(key, tensor) in `keys` order, each file reopened after every `window` bytes read: a mapping keeps
         the pages it touched resident, and SDXL's files are 5 GB."""
-        done = 0
+        located, done = [self.locate(key) for key in keys], 0
         while done < len(keys):
-            file, read = self.locate(keys[done])[0], 0
+            file, read = located[done][0], 0
             with safe_open(str(file), "pt") as f:
-                while done < len(keys) and read < window and self.locate(keys[done])[0] == file:
-                    tensor = f.get_tensor(self.locate(keys[done])[1])
+                while done < len(keys) and read < window and located[done][0] == file:
+                    tensor = f.get_tensor(located[done][1])
                     read += tensor.numel() * tensor.element_size()
                     yield keys[done], tensor
                     done += 1
