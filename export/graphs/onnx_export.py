@@ -152,7 +152,9 @@ def bind_weights(model: ir.Model, ckpt: Checkpoint, name: str, parameters: dict[
         if init.name not in parameters:
             raise DiffsrError(f"ONNX export of {name}: initializer {init.name!r} has no value")
         folder, key = weight_source(ckpt.model, name, init.name)
-        weights = stores.setdefault(folder, stored_weights(ckpt, folder))  # headers read once a folder
+        if folder not in stores:  # headers read once a folder
+            stores[folder] = stored_weights(ckpt, folder)
+        weights = stores[folder]
         stored = weights.shapes.get(key)
         if stored != parameters[init.name]:
             raise DiffsrError(f"weights in {weights} do not match its config.json: {key} is {stored}, "
