@@ -65,8 +65,6 @@ class ModelFamily(ABC):
     config_class: ClassVar[type]
     presets: ClassVar[Mapping[str, Any]]  # preset name -> config
     stages: ClassVar[Stages]
-    latent_channels: ClassVar[int]
-    latent_factor: ClassVar[int] = 8  # pixels per latent cell
     scheduler_config: ClassVar[Mapping[str, Any]]  # a new checkpoint's scheduler/scheduler_config.json
     defaults: ClassVar[PipelineConfig] = PipelineConfig()  # a new checkpoint's pipeline settings (diffsr.json)
     int8_default: ClassVar[tuple[str, ...]] = ()  # what `diffsr quantize` quantizes by default
@@ -93,6 +91,16 @@ class ModelFamily(ABC):
     @property
     def preset(self) -> str:
         return str(self.config.preset)
+
+    @property
+    @abstractmethod
+    def latent_channels(self) -> int:
+        """Channels of the latent the sampler denoises (the VAE's)."""
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent cell: 8 for SD's, SDXL's and SD3's VAEs; a family whose autoencoder differs says so."""
+        return 8
 
     @property
     @abstractmethod

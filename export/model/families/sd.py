@@ -34,7 +34,7 @@ from diffsr.export.model.signatures import Signature, TensorSpec
 from diffsr.export.model.tokenizer import CLIP_LENGTH, VOCAB_SIZE, Tokenizer, build_clip_tokenizer
 
 F32 = "float32"
-LATENT_CHANNELS = 4  # the SD VAE's latent
+LATENT_CHANNELS = 4  # the SD VAE's latent (SD 1.x and SDXL)
 
 # Stable Diffusion's training schedule (SD 1.x and SDXL alike), as written into a new checkpoint.
 SD_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -56,8 +56,9 @@ class SDConfig:
     """Every width of the model; the diffusers/transformers configs of a checkpoint derive from it."""
 
     preset: str
-    # VAE: four encoder/decoder blocks, three of them downsample (latent factor 8)
-    vae_channels: tuple[int, int, int, int]
+    # VAE: four encoder/decoder blocks, three of them downsample (latent factor 8); or three (factor 4, as
+    # LDM's own x4 SR model used)
+    vae_channels: tuple[int, ...]
     vae_layers_per_block: int
     vae_norm_groups: int
     # multi-layer LQ fusion -> f1
@@ -82,6 +83,11 @@ class SDConfig:
     unet_transformer_depth: tuple[int, ...] = ()  # transformer blocks per level (the mid block takes the last)
     vae_force_upcast: bool = False  # the VAE must run in FP32 unless proven safe in FP16 (diffusers' force_upcast)
     native_latent: int = 64  # the latent side the UNet was trained at: SD 64 (512 px), SDXL 128 (1024 px)
+    latent_channels: int = LATENT_CHANNELS  # the VAE's latent: SD's and SDXL's 4
+
+    def __post_init__(self) -> None:
+        if len(self.vae_channels) not in (3, 4):
+            raise DiffsrError(f"vae_channels {self.vae_channels}: an SD VAE has 3 blocks (factor 4) or 4 (factor 8)")
 
 
 PRESETS: dict[str, SDConfig] = {
@@ -104,6 +110,18 @@ PRESETS: dict[str, SDConfig] = {
         unet_channels=(80, 160, 320, 320), unet_cross_attention=(True, True, True, False),
         unet_layers_per_block=2, unet_heads=2, unet_norm_groups=16,  # a quarter of the heads: SD 1.5's head dims
         f2_channels=80, fusion_heads=2,
+    ),
+    # the trained demo model (scripts/train_demo.py): a factor-4 VAE with 8 latent channels (LDM's x4 SR model
+    # used a factor-4 autoencoder), and a
+    # UNet small enough to train on a 2-core CPU in about two hours; 512 px native
+    "demo": SDConfig(
+        preset="demo",
+        vae_channels=(32, 64, 64), vae_layers_per_block=1, vae_norm_groups=8,
+        f1_channels=64, lq_fusion_heads=2,
+        text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64,
+        unet_channels=(48, 96), unet_cross_attention=(False, True), unet_layers_per_block=1,
+        unet_heads=4, unet_norm_groups=8,
+        f2_channels=48, fusion_heads=2, scaling_factor=1.0, native_latent=128, latent_channels=8,
     ),
     # SD 1.5 widths: the realistic GPU benchmark
     "sd15": SDConfig(
@@ -142,12 +160,13 @@ def clip_config(hidden: int, layers: int, heads: int, intermediate: int, act: st
 
 
 def vae_of(channels: tuple[int, ...], layers_per_block: int, norm_groups: int, latent_channels: int, **config: Any) -> Any:
-    """An SD-style `AutoencoderKL` (four blocks, three downsampling: factor 8), parameters on the meta device
+    """An SD-style `AutoencoderKL` (every block but the last downsamples: four give factor 8), parameters on the meta device
     when built under `init_empty_weights`; `config`: its scaling, shift and quant-conv settings."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         down_block_types=("DownEncoderBlock2D",) * len(channels),
+                         up_block_types=("UpDecoderBlock2D",) * len(channels),
                          block_out_channels=channels, layers_per_block=layers_per_block, norm_num_groups=norm_groups,
                          **config)
 
@@ -168,7 +187,6 @@ class SD(ModelFamily):
     presets = PRESETS
     stages = Stages(text=("text_encoder",), lq="lq_encoder", step=("fusion_transformer", "controlnet_unet"),
                     decode="vae_decoder", start="z_lq")
-    latent_channels = LATENT_CHANNELS
     scheduler_config = SD_SCHEDULER_CONFIG
     int8_default = ("controlnet_unet",)  # the denoising step's cost; `diffsr quantize --submodules` widens it
     int8_kept = INT8_KEPT
@@ -183,6 +201,14 @@ class SD(ModelFamily):
     @property
     def native_latent(self) -> int:
         return int(self.config.native_latent)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config.latent_channels)
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.config.vae_channels) - 1)  # every VAE block but the last halves the image
 
     @property
     def context_dim(self) -> int:
@@ -315,8 +341,9 @@ class SD(ModelFamily):
                 load_weights_from_unet=False)
             text = CLIPTextModel(CLIPTextConfig(**self.text_config()))
             lq = LQEncoder(LQEncoderConfig(c.vae_channels, c.vae_layers_per_block, c.vae_norm_groups, c.f1_channels,
-                                           c.lq_fusion_heads, c.scaling_factor))
-            fusion = FusionTransformer(FusionConfig(c.f1_channels, c.f2_channels, c.fusion_heads, c.fusion_blocks))
+                                           c.lq_fusion_heads, c.scaling_factor, c.latent_channels))
+            fusion = FusionTransformer(FusionConfig(c.f1_channels, c.f2_channels, c.fusion_heads, c.fusion_blocks,
+                                                    c.latent_channels))
             found: dict[str, tuple[nn.Module, dict[str, Any]]] = {
                 "text_encoder": (text, text.config.to_dict()),
                 "lq_encoder": (lq, config_to_json(lq.config)),

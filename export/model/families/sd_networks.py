@@ -26,8 +26,6 @@ from diffusers.models.autoencoders.vae import Encoder
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from diffsr.export.model.families.sd import LATENT_CHANNELS
-
 
 class Attention(nn.Module):
     """Multi-head self-attention over the token axis of (N, T, C)."""
@@ -72,13 +70,15 @@ class LQEncoderConfig:
     f1_channels: int
     heads: int
     scaling_factor: float
+    latent_channels: int = 4
 
 
 class LQEncoder(nn.Module):
     """The SD VAE encoder, read at three depths and fused across scales into f1; plus z_lq.
 
     The first three down blocks end at 1/2, 1/4 and 1/8 of the image (shallow: edges and texture;
-    middle: structure; deep: semantics). Each is average-pooled to latent resolution and projected
+    middle: structure; deep: semantics; a factor-4 VAE's third block stays at 1/4). Each is average-pooled
+    to latent resolution and projected
     to f1_channels; at every latent cell the three scale tokens attend to each other, and their mean
     is f1. z_lq is the mean of the latent distribution times the scaling factor: never a sample.
     """
@@ -87,16 +87,22 @@ class LQEncoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.encoder = Encoder(
-            in_channels=3, out_channels=LATENT_CHANNELS, down_block_types=("DownEncoderBlock2D",) * 4,
+            in_channels=3, out_channels=cfg.latent_channels, down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
             block_out_channels=cfg.vae_channels, layers_per_block=cfg.layers_per_block,
             norm_num_groups=cfg.norm_groups, double_z=True,
         )
-        self.quant_conv = nn.Conv2d(2 * LATENT_CHANNELS, 2 * LATENT_CHANNELS, 1)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.proj = nn.ModuleList(nn.Conv2d(c, cfg.f1_channels, 1) for c in cfg.vae_channels[:3])
         self.scale_embedding = nn.Parameter(torch.zeros(3, cfg.f1_channels))
         self.norm = nn.LayerNorm(cfg.f1_channels)
         self.attn = Attention(cfg.f1_channels, cfg.heads)
         self.proj_out = nn.Linear(cfg.f1_channels, cfg.f1_channels)
+
+    def pools(self) -> list[int]:
+        """The average-pool that brings each of the first three taps to latent resolution: every block
+        but the last halves the image."""
+        blocks = len(self.config.vae_channels)
+        return [2 ** (blocks - 1) // 2 ** min(i + 1, blocks - 1) for i in range(3)]
 
     def forward(self, lq_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.encoder
@@ -106,13 +112,13 @@ class LQEncoder(nn.Module):
             x = block(x)
             taps.append(x)  # (B, C_i, H/2^(i+1), W/2^(i+1)) for the first three
         x = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(x))))
-        mean = self.quant_conv(x)[:, :LATENT_CHANNELS]  # (B, 4, h, w): the distribution's mean
+        mean = self.quant_conv(x)[:, : self.config.latent_channels]  # (B, C, h, w): the distribution's mean
         z_lq = mean * self.config.scaling_factor
 
         b, _, h, w = z_lq.shape
         scales = [
-            proj(F.avg_pool2d(tap, 4 // 2**i) if i < 2 else tap)  # (B, C1, h, w)
-            for i, (proj, tap) in enumerate(zip(self.proj, taps[:3]))
+            proj(F.avg_pool2d(tap, pool) if pool > 1 else tap)  # (B, C1, h, w)
+            for proj, tap, pool in zip(self.proj, taps[:3], self.pools())
         ]
         tokens = torch.stack(scales, 1).permute(0, 3, 4, 1, 2).reshape(b * h * w, 3, -1)  # (Bhw, 3, C1)
         tokens = tokens + self.scale_embedding
@@ -130,6 +136,7 @@ class FusionConfig:
     width: int
     heads: int
     blocks: int
+    latent_channels: int = 4
 
 
 class FusionTransformer(nn.Module):
@@ -143,7 +150,7 @@ class FusionTransformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.align_f1 = nn.Conv2d(cfg.f1_channels, cfg.width, 3, padding=1)
-        self.align_x = nn.Conv2d(LATENT_CHANNELS, cfg.width, 3, padding=1)
+        self.align_x = nn.Conv2d(cfg.latent_channels, cfg.width, 3, padding=1)
         self.proj_in = nn.Linear(2 * cfg.width, cfg.width)
         self.blocks = nn.ModuleList(TransformerBlock(cfg.width, cfg.heads) for _ in range(cfg.blocks))
         self.norm_out = nn.LayerNorm(cfg.width)

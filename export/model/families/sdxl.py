@@ -38,6 +38,7 @@ class SDXLConfig(SDConfig):
     addition_time_embed_dim: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         second = (self.text2_hidden, self.text2_layers, self.text2_heads, self.text2_intermediate, self.addition_time_embed_dim)
         if min(second) < 1:
             raise DiffsrError(f"an SDXL config needs its second text encoder and time embedding (got {second})")

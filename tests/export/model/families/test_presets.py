@@ -10,7 +10,7 @@ from tests.conftest import DATA
 
 
 def test_unknown_preset_and_family_name_the_choices():
-    with pytest.raises(DiffsrError, match=r"unknown preset 'huge'.*\['dit4sr', 'dit4sr-tiny', 'sd15', 'sdxl', 'sdxl-tiny', 'small', 'tiny'\]"):
+    with pytest.raises(DiffsrError, match=r"unknown preset 'huge'.*\['demo', 'dit4sr', 'dit4sr-tiny', 'sd15', 'sdxl', 'sdxl-tiny', 'small', 'tiny'\]"):
         preset("huge")
     with pytest.raises(DiffsrError, match=r"unknown model family 'dit'.*\['dit4sr', 'sd', 'sdxl'\]"):
         family("dit")
@@ -28,6 +28,19 @@ def test_sd15_has_sd15_widths():
     assert model.config.unet_channels == (320, 640, 1280, 1280) and model.config.vae_channels == (128, 256, 512, 512)
     assert model.config.text_hidden == 768 and model.config.f1_channels == 512
     assert model.latent_multiple == 8 and model.pixel_multiple == 64
+
+
+def test_a_three_block_vae_is_a_factor_4_model():
+    """The demo preset's VAE has three blocks, two downsampling (LDM's x4 SR autoencoder): 4 px per latent cell,
+    in the signatures, the pixel multiple and the smallest padded side; four or three blocks, nothing else."""
+    model = preset("demo")
+    assert model.latent_factor == 4 and preset("tiny").latent_factor == 8
+    assert model.pixel_multiple == 4 * model.latent_multiple and model.min_pixels == 32
+    dims = dict(batch=1, cfg_batch=1, text_batch=1, latent_height=10, latent_width=14)
+    assert model.signature("lq_encoder").input_shapes(dims)["lq_image"] == (1, 3, 40, 56)
+    assert model.signature("vae_decoder").output_shapes(dims)["image"] == (1, 3, 40, 56)
+    with pytest.raises(DiffsrError, match="3 blocks .factor 4. or 4 .factor 8."):
+        model_from_json("sd", model.to_json() | {"vae_channels": [32, 32, 64, 64, 64]})
 
 
 def test_unknown_or_missing_config_keys_are_named():

@@ -79,3 +79,25 @@ def test_f2_is_shared_across_the_cfg_batch(tiny_checkpoint, tiny_reference):
         shared = tiny_reference["controlnet_unet"](*feed.values())
         doubled = tiny_reference["controlnet_unet"](*list(feed.values())[:3], feed["f2"].repeat(2, 1, 1, 1))
     torch.testing.assert_close(shared, doubled)
+
+
+def test_a_factor_4_lq_encoder_reads_its_vaes_encoder_at_latent_resolution():
+    """Three VAE blocks (factor 4): the taps end at 1/2, 1/4 and 1/4 of the image and are pooled 2, 1, 1 to the
+    latent (four blocks: 4, 2, 1); z_lq is still the VAE encoder's scaled mean."""
+    from diffsr.export.model.families.sd import vae_of
+    from diffsr.export.model.families.sd_networks import LQEncoder, LQEncoderConfig
+
+    torch.manual_seed(0)
+    vae = vae_of((16, 32, 32), 1, 8, 4, scaling_factor=0.5).eval()
+    lq_encoder = LQEncoder(LQEncoderConfig((16, 32, 32), 1, 8, 24, 2, 0.5)).eval()
+    lq_encoder.load_state_dict({k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+                               | {k: v for k, v in lq_encoder.state_dict().items() if not k.startswith(("encoder.", "quant_conv."))})
+    assert lq_encoder.pools() == [2, 1, 1]
+    assert LQEncoder(LQEncoderConfig((16, 16, 32, 32), 1, 8, 24, 2, 0.5)).pools() == [4, 2, 1]
+    lq = torch.rand(2, 3, 40, 56) * 2 - 1
+    with torch.no_grad():
+        f1, z_lq = lq_encoder(lq)
+        want = vae.encode(lq).latent_dist.mean * 0.5
+        decoded = vae.decode(want / 0.5).sample
+    assert f1.shape == (2, 24, 10, 14) and decoded.shape == lq.shape
+    torch.testing.assert_close(z_lq, want, rtol=1e-5, atol=1e-5)
