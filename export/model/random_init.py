@@ -47,6 +47,13 @@ def _draw(module: nn.Module, kind: str, shape: tuple[int, ...], generator: torch
     return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
+def draw_parameter(module: nn.Module, kind: str, shape: tuple[int, ...], seed: int, name: str) -> torch.Tensor:
+    """One parameter (`kind` of `module`), FP16, from a generator seeded by (seed, name): copies share a name."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return _draw(module, kind, shape, generator).to(STORED_DTYPE)
+
+
 def random_tensors(model: ModelFamily, folder: str, net: nn.Module, seed: int,
                    shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, FP16 tensor) for every parameter and persistent buffer of a component, each drawn alone; tied keys
@@ -62,10 +69,8 @@ def random_tensors(model: ModelFamily, folder: str, net: nn.Module, seed: int,
             buffer = buffers[key]
             yield key, buffer.to(STORED_DTYPE) if buffer.is_floating_point() else buffer.clone()
             continue
-        digest = hashlib.sha256(f"{seed}/{model.copy_source(folder, tied.get(key, key), shapes)}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         module, kind = kinds.get(key, (net, key))
-        yield key, _draw(module, kind, shape, generator).to(STORED_DTYPE)
+        yield key, draw_parameter(module, kind, shape, seed, model.copy_source(folder, tied.get(key, key), shapes))
 
 
 def init_checkpoint(preset_name: str, seed: int, out: str | Path, on_progress: OnProgress = ignore) -> Checkpoint:
