@@ -20,13 +20,22 @@ def init(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder to create")],
     preset: Annotated[str, typer.Option(help="a family's preset (`diffsr families` lists them)")] = "tiny",
     seed: Annotated[int, typer.Option(help="weights seed: same seed, same bytes")] = 0,
+    captioner: Annotated[Optional[str], typer.Option(help="also a seeded BLIP-2 captioner in captioner/: "
+                                                          "blip2-tiny or blip2-opt-2.7b")] = None,
 ) -> None:
     """Write a seeded random-weight checkpoint of a preset."""
+    from diffsr.export.model.captioner import captioner_preset, init_captioner
     from diffsr.export.model.random_init import init_checkpoint
 
+    if captioner is not None:
+        captioner_preset(captioner)  # a bad name fails before anything is written
     with bars() as draw:
         init_checkpoint(preset, seed, out_dir, on_progress=draw)
-    console.print(f"wrote {preset} checkpoint (seed {seed}) to {out_dir}", highlight=False)
+        if captioner is not None:
+            draw(Progress("init", f"captioner ({captioner})", 0, 1))
+            init_captioner(captioner, seed, out_dir)
+    with_captioner = f" with a {captioner} captioner" if captioner else ""
+    console.print(f"wrote {preset} checkpoint{with_captioner} (seed {seed}) to {out_dir}", highlight=False)
 
 
 @command()
@@ -91,7 +100,8 @@ def upscale(
 
 @command()
 def demo(
-    preset: Annotated[str, typer.Option(help="checkpoint preset to create if absent")] = "tiny",
+    preset: Annotated[Optional[str], typer.Option(help="a seeded random-weight checkpoint of this preset (created "
+                                                       "once) instead of the trained demo model")] = None,
     photo: Annotated[str, typer.Option(help="a skimage.data photo")] = "astronaut",
     serve: Annotated[bool, typer.Option(help="end by serving it from Triton and upscaling through the endpoint")] = True,
     steps: Annotated[Optional[int], typer.Option(help="sampler steps (default: the checkpoint's, 20)")] = None,
@@ -102,7 +112,8 @@ def demo(
 
     with console.status("demo") as status:
         result = run_demo(preset, photo, serve, say=lambda text: status.update(text), steps=steps)
-    console.print(tables.demo(result.timings, f"{result.lq_path} (128x128) -> 512x512, {preset} preset, seconds"))
+    model = f"{preset} preset, random weights" if preset else "the trained demo model"
+    console.print(tables.demo(result.timings, f"{result.lq_path} (128x128) -> 512x512, {model}, seconds"))
     for backend, path in result.outputs.items():
         console.print(f"{backend:>12}: {path}", highlight=False)
     if result.endpoint_latency_s is not None:

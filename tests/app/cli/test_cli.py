@@ -53,6 +53,16 @@ def test_init_writes_a_checkpoint_and_refuses_to_overwrite(tmp_path):
     assert bad.exit_code == 2 and "unknown preset 'huge'" in bad.output
 
 
+def test_init_adds_a_captioner_where_asked(tmp_path):
+    from diffsr.export.model.captioner import open_captioner
+
+    result = _run("init", "--out", tmp_path / "c", "--captioner", "blip2-tiny")
+    assert result.exit_code == 0 and "with a blip2-tiny captioner" in result.output, result.output
+    assert open_captioner(tmp_path / "c" / "captioner").num_query_tokens == 32
+    bad = _run("init", "--out", tmp_path / "d", "--captioner", "blip3")
+    assert bad.exit_code == 2 and "unknown captioner preset 'blip3'" in bad.output and not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
