@@ -8,6 +8,7 @@ inputs (`Recorder`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -67,7 +68,10 @@ def record_feeds(
     prompts = list(prompts)
     for i, image in enumerate(images):
         for j, prompt in enumerate(prompts):
-            pipe(image, ckpt.defaults.replace(prompt=prompt, steps=steps, seed=100 * i + j))
+            # whole images at the model's native tile: a checkpoint's smaller default tiles would give ragged
+            # batches (the last batch of tiles smaller), which ONNX Runtime's INT8 calibrators cannot stack
+            config = ckpt.defaults.replace(prompt=prompt, steps=steps, seed=100 * i + j)
+            pipe(image, dataclasses.replace(config, tile=None, tile_overlap=None))
             if on_run is not None:
                 on_run()
     return {name: r.feeds for name, r in recorders.items()}

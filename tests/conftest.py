@@ -56,6 +56,14 @@ def dit4sr_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_model():
+    """The trained demo model shipped in the repository (read only: tests copy it before writing)."""
+    from diffsr.app.cli.demo import DEMO_MODEL
+
+    return open_checkpoint(DEMO_MODEL)
+
+
+@pytest.fixture(scope="session")
 def tiny_reference(tiny_checkpoint):
     return load_reference(tiny_checkpoint.path)[1]
 
@@ -79,6 +87,7 @@ EXPORTS = {
     "tiny": ("tiny_checkpoint", ("--fp16", "--calib-photos", "astronaut", "--calib-steps", "3")),
     "sdxl": ("sdxl_checkpoint", ("--no-ort-fusions",)),
     "dit4sr": ("dit4sr_checkpoint", ("--no-ort-fusions", "--fp16", "--calib-photos", "astronaut", "--calib-steps", "3")),
+    "demo": ("demo_model", ()),
 }
 
 
@@ -158,6 +167,12 @@ def tiny_onnx(request, tmp_path_factory):
 def sdxl_onnx(request, tmp_path_factory):
     """The sdxl-tiny checkpoint exported FP32 only, without ONNX Runtime's fused variants."""
     return _exported("sdxl", request, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def demo_onnx(request, tmp_path_factory):
+    """The trained demo model exported FP32, with ONNX Runtime's fused variants (the onnxruntime backend's)."""
+    return _exported("demo", request, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

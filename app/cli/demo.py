@@ -1,9 +1,10 @@
 """`make demo`: the whole product on one real photo, 128x128 -> 512x512, with a local checkpoint.
 
-    1. a seeded random-weight checkpoint (created once)     .demo/checkpoint-<preset>
-    2. the PyTorch reference pipeline                        .demo/<photo>_x4_<preset>_torch.png
-    3. ONNX export (once), the ONNX Runtime pipeline         .demo/<photo>_x4_<preset>_onnxruntime.png
-    4. a Triton repository, a real tritonserver, one request .demo/<photo>_x4_<preset>_triton.png
+    1. the trained demo model (`app/demo_model`, made by scripts/train_demo.py), or with a preset a seeded
+       random-weight checkpoint of it (created once)     .demo/checkpoint-<preset>
+    2. the PyTorch reference pipeline                        .demo/<photo>_x4_<tag>_torch.png
+    3. ONNX export (once), the ONNX Runtime pipeline         .demo/<photo>_x4_<tag>_onnxruntime.png
+    4. a Triton repository, a real tritonserver, one request .demo/<photo>_x4_<tag>_triton.png
 
 The LQ input is the photo at 512x512 downscaled x4 (bicubic); every output, and bicubic upscaling, is scored
 against that 512x512 photo as the papers score SR (PSNR and SSIM on Y, 4 px border: `diffsr eval`'s).
@@ -24,7 +25,7 @@ from diffsr.app.serving.triton_server import Ports, TritonServer
 from diffsr.calib.data import PHOTOS, photo
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.graphs.exporter import export_onnx
-from diffsr.export.model.checkpoint import Checkpoint
+from diffsr.export.model.checkpoint import Checkpoint, open_checkpoint
 from diffsr.export.model.random_init import ensure_checkpoint
 from diffsr.runtime.image import decode_image, encode_png, save_image
 from diffsr.runtime.loading import load_runners
@@ -32,6 +33,8 @@ from diffsr.runtime.pipeline import Pipeline
 from diffsr.triton_models.repository import build_repository
 
 DEMO_DIR = Path(".demo")
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo_model"  # the trained checkpoint shipped with diffsr
+TRAINED = "trained"  # the demo model's label in file names
 LQ_SIZE = (128, 128)  # the benchmark size: 128 in, 512 out
 SCALE = 4
 
@@ -46,16 +49,22 @@ class DemoResult:
     scores: dict[str, tuple[float, float]] = field(default_factory=dict)  # bicubic or backend -> (PSNR-Y, SSIM-Y)
 
 
-def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = True,
+def run_demo(preset: str | None = None, photo_name: str = "astronaut", serve: bool = True,
              say: Callable[[str], None] = lambda _: None, folder: Path = DEMO_DIR,
              triton_url: str | None = None, steps: int | None = None) -> DemoResult:
-    """`triton_url`: send the photo to a running server of this checkpoint instead of starting one; `steps`:
-    the sampler's steps (default: the checkpoint's)."""
+    """`preset`: a seeded random-weight checkpoint of it instead of the trained demo model; `triton_url`: send
+    the photo to a running server of this checkpoint instead of starting one; `steps`: the sampler's steps
+    (default: the checkpoint's)."""
     if photo_name not in PHOTOS:
         raise DiffsrError(f"unknown demo photo {photo_name!r}; choose one of {list(PHOTOS)}")
-    ckpt_dir, onnx_dir = folder / f"checkpoint-{preset}", folder / f"onnx-{preset}"
-    say(f"the {preset} checkpoint in {ckpt_dir} (created once)")
-    ckpt = ensure_checkpoint(preset, 0, ckpt_dir)
+    tag = preset or TRAINED
+    onnx_dir = folder / f"onnx-{tag}"
+    if preset is None:
+        say(f"the trained demo model in {DEMO_MODEL}")
+        ckpt = open_checkpoint(DEMO_MODEL)
+    else:
+        say(f"the {preset} checkpoint in {folder / f'checkpoint-{preset}'} (created once)")
+        ckpt = ensure_checkpoint(preset, 0, folder / f"checkpoint-{preset}")
     config = ckpt.defaults.replace(steps=steps)
     hr = photo(photo_name, (SCALE * LQ_SIZE[0], SCALE * LQ_SIZE[1]))
     lq = bicubic(hr, LQ_SIZE)
@@ -70,7 +79,7 @@ def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = 
     def upscale(backend: str, **kwargs) -> np.ndarray:
         say(f"upscaling with {backend}")
         out = Pipeline(load_runners(backend, ckpt, **kwargs), ckpt)(lq, config)
-        result.outputs[backend] = folder / f"{photo_name}_x4_{preset}_{backend}.png"
+        result.outputs[backend] = folder / f"{photo_name}_x4_{tag}_{backend}.png"
         save_image(out.image, result.outputs[backend])
         result.timings[backend] = out.timings
         score(backend, out.image)
@@ -82,10 +91,10 @@ def run_demo(preset: str = "tiny", photo_name: str = "astronaut", serve: bool = 
     direct = upscale("onnxruntime", onnx_dir=onnx_dir)
     if serve:
         if triton_url is None:
-            result.endpoint_latency_s, remote = _serve_once(ckpt, onnx_dir, folder / f"triton-{preset}", lq, steps, say)
+            result.endpoint_latency_s, remote = _serve_once(ckpt, onnx_dir, folder / f"triton-{tag}", lq, steps, say)
         else:
             result.endpoint_latency_s, remote = _ask(triton_url, lq, steps, say)
-        result.outputs["triton"] = folder / f"{photo_name}_x4_{preset}_triton.png"
+        result.outputs["triton"] = folder / f"{photo_name}_x4_{tag}_triton.png"
         save_image(remote, result.outputs["triton"])
         score("triton", remote)
         result.endpoint_max_abs_diff = int(np.abs(remote.astype(int) - direct.astype(int)).max())

@@ -78,6 +78,21 @@ def test_recorder_sees_every_timestep(tiny_checkpoint, photo_lq):
     assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == 3
 
 
+def test_calibration_runs_whole_images_whatever_the_checkpoints_tiles(tiny_checkpoint, photo_lq):
+    """A checkpoint whose default tiles are small (8 cells) would cut a 64 px photo into 3 x 3 tiles, the last
+    batch of tiles smaller than the others; ONNX Runtime's INT8 calibrators stack every feed of an input, so
+    each submodule sees one shape."""
+    import dataclasses
+
+    from tests.conftest import NARROW_TILING
+
+    tiled = dataclasses.replace(tiny_checkpoint, defaults=tiny_checkpoint.defaults.replace(**NARROW_TILING))
+    feeds = record_feeds(tiled, load_runners("torch", tiled), [photo_lq], ["a"], steps=2)
+    for name, recorded in feeds.items():
+        assert len({tuple(tuple(t.shape) for t in feed.values()) for feed in recorded}) == 1, name
+    assert feeds["controlnet_unet"][0]["sample"].shape[-2:] == (32, 32)  # the whole 64 px photo's latent (x4)
+
+
 @pytest.fixture()
 def overflowing_decoder(tiny_onnx, tmp_path):
     """The tiny VAE decoder's graph with its first convolution's weight scaled 30000x: activations reach 2e5,

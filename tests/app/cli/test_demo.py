@@ -31,3 +31,13 @@ def test_demo_writes_every_backends_image_and_the_endpoint_agrees(tmp_path, tiny
 def test_demo_refuses_an_unknown_photo(tmp_path):
     with pytest.raises(DiffsrError, match="unknown demo photo 'moon'"):
         run_demo("tiny", "moon", folder=tmp_path)
+
+
+def test_the_demo_runs_the_trained_model_by_default(tmp_path, demo_onnx):
+    import shutil
+
+    shutil.copytree(demo_onnx, tmp_path / "onnx-trained")  # the session's export of it, kept as up to date
+    result = run_demo(photo_name="coffee", serve=False, folder=tmp_path, steps=4)
+    assert [p.name for p in result.outputs.values()] == ["coffee_x4_trained_torch.png", "coffee_x4_trained_onnxruntime.png"]
+    bicubic, torch_, ort = (result.scores[k][0] for k in ("bicubic", "torch", "onnxruntime"))
+    assert torch_ > max(18.0, bicubic - 6.0) and abs(torch_ - ort) < 0.05  # the photo upscaled, not noise
