@@ -130,7 +130,7 @@ class Captioner:
             parents = torch.take_along_dim(parent, chosen, 1)
             # the finished: candidates that ended among the first nb, length-normalised, merged with the kept ones
             normalised = top / (t + 1) ** s.length_penalty
-            closed = finished_lengths.new_zeros(rows, 1, dtype=torch.bool) | ~improvable
+            closed = ~improvable
             if s.early_stopping:
                 closed |= (finished_scores > NEG / 2).all(-1, keepdim=True)
             normalised = torch.where(ends & rank & ~closed, normalised, NEG)

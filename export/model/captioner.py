@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from diffsr.export.core.configs import dataclass_from_json
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.files import read_json
 from diffsr.export.model.dims import NamedDim
 from diffsr.export.model.signatures import Signature, TensorSpec
 
@@ -147,7 +147,7 @@ def open_captioner(folder: Path) -> Captioner:
     if not (folder / "config.json").is_file():
         raise DiffsrError(f"no captioner in {folder}: add one with `diffsr init --captioner blip2-tiny` or copy a "
                           "BLIP-2 folder there")
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json(folder / "config.json", "captioner file")
     text, vision = config.get("text_config", {}), config.get("vision_config", {})
     if text.get("model_type") != "opt" or config.get("image_token_index", config.get("image_token_id")) is None:
         raise DiffsrError(f"{folder / 'config.json'} is not a BLIP-2 OPT config with an image token id")
@@ -221,14 +221,6 @@ def init_captioner(preset_name: str, seed: int, checkpoint: Path) -> Captioner:
     save_file(tensors, str(out / WEIGHTS), {"format": "pt"})
     (out / "diffsr_captioner.json").write_text(json.dumps({"preset": asdict(c), "seed": seed}, indent=2) + "\n")
     return open_captioner(out)
-
-
-def preset_of(folder: Path) -> CaptionerConfig | None:
-    """The preset a seeded captioner was drawn from (None for a published one)."""
-    path = folder / "diffsr_captioner.json"
-    if not path.is_file():
-        return None
-    return dataclass_from_json(CaptionerConfig, json.loads(path.read_text())["preset"], str(path))
 
 
 def parameters_of(c: CaptionerConfig) -> int:
