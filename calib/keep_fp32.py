@@ -13,13 +13,16 @@
    recorded inputs, finite and within PROOF_REL of the FP32 graph.
 
 `fp16_check` runs them over a `Calibration` (photos, prompts, steps, size); the export layer's
-`write_fp16` then converts the graphs with those keep-lists.
+`write_fp16` then converts the graphs with those keep-lists. `export_graphs` is the whole of `diffsr export`:
+the FP32 graphs, and with a calibration the check and the FP16 graphs (each step kept where up to date).
 
 TensorRT 11 builds FP16 only from such a graph (strongly typed: precision comes from ONNX types).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -34,7 +37,9 @@ from diffsr.calib.record import Calibration, calibration_feeds
 from diffsr.export.core.memory import return_freed_memory
 from diffsr.export.core.precision import Precision
 from diffsr.export.core.progress import OnProgress, Progress, ignore
+from diffsr.export.graphs.exporter import export_onnx, write_fp16
 from diffsr.export.graphs.manifest import verified_files
+from diffsr.export.graphs.onnx_export import DEFAULT_OPSET
 from diffsr.export.graphs.to_fp16 import FP16_MAX, KeptLayer, fp16_from_fp32
 from diffsr.export.model.checkpoint import Checkpoint
 
@@ -168,6 +173,22 @@ def fp16_check(
             log.warning("%s: keeping %s (%s) in FP32: %s", name, layer.node, layer.op_type, layer.reason)
         on_progress(Progress("fp16 check", f"{name} ranges", runs + i + 1, total))
     return kept
+
+
+def export_graphs(ckpt: Checkpoint, out: Path, calibration: Calibration | None = None, opset: int = DEFAULT_OPSET,
+                  ort_fusions: bool = True, on_progress: OnProgress = ignore) -> dict[str, Any]:
+    """`diffsr export`: every submodule's FP32 graph (`export_onnx`), and with a `calibration` the FP16 graphs of
+    its check, unless the folder has them already, from these FP32 graphs and this calibration; returns the
+    manifest."""
+    manifest = export_onnx(ckpt, out, opset, on_progress=on_progress, ort_fusions=ort_fusions)
+    if calibration is None:
+        return manifest
+    settings = json.loads(json.dumps(dataclasses.asdict(calibration)))  # as the manifest holds it
+    if manifest.get("fp16_calibration") != settings or not all(
+            Precision.FP16.value in m for m in manifest["submodules"].values()):
+        kept = fp16_check(ckpt, out, calibration, on_progress=on_progress)
+        manifest = write_fp16(out, ckpt, kept, settings, on_progress=on_progress)
+    return manifest
 
 
 def fp16_error(onnx_path: Path, keep: list[KeptLayer], feeds: list[dict[str, torch.Tensor]], limit: int = 8) -> float:

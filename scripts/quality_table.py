@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
@@ -22,11 +21,10 @@ from rich.console import Console
 from diffsr.app.cli import tables
 from diffsr.app.cli.common import bars
 from diffsr.app.measure.quality import BICUBIC, evaluate, pair_images, reference_of, rows_for
-from diffsr.calib.keep_fp32 import fp16_check
+from diffsr.calib.keep_fp32 import export_graphs
 from diffsr.calib.quantize import Int8Calibration, quantize
 from diffsr.calib.record import Calibration
 from diffsr.export.core.precision import Precision
-from diffsr.export.graphs.exporter import export_onnx, write_fp16
 from diffsr.export.model.checkpoint import open_checkpoint
 from diffsr.export.model.settings import COLOR_FIXES
 
@@ -35,12 +33,9 @@ ROWS = ("onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "untiled", "
 
 
 def graphs(ckpt, onnx: Path, draw) -> None:
-    """FP32, FP16 and INT8 graphs of the checkpoint in `onnx` (each step kept when up to date)."""
-    manifest = export_onnx(ckpt, onnx, on_progress=draw)
-    if not all(Precision.FP16.value in m for m in manifest["submodules"].values()):
-        calibration = Calibration(photos=("astronaut", "coffee", "chelsea"), steps=20)
-        kept = fp16_check(ckpt, onnx, calibration, on_progress=draw)
-        manifest = write_fp16(onnx, ckpt, kept, asdict(calibration), on_progress=draw)
+    """FP32, FP16 (`diffsr export --fp16`'s default calibration) and INT8 graphs of the checkpoint in `onnx`, each
+    step kept when up to date."""
+    manifest = export_graphs(ckpt, onnx, Calibration(), on_progress=draw)
     if "int8_calibration" not in manifest:
         quantize(ckpt, onnx, Int8Calibration.of_size(3), on_progress=draw)
 

@@ -37,7 +37,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffsr.export.model.checkpoint import Checkpoint, open_checkpoint
+from diffsr.export.model.checkpoint import Checkpoint, open_checkpoint, stored_weights
 from diffsr.export.model.families.sd_networks import ControlNetUNet, TextEncoder
 from diffsr.export.model.random_init import STORED_DTYPE, init_checkpoint
 
@@ -96,7 +96,7 @@ def load_component(ckpt: Checkpoint, folder: str) -> nn.Module:
 
 def save_component(ckpt: Checkpoint, folder: str, net: nn.Module) -> None:
     weights = ckpt.path / folder / ckpt.model.components()[folder].weights
-    stored = load_file(str(weights))  # the stored keys (persistent buffers included) and their order
+    stored = sorted(stored_weights(ckpt, folder).stored())  # the stored keys (persistent buffers included): headers only
     state = net.state_dict()
     save_file({k: state[k].detach().to(STORED_DTYPE if state[k].is_floating_point() else state[k].dtype).contiguous()
                for k in stored}, str(weights), {"format": "pt"})

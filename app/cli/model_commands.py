@@ -135,21 +135,15 @@ def export_cmd(
                            help="also write each FP32 graph with ONNX Runtime's fused attention (the onnxruntime backend's)")] = True,
 ) -> None:
     """Export every submodule to ONNX, checked, linted for TensorRT, with a manifest."""
-    from dataclasses import asdict
-
     from diffsr.app.cli import tables
-    from diffsr.calib.keep_fp32 import fp16_check
+    from diffsr.calib.keep_fp32 import export_graphs
     from diffsr.calib.record import Calibration
-    from diffsr.export.graphs.exporter import export_onnx, write_fp16
     from diffsr.export.model.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(checkpoint)
     calibration = Calibration(photos=tuple(p for p in calib_photos.split(",") if p), steps=calib_steps) if fp16 else None
     with bars() as draw:
-        manifest = export_onnx(ckpt, out_dir, opset, on_progress=draw, ort_fusions=ort_fusions)
-        if calibration is not None:
-            kept = fp16_check(ckpt, out_dir, calibration, on_progress=draw)
-            manifest = write_fp16(out_dir, ckpt, kept, asdict(calibration), on_progress=draw)
+        manifest = export_graphs(ckpt, out_dir, calibration, opset, ort_fusions, on_progress=draw)
     console.print(tables.export(manifest, out_dir))
     console.print(f"manifest: {out_dir / 'manifest.json'}", soft_wrap=True, highlight=False)
 
