@@ -70,7 +70,9 @@ def record_feeds(
         for j, prompt in enumerate(prompts):
             # whole images at the model's native tile: a checkpoint's smaller default tiles would give ragged
             # batches (the last batch of tiles smaller), which ONNX Runtime's INT8 calibrators cannot stack
-            config = ckpt.defaults.replace(prompt=prompt, steps=steps, seed=100 * i + j)
+            # a captioner's graphs are recorded too: each image's caption follows the prompt
+            caption = "always" if ckpt.model.captioner is not None else None
+            config = ckpt.defaults.replace(prompt=prompt, steps=steps, seed=100 * i + j, caption=caption)
             pipe(image, dataclasses.replace(config, tile=None, tile_overlap=None))
             if on_run is not None:
                 on_run()

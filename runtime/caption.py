@@ -1,4 +1,5 @@
-"""Captions on the device: the image graph once, the prefill once, then one fixed-shape decode step per token.
+"""Captions on the device: the image graph once, the prefill once, then one fixed-shape decode step per token;
+and the prompt policy that decides when a caption prompts the model (`prompt_of`).
 
 `run(name, **inputs)` is any backend's call of the captioner's graphs (`export/model/captioner.py`). The cache
 is allocated at its full length once (prefix + BOS + prompt + `max_new_tokens`); between steps only the stop
@@ -16,15 +17,22 @@ caption is token for token the reference's:
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from PIL import Image
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.captioner import BOS, CLIP_MEAN, CLIP_STD, PAD
+from diffsr.export.model.captioner import BOS, CLIP_MEAN, CLIP_STD, MAX_BEAMS, MAX_NEW_TOKENS, MAX_PROMPT, PAD
+from diffsr.export.model.captioner import Captioner as CaptionerSpec
+from diffsr.export.model.settings import PipelineConfig
 
 RunFn = Callable[..., Mapping[str, torch.Tensor]]
 NEG = -1e9  # the score of an empty slot (transformers' too)
@@ -39,15 +47,15 @@ class CaptionSettings:
     early_stopping: bool = False
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_new_tokens <= 512:
-            raise DiffsrError(f"max_new_tokens={self.max_new_tokens} is out of range: use 1 to 512")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise DiffsrError(f"max_new_tokens={self.max_new_tokens} is out of range: use 1 to {MAX_NEW_TOKENS}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise DiffsrError(f"min_new_tokens={self.min_new_tokens} must be 0 to max_new_tokens")
-        if not 1 <= self.num_beams <= 8:
-            raise DiffsrError(f"num_beams={self.num_beams} is out of range: use 1 (greedy) to 8")
+        if not 1 <= self.num_beams <= MAX_BEAMS:
+            raise DiffsrError(f"num_beams={self.num_beams} is out of range: use 1 (greedy) to {MAX_BEAMS}")
 
 
-def pixel_values(rgb: np.ndarray, size: int) -> torch.Tensor:
+def pixel_values(rgb: NDArray[np.uint8], size: int) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, size, size) float32 as BLIP-2's image processor makes them: Pillow's bicubic
     resize to a square, scaled to [0, 1], normalised with CLIP's mean and deviation."""
     img = Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC)
@@ -55,17 +63,23 @@ def pixel_values(rgb: np.ndarray, size: int) -> torch.Tensor:
     return ((x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1))[None]
 
 
-class Captioner:
-    """Captions of a batch of images through a backend's `run`; `eos`: the end-of-caption token."""
+class CaptionLoop:
+    """Captions of a batch of images (token ids) through a backend's `run`; `eos`: the end-of-caption token."""
 
     def __init__(self, run: RunFn, eos: int, cache_limit: int):
         self.run, self.eos, self.cache_limit = run, eos, cache_limit
+        self.cancelled: Callable[[], bool] | None = None
 
-    def __call__(self, pixels: torch.Tensor, prompt_ids: list[int], settings: CaptionSettings) -> list[list[int]]:
-        """Token ids of each image's caption (without BOS, prompt or padding, the end token kept if reached)."""
+    def __call__(self, pixels: torch.Tensor, prompt_ids: list[int], settings: CaptionSettings,
+                 cancelled: Callable[[], bool] | None = None) -> list[list[int]]:
+        """Token ids of each image's caption (without BOS, prompt or padding, the end token kept if reached);
+        `cancelled` is checked before every decode step."""
+        self.cancelled = cancelled
         prefix = self.run("caption_image", pixel_values=pixels)["prefix"]
         rows, n_beams = prefix.shape[0], settings.num_beams
-        ids = torch.tensor([[BOS, *prompt_ids]], device=prefix.device).expand(rows, -1)
+        if len(prompt_ids) > MAX_PROMPT:
+            raise DiffsrError(f"a caption prompt of {len(prompt_ids)} tokens is too long: at most {MAX_PROMPT}")
+        ids = torch.tensor([[BOS, *prompt_ids]], dtype=torch.int32, device=prefix.device).expand(rows, -1)
         start = prefix.shape[1] + ids.shape[1]
         length = start + settings.max_new_tokens
         if length > self.cache_limit:
@@ -73,26 +87,30 @@ class Captioner:
                               f"has {self.cache_limit}")
         if n_beams > 1:  # every beam starts as its image's rows
             prefix, ids = prefix.repeat_interleave(n_beams, 0), ids.repeat_interleave(n_beams, 0)
-        mask = torch.zeros(prefix.shape[0], length, dtype=torch.int64, device=prefix.device)
+        mask = torch.zeros(prefix.shape[0], length, dtype=torch.int32, device=prefix.device)
         mask[:, :start] = 1
         out = self.run("caption_prefill", prefix=prefix, input_ids=ids, attention_mask=mask)
         search = self._greedy if n_beams == 1 else self._beams
         return search(out, mask, start, rows, settings)
 
-    def _step(self, tokens: torch.Tensor, position: int, mask: torch.Tensor, cache: Mapping[str, torch.Tensor]):
+    def _step(self, tokens: torch.Tensor, position: int, mask: torch.Tensor,
+              cache: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        if self.cancelled is not None and self.cancelled():
+            raise DiffsrError("cancelled while captioning")
         mask[:, position] = 1
         positions = torch.full_like(tokens, position)
         return self.run("caption_decode", input_ids=tokens, position_ids=positions, attention_mask=mask,
-                        keys=cache["keys"], values=cache["values"])
+                        past_keys=cache["keys"], past_values=cache["values"])
 
-    def _greedy(self, out, mask, start, rows, s: CaptionSettings) -> list[list[int]]:
+    def _greedy(self, out: Mapping[str, torch.Tensor], mask: torch.Tensor, start: int, rows: int,
+                s: CaptionSettings) -> list[list[int]]:
         done = torch.zeros(rows, dtype=torch.bool, device=mask.device)
         tokens = []
         for t in range(s.max_new_tokens):
             logits = out["logits"].float()
             if t < s.min_new_tokens:
                 logits[:, self.eos] = -torch.inf
-            token = torch.where(done, PAD, logits.argmax(-1))
+            token = torch.where(done, PAD, logits.argmax(-1)).int()
             tokens.append(token)
             done |= token == self.eos
             if bool(done.all()) or t + 1 == s.max_new_tokens:  # the one host round trip of a step
@@ -101,13 +119,14 @@ class Captioner:
         table = torch.stack(tokens, 1).tolist()
         return [_trim(row, self.eos) for row in table]
 
-    def _beams(self, out, mask, start, rows, s: CaptionSettings) -> list[list[int]]:
+    def _beams(self, out: Mapping[str, torch.Tensor], mask: torch.Tensor, start: int, rows: int,
+               s: CaptionSettings) -> list[list[int]]:
         nb, device = s.num_beams, mask.device
         keep = 2 * nb
-        running = torch.full((rows, nb, s.max_new_tokens), PAD, device=device)
+        running = torch.full((rows, nb, s.max_new_tokens), PAD, dtype=torch.int32, device=device)
         scores = torch.full((rows, nb), NEG, device=device)
         scores[:, 0] = 0.0  # the first step expands one beam of identical rows
-        finished = torch.full((rows, nb, s.max_new_tokens), PAD, device=device)
+        finished = torch.full((rows, nb, s.max_new_tokens), PAD, dtype=torch.int32, device=device)
         finished_scores = torch.full((rows, nb), NEG, device=device)
         finished_lengths = torch.zeros(rows, nb, dtype=torch.int64, device=device)
         improvable = torch.ones(rows, 1, dtype=torch.bool, device=device)
@@ -121,7 +140,7 @@ class Captioner:
             top, index = torch.topk(total, keep)
             parent, token = index // vocab, index % vocab
             candidates = torch.take_along_dim(running, parent[:, :, None], 1).clone()
-            candidates[:, :, t] = token
+            candidates[:, :, t] = token.int()
             ends = (token == self.eos) | (t + 1 >= s.max_new_tokens)
             # the next running beams: the best candidates that did not end
             chosen = torch.topk(top + ends.float() * NEG, nb)[1]
@@ -156,3 +175,70 @@ class Captioner:
 def _trim(row: list[int], eos: int) -> list[int]:
     """A greedy row up to and with its end token; the padding after it dropped."""
     return row[: row.index(eos) + 1] if eos in row else row
+
+
+class ImageCaptioner:
+    """A checkpoint's captioner on a backend's `run`: an (H, W, 3) uint8 image -> its caption, as text (the new
+    tokens only, as transformers' `batch_decode` of them gives it). `timings` holds the last caption's image
+    part and its mean seconds per decode step (each step ends in the stop check, which waits for the device)."""
+
+    def __init__(self, spec: CaptionerSpec, run: RunFn, device: torch.device | str = "cpu"):
+        self.spec, self.device, self.run = spec, torch.device(device), run
+        self.loop = CaptionLoop(self._timed, spec.eos, spec.cache_limit)
+        self.tokens = 0  # new tokens made so far (for the metrics)
+        self.timings: dict[str, float] = {}
+        self._spent: dict[str, list[float]] = {}
+
+    def _timed(self, name: str, **feed: torch.Tensor) -> Mapping[str, torch.Tensor]:
+        start = time.perf_counter()
+        out = self.run(name, **feed)
+        self._spent.setdefault(name, []).append(time.perf_counter() - start)
+        return out
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.spec.path))
+
+    def __call__(self, rgb: NDArray[np.uint8], cfg: PipelineConfig, cancelled: Callable[[], bool] | None = None) -> str:
+        pixels = pixel_values(rgb, self.spec.image_size).to(self.device)
+        prompt_ids = self.tokenizer(cfg.caption_prompt, add_special_tokens=False).input_ids if cfg.caption_prompt else []
+        settings = CaptionSettings(max_new_tokens=cfg.caption_tokens, num_beams=cfg.caption_beams)
+        self._spent = {}
+        (ids,) = self.loop(pixels, prompt_ids, settings, cancelled)
+        self.tokens += len(ids)
+        steps = self._spent.get("caption_decode", [])
+        self.timings = {"caption_image": sum(self._spent["caption_image"]),
+                        "caption_token": sum(steps) / len(steps) if steps else 0.0}
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+
+
+def wants_caption(cfg: PipelineConfig) -> bool:
+    """Whether a request's prompt is (or includes) a caption: "auto" when it gives no prompt, "always"."""
+    return cfg.caption == "always" or (cfg.caption == "auto" and cfg.prompt is None)
+
+
+def prompt_of(cfg: PipelineConfig, caption: Callable[[], str] | None) -> str:
+    """The prompt a request runs with. `caption()` makes the LQ image's caption (None: the checkpoint has no
+    captioner). A given prompt always stays: with `caption="always"` the caption follows it. The caption is
+    cleaned (`clean_caption`) and completed by `caption_suffix`. With no prompt and no caption: the suffix alone
+    (by default `DEFAULT_PROMPT`, what a checkpoint without a captioner is prompted with)."""
+    if not wants_caption(cfg) or (caption is None and cfg.caption == "auto"):
+        return cfg.prompt if cfg.prompt is not None else cfg.caption_suffix
+    if caption is None:
+        raise DiffsrError('caption="always" needs a captioner in the checkpoint: add one with `diffsr init --captioner '
+                          'blip2-tiny` (or copy a BLIP-2 folder to captioner/), or use caption="auto"')
+    made = clean_caption(caption(), cfg.caption_drop, cfg.caption_suffix)
+    return made if cfg.prompt is None else ", ".join(p for p in (cfg.prompt, made) if p)
+
+
+def clean_caption(text: str, drop: str, suffix: str) -> str:
+    """A caption as a prompt, as the published SR pipelines make it: its sentences that name a degradation (a
+    word of `drop`, comma-separated, whole words, any case) dropped, the final full stop removed, `suffix`
+    appended after a comma."""
+    words = [w.strip().lower() for w in drop.split(",") if w.strip()]
+    names = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b") if words else None
+    sentences = [x.strip() for x in re.split(r"(?<=[.!?])\s+|\n", text) if x.strip()]
+    kept = [x for x in sentences if names is None or not names.search(x.lower())]
+    return ", ".join(p for p in (" ".join(kept).rstrip(" ."), suffix.strip()) if p)

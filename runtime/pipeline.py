@@ -1,4 +1,4 @@
-"""The super-resolution pipeline: text, LQ, denoise loop, decode. It asks the model's family which
+"""The super-resolution pipeline: caption, text, LQ, denoise loop, decode. It asks the model's family which
 submodule plays each part and what a step computes; it knows no backend.
 
 Every tensor between the runners stays on `device`; the per-step guidance and scheduler update are
@@ -19,6 +19,7 @@ from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.checkpoint import Checkpoint
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.runtime.backends.base import Runner
+from diffsr.runtime.caption import ImageCaptioner, prompt_of
 from diffsr.runtime.cuda_graph import StepGraphs
 from diffsr.runtime.image import output_size
 from diffsr.runtime.loop import denoise
@@ -31,6 +32,7 @@ from diffsr.runtime.tiling import tiling_for
 @dataclass
 class UpscaleResult:
     image: np.ndarray  # (H, W, 3) uint8
+    prompt: str  # the prompt it was made with (a caption of the image where the prompt policy asked for one)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "total"
 
 
@@ -50,6 +52,7 @@ class Pipeline:
         if cuda_graph and self.device.type != "cuda":
             raise DiffsrError(f"CUDA graphs need a CUDA device; this pipeline runs on {self.device}")
         self.graphs = StepGraphs() if cuda_graph else None
+        self.captioner = None if self.model.captioner is None else ImageCaptioner(self.model.captioner, self.run, device)
         self.timings: dict[str, float] = {}
 
     def run(self, name: str, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -70,27 +73,38 @@ class Pipeline:
             size = output_size(image.shape[0], image.shape[1], cfg.upscale)
             lq = prepare_lq(model, image, cfg.upscale).to(self.device)
 
-        # 2. Text: the prompt, and with guidance the negative prompt first (the batch order of the loop); the
+        # 2. Caption: the prompt policy's prompt (the LQ image's caption where it asks for one).
+        with self.stage("caption"):
+            captioner = self.captioner
+            prompt = prompt_of(cfg, None if captioner is None else lambda: self._caption(captioner, image, cfg))
+
+        # 3. Text: the prompt, and with guidance the negative prompt first (the batch order of the loop); the
         #    family's conditioning of a step (SDXL adds the size micro-conditioning).
         with self.stage("text"):
-            ids = {name: torch.from_numpy(v).to(self.device) for name, v in self.tokenizer(prompts(cfg)).items()}
+            ids = {name: torch.from_numpy(v).to(self.device) for name, v in self.tokenizer(prompts(cfg, prompt)).items()}
             cond = model.conditioning(model.encode_text(self.run, ids), size)
 
-        # 3. LQ: the LQ image's latent features (SD: the fused multi-layer feature f1 and the LQ latent z_lq).
+        # 4. LQ: the LQ image's latent features (SD: the fused multi-layer feature f1 and the LQ latent z_lq).
         with self.stage("lq"):
             lq_features = encode_lq(model, self.run, lq, tiling)
 
-        # 4. Denoise: the sampler loop on the device, guided (a CUDA graph replay per step, if asked).
+        # 5. Denoise: the sampler loop on the device, guided (a CUDA graph replay per step, if asked).
         with self.stage("denoise"):
             x = denoise(model, self.run, lq_features, cond, cfg, scheduler, on_step, graphs=self.graphs, tiling=tiling)
 
-        # 5. Decode (over tiles if large); crop the padding, correct colours against the upsampled LQ.
+        # 6. Decode (over tiles if large); crop the padding, correct colours against the upsampled LQ.
         with self.stage("decode"):
             decoded = decode(model, self.run, x, tiling)
         with self.stage("postprocess"):
             rgb = finish(decoded, lq, size, cfg.color_fix)
         self.timings["total"] = time.perf_counter() - start
-        return UpscaleResult(rgb, dict(self.timings))
+        return UpscaleResult(rgb, prompt, dict(self.timings))
+
+    def _caption(self, captioner: ImageCaptioner, image: np.ndarray, cfg: PipelineConfig) -> str:
+        """The image's caption; its image part and seconds per token join the timings."""
+        caption = captioner(image, cfg)
+        self.timings |= captioner.timings
+        return caption
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

@@ -27,9 +27,10 @@ def prepare_lq(model: ModelFamily, image: np.ndarray, scale: int) -> torch.Tenso
     return pad_to_multiple(upsample(image, scale), model.pixel_multiple, model.min_pixels)
 
 
-def prompts(cfg: PipelineConfig) -> list[str]:
-    """The text batch: with guidance the negative prompt first, as the loop's latent batch is ordered."""
-    return [cfg.negative_prompt, cfg.prompt] if cfg.cfg else [cfg.prompt]
+def prompts(cfg: PipelineConfig, prompt: str) -> list[str]:
+    """The text batch of a request's prompt (`caption.prompt_of`): with guidance the negative prompt first, as the
+    loop's latent batch is ordered."""
+    return [cfg.negative_prompt, prompt] if cfg.cfg else [prompt]
 
 
 def _over_tiles(model: ModelFamily, run: RunFn, name: str, image: torch.Tensor, scale: int,

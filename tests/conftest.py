@@ -4,7 +4,8 @@ Everything session-scoped is made once, at the smallest size that still tests it
 
 - `tiny_checkpoint` is a checkpoint as main wrote it before families had names: its `diffsr.json` is the
   checked-in legacy file (no `family`, SDXL's keys at zero). Every test that uses it, export and serving
-  included, also proves that an old checkpoint still works. `sdxl_checkpoint` and `dit4sr_checkpoint` have the current form.
+  included, also proves that an old checkpoint still works. `sdxl_checkpoint` and `dit4sr_checkpoint` have the
+  current form; `dit4sr_checkpoint` also has a captioner (blip2-tiny), so its prompt is a caption.
 - `tiny_onnx` goes through `diffsr export --fp16` with the smallest calibration that still exercises the
   FP16 check's path (one photo with the two default prompts, three steps: timesteps 667, 334 and 1, so the
   timestep embedding's arguments pass through FP16's trouble zone). `sdxl_onnx` is FP32 only, without ONNX
@@ -52,7 +53,13 @@ def sdxl_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def dit4sr_checkpoint(tmp_path_factory):
-    return init_checkpoint("dit4sr-tiny", seed=0, out=tmp_path_factory.mktemp("ckpt") / "dit4sr-tiny")
+    """dit4sr-tiny with a blip2-tiny captioner: the checkpoint whose prompt is its LQ image's caption (its export,
+    FP16 check, parity and endpoint include the captioner's graphs)."""
+    from diffsr.export.model.captioner import init_captioner
+
+    path = init_checkpoint("dit4sr-tiny", seed=0, out=tmp_path_factory.mktemp("ckpt") / "dit4sr-tiny").path
+    init_captioner("blip2-tiny", 0, path)
+    return open_checkpoint(path)
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,13 @@ REQUEST = (
     TensorSpec("guidance_scale", "float32", (1,)),
     TensorSpec("seed", "int64", (1,)),
     TensorSpec("scheduler", "bytes", (1,)),  # a name of `runtime.schedulers` (ddim, dpmpp-2m)
+    TensorSpec("caption", "bytes", (1,)),  # the prompt policy: auto, always, never (`runtime.caption.prompt_of`)
 )
 OPTIONAL = tuple(spec.name for spec in REQUEST if spec.name != "image")
 RESPONSE = TensorSpec(OUTPUT, "bytes", (1,))
+# The prompt the image was made with (the request's, the LQ image's caption, or the default), as UTF-8. Not
+# "prompt", for the reason above.
+PROMPT_OUTPUT = "used_prompt"
+PROMPT_RESPONSE = TensorSpec(PROMPT_OUTPUT, "bytes", (1,))
 # the protocol's names of the request's dtypes
 PROTOCOL_DTYPES = {"bytes": "BYTES", "int32": "INT32", "int64": "INT64", "float32": "FP32"}

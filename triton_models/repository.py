@@ -36,13 +36,14 @@ from diffsr.export.core.files import read_json, require_new_folder
 from diffsr.export.core.precision import Precision
 from diffsr.export.engines.metadata import read_meta, verified_plans
 from diffsr.export.graphs.manifest import checkpoint_digest, file_sha256, signature_hash, verified_files
+from diffsr.export.model.captioner import FOLDER as CAPTIONER
 from diffsr.export.model.checkpoint import Checkpoint
 from diffsr.export.model.dims import BATCH_KINDS, TARGETS
 from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.export.model.signatures import Signature, TensorSpec
 from diffsr.runtime.tiling import tiling_for
-from diffsr.triton_models.endpoint import ENSEMBLE, OPTIONAL, OUTPUT, REQUEST, RESPONSE
+from diffsr.triton_models.endpoint import ENSEMBLE, OPTIONAL, OUTPUT, PROMPT_OUTPUT, PROMPT_RESPONSE, REQUEST, RESPONSE
 
 FLAVOURS = ("onnxruntime", "tensorrt")
 REPOSITORY_MANIFEST = "diffsr-repository.json"  # at the repository's root (Triton loads only its folders)
@@ -155,14 +156,14 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
     pipeline_json = json.dumps(defaults.to_json())
 
     pre_params = dict(pipeline=pipeline_json, max_output_pixels=str(options.max_output_pixels), **model_params)
-    pre = _config("preprocess", [req[n] for n in ("image", "prompt", "negative_prompt", "guidance_scale")],
-                  [lq_image, *text_inputs, OUTPUT_SIZE], optional=OPTIONAL)
+    pre = _config("preprocess", [req[n] for n in ("image", "prompt", "negative_prompt", "guidance_scale", "caption")],
+                  [lq_image, *text_inputs, OUTPUT_SIZE, PROMPT_RESPONSE], optional=OPTIONAL)
     _params(pre, **pre_params)
     pre.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
 
     decoded = TensorSpec("decoded", "float32", dec.outputs[0].shape)
     if options.entry == "bls":  # the entry model pre- and postprocesses and runs the loop, on the client's request
-        sampler = _config(ENSEMBLE, list(req.values()), [RESPONSE], optional=OPTIONAL)
+        sampler = _config(ENSEMBLE, list(req.values()), [RESPONSE, PROMPT_RESPONSE], optional=OPTIONAL)
         _params(sampler, color_fix=ckpt.defaults.color_fix, **pre_params)
     else:
         settings = [req[n] for n in ("steps", "guidance_scale", "seed", "scheduler")]
@@ -227,7 +228,7 @@ def cuda_pool_bytes(ckpt: Checkpoint) -> int:
 
 
 def _ensemble(req: dict[str, TensorSpec], model: ModelFamily) -> mc.ModelConfig:
-    config = _config(ENSEMBLE, list(req.values()), [RESPONSE], optional=OPTIONAL)
+    config = _config(ENSEMBLE, list(req.values()), [RESPONSE, PROMPT_RESPONSE], optional=OPTIONAL)
     config.platform = "ensemble"
     sigs = model.signatures()
     lq_image = sigs[model.stages.lq].inputs[0].name
@@ -235,8 +236,8 @@ def _ensemble(req: dict[str, TensorSpec], model: ModelFamily) -> mc.ModelConfig:
     text = [t.name for name in model.stages.text for t in sigs[name].outputs]
     same = lambda names: {n: n for n in names}  # noqa: E731
     steps = [
-        ("preprocess", same(("image", "prompt", "negative_prompt", "guidance_scale")),
-         same((lq_image, *ids, "output_size"))),
+        ("preprocess", same(("image", "prompt", "negative_prompt", "guidance_scale", "caption")),
+         same((lq_image, *ids, "output_size", PROMPT_OUTPUT))),
         *((name, same(t.name for t in sigs[name].inputs), same(t.name for t in sigs[name].outputs))
           for name in model.stages.text),
         ("sampler", same((*text, lq_image, "output_size", "steps", "guidance_scale", "seed", "scheduler")),
@@ -300,6 +301,9 @@ def build_repository(
     for folder in dict.fromkeys(ckpt.model.tokenizer_folders().values()):
         for name in tokenizing:
             shutil.copytree(ckpt.path / folder, out / name / "1" / folder)
+    if ckpt.model.captioner is not None:  # its tokenizer and configs, not its weights (its graphs are models)
+        for name in tokenizing:
+            shutil.copytree(ckpt.path / CAPTIONER, out / name / "1" / CAPTIONER, ignore=shutil.ignore_patterns("*.safetensors*"))
     graphs = sorted(p for p in out.glob("*/1/*") if p.suffix in (".onnx", ".plan"))
     manifest = {"flavour": flavour, "checkpoint_sha256": checkpoint_digest(ckpt.path),
                 "graphs": {str(p.relative_to(out)): file_sha256(p) for p in graphs}}

@@ -54,6 +54,8 @@ def upscale(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
     prompt: Annotated[Optional[str], typer.Option()] = None,
     negative_prompt: Annotated[Optional[str], typer.Option()] = None,
+    caption: Annotated[Optional[str], typer.Option(help="auto (caption when no --prompt), always or never; needs the "
+                                                   "checkpoint's captioner")] = None,
     steps: Annotated[Optional[int], typer.Option()] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     guidance: Annotated[Optional[float], typer.Option(help="CFG scale; 1.0 turns CFG off")] = None,
@@ -82,7 +84,7 @@ def upscale(
     rgb = load_image(image)
     writable(out_file)
     ckpt = open_checkpoint(checkpoint)
-    config = ckpt.defaults.replace(prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
+    config = ckpt.defaults.replace(prompt=prompt, negative_prompt=negative_prompt, caption=caption, steps=steps, seed=seed,
                                    guidance_scale=guidance, scheduler=scheduler, start=start, color_fix=color_fix,
                                    tile=tile, tile_overlap=tile_overlap, tile_batch=tile_batch)
     output_size(rgb.shape[0], rgb.shape[1], config.upscale)  # fail before loading weights
@@ -95,6 +97,7 @@ def upscale(
     h, w = result.image.shape[:2]
     console.print(f"{image} -> {out_file} ({w}x{h}, {backend}, {config.scheduler} {config.steps} steps)", soft_wrap=True,
                   highlight=False)
+    console.print(f"prompt: {result.prompt}", soft_wrap=True, highlight=False, markup=False)
     console.print(tables.timings(result.timings))
 
 

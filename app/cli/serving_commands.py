@@ -82,6 +82,7 @@ def client(
     protocol: Annotated[str, typer.Option(help="http or grpc")] = "http",
     prompt: Annotated[Optional[str], typer.Option()] = None,
     negative_prompt: Annotated[Optional[str], typer.Option()] = None,
+    caption: Annotated[Optional[str], typer.Option(help="auto, always or never (default: the server's)")] = None,
     steps: Annotated[Optional[int], typer.Option()] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     guidance: Annotated[Optional[float], typer.Option()] = None,
@@ -94,10 +95,11 @@ def client(
     writable(out_file)
     with TritonClient(url, protocol) as remote:
         result = remote.upscale(image.read_bytes(), prompt=prompt, negative_prompt=negative_prompt, steps=steps,
-                                seed=seed, guidance_scale=guidance)
+                                seed=seed, guidance_scale=guidance, caption=caption)
     out_file.write_bytes(result.png)
     console.print(f"{image} -> {out_file} via {protocol}://{url}: {result.latency_s:.3f} s", soft_wrap=True,
                   highlight=False)
+    console.print(f"prompt: {result.prompt}", soft_wrap=True, highlight=False, markup=False)
 
 
 @command()

@@ -38,7 +38,9 @@ from diffsr.runtime.tiling import tiling_for
 SERVED_ENSEMBLE = f"{SERVED}-ensemble"  # the endpoint with the ensemble entry point, to compare with the BLS one
 ENTRIES = {SERVED: "bls", SERVED_ENSEMBLE: "ensemble"}
 BACKENDS = (*PIPELINE_BACKENDS, SERVED, SERVED_ENSEMBLE)
-STAGES = ("preprocess", "text", "lq", "denoise_step", "denoise", "decode", "postprocess")  # the pipeline's timings
+# the pipeline's timings (the caption's where the checkpoint has a captioner: its image part, seconds per token)
+STAGES = ("preprocess", "caption", "caption_image", "caption_token", "text", "lq", "denoise_step", "denoise", "decode",
+          "postprocess")
 Say = Callable[[str], None]
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.triton_models.endpoint import ENSEMBLE, OUTPUT, PROTOCOL_DTYPES, REQUEST
+from diffsr.triton_models.endpoint import ENSEMBLE, OUTPUT, PROMPT_OUTPUT, PROTOCOL_DTYPES, REQUEST
 
 PROTOCOLS = ("http", "grpc")
 NUMPY = {"bytes": np.object_, "int32": np.int32, "int64": np.int64, "float32": np.float32}
@@ -29,6 +29,7 @@ class RequestRefused(DiffsrError):
 class RemoteResult:
     png: bytes
     latency_s: float
+    prompt: str  # the prompt the server made the image with
 
 
 def _module(protocol: str) -> ModuleType:
@@ -75,7 +76,8 @@ class TritonClient:
         from tritonclient.utils import InferenceServerException
 
         inputs = request_inputs(self.protocol, image, **settings)
-        outputs = [self.module.InferRequestedOutput(OUTPUT, **({"binary_data": True} if self.protocol == "http" else {}))]
+        binary = {"binary_data": True} if self.protocol == "http" else {}
+        outputs = [self.module.InferRequestedOutput(name, **binary) for name in (OUTPUT, PROMPT_OUTPUT)]
         extra = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         start = time.perf_counter()
         try:
@@ -86,7 +88,8 @@ class TritonClient:
             raise RequestRefused(f"server refused the request: {e.message()}", str(e.status())) from None
         except OSError as e:  # refused, unreachable, unknown host
             raise DiffsrError(f"cannot reach the server at {self.url} ({self.protocol}): {e}") from None
-        return RemoteResult(result.as_numpy(OUTPUT).reshape(-1)[0], time.perf_counter() - start)
+        prompt = result.as_numpy(PROMPT_OUTPUT).reshape(-1)[0]
+        return RemoteResult(result.as_numpy(OUTPUT).reshape(-1)[0], time.perf_counter() - start, prompt.decode())
 
     def close(self) -> None:
         """Close the connection: a server shutting down waits (up to its exit timeout) for open ones."""

@@ -163,13 +163,13 @@ def budget(onnx_dir: Path, target_name: str = "edge", max_batch: int | None = No
     quantized = (manifest.get("int8_calibration") or {}).get("submodules", model.int8_default)
     ranges = deployment.dim_ranges(model.dims())
     return [replace(engine_budget(paths[name], name, {k: r.max for k, r in sig.shape_ranges(ranges).items()},
-                                  model.int8_kept), quantized=name in quantized, droppable=model.droppable.get(name, ""))
+                                  model.int8_kept), quantized=name in quantized, droppable=model.stand_in(name))
             for name, sig in model.signatures().items()]
 
 
 def device_total(engines: list[EngineBudget], precision: Precision, dropped: bool = False) -> int:
     """What the pipeline's engines need on the device: all weights, the largest scratch, the runtime;
-    `dropped`: without the engines a deployment may leave out (dit4sr's T5)."""
+    `dropped`: without the engines a deployment may leave out (dit4sr's T5, a captioner)."""
     kept = [e for e in engines if not (dropped and e.droppable)]
     weights = sum(e.weights(precision) for e in kept)
     return weights + max(e.activations for e in kept) + RUNTIME_RESERVE

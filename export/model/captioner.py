@@ -8,14 +8,17 @@ Three graphs, one signature each (`captioner_networks.py` holds the networks):
 
     caption_image    pixel_values (B, 3, 224, 224)              -> prefix (B, 32, D)
                      (ViT, Q-Former over 32 queries, language projection)
-    caption_prefill  prefix, input_ids (B, T) (BOS + prompt),
-                     attention_mask (B, L)                      -> logits (B, V), keys, values (N, B, H, L, Dh)
-    caption_decode   input_ids (B, 1), position_ids (B, 1),
-                     attention_mask (B, L), keys, values         -> logits (B, V), keys, values
+    caption_prefill  prefix (R, 32, D), input_ids (R, T) (BOS + prompt),
+                     attention_mask (R, L)                      -> logits (R, V), keys, values (N, R, H, L, Dh)
+    caption_decode   input_ids (R, 1), position_ids (R, 1),
+                     attention_mask (R, L), past_keys, past_values -> logits (R, V), keys, values
 
-The cache is allocated once at its full length L (`cache_length`: the prefix, BOS, the prompt and every new
-token), so a decode step is one fixed-shape call: position p writes slot p, `attention_mask` marks the slots
-filled so far (the one written now included). The prefill's mask has the same width, only to size the cache.
+B images, R = B x beams language-model rows (`caption_batch`), T = `prompt_length`, L = `cache_length`. The cache
+is allocated once at its full length L (the prefix, BOS, the prompt and every new token), so a decode step is one
+fixed-shape call: position p writes slot p, `attention_mask` marks the slots filled so far (the one written now
+included). The prefill's mask has the same width, only to size the cache. Ids, positions and masks are int32
+(what TensorRT takes). When a checkpoint has a captioner, its model (`ModelFamily.captioner`) has these three
+submodules besides the family's, so export, parity, FP16, INT8, engines and budget treat them as any other.
 
 `init_captioner` writes a seeded one of a preset (weights drawn one tensor at a time, FP16, as `diffsr init`
 draws the rest); its tokenizer is OPT's kind (GPT-2 byte-level BPE, `</s>` id 2 as BOS and EOS, `<pad>` 1),
@@ -26,14 +29,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.model.dims import NamedDim
 from diffsr.export.model.signatures import Signature, TensorSpec
+
+Draw = Callable[[tuple[int, ...], torch.Generator], torch.Tensor]
 
 FOLDER = "captioner"
 WEIGHTS = "model.safetensors"
@@ -41,7 +49,10 @@ BOS, PAD = 2, 1  # OPT's `</s>` (BOS and end of text) and `<pad>`
 NEWLINE = "\u010a"  # "\n" as a byte-level token: the published checkpoint's end of caption (id 50118)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-F32 = "float32"
+F32, IDS = "float32", "int32"
+MAX_BEAMS = 5  # LAVIS's captioning default, and the most the graphs' profiles hold
+MAX_PROMPT = 32  # tokens of a caption prompt (after BOS)
+MAX_NEW_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -108,7 +119,7 @@ def blip2_config(c: CaptionerConfig, image_token: int, newline: int) -> Any:
 class Captioner:
     """A checkpoint's captioner, read from its transformers config: the widths its graphs' signatures need."""
 
-    path: Path  # the captioner/ folder
+    path: Path = field(compare=False)  # the captioner/ folder: two checkpoints' equal captioners are equal
     hidden: int  # D: the language model's width (the prefix's)
     layers: int
     heads: int
@@ -118,29 +129,75 @@ class Captioner:
     eos: int
     max_positions: int
 
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "path"}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Captioner:
+        try:
+            return cls(Path(FOLDER), **data)
+        except TypeError as e:
+            raise DiffsrError(f"captioner entry {data} is malformed: {e}") from None
+
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    @property
+    def cache_limit(self) -> int:
+        """The longest cache its graphs take: the prefix, BOS, the longest prompt and the most new tokens,
+        within the language model's positions."""
+        return min(self.max_positions, self.num_query_tokens + 1 + MAX_PROMPT + MAX_NEW_TOKENS)
+
     def dims(self) -> tuple[NamedDim, ...]:
-        return (NamedDim("batch", 1, 1, 8), NamedDim("prompt_length", 1, 8, 32),
-                NamedDim("cache_length", self.num_query_tokens + 2, self.num_query_tokens + 40, self.max_positions))
+        q = self.num_query_tokens
+        return (
+            NamedDim("caption_batch", "language-model rows: the images, times the beams with beam search", "beams",
+                     trace=5, odd=3, bound=8 * MAX_BEAMS, native=MAX_BEAMS),
+            NamedDim("prompt_length", "BOS and the caption prompt's tokens", "length", trace=6, odd=7, bound=1 + MAX_PROMPT,
+                     native=1),
+            # its trace and odd sizes leave room for the prefix and the prompt (the prefill pads to it)
+            NamedDim("cache_length", "cache slots: the prefix, BOS, the prompt and the new tokens", "length",
+                     trace=q + 9, odd=q + 11, bound=self.cache_limit, native=min(q + 1 + 30, self.cache_limit),
+                     least=q + 2),
+        )
 
     def declare(self) -> tuple[Signature, ...]:
-        cache = ("batch", self.heads, "cache_length", self.head_dim)
-        kv_in = (TensorSpec("keys", F32, (self.layers, *cache)), TensorSpec("values", F32, (self.layers, *cache)))
-        logits = TensorSpec("logits", F32, ("batch", self.vocab_size))
-        mask = TensorSpec("attention_mask", "int64", ("batch", "cache_length"))
-        prefix = TensorSpec("prefix", F32, ("batch", self.num_query_tokens, self.hidden))
+        cache = ("caption_batch", self.heads, "cache_length", self.head_dim)
+        kv_in = (TensorSpec("past_keys", F32, (self.layers, *cache)), TensorSpec("past_values", F32, (self.layers, *cache)))
+        kv_out = (TensorSpec("keys", F32, (self.layers, *cache)), TensorSpec("values", F32, (self.layers, *cache)))
+        logits = TensorSpec("logits", F32, ("caption_batch", self.vocab_size))
+        mask = TensorSpec("attention_mask", IDS, ("caption_batch", "cache_length"))
         return (
-            Signature("caption_image", inputs=(TensorSpec("pixel_values", F32, ("batch", 3, self.image_size, self.image_size)),),
-                      outputs=(prefix,)),
-            Signature("caption_prefill", inputs=(prefix, TensorSpec("input_ids", "int64", ("batch", "prompt_length")), mask),
-                      outputs=(logits, *kv_in)),
-            Signature("caption_decode", inputs=(TensorSpec("input_ids", "int64", ("batch", 1)),
-                                                TensorSpec("position_ids", "int64", ("batch", 1)), mask, *kv_in),
-                      outputs=(logits, *kv_in)),
+            Signature("caption_image",
+                      inputs=(TensorSpec("pixel_values", F32, ("batch", 3, self.image_size, self.image_size)),),
+                      outputs=(TensorSpec("prefix", F32, ("batch", self.num_query_tokens, self.hidden)),)),
+            Signature("caption_prefill",
+                      inputs=(TensorSpec("prefix", F32, ("caption_batch", self.num_query_tokens, self.hidden)),
+                              TensorSpec("input_ids", IDS, ("caption_batch", "prompt_length")), mask),
+                      outputs=(logits, *kv_out)),
+            Signature("caption_decode", inputs=(TensorSpec("input_ids", IDS, ("caption_batch", 1)),
+                                                TensorSpec("position_ids", IDS, ("caption_batch", 1)), mask, *kv_in),
+                      outputs=(logits, *kv_out)),
         )
+
+    @property
+    def graphs(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.declare())
+
+    def sample_draws(self) -> dict[str, Draw]:
+        """Token ids in the language model's rows; positions inside the prefix (below every cache length); masks
+        of ones and zeros whose first slot is set (a row attends to something)."""
+        q, vocab = self.num_query_tokens, self.vocab_size
+
+        def mask(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+            m = torch.randint(0, 2, shape, generator=g, dtype=torch.int32)
+            m[:, 0] = 1
+            return m
+
+        return {"input_ids": lambda shape, g: torch.randint(0, vocab, shape, generator=g, dtype=torch.int32),
+                "position_ids": lambda shape, g: torch.randint(0, q, shape, generator=g, dtype=torch.int32),
+                "attention_mask": mask}
 
 
 def open_captioner(folder: Path) -> Captioner:

@@ -13,21 +13,31 @@ whole buffers; the mask hides the slots not yet written. Every call has the same
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.files import read_json
+
 
 class CaptionImage(nn.Module):
-    """pixel_values -> the language model's prefix: ViT, Q-Former over the learned queries, projection."""
+    """pixel_values -> the language model's prefix: ViT, Q-Former over the learned queries, projection (what
+    `get_image_features` computes). It holds those parts under their names in the weights file."""
 
     def __init__(self, blip2: Any):
         super().__init__()
-        self.blip2 = blip2
+        self.vision_model, self.qformer = blip2.vision_model, blip2.qformer
+        self.query_tokens, self.language_projection = blip2.query_tokens, blip2.language_projection
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.blip2.get_image_features(pixel_values).pooler_output  # (B, 32, D)
+        image = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+        seen = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
+        queries = self.query_tokens.expand(image.shape[0], -1, -1)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=image, encoder_attention_mask=seen, return_dict=True)
+        return self.language_projection(out.last_hidden_state)  # (B, 32, D)
 
 
 def _additive(mask: torch.Tensor) -> torch.Tensor:
@@ -40,10 +50,10 @@ class CaptionPrefill(nn.Module):
 
     def __init__(self, blip2: Any):
         super().__init__()
-        self.blip2 = blip2
+        self.language_model = blip2.language_model
 
     def forward(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        lm = self.blip2.language_model
+        lm = self.language_model
         embeds = torch.cat([prefix, lm.get_input_embeddings()(input_ids)], dim=1)  # (B, P, D)
         b, p = embeds.shape[:2]
         positions = torch.arange(p, device=embeds.device).unsqueeze(0).expand(b, p)
@@ -77,11 +87,12 @@ class CaptionDecode(nn.Module):
 
     def __init__(self, blip2: Any):
         super().__init__()
-        self.blip2 = blip2
+        self.language_model = blip2.language_model
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                keys: torch.Tensor, values: torch.Tensor):
-        lm = self.blip2.language_model
+                past_keys: torch.Tensor, past_values: torch.Tensor):
+        lm = self.language_model
+        keys, values = past_keys, past_values
         length = keys.shape[3]
         slot = (torch.arange(length, device=keys.device)[None, :] == position_ids).view(-1, 1, length, 1)
         cache = SlotCache(keys, values, slot)
@@ -93,10 +104,26 @@ class CaptionDecode(nn.Module):
 
 
 GRAPHS = {"caption_image": CaptionImage, "caption_prefill": CaptionPrefill, "caption_decode": CaptionDecode}
+LM_HEAD, EMBED_TOKENS = "language_model.lm_head.weight", "language_model.model.decoder.embed_tokens.weight"
+
+
+def build_blip2(folder: Path) -> nn.Module:
+    """The captioner's network from its folder's config.json, without weights (a checkpoint `Component`), every
+    attention eager: explicit masks, the kind ONNX and TensorRT take."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    try:
+        config = Blip2Config.from_dict(read_json(folder / "config.json", "captioner file"), attn_implementation="eager")
+        with no_init_weights():  # the checkpoint assigns every weight; and drawing them cannot run on fake tensors
+            module: nn.Module = Blip2ForConditionalGeneration(config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise DiffsrError(f"{folder / 'config.json'} is not a valid Blip2Config: {e}") from None
+    return module
 
 
 def load_blip2(folder: Any) -> Any:
-    """The captioner's reference, FP32 on the CPU, its language model on eager attention (the graphs' kind)."""
+    """The captioner's reference as transformers loads it, FP32 on the CPU, eager attention (the graphs' kind)."""
     from transformers import Blip2ForConditionalGeneration
 
     model = Blip2ForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager")

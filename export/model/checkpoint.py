@@ -5,6 +5,8 @@
     <component>/                 config.json + weights, one folder per network, as the family declares
                                  (diffusers and transformers layouts where the library has one)
     tokenizer*/                  the tokenizers, as the family declares
+    captioner/                   optional: a BLIP-2 captioner in transformers' layout (`captioner.py`), whose
+                                 graphs join the model's submodules
 
 Weights are loaded strictly: a missing, extra or mis-shaped tensor is an error naming the file.
 Nothing cares how the weights were trained, nor in which float type they are stored (SDXL
@@ -28,6 +30,8 @@ from torch import nn
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
+from diffsr.export.model.captioner import FOLDER as CAPTIONER
+from diffsr.export.model.captioner import open_captioner
 from diffsr.export.model.family import ModelFamily, model_from_json
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.export.model.weights import StoredWeights
@@ -66,6 +70,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         defaults = PipelineConfig.from_json(meta.get("pipeline", {}))
     except (KeyError, TypeError, AttributeError) as e:
         raise DiffsrError(f"{path / 'diffsr.json'} is malformed: {e!r}") from None
+    # the captioner is the folder's, whatever diffsr.json says
+    model = model.with_captioner(open_captioner(path / CAPTIONER) if (path / CAPTIONER).exists() else None)
     return Checkpoint(path, model, defaults, _read_json(path / "scheduler" / "scheduler_config.json"))
 
 

@@ -13,6 +13,8 @@ Kinds:
     side      a latent side in latent cells, a multiple of `multiple`: from the target's smallest side
               to `max_scale` times the model's native side, the native side being the opt
     fixed     a size set by the checkpoint (min = opt = max)
+    beams     rows of a captioner's language model: the target's images times up to `native` beams each
+    length    a sequence length (tokens, cache slots): `least` to `bound`, `native` the opt, whatever the target
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import NamedTuple
 
 from diffsr.export.core.errors import DiffsrError
 
-KINDS = ("images", "guided", "prompts", "side", "fixed")
+KINDS = ("images", "guided", "prompts", "side", "fixed", "beams", "length")
 BATCH_KINDS = ("images", "guided")  # dims that count images (tiles): what step batching stacks
 
 
@@ -59,7 +61,9 @@ class NamedDim:
     odd: int
     bound: int
     multiple: int = 1  # sides: the latent cells the network halves them by
-    native: int = 0  # sides: the side the model was trained at (the opt); fixed: the size
+    native: int = 0  # sides: the side the model was trained at (the opt); fixed: the size; beams: the most beams
+    # an image; length: the opt
+    least: int = 1  # length: the shortest
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -73,6 +77,10 @@ class NamedDim:
             r = DimRange(b.min, 2 * b.opt, 2 * b.max)
         elif self.kind == "prompts":
             r = DimRange(1, 2, 2 * b.max)
+        elif self.kind == "beams":
+            r = DimRange(b.min, b.opt, b.max * self.native)
+        elif self.kind == "length":
+            r = DimRange(self.least, self.native, self.bound)
         elif self.kind == "side":
             ends = (target.min_latent, self.native, int(self.native * target.max_scale))
             r = DimRange(*(max(m, (v // m) * m) for v in ends))

@@ -5,8 +5,12 @@ submodules and their signatures, its named dims, checkpoint components (folder -
 latent geometry, which submodule plays which part of the pipeline (`Stages`), the model-specific part
 of a denoising step (`predict`: noise or velocity, the guidance layout), its default sampler and
 scheduler config, what INT8 leaves out and what FP16 keeps whole, and how a new checkpoint is drawn.
-An instance is a model: the family bound to its config (`checkpoint.model`). Shared code asks the
-model; it never names a submodule or branches on a family.
+An instance is a model: the family bound to its config (`checkpoint.model`), and to the checkpoint's
+captioner where it has one (`export/model/captioner.py`: its three graphs join the family's submodules).
+Shared code asks the model; it never names a submodule or branches on a family.
+
+A family declares its own dims, components, parts and sample draws (`family_dims`, `family_components`, ...);
+the model's `dims`, `components`, `parts`, ... are those plus the captioner's.
 
 `diffsr.json` names the family; `register` adds one (the built-ins register on import of
 `diffsr.export.model.families`, which every lookup does first).
@@ -28,6 +32,9 @@ from torch import nn
 
 from diffsr.export.core.configs import dataclass_from_json
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.captioner import FOLDER as CAPTIONER
+from diffsr.export.model.captioner import WEIGHTS as CAPTIONER_WEIGHTS
+from diffsr.export.model.captioner import Captioner
 from diffsr.export.model.dims import MIN_LATENT, NamedDim
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.export.model.signatures import Signature, parse_dim
@@ -72,19 +79,25 @@ class ModelFamily(ABC):
     # submodules a deployment may leave out -> what stands in for their outputs (the budget counts both ways)
     droppable: ClassVar[Mapping[str, str]] = {}
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, captioner: Captioner | None = None):
         if not isinstance(config, self.config_class):
             raise DiffsrError(f"the {self.name} family takes a {self.config_class.__name__}, not {type(config).__name__}")
         self.config: Any = config  # a frozen dataclass: the family's `config_class`
+        self.captioner = captioner  # the checkpoint's captioner/, if it has one
+
+    def with_captioner(self, captioner: Captioner | None) -> ModelFamily:
+        """This model with (or without) a captioner's graphs."""
+        return type(self)(self.config, captioner)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ModelFamily) and type(other) is type(self) and bool(other.config == self.config)
+        return (isinstance(other, ModelFamily) and type(other) is type(self) and bool(other.config == self.config)
+                and other.captioner == self.captioner)
 
     def __hash__(self) -> int:
-        return hash((type(self), self.config))
+        return hash((type(self), self.config, self.captioner))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config!r})"
+        return f"{type(self).__name__}({self.config!r}{'' if self.captioner is None else f', {self.captioner!r}'})"
 
     # --- the model's shape -------------------------------------------------------------------
 
@@ -124,8 +137,12 @@ class ModelFamily(ABC):
         """The latent side the model was trained at: the default tile and the engines' opt."""
 
     @abstractmethod
-    def dims(self) -> tuple[NamedDim, ...]:
+    def family_dims(self) -> tuple[NamedDim, ...]:
         """The dynamic dims its signatures name."""
+
+    def dims(self) -> tuple[NamedDim, ...]:
+        """Every dynamic dim of the model's signatures: the family's, then the captioner's."""
+        return self.family_dims() + (self.captioner.dims() if self.captioner else ())
 
     @abstractmethod
     def declare(self) -> tuple[Signature, ...]:
@@ -133,7 +150,17 @@ class ModelFamily(ABC):
 
     @cached_property
     def _signatures(self) -> dict[str, Signature]:
-        return {s.name: s for s in self.declare()}
+        return {s.name: s for s in (*(self.captioner.declare() if self.captioner else ()), *self.declare())}
+
+    def captions(self, submodule: str) -> bool:
+        """Whether the submodule is one of the captioner's graphs."""
+        return self.captioner is not None and submodule in self.captioner.graphs
+
+    def stand_in(self, submodule: str) -> str:
+        """What stands in for a submodule's outputs where a deployment leaves it out ("": nothing can)."""
+        if self.captions(submodule):
+            return "a typed prompt, or the caption suffix alone (caption=never)"
+        return self.droppable.get(submodule, "")
 
     def signatures(self) -> dict[str, Signature]:
         return dict(self._signatures)
@@ -162,16 +189,34 @@ class ModelFamily(ABC):
     # --- the checkpoint ----------------------------------------------------------------------
 
     @abstractmethod
-    def components(self) -> dict[str, Component]:
+    def family_components(self) -> dict[str, Component]:
         """Checkpoint folder -> its network and weights file."""
 
+    def components(self) -> dict[str, Component]:
+        """The family's components and the captioner (its language model's head may be stored as its embedding)."""
+        if self.captioner is None:
+            return self.family_components()
+        from diffsr.export.model.captioner_networks import EMBED_TOKENS, LM_HEAD, build_blip2
+
+        return self.family_components() | {CAPTIONER: Component(build_blip2, CAPTIONER_WEIGHTS, ((LM_HEAD, EMBED_TOKENS),))}
+
     @abstractmethod
-    def parts(self, submodule: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]:
+    def family_parts(self, submodule: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]:
         """The component folders a submodule is made of, and how they combine into it."""
 
-    def partial(self, submodule: str) -> bool:
+    def parts(self, submodule: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]:
+        if self.captions(submodule):
+            from diffsr.export.model.captioner_networks import GRAPHS
+
+            return (CAPTIONER,), GRAPHS[submodule]
+        return self.family_parts(submodule)
+
+    def family_partial(self, submodule: str) -> bool:
         """Whether the submodule uses only part of a component's weights (a VAE's decoder half)."""
         return False
+
+    def partial(self, submodule: str) -> bool:
+        return self.captions(submodule) or self.family_partial(submodule)  # each caption graph is part of BLIP-2
 
     @abstractmethod
     def tokenizer_folders(self) -> dict[str, str]:
@@ -194,10 +239,14 @@ class ModelFamily(ABC):
     def write_extras(self, out: Path) -> None:
         """A new checkpoint's files besides the networks: tokenizers."""
 
-    def sample_draws(self) -> Mapping[str, Draw]:
+    def family_draws(self) -> Mapping[str, Draw]:
         """Random inputs of the right kind, per input name (token ids in the vocabulary, timesteps in range);
         others are N(0, 1)."""
         return {}
+
+    def sample_draws(self, submodule: str) -> Mapping[str, Draw]:
+        """The family's draws, or the captioner's for its graphs."""
+        return self.captioner.sample_draws() if self.captioner and self.captions(submodule) else self.family_draws()
 
     def force_upcast(self, path: Path) -> tuple[str, ...]:
         """Submodules that stay wholly FP32 unless calibration proves FP16 safe (a VAE marked as
@@ -233,12 +282,19 @@ class ModelFamily(ABC):
     # --- JSON ---------------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
+        """The model config, and the captioner's widths where it has one (what a manifest or a Triton model
+        rebuilds the signatures from; a checkpoint's own captioner/ folder is read instead)."""
         data: dict[str, Any] = dataclasses.asdict(self.config)
+        if self.captioner is not None:
+            data[CAPTIONER] = self.captioner.to_json()
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelFamily:
-        return cls(dataclass_from_json(cls.config_class, data, f"{cls.name} model config"))
+        data = dict(data)
+        captioner = data.pop(CAPTIONER, None)
+        return cls(dataclass_from_json(cls.config_class, data, f"{cls.name} model config"),
+                   None if captioner is None else Captioner.from_json(captioner))
 
 
 def guided(x: torch.Tensor, text_rows: int, row: torch.Tensor,

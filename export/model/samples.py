@@ -15,7 +15,7 @@ from diffsr.export.model.family import ModelFamily
 
 
 def sample_inputs(model: ModelFamily, name: str, dims: Mapping[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
-    sig, draws = model.signature(name), model.sample_draws()
+    sig, draws = model.signature(name), model.sample_draws(name)
     g = torch.Generator().manual_seed(seed)
     feed = {}
     for spec, shape in zip(sig.inputs, sig.input_shapes(dims).values()):

@@ -188,21 +188,45 @@ def test_sdxl_endpoint_matches_the_onnxruntime_pipeline(sdxl_server, sdxl_checkp
     assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
 
 
+@pytest.fixture(scope="module")
+def dit4sr_local(dit4sr_checkpoint, dit4sr_onnx):
+    return Pipeline(load_runners("onnxruntime", dit4sr_checkpoint, onnx_dir=dit4sr_onnx), dit4sr_checkpoint)
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_dit4sr_endpoint_matches_the_onnxruntime_pipeline(dit4sr_server, dit4sr_checkpoint, dit4sr_onnx, protocol):
+def test_dit4sr_endpoint_matches_the_onnxruntime_pipeline(dit4sr_server, dit4sr_checkpoint, dit4sr_local, protocol):
     """The second family at the endpoint: three tokenisers in the preprocessing (T5's at its fixed length),
-    the flow-matching sampler with CFG, tiled (64 px tiles), on a non-square photo with odd sides."""
+    the flow-matching sampler with CFG, tiled (64 px tiles), on a non-square photo with odd sides; no prompt, so
+    the endpoint captions the photo first (its checkpoint has a captioner) and returns the prompt it used."""
     lq = photo("coffee", (29, 22))
     url = dit4sr_server.http_url if protocol == "http" else dit4sr_server.grpc_url
     with TritonClient(url, protocol) as client:
-        remote = _decode(client.upscale(_png(lq), **SETTINGS).png)
-    local = Pipeline(load_runners("onnxruntime", dit4sr_checkpoint, onnx_dir=dit4sr_onnx), dit4sr_checkpoint)
+        answer = client.upscale(_png(lq), **SETTINGS)
+    remote = _decode(answer.png)
     config = dit4sr_checkpoint.defaults.replace(**SETTINGS)
-    direct = local(lq, config.replace(**SERVED_TILING)).image
-    assert remote.shape == direct.shape == (88, 116, 3)
-    assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
-    untiled = local(lq, config).image
+    direct = dit4sr_local(lq, config.replace(**SERVED_TILING))
+    assert answer.prompt == direct.prompt != config.caption_suffix  # the caption, made the same way
+    assert remote.shape == direct.image.shape == (88, 116, 3)
+    assert np.array_equal(remote, direct.image)  # byte for byte
+    untiled = dit4sr_local(lq, config).image
     assert np.abs(remote.astype(int) - untiled.astype(int)).max() > 1  # the server did tile
+
+
+def test_the_endpoint_captions_only_without_a_prompt(dit4sr_server, lq):
+    """The caption stage runs (its metrics move: one caption, its tokens) for a request without a prompt, and
+    not at all for one with a prompt, which comes back as the prompt used."""
+    before = _scrape(dit4sr_server)
+    with TritonClient(dit4sr_server.http_url) as client:
+        client.upscale(_png(lq), steps=1)
+        middle = _scrape(dit4sr_server)
+        prompted = client.upscale(_png(lq), prompt="a cat on a sofa", steps=1)
+    after = _scrape(dit4sr_server)
+    assert middle["diffsr_caption_seconds_count"] - before.get("diffsr_caption_seconds_count", 0.0) == 1
+    assert middle["diffsr_caption_tokens_total"] - before.get("diffsr_caption_tokens_total", 0.0) >= 1
+    assert middle["diffsr_caption_seconds_sum"] > before.get("diffsr_caption_seconds_sum", 0.0)
+    assert prompted.prompt == "a cat on a sofa"
+    for name in ("diffsr_caption_seconds_count", "diffsr_caption_tokens_total"):
+        assert after[name] == middle[name], name
 
 
 def test_a_cancelled_request_frees_its_instance_within_a_step(server, lq):

@@ -16,28 +16,29 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffsr.export.core.errors import DiffsrError
+from diffsr.triton_models.endpoint import PROMPT_OUTPUT
 from diffsr.triton_models.models.common import to_torch
-from diffsr.triton_models.models.requests import StageError, parameters, respond
 from diffsr.triton_models.models.metrics import Metrics
 from diffsr.triton_models.models.postprocess import Postprocess
 from diffsr.triton_models.models.preprocess import Preprocess
+from diffsr.triton_models.models.requests import StageError, parameters, respond
 from diffsr.triton_models.models.sampler import Sampler
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         params = parameters(args)
-        self.preprocess = Preprocess(params, Path(args["model_repository"]) / args["model_version"])
+        self.metrics = Metrics(args["model_name"])
+        self.preprocess = Preprocess(params, Path(args["model_repository"]) / args["model_version"], self.metrics)
         self.sampler = Sampler(params)
         self.postprocess = Postprocess(params["color_fix"])
-        self.metrics = Metrics(args["model_name"])
 
     def execute(self, requests: list) -> list:
         return respond(requests, self._handle)
 
     def _handle(self, request) -> list:
         try:
-            pre = {tensor.name(): tensor for tensor in self.preprocess(request)}
+            pre = {tensor.name(): tensor for tensor in self.preprocess(request, request.is_cancelled)}
             self.sampler.settings(request)  # a bad setting is the client's fault before any model runs
             ids = {n: to_torch(pre[n]).to(self.sampler.device) for n in self.sampler.text_inputs}
             text = self.sampler.model.encode_text(self.sampler.run, ids)
@@ -50,4 +51,4 @@ class TritonPythonModel:
             (self.metrics.cancelled if request.is_cancelled() else self.metrics.rejected).increment(1)
             raise
         self.metrics.pixels.increment(int(size[0]) * int(size[1]))
-        return [png]
+        return [png, pre[PROMPT_OUTPUT]]

@@ -6,6 +6,8 @@
     diffsr_requests_cancelled_total  counter: requests stopped by their client's cancel
     diffsr_requests_rejected_total   counter: requests refused as the client's fault (INVALID_ARGUMENT)
     diffsr_output_pixels_total     counter: pixels of the images returned
+    diffsr_caption_seconds         histogram: one caption (image graph, prefill, every decode step)
+    diffsr_caption_tokens_total    counter: caption tokens made (tokens/s: its rate over the seconds' sum's)
 
 Each carries the label `model` (the model that runs the loop)."""
 
@@ -17,6 +19,7 @@ from collections.abc import Callable
 import triton_python_backend_utils as pb_utils
 
 STEP_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]  # seconds: CPU tiny to SDXL tiles
+CAPTION_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]  # seconds: blip2-tiny to OPT-2.7b on a CPU
 
 
 class Metrics:
@@ -33,6 +36,11 @@ class Metrics:
                                      kind=pb_utils.MetricFamily.HISTOGRAM)
         self._families.append(step)
         self.step = step.Metric(labels=labels, buckets=STEP_BUCKETS)
+        caption = pb_utils.MetricFamily(name="diffsr_caption_seconds", description="seconds per caption",
+                                        kind=pb_utils.MetricFamily.HISTOGRAM)
+        self._families.append(caption)
+        self.caption = caption.Metric(labels=labels, buckets=CAPTION_BUCKETS)
+        self.caption_tokens = counter("diffsr_caption_tokens_total", "caption tokens made")
         self.steps = counter("diffsr_steps_total", "denoising steps run")
         self.cancelled = counter("diffsr_requests_cancelled_total", "requests stopped by their client's cancel")
         self.rejected = counter("diffsr_requests_rejected_total", "requests refused as the client's fault")

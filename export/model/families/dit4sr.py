@@ -54,7 +54,7 @@ LATENT_CHANNELS = 16  # SD3's VAE
 SD35_SCHEDULER_CONFIG: dict[str, Any] = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
                                          "shift": 3.0}
 
-# the official test script's prompt suffix (here the whole default prompt: no captioner yet) and negative prompt
+# the official test script's prompt suffix (after the caption; the whole prompt without a captioner) and negative prompt
 # T5's token embedding, shared with its encoder: transformers saves it as `shared.weight` alone; both are read
 T5_TIED = (("encoder.embed_tokens.weight", "shared.weight"),)
 
@@ -64,7 +64,7 @@ NEGATIVE = ("motion blur, noisy, dotted, bokeh, pointed, CG Style, 3D render, un
             "worst quality, low quality, frames, watermark, signature, jpeg artifacts, deformed, lowres, chaotic")
 # the official test script's run: 40 steps, guidance 8.0, from noise, AdaIN; its 64-cell tiles overlap by 24,
 # blended with Gaussian weights
-DEFAULTS = PipelineConfig(prompt=POSITIVE, negative_prompt=NEGATIVE, steps=40, guidance_scale=8.0,
+DEFAULTS = PipelineConfig(caption_suffix=POSITIVE, negative_prompt=NEGATIVE, steps=40, guidance_scale=8.0,
                           scheduler="flow-euler", tile_overlap=24, tile_blend="gaussian")
 
 
@@ -194,7 +194,7 @@ class DiT4SR(ModelFamily):
     def text_tokens(self) -> int:
         return CLIP_LENGTH + int(self.config.t5_length)
 
-    def dims(self) -> tuple[NamedDim, ...]:
+    def family_dims(self) -> tuple[NamedDim, ...]:
         # sides up to the positional embedding's grid (its patches are 2 cells)
         bound = self.config.pos_embed_max_size
         return (BATCH, CFG_BATCH, TEXT_BATCH, *latent_sides(self.latent_multiple, self.native_latent, bound=bound))
@@ -226,7 +226,7 @@ class DiT4SR(ModelFamily):
 
     # --- checkpoint ------------------------------------------------------------------------
 
-    def components(self) -> dict[str, Component]:
+    def family_components(self) -> dict[str, Component]:
         from diffusers import AutoencoderKL
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -235,7 +235,7 @@ class DiT4SR(ModelFamily):
         return {"text_encoder": clip, "text_encoder_2": clip, **t5,
                 "transformer": _transformer_component(), "vae": diffusers_component(AutoencoderKL)}
 
-    def parts(self, submodule: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]:
+    def family_parts(self, submodule: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]:
         from diffsr.export.model.families.dit4sr_networks import ClipTextEncoders, LatentEncoder, T5Encoder
         from diffsr.export.model.families.sd_networks import VAEDecoder
 
@@ -249,7 +249,7 @@ class DiT4SR(ModelFamily):
         }
         return table[submodule]
 
-    def partial(self, submodule: str) -> bool:
+    def family_partial(self, submodule: str) -> bool:
         return submodule in ("lr_encoder", "vae_decoder")  # the VAE's encoder or decoder half
 
     def tokenizer_folders(self) -> dict[str, str]:
@@ -295,7 +295,7 @@ class DiT4SR(ModelFamily):
         found = {"text_encoder": (clip_l, clip_l.config.to_dict()), "text_encoder_2": (clip_g, clip_g.config.to_dict()),
                  "text_encoder_3": (t5, t5.config.to_dict()), "vae": (vae, diffusers_config(vae)),
                  "transformer": (transformer, self.transformer_config() | {"_class_name": "SD3Transformer2DModel"})}
-        return {folder: net for folder, net in found.items() if folder in self.components()}
+        return {folder: net for folder, net in found.items() if folder in self.family_components()}
 
     def write_extras(self, out: Path) -> None:
         build_clip_tokenizer().save_pretrained(str(out / "tokenizer"))
@@ -303,7 +303,7 @@ class DiT4SR(ModelFamily):
         if self.t5:
             build_t5_tokenizer(self.config.t5_vocab).save_pretrained(str(out / "tokenizer_3"))
 
-    def sample_draws(self) -> Mapping[str, Draw]:
+    def family_draws(self) -> Mapping[str, Draw]:
         return {"input_ids": _ids(VOCAB_SIZE), "input_ids_2": _ids(VOCAB_SIZE), "input_ids_3": _ids(self.config.t5_vocab),
                 "timestep": lambda shape, g: torch.rand(shape, generator=g) * 1000,
                 "lq_image": lambda shape, g: torch.rand(shape, generator=g) * 2 - 1}

@@ -215,7 +215,7 @@ class SD(ModelFamily):
         """Width of the text states the UNet attends to."""
         return int(self.config.text_hidden)
 
-    def dims(self) -> tuple[NamedDim, ...]:
+    def family_dims(self) -> tuple[NamedDim, ...]:
         return (BATCH, CFG_BATCH, TEXT_BATCH, *latent_sides(self.latent_multiple, self.native_latent))
 
     def text_inputs(self) -> list[TensorSpec]:
@@ -252,7 +252,7 @@ class SD(ModelFamily):
 
     # --- checkpoint ------------------------------------------------------------------------
 
-    def components(self) -> dict[str, Component]:
+    def family_components(self) -> dict[str, Component]:
         from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -275,7 +275,7 @@ class SD(ModelFamily):
 
         return ControlNetUNet
 
-    def parts(self, submodule: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]:
+    def family_parts(self, submodule: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]:
         from diffsr.export.model.families.sd_networks import TextEncoder, VAEDecoder
 
         self.signature(submodule)  # a clear error for an unknown name
@@ -288,7 +288,7 @@ class SD(ModelFamily):
         }
         return table[submodule]
 
-    def partial(self, submodule: str) -> bool:
+    def family_partial(self, submodule: str) -> bool:
         return submodule == "vae_decoder"  # the VAE's decoder half
 
     def tokenizer_folders(self) -> dict[str, str]:
@@ -363,7 +363,7 @@ class SD(ModelFamily):
     def write_extras(self, out: Path) -> None:
         build_clip_tokenizer().save_pretrained(str(out / "tokenizer"))
 
-    def sample_draws(self) -> Mapping[str, Draw]:
+    def family_draws(self) -> Mapping[str, Draw]:
         return {
             "input_ids": _ids,
             "timestep": lambda shape, g: torch.randint(0, 1000, shape, generator=g).float(),

@@ -96,10 +96,10 @@ class SDXL(SD):
     def added_conditioning(self) -> list[TensorSpec]:
         return [TensorSpec("text_embeds", F32, ("cfg_batch", self.pooled_dim)), TensorSpec("time_ids", F32, ("cfg_batch", TIME_IDS))]
 
-    def components(self) -> dict[str, Component]:
+    def family_components(self) -> dict[str, Component]:
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-        return super().components() | {"text_encoder_2": transformers_component(CLIPTextModelWithProjection, CLIPTextConfig)}
+        return super().family_components() | {"text_encoder_2": transformers_component(CLIPTextModelWithProjection, CLIPTextConfig)}
 
     def text_folders(self) -> tuple[str, ...]:
         return ("text_encoder", "text_encoder_2")
@@ -138,8 +138,8 @@ class SDXL(SD):
         super().write_extras(out)
         build_clip_tokenizer(pad_token=OPENCLIP_PAD).save_pretrained(str(out / "tokenizer_2"))
 
-    def sample_draws(self) -> Mapping[str, Draw]:
-        return {**super().sample_draws(), "input_ids_2": _ids,
+    def family_draws(self) -> Mapping[str, Draw]:
+        return {**super().family_draws(), "input_ids_2": _ids,
                 "time_ids": lambda shape, g: torch.randint(0, 1024, shape, generator=g).float()}  # sizes, corners in px
 
     def conditioning(self, text: Tensors, size: tuple[int, int]) -> dict[str, torch.Tensor]:

@@ -64,19 +64,25 @@ def test_budget_of_the_export_at_the_edge_target(tiny_onnx, tmp_path):
     assert "Orin 8 " in result.output and (tmp_path / "b.json").is_file()
 
 
-def test_dit4sr_budget_with_and_without_t5(dit4sr_onnx):
-    """T5 may be left out (diffusers' SD3 pipeline with text_encoder_3=None gives zeros): both totals,
-    the second exactly T5's weights (and, were it the largest, its scratch) below the first."""
+def test_dit4sr_budget_with_and_without_t5_and_the_captioner(dit4sr_onnx):
+    """T5 may be left out (diffusers' SD3 pipeline with text_encoder_3=None gives zeros), and so may the captioner
+    (a typed prompt instead): both totals, the second exactly their weights (and, were one the largest, its scratch)
+    below the first. The captioner's cache is budgeted at its largest: every beam, the longest cache."""
     engines = budget(dit4sr_onnx, "edge")
-    (t5,) = [e for e in engines if e.droppable]
-    assert t5.submodule == "t5_encoder" and "zeros" in t5.droppable and t5.shapes["input_ids_3"] == (2, 24)
+    dropped = {e.submodule: e for e in engines if e.droppable}
+    assert set(dropped) == {"t5_encoder", "caption_image", "caption_prefill", "caption_decode"}
+    t5, decode = dropped["t5_encoder"], dropped["caption_decode"]
+    assert "zeros" in t5.droppable and t5.shapes["input_ids_3"] == (2, 24)
+    assert "typed prompt" in decode.droppable
+    assert decode.shapes["past_keys"] == (2, 5, 4, 128, 8)  # blip2-tiny: 2 layers, 5 beams, 4 heads, 128 slots
+    kept = [e for e in engines if not e.droppable]
     for precision in (Precision.FP16, Precision.INT8):
-        rest = max(e.activations for e in engines if e is not t5)
-        with_t5, without = device_total(engines, precision), device_total(engines, precision, dropped=True)
-        assert with_t5 - without == t5.weights(precision) + max(rest, t5.activations) - rest > 0
-    result = CliRunner().invoke(app, ["budget", "--onnx", str(dit4sr_onnx)])
+        rest = max(e.activations for e in kept)
+        with_all, without = device_total(engines, precision), device_total(engines, precision, dropped=True)
+        peak = max(rest, *(e.activations for e in dropped.values()))
+        assert with_all - without == sum(e.weights(precision) for e in dropped.values()) + peak - rest > 0
+    result = CliRunner().invoke(app, ["budget", "--onnx", str(dit4sr_onnx)], terminal_width=200)
     assert result.exit_code == 0, result.output
-    cells = [[cell.strip() for cell in line.split("│")[1:4]] for line in result.output.splitlines()]
-    assert [row for row in cells if row[1:2] == ["no t5_encoder"]] == [
-        ["fp16", "no t5_encoder", f"{device_total(engines, Precision.FP16, dropped=True) / 2**30:.2f}"],
-        ["int8", "no t5_encoder", f"{device_total(engines, Precision.INT8, dropped=True) / 2**30:.2f}"]]
+    for precision in (Precision.FP16, Precision.INT8):
+        assert f"{device_total(engines, precision, dropped=True) / 2**30:.2f}" in result.output
+    assert "no caption_image, caption_prefill, caption_decode, t5_encoder" in result.output

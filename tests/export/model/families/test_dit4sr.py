@@ -164,7 +164,7 @@ def test_a_new_checkpoint_is_sd35_layout_with_the_official_defaults(dit4sr):
     assert isinstance(ckpt.model, DiT4SR)
     assert {p.name for p in ckpt.path.iterdir()} == {
         "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3", "transformer",
-        "vae", "scheduler", "diffsr.json"}
+        "vae", "scheduler", "diffsr.json", "captioner"}  # the session's dit4sr checkpoint has a captioner (conftest)
     d = ckpt.defaults
     assert (d.steps, d.guidance_scale, d.scheduler, d.tile_overlap) == (40, 8.0, "flow-euler", 24)
     ids = ckpt.tokenizer()(["a photo of a cat", ""])
@@ -282,10 +282,10 @@ def test_without_t5_the_prompt_has_zeros_for_t5s_tokens(without_t5, dit4sr_check
     from diffsr.runtime.loading import load_runners
     from diffsr.runtime.pipeline import Pipeline
 
-    assert without_t5.model.submodules == ("text_encoder", "lr_encoder", "transformer", "vae_decoder")
+    assert without_t5.model.with_captioner(None).submodules == ("text_encoder", "lr_encoder", "transformer", "vae_decoder")
     assert set(without_t5.tokenizer()(["a cat"])) == {"input_ids", "input_ids_2"}
     image = photo("coffee", (24, 16))
-    config = dit4sr_checkpoint.defaults.replace(steps=2)
+    config = dit4sr_checkpoint.defaults.replace(steps=2, caption="never")  # the default prompt, not a caption
     dropped = load_pipeline("torch", without_t5)(image, config).image
     runners = load_runners("torch", dit4sr_checkpoint)
     t5 = runners["t5_encoder"]

@@ -107,7 +107,7 @@ class Toy(ModelFamily):
     latent_multiple = 2
     native_latent = 16
 
-    def dims(self) -> tuple[NamedDim, ...]:
+    def family_dims(self) -> tuple[NamedDim, ...]:
         return (BATCH, CFG_BATCH, TEXT_BATCH, *latent_sides(self.latent_multiple, self.native_latent))
 
     def declare(self) -> tuple[Signature, ...]:
@@ -127,10 +127,10 @@ class Toy(ModelFamily):
             Signature("up", (TensorSpec("z", "float32", ("batch", CHANNELS, *lat)),), (TensorSpec("image", "float32", img),)),
         )
 
-    def components(self) -> dict[str, Component]:
+    def family_components(self) -> dict[str, Component]:
         return {folder: our_component(cls, ToyConfig) for folder, cls in NETWORKS.items()}
 
-    def parts(self, submodule: str) -> tuple[tuple[str, ...], Any]:
+    def family_parts(self, submodule: str) -> tuple[tuple[str, ...], Any]:
         self.signature(submodule)
         return (submodule,), lambda m: m
 
@@ -149,7 +149,7 @@ class Toy(ModelFamily):
     def write_extras(self, out: Path) -> None:
         build_clip_tokenizer().save_pretrained(str(out / "tokenizer"))
 
-    def sample_draws(self) -> Mapping[str, Any]:
+    def family_draws(self) -> Mapping[str, Any]:
         return {"input_ids": lambda shape, g: torch.randint(0, VOCAB_SIZE, shape, generator=g, dtype=torch.int32),
                 "t": lambda shape, g: torch.randint(0, 1000, shape, generator=g).float()}
 
@@ -208,4 +208,4 @@ def test_the_triton_repository_serves_the_toys_submodules(toy):
     assert configs["denoiser"].max_batch_size == 4 and configs["up"].max_batch_size == 0  # the step stage batches
     assert [s.model_name for s in configs["diffsr"].ensemble_scheduling.step] == ["preprocess", "words", "sampler",
                                                                                    "postprocess"]
-    assert [i.name for i in configs["preprocess"].output] == ["picture", "input_ids", "output_size"]
+    assert [i.name for i in configs["preprocess"].output] == ["picture", "input_ids", "output_size", "used_prompt"]

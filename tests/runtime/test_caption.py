@@ -1,0 +1,143 @@
+"""The paper's own prompt: the prompt policy, and the pipeline captioning its LQ image through the checkpoint's
+captioner (dit4sr-tiny with blip2-tiny, conftest) on every backend, against transformers' `generate`."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from diffsr.calib.data import photo
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.graphs.manifest import manifest_model
+from diffsr.export.model.captioner_networks import load_blip2
+from diffsr.export.model.family import model_from_json
+from diffsr.export.model.settings import DEFAULT_PROMPT, PipelineConfig
+from diffsr.runtime.backends.base import Runner
+from diffsr.runtime.caption import clean_caption, pixel_values, prompt_of
+from diffsr.runtime.loading import load_runners
+from diffsr.runtime.pipeline import Pipeline
+
+SETTINGS = dict(steps=2, seed=3)
+CAPTION_GRAPHS = ("caption_image", "caption_prefill", "caption_decode")
+
+
+def test_a_caption_is_cleaned_and_completed():
+    drop = "blur, blurry, out of focus, noise"
+    assert clean_caption("a blurry photo of a cat. A dog on grass.", drop, "8k") == "A dog on grass, 8k"
+    assert clean_caption("a cat, out of focus", drop, "8k") == "8k"  # every sentence names a degradation
+    assert clean_caption("Noise everywhere.\nA red bus", drop, "") == "A red bus"
+    assert clean_caption("a blurred glass.", drop, "sharp") == "a blurred glass, sharp"  # whole words only
+    assert clean_caption("a cat.", "", "sharp") == "a cat, sharp"
+
+
+def test_the_prompt_policy():
+    asked = []
+
+    def caption():
+        asked.append(1)
+        return "a cat on a mat."
+
+    base = PipelineConfig(caption_suffix="sharp")
+    assert prompt_of(base, caption) == "a cat on a mat, sharp"  # auto, no prompt: the caption
+    assert prompt_of(base.replace(prompt="a dog"), caption) == "a dog" and len(asked) == 1  # a given prompt wins
+    assert prompt_of(base.replace(prompt="a dog", caption="always"), caption) == "a dog, a cat on a mat, sharp"
+    assert prompt_of(base.replace(caption="never"), caption) == "sharp" and len(asked) == 2
+    assert prompt_of(PipelineConfig(), None) == DEFAULT_PROMPT  # no captioner: the default prompt, as before
+    with pytest.raises(DiffsrError, match='caption="always" needs a captioner'):
+        prompt_of(base.replace(caption="always"), None)
+    for bad, match in ((dict(caption="sometimes"), "caption='sometimes'"), (dict(caption_beams=6), "caption_beams=6"),
+                       (dict(caption_tokens=0), "caption_tokens=0")):
+        with pytest.raises(DiffsrError, match=match):
+            PipelineConfig(**bad)
+
+
+def test_the_captioner_joins_the_model(dit4sr_checkpoint, tmp_path):
+    model = dit4sr_checkpoint.model
+    assert model.submodules[:3] == CAPTION_GRAPHS and "captioner" in model.components()
+    assert {"caption_batch", "prompt_length", "cache_length"} <= {d.name for d in model.dims()}
+    again = model_from_json(model.name, model.to_json())  # what a manifest and the Triton models rebuild
+    assert again == model and again.signatures() == model.signatures()
+    assert model.with_captioner(None).submodules == tuple(n for n in model.submodules if n not in CAPTION_GRAPHS)
+    assert manifest_model({"family": model.name, "model": model.to_json()}) == model
+
+
+class Counting(Runner):
+    """A runner that counts its calls."""
+
+    def __init__(self, inner: Runner):
+        super().__init__(inner.signature)
+        self.inner, self.calls = inner, 0
+
+    def _infer(self, feed, dims):
+        self.calls += 1
+        return self.inner.infer(feed)
+
+
+@pytest.fixture(scope="module")
+def lq():
+    return photo("coffee", (29, 22))
+
+
+def test_the_pipeline_prompts_itself_with_the_caption_generate_makes(dit4sr_checkpoint, lq):
+    """No prompt: the caption is `generate`'s greedy caption of the LQ image, decoded, cleaned and completed by the
+    suffix; a given prompt is used as it is and no captioner graph runs."""
+    from transformers import AutoTokenizer
+
+    ckpt = dit4sr_checkpoint
+    runners = {name: Counting(r) for name, r in load_runners("torch", ckpt).items()}
+    pipe = Pipeline(runners, ckpt)
+    result = pipe(lq, ckpt.defaults.replace(**SETTINGS))
+    folder = ckpt.path / "captioner"
+    reference = load_blip2(folder)
+    with torch.no_grad():
+        ids = reference.generate(pixel_values=pixel_values(lq, 224), max_new_tokens=ckpt.defaults.caption_tokens)
+    caption = AutoTokenizer.from_pretrained(str(folder)).decode(ids[0, 33:], skip_special_tokens=True).strip()
+    assert caption and result.prompt == clean_caption(caption, ckpt.defaults.caption_drop, ckpt.defaults.caption_suffix)
+    assert runners["caption_image"].calls == 1 and runners["caption_decode"].calls > 0
+    assert result.timings["caption"] > 0
+    calls = {name: r.calls for name, r in runners.items()}
+    given = pipe(lq, ckpt.defaults.replace(prompt="a cup of coffee", **SETTINGS))
+    assert given.prompt == "a cup of coffee"
+    assert all(runners[name].calls == calls[name] for name in CAPTION_GRAPHS)
+    assert not np.array_equal(given.image, result.image)  # the prompt reaches the image
+
+
+def test_onnxruntime_captions_as_pytorch_and_fp16_keeps_the_logits(dit4sr_checkpoint, dit4sr_onnx, lq):
+    """ONNX Runtime's FP32 graphs make PyTorch's caption; the FP16 graphs' logits stay within 1e-2 (relative, over
+    the prefill and the decode steps of a real caption) and their caption's token agreement is reported."""
+    from diffsr.export.core.precision import Precision
+    from diffsr.runtime.caption import CaptionLoop, CaptionSettings
+
+    ckpt, spec = dit4sr_checkpoint, dit4sr_checkpoint.model.captioner
+    cfg = ckpt.defaults.replace(**SETTINGS)
+    torch_prompt = Pipeline(load_runners("torch", ckpt), ckpt)(lq, cfg).prompt
+    ort = load_runners("onnxruntime", ckpt, onnx_dir=dit4sr_onnx)
+    assert Pipeline(ort, ckpt)(lq, cfg).prompt == torch_prompt
+    half = load_runners("onnxruntime", ckpt, onnx_dir=dit4sr_onnx, precision=Precision.FP16)
+    calls: list = []
+
+    def run_both(name, **feed):  # FP32 drives the search; FP16 is fed the same inputs and compared
+        full, fp16 = ort[name].infer(feed), half[name].infer(feed)
+        calls.append((name, full, fp16))
+        return full
+
+    settings = CaptionSettings(max_new_tokens=cfg.caption_tokens)
+    tokens = CaptionLoop(run_both, spec.eos, spec.cache_limit)(pixel_values(lq, 224), [], settings)[0]
+    worst = max(float((b["logits"] - a["logits"]).norm() / a["logits"].norm()) for name, a, b in calls if "logits" in a)
+    agree = [int(a["logits"].argmax()) == int(b["logits"].argmax()) for _, a, b in calls if "logits" in a]
+    print(f"FP16 captioner: logits within {worst:.2e} relative of FP32 over {len(agree)} calls; next-token agreement "
+          f"{sum(agree)}/{len(agree)}; FP32 caption {len(tokens)} tokens")
+    assert worst < 1e-2
+
+
+def test_a_caption_request_past_the_graphs_cache_is_refused(dit4sr_checkpoint, lq):
+    from diffsr.runtime.caption import CaptionLoop, CaptionSettings
+
+    spec = dit4sr_checkpoint.model.captioner
+    small = dataclasses.replace(spec, max_positions=spec.num_query_tokens + 4)
+
+    loop = CaptionLoop(lambda name, **feed: {"prefix": torch.zeros(1, spec.num_query_tokens, spec.hidden)},
+                       spec.eos, small.cache_limit)
+    with pytest.raises(DiffsrError, match="needs 37 positions"):
+        loop(pixel_values(lq, 224), [], CaptionSettings(max_new_tokens=4))
