@@ -6,6 +6,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.family import preset
+from diffsr.triton_models.endpoint import PROMPT_OUTPUT
 from diffsr.triton_models.repository import OUTPUT, TRITON_DTYPES, ServingOptions, model_configs, write_config
 
 SUBMODULES = preset("tiny").submodules
@@ -42,11 +43,11 @@ def test_ensemble_wires_every_step_output_to_a_later_input(tiny_checkpoint):
     ensemble = model_configs(tiny_checkpoint, "onnxruntime", ServingOptions(entry="ensemble"))["diffsr"]
     available = {i.name for i in ensemble.input}
     optional = {i.name for i in ensemble.input if i.optional}
-    assert optional == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed", "scheduler"}
+    assert optional == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed", "scheduler", "caption"}
     for step in ensemble.ensemble_scheduling.step:
         assert set(step.input_map.values()) <= available, step.model_name  # topological order
         available |= set(step.output_map.values())
-    assert [o.name for o in ensemble.output] == [OUTPUT] and OUTPUT in available
+    assert [o.name for o in ensemble.output] == [OUTPUT, PROMPT_OUTPUT] and {OUTPUT, PROMPT_OUTPUT} <= available
 
 
 def test_tensorrt_flavour_keeps_tensors_on_the_gpu(tiny_checkpoint):

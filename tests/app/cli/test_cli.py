@@ -30,6 +30,13 @@ def test_upscale_writes_a_4x_png(tiny_checkpoint, lq_png, tmp_path):
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == (192, 128)
     assert "denoise" in result.output and "total" in result.output
+    assert "prompt: clean, natural, high quality" in result.output  # the prompt used: no captioner, the default
+
+
+def test_upscale_refuses_to_caption_without_a_captioner(tiny_checkpoint, lq_png, tmp_path):
+    result = _run("upscale", lq_png, "-o", tmp_path / "o.png", "--checkpoint", tiny_checkpoint.path, "--steps", 1,
+                  "--caption", "always")
+    assert result.exit_code != 0 and 'caption="always" needs a captioner' in result.output
 
 
 def test_rgba_and_16bit_inputs_are_converted(tiny_checkpoint, tmp_path):
