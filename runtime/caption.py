@@ -64,27 +64,28 @@ def pixel_values(rgb: NDArray[np.uint8], size: int) -> torch.Tensor:
 
 
 class CaptionLoop:
-    """Captions of a batch of images (token ids) through a backend's `run`; `eos`: the end-of-caption token."""
+    """Captions of a batch of images (token ids) through a backend's `run` (`spec`: the captioner's end-of-caption
+    token, its prefix length and its graphs' longest cache)."""
 
-    def __init__(self, run: RunFn, eos: int, cache_limit: int):
-        self.run, self.eos, self.cache_limit = run, eos, cache_limit
+    def __init__(self, run: RunFn, spec: CaptionerSpec):
+        self.run, self.eos, self.cache_limit, self.prefix_length = run, spec.eos, spec.cache_limit, spec.num_query_tokens
         self.cancelled: Callable[[], bool] | None = None
 
     def __call__(self, pixels: torch.Tensor, prompt_ids: list[int], settings: CaptionSettings,
                  cancelled: Callable[[], bool] | None = None) -> list[list[int]]:
         """Token ids of each image's caption (without BOS, prompt or padding, the end token kept if reached);
         `cancelled` is checked before every decode step."""
-        self.cancelled = cancelled
-        prefix = self.run("caption_image", pixel_values=pixels)["prefix"]
-        rows, n_beams = prefix.shape[0], settings.num_beams
         if len(prompt_ids) > MAX_PROMPT:
             raise DiffsrError(f"a caption prompt of {len(prompt_ids)} tokens is too long: at most {MAX_PROMPT}")
-        ids = torch.tensor([[BOS, *prompt_ids]], dtype=torch.int32, device=prefix.device).expand(rows, -1)
-        start = prefix.shape[1] + ids.shape[1]
+        start = self.prefix_length + 1 + len(prompt_ids)
         length = start + settings.max_new_tokens
         if length > self.cache_limit:
             raise DiffsrError(f"a caption needs {length} positions (prefix, prompt, max_new_tokens); the captioner "
                               f"has {self.cache_limit}")
+        self.cancelled = cancelled
+        prefix = self.run("caption_image", pixel_values=pixels)["prefix"]
+        rows, n_beams = prefix.shape[0], settings.num_beams
+        ids = torch.tensor([[BOS, *prompt_ids]], dtype=torch.int32, device=prefix.device).expand(rows, -1)
         if n_beams > 1:  # every beam starts as its image's rows
             prefix, ids = prefix.repeat_interleave(n_beams, 0), ids.repeat_interleave(n_beams, 0)
         mask = torch.zeros(prefix.shape[0], length, dtype=torch.int32, device=prefix.device)
@@ -184,7 +185,7 @@ class ImageCaptioner:
 
     def __init__(self, spec: CaptionerSpec, run: RunFn, device: torch.device | str = "cpu"):
         self.spec, self.device, self.run = spec, torch.device(device), run
-        self.loop = CaptionLoop(self._timed, spec.eos, spec.cache_limit)
+        self.loop = CaptionLoop(self._timed, spec)
         self.tokens = 0  # new tokens made so far (for the metrics)
         self.timings: dict[str, float] = {}
         self._spent: dict[str, list[float]] = {}
@@ -219,16 +220,21 @@ def wants_caption(cfg: PipelineConfig) -> bool:
     return cfg.caption == "always" or (cfg.caption == "auto" and cfg.prompt is None)
 
 
+def check_policy(cfg: PipelineConfig, has_captioner: bool) -> None:
+    """A clear error for `caption="always"` where there is no captioner."""
+    if cfg.caption == "always" and not has_captioner:
+        raise DiffsrError('caption="always" needs a captioner in the checkpoint: add one with `diffsr init --captioner '
+                          'blip2-tiny` (or copy a BLIP-2 folder to captioner/), or use caption="auto"')
+
+
 def prompt_of(cfg: PipelineConfig, caption: Callable[[], str] | None) -> str:
     """The prompt a request runs with. `caption()` makes the LQ image's caption (None: the checkpoint has no
     captioner). A given prompt always stays: with `caption="always"` the caption follows it. The caption is
     cleaned (`clean_caption`) and completed by `caption_suffix`. With no prompt and no caption: the suffix alone
     (by default `DEFAULT_PROMPT`, what a checkpoint without a captioner is prompted with)."""
-    if not wants_caption(cfg) or (caption is None and cfg.caption == "auto"):
+    check_policy(cfg, caption is not None)
+    if not wants_caption(cfg) or caption is None:
         return cfg.prompt if cfg.prompt is not None else cfg.caption_suffix
-    if caption is None:
-        raise DiffsrError('caption="always" needs a captioner in the checkpoint: add one with `diffsr init --captioner '
-                          'blip2-tiny` (or copy a BLIP-2 folder to captioner/), or use caption="auto"')
     made = clean_caption(caption(), cfg.caption_drop, cfg.caption_suffix)
     return made if cfg.prompt is None else ", ".join(p for p in (cfg.prompt, made) if p)
 

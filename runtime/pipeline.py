@@ -74,9 +74,12 @@ class Pipeline:
             lq = prepare_lq(model, image, cfg.upscale).to(self.device)
 
         # 2. Caption: the prompt policy's prompt (the LQ image's caption where it asks for one).
-        with self.stage("caption"):
-            captioner = self.captioner
-            prompt = prompt_of(cfg, None if captioner is None else lambda: self._caption(captioner, image, cfg))
+        captioner = self.captioner
+        if captioner is None:
+            prompt = prompt_of(cfg, None)
+        else:
+            with self.stage("caption"):
+                prompt = prompt_of(cfg, lambda: self._caption(captioner, image, cfg))
 
         # 3. Text: the prompt, and with guidance the negative prompt first (the batch order of the loop); the
         #    family's conditioning of a step (SDXL adds the size micro-conditioning).

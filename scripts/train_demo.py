@@ -40,6 +40,7 @@ from torch import nn
 from diffsr.export.model.checkpoint import Checkpoint, open_checkpoint, stored_weights
 from diffsr.export.model.families.sd_networks import ControlNetUNet, TextEncoder
 from diffsr.export.model.random_init import STORED_DTYPE, init_checkpoint
+from diffsr.runtime.caption import prompt_of
 
 SCALE = 4
 TRAINED = ("vae", "lq_encoder", "fusion_transformer", "controlnet", "unet")
@@ -235,7 +236,7 @@ def main() -> None:
 
     alphas = DDPMScheduler.from_config(ckpt.scheduler_config).alphas_cumprod.float()
     snr = alphas / (1 - alphas)
-    tokens = ckpt.tokenizer()([ckpt.defaults.prompt])
+    tokens = ckpt.tokenizer()([prompt_of(ckpt.defaults, None)])  # the prompt it runs with (no captioner)
     with torch.no_grad():
         text = TextEncoder(nets["text_encoder"].eval())(torch.from_numpy(tokens["input_ids"]))  # (1, 77, D)
     step_net = ControlNetUNet(nets["controlnet"], nets["unet"]).train()

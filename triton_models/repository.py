@@ -303,7 +303,10 @@ def build_repository(
             shutil.copytree(ckpt.path / folder, out / name / "1" / folder)
     if ckpt.model.captioner is not None:  # its tokenizer and configs, not its weights (its graphs are models)
         for name in tokenizing:
-            shutil.copytree(ckpt.path / CAPTIONER, out / name / "1" / CAPTIONER, ignore=shutil.ignore_patterns("*.safetensors*"))
+            (out / name / "1" / CAPTIONER).mkdir()
+            for file in (ckpt.path / CAPTIONER).iterdir():
+                if file.is_file() and file.suffix in (".json", ".txt", ".model"):
+                    shutil.copy(file, out / name / "1" / CAPTIONER / file.name)
     graphs = sorted(p for p in out.glob("*/1/*") if p.suffix in (".onnx", ".plan"))
     manifest = {"flavour": flavour, "checkpoint_sha256": checkpoint_digest(ckpt.path),
                 "graphs": {str(p.relative_to(out)): file_sha256(p) for p in graphs}}

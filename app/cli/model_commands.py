@@ -76,6 +76,7 @@ def upscale(
     """Upscale one image x4 (over overlapping tiles where it is larger than the model's native size)."""
     from diffsr.app.cli import tables
     from diffsr.export.model.checkpoint import open_checkpoint
+    from diffsr.runtime.caption import check_policy
     from diffsr.runtime.image import load_image, output_size, save_image
     from diffsr.runtime.loading import load_pipeline
     from diffsr.runtime.schedulers import make_scheduler
@@ -88,6 +89,7 @@ def upscale(
                                    guidance_scale=guidance, scheduler=scheduler, start=start, color_fix=color_fix,
                                    tile=tile, tile_overlap=tile_overlap, tile_batch=tile_batch)
     output_size(rgb.shape[0], rgb.shape[1], config.upscale)  # fail before loading weights
+    check_policy(config, ckpt.model.captioner is not None)
     tiling_for(ckpt.model, config)
     make_scheduler(config.scheduler, ckpt.scheduler_config).set_timesteps(config.steps)
     pipe = load_pipeline(backend, ckpt, device, onnx, parse_precision(precision), engines, cuda_graph)

@@ -67,12 +67,24 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         )
     try:
         model = model_from_json(meta.get("family"), meta["model"])
-        defaults = PipelineConfig.from_json(meta.get("pipeline", {}))
+        defaults = PipelineConfig.from_json(_before_captions(meta.get("pipeline", {}), model))
     except (KeyError, TypeError, AttributeError) as e:
         raise DiffsrError(f"{path / 'diffsr.json'} is malformed: {e!r}") from None
     # the captioner is the folder's, whatever diffsr.json says
     model = model.with_captioner(open_captioner(path / CAPTIONER) if (path / CAPTIONER).exists() else None)
+    if defaults.caption == "always" and model.captioner is None:
+        raise DiffsrError(f'{path / "diffsr.json"} sets caption "always" but the checkpoint has no captioner/: add one '
+                          "(`diffsr init --captioner`, or a BLIP-2 folder) or set it to auto")
     return Checkpoint(path, model, defaults, _read_json(path / "scheduler" / "scheduler_config.json"))
+
+
+def _before_captions(pipeline: dict[str, Any], model: ModelFamily) -> dict[str, Any]:
+    """A `diffsr.json` written before prompts could be captions holds its family's default prompt as `prompt`: that
+    is now the caption suffix (the prompt where there is no caption), so a captioner added to it is used. The
+    prompt text without a captioner is the same."""
+    if "caption_suffix" in pipeline or pipeline.get("prompt") != model.defaults.caption_suffix:
+        return pipeline
+    return {**pipeline, "prompt": None, "caption_suffix": pipeline["prompt"]}
 
 
 def checkpoint_meta(model: ModelFamily, defaults: PipelineConfig) -> dict[str, Any]:

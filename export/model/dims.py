@@ -13,7 +13,8 @@ Kinds:
     side      a latent side in latent cells, a multiple of `multiple`: from the target's smallest side
               to `max_scale` times the model's native side, the native side being the opt
     fixed     a size set by the checkpoint (min = opt = max)
-    beams     rows of a captioner's language model: the target's images times up to `native` beams each
+    beams     rows of a captioner's language model: one image's beams, 1 to `native` (images are captioned one
+              at a time)
     length    a sequence length (tokens, cache slots): `least` to `bound`, `native` the opt, whatever the target
 """
 
@@ -78,7 +79,7 @@ class NamedDim:
         elif self.kind == "prompts":
             r = DimRange(1, 2, 2 * b.max)
         elif self.kind == "beams":
-            r = DimRange(b.min, b.opt, b.max * self.native)
+            r = DimRange(1, 1, self.native)
         elif self.kind == "length":
             r = DimRange(self.least, self.native, self.bound)
         elif self.kind == "side":

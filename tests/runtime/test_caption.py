@@ -123,7 +123,7 @@ def test_onnxruntime_captions_as_pytorch_and_fp16_keeps_the_logits(dit4sr_checkp
         return full
 
     settings = CaptionSettings(max_new_tokens=cfg.caption_tokens)
-    tokens = CaptionLoop(run_both, spec.eos, spec.cache_limit)(pixel_values(lq, 224), [], settings)[0]
+    tokens = CaptionLoop(run_both, spec)(pixel_values(lq, 224), [], settings)[0]
     worst = max(float((b["logits"] - a["logits"]).norm() / a["logits"].norm()) for name, a, b in calls if "logits" in a)
     agree = [int(a["logits"].argmax()) == int(b["logits"].argmax()) for _, a, b in calls if "logits" in a]
     print(f"FP16 captioner: logits within {worst:.2e} relative of FP32 over {len(agree)} calls; next-token agreement "
@@ -137,7 +137,29 @@ def test_a_caption_request_past_the_graphs_cache_is_refused(dit4sr_checkpoint, l
     spec = dit4sr_checkpoint.model.captioner
     small = dataclasses.replace(spec, max_positions=spec.num_query_tokens + 4)
 
-    loop = CaptionLoop(lambda name, **feed: {"prefix": torch.zeros(1, spec.num_query_tokens, spec.hidden)},
-                       spec.eos, small.cache_limit)
+    loop = CaptionLoop(lambda name, **feed: pytest.fail("nothing runs"), small)
     with pytest.raises(DiffsrError, match="needs 37 positions"):
         loop(pixel_values(lq, 224), [], CaptionSettings(max_new_tokens=4))
+
+
+def test_a_checkpoint_from_before_captions_reads_its_default_prompt_as_the_suffix(tiny_checkpoint, tmp_path):
+    """The legacy tiny checkpoint's diffsr.json holds the default prompt as `prompt`: it becomes the caption suffix
+    (the same prompt without a captioner; a captioner added is used). A prompt of its own stays its prompt; a
+    policy of "always" without a captioner is refused on opening."""
+    import json
+    import shutil
+
+    from diffsr.export.model.checkpoint import open_checkpoint
+
+    defaults = tiny_checkpoint.defaults
+    assert defaults.prompt is None and defaults.caption_suffix == DEFAULT_PROMPT
+    assert prompt_of(defaults, None) == DEFAULT_PROMPT
+    path = shutil.copytree(tiny_checkpoint.path, tmp_path / "ck")
+    meta = json.loads((path / "diffsr.json").read_text())
+    meta["pipeline"]["prompt"] = "a cat"
+    (path / "diffsr.json").write_text(json.dumps(meta))
+    assert open_checkpoint(path).defaults.prompt == "a cat"
+    meta["pipeline"]["caption"] = "always"
+    (path / "diffsr.json").write_text(json.dumps(meta))
+    with pytest.raises(DiffsrError, match='sets caption "always" but the checkpoint has no captioner'):
+        open_checkpoint(path)

@@ -38,8 +38,8 @@ class TritonPythonModel:
 
     def _handle(self, request) -> list:
         try:
+            self.sampler.settings(request)  # a bad setting is the client's fault before any model (or caption) runs
             pre = {tensor.name(): tensor for tensor in self.preprocess(request, request.is_cancelled)}
-            self.sampler.settings(request)  # a bad setting is the client's fault before any model runs
             ids = {n: to_torch(pre[n]).to(self.sampler.device) for n in self.sampler.text_inputs}
             text = self.sampler.model.encode_text(self.sampler.run, ids)
             lq, size = to_torch(pre[self.preprocess.lq_name]), to_torch(pre["output_size"])

@@ -31,15 +31,14 @@ class Metrics:
             self._families.append(family)
             return family.Metric(labels=labels)
 
+        def histogram(name: str, description: str, buckets: list[float]):  # type: ignore[no-untyped-def]
+            family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.HISTOGRAM)
+            self._families.append(family)
+            return family.Metric(labels=labels, buckets=buckets)
+
         self._families: list = []  # kept alive as long as their metrics
-        step = pb_utils.MetricFamily(name="diffsr_step_seconds", description="seconds per denoising step",
-                                     kind=pb_utils.MetricFamily.HISTOGRAM)
-        self._families.append(step)
-        self.step = step.Metric(labels=labels, buckets=STEP_BUCKETS)
-        caption = pb_utils.MetricFamily(name="diffsr_caption_seconds", description="seconds per caption",
-                                        kind=pb_utils.MetricFamily.HISTOGRAM)
-        self._families.append(caption)
-        self.caption = caption.Metric(labels=labels, buckets=CAPTION_BUCKETS)
+        self.step = histogram("diffsr_step_seconds", "seconds per denoising step", STEP_BUCKETS)
+        self.caption = histogram("diffsr_caption_seconds", "seconds per caption", CAPTION_BUCKETS)
         self.caption_tokens = counter("diffsr_caption_tokens_total", "caption tokens made")
         self.steps = counter("diffsr_steps_total", "denoising steps run")
         self.cancelled = counter("diffsr_requests_cancelled_total", "requests stopped by their client's cancel")

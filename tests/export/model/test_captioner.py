@@ -2,6 +2,7 @@
 transformers' own forward, and greedy and beam-search captions token for token equal to `generate`, on real
 photos."""
 
+import dataclasses
 import json
 
 import pytest
@@ -124,10 +125,10 @@ def test_captions_are_generates_token_for_token(captioner, blip2, reference, bea
     run = _run(caption_graphs(blip2))
     eos = captioner.eos
     if ending:
-        greedy = CaptionLoop(run, eos, captioner.cache_limit)(images, [], CaptionSettings(max_new_tokens=12))
+        greedy = CaptionLoop(run, dataclasses.replace(captioner, eos=eos))(images, [], CaptionSettings(max_new_tokens=12))
         eos = Counter(t for row in greedy for t in row[2:]).most_common(1)[0][0]
     settings = CaptionSettings(max_new_tokens=12, num_beams=beams)
-    ours = CaptionLoop(run, eos, captioner.cache_limit)(images, [], settings)
+    ours = CaptionLoop(run, dataclasses.replace(captioner, eos=eos))(images, [], settings)
     with torch.no_grad():
         want = reference.generate(pixel_values=images, max_new_tokens=12, num_beams=beams, eos_token_id=eos)[:, 33:].tolist()
     assert _padded(ours, len(want[0])) == want
