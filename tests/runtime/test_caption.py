@@ -95,7 +95,7 @@ def test_the_pipeline_prompts_itself_with_the_caption_generate_makes(dit4sr_chec
     caption = AutoTokenizer.from_pretrained(str(folder)).decode(ids[0, 33:], skip_special_tokens=True).strip()
     assert caption and result.prompt == clean_caption(caption, ckpt.defaults.caption_drop, ckpt.defaults.caption_suffix)
     assert runners["caption_image"].calls == 1 and runners["caption_decode"].calls > 0
-    assert result.timings["caption"] > 0
+    assert result.timings["caption"] > result.timings["caption_image"] > 0 and result.timings["caption_token"] > 0
     calls = {name: r.calls for name, r in runners.items()}
     given = pipe(lq, ckpt.defaults.replace(prompt="a cup of coffee", **SETTINGS))
     assert given.prompt == "a cup of coffee"
@@ -163,3 +163,17 @@ def test_a_checkpoint_from_before_captions_reads_its_default_prompt_as_the_suffi
     (path / "diffsr.json").write_text(json.dumps(meta))
     with pytest.raises(DiffsrError, match='sets caption "always" but the checkpoint has no captioner'):
         open_checkpoint(path)
+
+
+def test_engine_profiles_hold_the_cache_from_its_least_to_its_longest(dit4sr_checkpoint):
+    """TensorRT's profiles of the captioner (server target): one image's beams, BOS to BOS + 32 prompt tokens, the
+    cache from the prefix + 2 slots, opt the default caption's 63, to blip2-tiny's 128 positions."""
+    from diffsr.export.engines.build import engine_profiles
+    from diffsr.export.model.dims import TARGETS
+
+    profiles = engine_profiles(dit4sr_checkpoint.model, TARGETS["server"])
+    keys = profiles["caption_decode"]["past_keys"]
+    assert (keys.min, keys.opt, keys.max) == ((2, 1, 4, 34, 8), (2, 1, 4, 63, 8), (2, 5, 4, 128, 8))
+    ids = profiles["caption_prefill"]["input_ids"]
+    assert (ids.min, ids.opt, ids.max) == ((1, 1), (1, 1), (5, 33))
+    assert profiles["caption_image"]["pixel_values"].max == (4, 3, 224, 224)  # the server's images
