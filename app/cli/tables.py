@@ -167,8 +167,12 @@ def budget_totals(engines: list[EngineBudget]) -> Table:
             total = device_total(engines, precision, drop)
             table.add_row(precision.value, "no " + ", ".join(dropped) if drop else "all", f"{total / GIB:.2f}",
                           *("fits" if total <= gib * GIB else "no" for gib in ORIN_MODULES_GIB))
-    if dropped:
-        table.caption = "; ".join(f"no {e.submodule}: {e.droppable}" for e in engines if e.droppable)
+    if dropped:  # the engines one stand-in replaces, together (the captioner's three)
+        stand_ins: dict[str, list[str]] = {}
+        for e in engines:
+            if e.droppable:
+                stand_ins.setdefault(e.droppable, []).append(e.submodule)
+        table.caption = "; ".join(f"no {', '.join(names)}: {text}" for text, names in stand_ins.items())
     return table
 
 
