@@ -66,13 +66,12 @@ def record_feeds(
     recorders = {name: Recorder(r) for name, r in runners.items()}
     pipe = Pipeline(recorders, ckpt)
     prompts = list(prompts)
+    caption = "always" if ckpt.model.captioner is not None else None  # a captioner's graphs are recorded too
     for i, image in enumerate(images):
         for j, prompt in enumerate(prompts):
+            config = ckpt.defaults.replace(prompt=prompt, steps=steps, seed=100 * i + j, caption=caption)
             # whole images at the model's native tile: a checkpoint's smaller default tiles would give ragged
             # batches (the last batch of tiles smaller), which ONNX Runtime's INT8 calibrators cannot stack
-            # a captioner's graphs are recorded too: each image's caption follows the prompt
-            caption = "always" if ckpt.model.captioner is not None else None
-            config = ckpt.defaults.replace(prompt=prompt, steps=steps, seed=100 * i + j, caption=caption)
             pipe(image, dataclasses.replace(config, tile=None, tile_overlap=None))
             if on_run is not None:
                 on_run()

@@ -13,7 +13,7 @@ Three graphs, one signature each (`captioner_networks.py` holds the networks):
     caption_decode   input_ids (R, 1), position_ids (R, 1),
                      attention_mask (R, L), past_keys, past_values -> logits (R, V), keys, values
 
-B images, R = B x beams language-model rows (`caption_batch`), T = `prompt_length`, L = `cache_length`. The cache
+B images, R language-model rows (`caption_batch`: one image's beams), T = `prompt_length`, L = `cache_length`. The cache
 is allocated once at its full length L (the prefix, BOS, the prompt and every new token), so a decode step is one
 fixed-shape call: position p writes slot p, `attention_mask` marks the slots filled so far (the one written now
 included). The prefill's mask has the same width, only to size the cache. Ids, positions and masks are int32
@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,7 +40,8 @@ from diffsr.export.core.files import read_json
 from diffsr.export.model.dims import NamedDim
 from diffsr.export.model.signatures import Signature, TensorSpec
 
-Draw = Callable[[tuple[int, ...], torch.Generator], torch.Tensor]
+if TYPE_CHECKING:
+    from diffsr.export.model.family import Draw
 
 FOLDER = "captioner"
 WEIGHTS = "model.safetensors"

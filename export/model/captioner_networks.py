@@ -92,13 +92,12 @@ class CaptionDecode(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 past_keys: torch.Tensor, past_values: torch.Tensor):
         lm = self.language_model
-        keys, values = past_keys, past_values
-        length = keys.shape[3]
-        slot = (torch.arange(length, device=keys.device)[None, :] == position_ids).view(-1, 1, length, 1)
-        cache = SlotCache(keys, values, slot)
+        length = past_keys.shape[3]
+        slot = (torch.arange(length, device=past_keys.device)[None, :] == position_ids).view(-1, 1, length, 1)
+        cache = SlotCache(past_keys, past_values, slot)
         out = lm(input_ids=input_ids, attention_mask=_additive(attention_mask), position_ids=position_ids, cache=cache,
                  use_cache=True)
-        layers = range(keys.shape[0])
+        layers = range(past_keys.shape[0])
         return (out.logits[:, -1], torch.stack([cache.written[i][0] for i in layers]),
                 torch.stack([cache.written[i][1] for i in layers]))
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from diffsr.calib.data import photo
+from diffsr.calib.record import Recorder
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.graphs.manifest import manifest_model
 from diffsr.export.model.captioner_networks import load_blip2
 from diffsr.export.model.family import model_from_json
 from diffsr.export.model.settings import DEFAULT_PROMPT, PipelineConfig
-from diffsr.runtime.backends.base import Runner
 from diffsr.runtime.caption import clean_caption, pixel_values, prompt_of
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
@@ -62,18 +62,6 @@ def test_the_captioner_joins_the_model(dit4sr_checkpoint, tmp_path):
     assert manifest_model({"family": model.name, "model": model.to_json()}) == model
 
 
-class Counting(Runner):
-    """A runner that counts its calls."""
-
-    def __init__(self, inner: Runner):
-        super().__init__(inner.signature)
-        self.inner, self.calls = inner, 0
-
-    def _infer(self, feed, dims):
-        self.calls += 1
-        return self.inner.infer(feed)
-
-
 @pytest.fixture(scope="module")
 def lq():
     return photo("coffee", (29, 22))
@@ -85,7 +73,7 @@ def test_the_pipeline_prompts_itself_with_the_caption_generate_makes(dit4sr_chec
     from transformers import AutoTokenizer
 
     ckpt = dit4sr_checkpoint
-    runners = {name: Counting(r) for name, r in load_runners("torch", ckpt).items()}
+    runners = {name: Recorder(r) for name, r in load_runners("torch", ckpt).items()}  # each call's feed, kept
     pipe = Pipeline(runners, ckpt)
     result = pipe(lq, ckpt.defaults.replace(**SETTINGS))
     folder = ckpt.path / "captioner"
@@ -94,12 +82,12 @@ def test_the_pipeline_prompts_itself_with_the_caption_generate_makes(dit4sr_chec
         ids = reference.generate(pixel_values=pixel_values(lq, 224), max_new_tokens=ckpt.defaults.caption_tokens)
     caption = AutoTokenizer.from_pretrained(str(folder)).decode(ids[0, 33:], skip_special_tokens=True).strip()
     assert caption and result.prompt == clean_caption(caption, ckpt.defaults.caption_drop, ckpt.defaults.caption_suffix)
-    assert runners["caption_image"].calls == 1 and runners["caption_decode"].calls > 0
+    assert len(runners["caption_image"].feeds) == 1 and len(runners["caption_decode"].feeds) > 0
     assert result.timings["caption"] > result.timings["caption_image"] > 0 and result.timings["caption_token"] > 0
-    calls = {name: r.calls for name, r in runners.items()}
+    calls = {name: len(r.feeds) for name, r in runners.items()}
     given = pipe(lq, ckpt.defaults.replace(prompt="a cup of coffee", **SETTINGS))
     assert given.prompt == "a cup of coffee"
-    assert all(runners[name].calls == calls[name] for name in CAPTION_GRAPHS)
+    assert all(len(runners[name].feeds) == calls[name] for name in CAPTION_GRAPHS)
     assert not np.array_equal(given.image, result.image)  # the prompt reaches the image
 
 
