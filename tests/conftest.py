@@ -89,13 +89,15 @@ def export(ckpt, out, *args):
     return out
 
 
-# the session's exports: the checkpoint fixture each exports, and its `diffsr export` arguments
+# the session's exports: the checkpoint fixture each exports, and its `diffsr export` arguments; the trained demo
+# model's export is the one `diffsr demo` makes, run as a new user runs `make demo`: in an empty folder
 EXPORTS = {
     "tiny": ("tiny_checkpoint", ("--fp16", "--calib-photos", "astronaut", "--calib-steps", "3")),
     "sdxl": ("sdxl_checkpoint", ("--no-ort-fusions",)),
     "dit4sr": ("dit4sr_checkpoint", ("--no-ort-fusions", "--fp16", "--calib-photos", "astronaut", "--calib-steps", "3")),
-    "demo": ("demo_model", ()),
+    "demo": ("demo_model", None),
 }
+DEMO_STEPS = "2"
 
 
 def _needs_export(item, family: str) -> bool:
@@ -138,9 +140,15 @@ def _exports(request, tmp_path_factory):
         ckpt = request.getfixturevalue(fixture)
         out = tmp_path_factory.mktemp(f"onnx-{family}")
         log = out.parent / f"export-{family}.log"
+        if args is None:  # `diffsr demo` in an empty folder: its export lands in .demo/
+            command, cwd = [sys.executable, "-m", "diffsr.app.cli", "demo", "--no-serve", "--steps", DEMO_STEPS], out
+            out = out / ".demo" / "onnx-trained"
+        else:
+            command = [sys.executable, "-m", "diffsr.app.cli", "export", "--checkpoint", str(ckpt.path), "--out", str(out),
+                       *args]
+            cwd = None
         with log.open("w") as sink:
-            command = [sys.executable, "-m", "diffsr.app.cli", "export", "--checkpoint", str(ckpt.path), "--out", str(out)]
-            started[family] = (subprocess.Popen([*command, *args], stdout=sink, stderr=subprocess.STDOUT, env=env), out, log)
+            started[family] = (subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=cwd), out, log)
     try:
         yield started
     finally:
@@ -154,7 +162,7 @@ def _exported(family, request, tmp_path_factory):
     started = request.getfixturevalue("_exports")
     if family not in started:  # asked for by a test the collection could not tell
         fixture, args = EXPORTS[family]
-        return export(request.getfixturevalue(fixture), tmp_path_factory.mktemp(f"onnx-{family}"), *args)
+        return export(request.getfixturevalue(fixture), tmp_path_factory.mktemp(f"onnx-{family}"), *(args or ()))
     process, out, log = started[family]
     assert process.wait() == 0, log.read_text()[-3000:]
     return out
@@ -178,7 +186,8 @@ def sdxl_onnx(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_onnx(request, tmp_path_factory):
-    """The trained demo model exported FP32, with ONNX Runtime's fused variants (the onnxruntime backend's)."""
+    """The trained demo model exported FP32, with ONNX Runtime's fused variants (the onnxruntime backend's): made by
+    `diffsr demo --no-serve` run in an empty folder (`.demo/onnx-trained` there), as a clean clone's `make demo` is."""
     return _exported("demo", request, tmp_path_factory)
 
 

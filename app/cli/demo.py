@@ -58,6 +58,7 @@ def run_demo(preset: str | None = None, photo_name: str = "astronaut", serve: bo
     if photo_name not in PHOTOS:
         raise DiffsrError(f"unknown demo photo {photo_name!r}; choose one of {list(PHOTOS)}")
     tag = preset or TRAINED
+    folder.mkdir(parents=True, exist_ok=True)  # wherever the demo is started: a clean clone has no .demo/
     onnx_dir = folder / f"onnx-{tag}"
     if preset is None:
         say(f"the trained demo model in {DEMO_MODEL}")

@@ -33,6 +33,17 @@ def test_demo_refuses_an_unknown_photo(tmp_path):
         run_demo("tiny", "moon", folder=tmp_path)
 
 
+def test_the_demo_runs_from_an_empty_folder(demo_onnx):
+    """The session's export of the demo model is `diffsr demo --no-serve` run in an empty folder (conftest), as a
+    clean clone's `make demo` runs: it made .demo/ itself and wrote the LQ photo and both backends' images there."""
+    demo = demo_onnx.parent
+    assert sorted(p.name for p in demo.glob("*.png")) == [
+        "astronaut_lq.png", "astronaut_x4_trained_onnxruntime.png", "astronaut_x4_trained_torch.png"]
+    assert np.asarray(Image.open(demo / "astronaut_x4_trained_torch.png")).shape == (512, 512, 3)
+    log = (demo.parents[1] / "export-demo.log").read_text()  # the demo's output (conftest's `_exports`)
+    assert "against the 512x512 photo" in log and "bicubic" in log, log[-2000:]
+
+
 def test_the_demo_runs_the_trained_model_by_default(tmp_path, demo_onnx):
     import shutil
 
