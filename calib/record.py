@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffsr.calib.data import PHOTOS, PROMPTS, photos
+from diffsr.calib.data import PHOTOS, PROMPTS, photos, sample_request
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.progress import OnProgress, Progress, ignore
 from diffsr.export.model.checkpoint import Checkpoint
@@ -66,13 +66,14 @@ def record_feeds(
     recorders = {name: Recorder(r) for name, r in runners.items()}
     pipe = Pipeline(recorders, ckpt)
     prompts = list(prompts)
-    caption = "always" if ckpt.model.captioner is not None else None  # a captioner's graphs are recorded too
+    # an attachment that writes the prompt (a captioner) is run on every photo, so its graphs are recorded too
+    caption = "always" if any(a.writes == "prompt" for a in ckpt.model.attachments) else None
     for i, image in enumerate(images):
         for j, prompt in enumerate(prompts):
             config = ckpt.defaults.replace(prompt=prompt, steps=steps, seed=100 * i + j, caption=caption)
             # whole images at the model's native tile: a checkpoint's smaller default tiles would give ragged
             # batches (the last batch of tiles smaller), which ONNX Runtime's INT8 calibrators cannot stack
-            pipe(image, dataclasses.replace(config, tile=None, tile_overlap=None))
+            pipe(sample_request(ckpt.model, image, dataclasses.replace(config, tile=None, tile_overlap=None), i))
             if on_run is not None:
                 on_run()
     return {name: r.feeds for name, r in recorders.items()}

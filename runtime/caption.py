@@ -1,5 +1,5 @@
-"""Captions on the device: the image graph once, the prefill once, then one fixed-shape decode step per token;
-and the prompt policy that decides when a caption prompts the model (`prompt_of`).
+"""Captions on the device: the image graph once, the prefill once, then one fixed-shape decode step per token (the
+captioner attachment's runner; `prompts.py` decides when its caption prompts the model).
 
 `run(name, **inputs)` is any backend's call of the captioner's graphs (`export/model/captioner.py`). The cache
 is allocated at its full length once (prefix + BOS + prompt + `max_new_tokens`); between steps only the stop
@@ -17,7 +17,6 @@ caption is token for token the reference's:
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,9 +29,9 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.captioner import BOS, CLIP_MEAN, CLIP_STD, MAX_BEAMS, MAX_NEW_TOKENS, MAX_PROMPT, PAD
-from diffsr.export.model.captioner import Captioner as CaptionerSpec
-from diffsr.export.model.settings import PipelineConfig
+from diffsr.export.model.attachments.captioner import BOS, CLIP_MEAN, CLIP_STD, MAX_PROMPT, PAD
+from diffsr.export.model.attachments.captioner import Captioner as CaptionerSpec
+from diffsr.export.model.settings import MAX_BEAMS, MAX_NEW_TOKENS, PipelineConfig
 
 RunFn = Callable[..., Mapping[str, torch.Tensor]]
 NEG = -1e9  # the score of an empty slot (transformers' too)
@@ -213,38 +212,3 @@ class ImageCaptioner:
         self.timings = {"caption_image": sum(self._spent["caption_image"]),
                         "caption_token": sum(steps) / len(steps) if steps else 0.0}
         return str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
-
-
-def wants_caption(cfg: PipelineConfig) -> bool:
-    """Whether a request's prompt is (or includes) a caption: "auto" when it gives no prompt, "always"."""
-    return cfg.caption == "always" or (cfg.caption == "auto" and cfg.prompt is None)
-
-
-def check_policy(cfg: PipelineConfig, has_captioner: bool) -> None:
-    """A clear error for `caption="always"` where there is no captioner."""
-    if cfg.caption == "always" and not has_captioner:
-        raise DiffsrError('caption="always" needs a captioner in the checkpoint: add one with `diffsr init --captioner '
-                          'blip2-tiny` (or copy a BLIP-2 folder to captioner/), or use caption="auto"')
-
-
-def prompt_of(cfg: PipelineConfig, caption: Callable[[], str] | None) -> str:
-    """The prompt a request runs with. `caption()` makes the LQ image's caption (None: the checkpoint has no
-    captioner). A given prompt always stays: with `caption="always"` the caption follows it. The caption is
-    cleaned (`clean_caption`) and completed by `caption_suffix`. With no prompt and no caption: the suffix alone
-    (by default `DEFAULT_PROMPT`, what a checkpoint without a captioner is prompted with)."""
-    check_policy(cfg, caption is not None)
-    if not wants_caption(cfg) or caption is None:
-        return cfg.prompt if cfg.prompt is not None else cfg.caption_suffix
-    made = clean_caption(caption(), cfg.caption_drop, cfg.caption_suffix)
-    return made if cfg.prompt is None else ", ".join(p for p in (cfg.prompt, made) if p)
-
-
-def clean_caption(text: str, drop: str, suffix: str) -> str:
-    """A caption as a prompt, as the published SR pipelines make it: its sentences that name a degradation (a
-    word of `drop`, comma-separated, whole words, any case) dropped, the final full stop removed, `suffix`
-    appended after a comma."""
-    words = [w.strip().lower() for w in drop.split(",") if w.strip()]
-    names = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b") if words else None
-    sentences = [x.strip() for x in re.split(r"(?<=[.!?])\s+|\n", text) if x.strip()]
-    kept = [x for x in sentences if names is None or not names.search(x.lower())]
-    return ", ".join(p for p in (" ".join(kept).rstrip(" ."), suffix.strip()) if p)

@@ -19,44 +19,44 @@ def shapes_of(*tensors: torch.Tensor) -> tuple[Any, ...]:
     return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
 
 
-def graph_key(step: Step, x: torch.Tensor, lq: Tensors, cond: Tensors, table: torch.Tensor) -> tuple[Any, ...]:
+def graph_key(step: Step, x: torch.Tensor, tiled: Tensors, cond: Tensors, table: torch.Tensor) -> tuple[Any, ...]:
     """What a captured step depends on: the shapes, the table's width, the step's scheduler and tiling."""
-    return (*shapes_of(x, *lq.values(), *cond.values()), tuple(lq), tuple(cond), table.shape[1], step.key)
+    return (*shapes_of(x, *tiled.values(), *cond.values()), tuple(tiled), tuple(cond), table.shape[1], step.key)
 
 
 class StepGraph:
     @torch.inference_mode()
-    def __init__(self, step: Step, x: torch.Tensor, lq: Tensors, cond: Tensors, table: torch.Tensor):
+    def __init__(self, step: Step, x: torch.Tensor, tiled: Tensors, cond: Tensors, table: torch.Tensor):
         device = x.device
-        self.key = graph_key(step, x, lq, cond, table)
+        self.key = graph_key(step, x, tiled, cond, table)
         self.x = torch.empty_like(x)
-        self.lq = {name: torch.empty_like(t) for name, t in lq.items()}
+        self.tiled = {name: torch.empty_like(t) for name, t in tiled.items()}
         self.cond = {name: torch.empty_like(t) for name, t in cond.items()}
         self.state = step.scheduler.initial_state(x)
         self.table = torch.zeros((MAX_STEPS, table.shape[1]), dtype=torch.float32, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
-        self.load(x, lq, cond, table)
+        self.load(x, tiled, cond, table)
         # 1. Warm up on a side stream: lazy initialisation (cuBLAS workspaces, TensorRT's work on a
         #    first enqueue after a shape change) must not happen while capturing.
         current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            step(self.x.clone(), self.lq, self.cond, self._row(), None if self.state is None else self.state.clone())
+            step(self.x.clone(), self.tiled, self.cond, self._row(), None if self.state is None else self.state.clone())
         current.wait_stream(side)
         # 2. Capture the step and the write of its result back into x, so replays chain.
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.x.copy_(step(self.x, self.lq, self.cond, self._row(), self.state))
+            self.x.copy_(step(self.x, self.tiled, self.cond, self._row(), self.state))
 
     def _row(self) -> torch.Tensor:
         return self.table.index_select(0, self.index).view(-1)  # (columns,), read on the device
 
     @torch.inference_mode()
-    def load(self, x: torch.Tensor, lq: Tensors, cond: Tensors, table: torch.Tensor) -> None:
+    def load(self, x: torch.Tensor, tiled: Tensors, cond: Tensors, table: torch.Tensor) -> None:
         """Copy a request's tensors into the static buffers (device to device); clear the solver's history."""
         self.x.copy_(x)
-        for name, t in lq.items():
-            self.lq[name].copy_(t)
+        for name, t in tiled.items():
+            self.tiled[name].copy_(t)
         for name, t in cond.items():
             self.cond[name].copy_(t)
         self.table[: table.shape[0]].copy_(table)
@@ -79,13 +79,13 @@ class StepGraphs:
         self.current: StepGraph | None = None
         self.captures = 0
 
-    def prepare(self, step: Step, x: torch.Tensor, lq: Tensors, cond: Tensors, table: torch.Tensor) -> StepGraph:
+    def prepare(self, step: Step, x: torch.Tensor, tiled: Tensors, cond: Tensors, table: torch.Tensor) -> StepGraph:
         if x.device.type != "cuda":
             raise DiffsrError(f"CUDA graphs need the latents on a CUDA device, not {x.device}")
-        if self.current is not None and self.current.key == graph_key(step, x, lq, cond, table):
-            self.current.load(x, lq, cond, table)
+        if self.current is not None and self.current.key == graph_key(step, x, tiled, cond, table):
+            self.current.load(x, tiled, cond, table)
             return self.current
         self.current = None  # free the old graph's memory before capturing the new one
-        self.current = StepGraph(step, x, lq, cond, table)
+        self.current = StepGraph(step, x, tiled, cond, table)
         self.captures += 1
         return self.current

@@ -40,7 +40,10 @@ def decode_image(data: bytes, source: str = "image") -> np.ndarray:
                 raise DiffsrError(f"{source} is {img.width}x{img.height}, above the {MAX_INPUT_PIXELS} pixel limit")
             img.load()
             return to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        raise DiffsrError(f"cannot decode {source}: its {len(data)} bytes are no image format Pillow reads (send a PNG "
+                          "or JPEG)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DiffsrError(f"cannot decode {source}: {e}") from None
 
 

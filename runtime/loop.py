@@ -20,22 +20,23 @@ from diffsr.runtime.tiling import Tiling
 
 
 def denoise(
-    model: ModelFamily, run: RunFn, lq: Tensors, cond: Tensors, cfg: PipelineConfig, scheduler: Scheduler,
+    model: ModelFamily, run: RunFn, tiled: Tensors, cond: Tensors, cfg: PipelineConfig, scheduler: Scheduler,
     on_step: StepCallback | None = None, cancelled: Callable[[], bool] | None = None, graphs: StepGraphs | None = None,
     tiling: Tiling | None = None,
 ) -> torch.Tensor:
     """Seeded noise (drawn on the CPU, so every device starts alike) or the LQ latent noised to the first
     step, then `cfg.steps` steps of `scheduler`, over tiles where the latent is larger than one `tiling`
-    tile. `lq` holds the LQ encoder's outputs; `on_step` counts tile-steps."""
+    tile. `tiled` holds the tiled once-per-request stages' outputs (SD: the LQ encoder's), `cond` the
+    conditioning; `on_step` counts tile-steps."""
     scheduler.set_timesteps(cfg.steps)
-    start = lq[model.stages.start]
+    start = tiled[model.stages.start]
     noise = torch.randn(start.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(start.device)
     x = noise if cfg.start == "noise" else scheduler.add_noise(start, noise, scheduler.timesteps[0])
     table = step_table(scheduler, cfg.guidance_scale).to(x.device)  # one small copy per request
     grid = (x.shape[-2], x.shape[-1])
     step = (TiledStep(model, run, scheduler, tiling, grid, x.device) if tiling is not None and tiling.tiles(*grid) > 1
             else Step(model, run, scheduler))
-    graph = graphs.prepare(step, x, lq, cond, table) if graphs is not None else None
+    graph = graphs.prepare(step, x, tiled, cond, table) if graphs is not None else None
     state = scheduler.initial_state(x) if graph is None else None
     done = 0
 
@@ -50,7 +51,7 @@ def denoise(
     for i in range(cfg.steps):
         if cancelled is not None and cancelled():
             raise DiffsrError(f"cancelled after {i} of {cfg.steps} steps")
-        x = graph(i) if graph is not None else step(x, lq, cond, table[i], state)
+        x = graph(i) if graph is not None else step(x, tiled, cond, table[i], state)
         if graph is not None or step.tiles == 1:
             count(step.tiles)
     return x.clone() if graph is not None else x  # a graph's x is overwritten by its next request

@@ -1,5 +1,6 @@
-"""The super-resolution pipeline: caption, text, LQ, denoise loop, decode. It asks the model's family which
-submodule plays each part and what a step computes; it knows no backend.
+"""The super-resolution pipeline: prepare, prompt, the once-per-request stages, the denoise loop, decode. It asks the
+model's family what a request carries and which submodule runs when (`Stages`); it knows no backend, and names no
+submodule.
 
 Every tensor between the runners stays on `device`; the per-step guidance and scheduler update are
 element-wise torch ops next to the latents, so nothing returns to the host inside the loop.
@@ -8,7 +9,7 @@ element-wise torch ops next to the latents, so nothing returns to the host insid
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -17,16 +18,14 @@ import torch
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.checkpoint import Checkpoint
-from diffsr.export.model.settings import PipelineConfig
+from diffsr.export.model.settings import Request
 from diffsr.runtime.backends.base import Runner
-from diffsr.runtime.caption import ImageCaptioner, prompt_of
 from diffsr.runtime.cuda_graph import StepGraphs
-from diffsr.runtime.image import output_size
 from diffsr.runtime.loop import denoise
-from diffsr.runtime.schedulers import make_scheduler
-from diffsr.runtime.stages import decode, encode_lq, finish, prepare_lq, prompts
+from diffsr.runtime.prompts import make_prompters, request_texts
+from diffsr.runtime.requests import Plan, check
+from diffsr.runtime.stages import decode, finish, prepare, run_once, token_ids
 from diffsr.runtime.step import StepCallback
-from diffsr.runtime.tiling import tiling_for
 
 
 @dataclass
@@ -52,62 +51,62 @@ class Pipeline:
         if cuda_graph and self.device.type != "cuda":
             raise DiffsrError(f"CUDA graphs need a CUDA device; this pipeline runs on {self.device}")
         self.graphs = StepGraphs() if cuda_graph else None
-        self.captioner = None if self.model.captioner is None else ImageCaptioner(self.model.captioner, self.run, device)
+        self.prompters = make_prompters(self.model, self.run, device, checkpoint.path)
         self.timings: dict[str, float] = {}
 
     def run(self, name: str, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.runners[name].infer(feed)
 
-    def __call__(
-        self, image: np.ndarray, config: PipelineConfig | None = None, on_step: StepCallback | None = None
-    ) -> UpscaleResult:
-        cfg = config or self.checkpoint.defaults
-        model = self.model
-        scheduler = make_scheduler(cfg.scheduler, self.checkpoint.scheduler_config)  # a bad name fails before any work
-        tiling = tiling_for(model, cfg)
+    def plan(self, request: Request) -> Plan:
+        """The request checked against the model: its scheduler, tiling and output size (one error for every mistake)."""
+        return check(self.model, request.settings, self.checkpoint.scheduler_config, request.photo.shape[:2])
+
+    def __call__(self, request: Request, on_step: StepCallback | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> UpscaleResult:
+        model, cfg = self.model, request.settings
+        plan = self.plan(request)  # every mistake fails before any work
         self.timings = {}
         start = time.perf_counter()
 
-        # 1. Pre-process: bicubic upsample to exactly `upscale` x the input, in [-1, 1]; pad to the model's multiple.
+        # 1. Pre-process: the photo bicubic x `upscale` in [-1, 1], padded to the model's multiple; the family's
+        #    other photos as it declares them.
         with self.stage("preprocess"):
-            size = output_size(image.shape[0], image.shape[1], cfg.upscale)
-            lq = prepare_lq(model, image, cfg.upscale).to(self.device)
+            tensors = prepare(model, request, self.device)
 
-        # 2. Caption: the prompt policy's prompt (the LQ image's caption where it asks for one).
-        captioner = self.captioner
-        if captioner is None:
-            prompt = prompt_of(cfg, None)
-        else:
-            with self.stage("caption"):
-                prompt = prompt_of(cfg, lambda: self._caption(captioner, image, cfg))
+        # 2. Prompt: the request's texts; an attachment (a captioner) writes the prompt where the policy asks.
+        texts = request_texts(model, cfg, self._writer(request, cancelled) if "prompt" in self.prompters else None)
 
-        # 3. Text: the prompt, and with guidance the negative prompt first (the batch order of the loop); the
-        #    family's conditioning of a step (SDXL adds the size micro-conditioning).
+        # 3. Once per request: the texts' token ids, then the family's stages in order (SD: the text encoder, then
+        #    the LQ encoder over tiles); the step's conditioning from the untiled ones and the output size.
         with self.stage("text"):
-            ids = {name: torch.from_numpy(v).to(self.device) for name, v in self.tokenizer(prompts(cfg, prompt)).items()}
-            cond = model.conditioning(model.encode_text(self.run, ids), size)
+            tensors |= token_ids(model, self.tokenizer, texts, cfg.cfg, self.device)
+        tiled, once = run_once(model, self.run, tensors, plan.tiling, self.stage)
+        cond = model.conditioning(once, plan.size)
 
-        # 4. LQ: the LQ image's latent features (SD: the fused multi-layer feature f1 and the LQ latent z_lq).
-        with self.stage("lq"):
-            lq_features = encode_lq(model, self.run, lq, tiling)
-
-        # 5. Denoise: the sampler loop on the device, guided (a CUDA graph replay per step, if asked).
+        # 4. Denoise: the sampler loop on the device, guided (a CUDA graph replay per step, if asked).
         with self.stage("denoise"):
-            x = denoise(model, self.run, lq_features, cond, cfg, scheduler, on_step, graphs=self.graphs, tiling=tiling)
+            x = denoise(model, self.run, tiled, cond, cfg, plan.scheduler, on_step, cancelled, self.graphs, plan.tiling)
 
-        # 6. Decode (over tiles if large); crop the padding, correct colours against the upsampled LQ.
+        # 5. Decode (over tiles if large); crop the padding, correct colours against the upsampled photo.
         with self.stage("decode"):
-            decoded = decode(model, self.run, x, tiling)
+            decoded = decode(model, self.run, x, plan.tiling)
         with self.stage("postprocess"):
-            rgb = finish(decoded, lq, size, cfg.color_fix)
+            rgb = finish(decoded, tensors[model.stages.photo], plan.size, cfg.color_fix)
         self.timings["total"] = time.perf_counter() - start
-        return UpscaleResult(rgb, prompt, dict(self.timings))
+        return UpscaleResult(rgb, texts["prompt"], dict(self.timings))
 
-    def _caption(self, captioner: ImageCaptioner, image: np.ndarray, cfg: PipelineConfig) -> str:
-        """The image's caption; its image part and seconds per token join the timings."""
-        caption = captioner(image, cfg)
-        self.timings |= captioner.timings
-        return caption
+    def _writer(self, request: Request, cancelled: Callable[[], bool] | None) -> Callable[[str], str]:
+        """An attachment's text of the request's photo, timed as its part (its own parts join the timings)."""
+
+        def write(text: str) -> str:
+            prompter = self.prompters[text]
+            part = next(a.part for a in self.model.attachments if a.writes == text)
+            with self.stage(part):
+                made = prompter(request.photo, request.settings, cancelled)
+            self.timings |= prompter.timings
+            return made
+
+        return write
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

@@ -1,61 +1,135 @@
-"""The pipeline's stages as functions, shared by the in-process pipeline and the Triton models.
+"""The pipeline's stages as functions, shared by the in-process pipeline and the Triton models; each reads the family's
+declaration (`Stages`, the request inputs, the signatures), none names a submodule.
 
-    prepare_lq   image -> bicubic x scale in [-1, 1], padded to the model's pixel multiple
-    prompts      the text batch: the negative prompt first with guidance
-    encode_lq    the LQ stage over tiles (blended in the latent)
+    prepare      the request's photos -> pixels in [-1, 1]: the photo bicubic x `upscale` and padded to the model's
+                 multiple; the family's tiled photos laid over it alike, its global photos resized to their side
+    token_ids    the request's texts -> token ids, as the family lays out its text batch
+    run_once     the once-per-request stages in order, each on the named tensors made so far: tiled stages over the
+                 photo's tiles (blended in the latent), the others once
     decode       the decode stage over tiles (blended in pixels)
-    finish       crop to exactly `scale` x the input, colour-correct, uint8
-
-`encode_lq` and `decode` run the family's submodule for that stage, whatever it is: its image input and
-outputs come from its signature, and an output's blending scale from its shape (`ModelFamily.scale`).
+    finish       crop to exactly `upscale` x the input, colour-correct, uint8
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from diffsr.export.model.family import ModelFamily, RunFn
-from diffsr.export.model.settings import PipelineConfig
+from diffsr.export.model.inputs import PHOTO_KINDS
+from diffsr.export.model.settings import Request
+from diffsr.export.model.signatures import parse_dim
 from diffsr.runtime.image import adain, pad_to_multiple, to_uint8, upsample, wavelet_fix
 from diffsr.runtime.tiling import Blender, Tiling
 
+Timer = Callable[[str], AbstractContextManager[None]]  # a stage's name -> a context timing it
+
+
+@contextmanager
+def untimed(_: str) -> Iterator[None]:
+    yield
+
 
 def prepare_lq(model: ModelFamily, image: np.ndarray, scale: int) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (1, 3, sH', sW') in [-1, 1], replicate-padded to the model's pixel multiple and to
-    at least its `min_pixels` a side."""
+    """(H, W, 3) uint8 -> (1, 3, sH', sW') in [-1, 1], replicate-padded to the model's pixel multiple and to at
+    least its `min_pixels` a side."""
     return pad_to_multiple(upsample(image, scale), model.pixel_multiple, model.min_pixels)
 
 
-def prompts(cfg: PipelineConfig, prompt: str) -> list[str]:
-    """The text batch of a request's prompt (`caption.prompt_of`): with guidance the negative prompt first, as the
-    loop's latent batch is ordered."""
-    return [cfg.negative_prompt, prompt] if cfg.cfg else [prompt]
+def _laid_over(image: np.ndarray, size: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
+    """A tiled photo on the request's photo's pixels: resized (bicubic) to the output size, padded as it is."""
+    x = torch.tensor(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
+    return F.pad(x, (0, padded[1] - size[1], 0, padded[0] - size[0]), mode="replicate")
 
 
-def _over_tiles(model: ModelFamily, run: RunFn, name: str, image: torch.Tensor, scale: int,
-                tiling: Tiling) -> dict[str, torch.Tensor]:
-    """Submodule `name` on `image` (`scale` values per latent cell), one call if its latent fits a tile, else
-    tiles of it run in batches and each output blended at its own scale."""
+def _square(image: np.ndarray, side: int) -> torch.Tensor:
+    x = torch.tensor(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    return F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
+
+
+def prepare(model: ModelFamily, request: Request, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The request's photos as the stages take them, by tensor name: the photo (1, 3, H, W), then each of the
+    family's photo inputs (N, 3, H, W) (a tiled one on the photo's padded pixels, a global one at its side)."""
+    scale = request.settings.upscale
+    lq = prepare_lq(model, request.photo, scale)
+    size = (request.photo.shape[0] * scale, request.photo.shape[1] * scale)
+    out = {model.stages.photo: lq}
+    for spec in model.family_inputs():
+        if spec.kind not in PHOTO_KINDS:
+            continue
+        photos = request.photos.get(spec.name, ())
+        made = [_laid_over(p, size, tuple(lq.shape[-2:])) if spec.tiled else _square(p, spec.side) for p in photos]
+        empty = lq.new_zeros((0, 3, *(lq.shape[-2:] if spec.tiled else (spec.side, spec.side))))
+        out[spec.tensor] = torch.cat(made) if made else empty
+    return {name: t.to(device) for name, t in out.items()}
+
+
+def token_ids(model: ModelFamily, tokenize: Callable[[list[str]], dict[str, Any]], texts: Mapping[str, str],
+              guided: bool, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(v).to(device) for name, v in model.token_ids(tokenize, texts, guided).items()}
+
+
+def _side_scale(spec_shape: tuple[Any, ...], sides: set[str]) -> int | None:
+    """Values per latent cell of a tensor's last two axes, or None where they are not the latent's sides."""
+    last = spec_shape[-1] if spec_shape else None
+    if not isinstance(last, str) or parse_dim(last)[1] not in sides:
+        return None
+    return parse_dim(last)[0]
+
+
+def over_tiles(model: ModelFamily, run: RunFn, name: str, feeds: Mapping[str, torch.Tensor],
+               tiling: Tiling) -> dict[str, torch.Tensor]:
+    """Submodule `name` on `feeds`, one call if the latent fits a tile, else batches of tiles: every input with the
+    latent's sides cropped to each tile (at its own scale), any other repeated for each tile; each output with the
+    latent's sides blended at its own scale."""
     sig = model.signature(name)
-    source = sig.inputs[0].name
-    grid = (image.shape[-2] // scale, image.shape[-1] // scale)
+    sides = {d.name for d in model.dims() if d.kind == "side"}
+    scales_in = {t.name: _side_scale(t.shape, sides) for t in sig.inputs}
+    source = next(n for n, s in scales_in.items() if s is not None)
+    grid = (feeds[source].shape[-2] // scales_in[source], feeds[source].shape[-1] // scales_in[source])
     if tiling.tiles(*grid) == 1:
-        return dict(run(name, **{source: image}))
-    scales = {t.name: model.scale(name, t.name) for t in sig.outputs}
-    return Blender(tiling, grid, set(scales.values()), image.device)(
-        lambda group: run(name, **{source: torch.cat([t.crop(image, scale) for t in group])}), scales)
+        return dict(run(name, **feeds))
+    scales = {t.name: s for t in sig.outputs if (s := _side_scale(t.shape, sides)) is not None}
+
+    def one(group: list[Any]) -> Mapping[str, torch.Tensor]:
+        crops = {k: torch.cat([t.crop(v, scales_in[k]) for t in group]) if scales_in[k] is not None
+                 else v.repeat_interleave(len(group), dim=0) for k, v in feeds.items()}
+        return run(name, **crops)
+
+    return Blender(tiling, grid, set(scales.values()), feeds[source].device)(one, scales)
 
 
-def encode_lq(model: ModelFamily, run: RunFn, lq: torch.Tensor, tiling: Tiling) -> dict[str, torch.Tensor]:
-    """(1, 3, H, W) -> the LQ stage's outputs at latent resolution (SD: f1 and z_lq)."""
-    return _over_tiles(model, run, model.stages.lq, lq, model.latent_factor, tiling)
+def run_once(model: ModelFamily, run: RunFn, tensors: Mapping[str, torch.Tensor], tiling: Tiling,
+             timed: Timer = untimed) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The once-per-request stages, in the family's order, on the prepared tensors and each earlier stage's outputs
+    -> (the tiled stages' outputs, the others' outputs). Each stage is timed under its part. A stage whose outputs
+    `tensors` already holds (the Triton ensemble ran it as a step of its own) is not run again."""
+    made = dict(tensors)
+    tiled: dict[str, torch.Tensor] = {}
+    whole: dict[str, torch.Tensor] = {}
+    for stage in model.stages.once:
+        sig = model.signature(stage.submodule)
+        if all(t.name in made for t in sig.outputs):
+            (tiled if stage.tiled else whole).update({t.name: made[t.name] for t in sig.outputs})
+            continue
+        feeds = {t.name: made[t.name] for t in sig.inputs}
+        with timed(stage.part):
+            out = over_tiles(model, run, stage.submodule, feeds, tiling) if stage.tiled else dict(run(stage.submodule, **feeds))
+        made |= out
+        (tiled if stage.tiled else whole).update(out)
+    return tiled, whole
 
 
 def decode(model: ModelFamily, run: RunFn, latent: torch.Tensor, tiling: Tiling) -> torch.Tensor:
-    """(1, C, h, w) -> (1, 3, 8h, 8w): the decode stage's image."""
+    """(1, C, h, w) -> (1, 3, fh, fw): the decode stage's image."""
     sig = model.signature(model.stages.decode)
-    return _over_tiles(model, run, sig.name, latent, 1, tiling)[sig.outputs[0].name]
+    return over_tiles(model, run, sig.name, {sig.inputs[0].name: latent}, tiling)[sig.outputs[0].name]
 
 
 def finish(decoded: torch.Tensor, lq: torch.Tensor, size: tuple[int, int], color_fix: str) -> np.ndarray:

@@ -5,8 +5,8 @@ A step reads its timestep, guidance scale and scheduler coefficients from a row 
 backend, and a step captured as a CUDA graph (`runtime/cuda_graph.py`) replays for every step.
 
     Step        the whole latent at once (it fits one tile)
-    TiledStep   overlapping tiles: each batch of tiles' prediction (on its crop of x_t and of the LQ
-                features, with its own conditioning), blended into one prediction of the whole latent,
+    TiledStep   overlapping tiles: each batch of tiles' prediction (on its crop of x_t and of the tiled
+                stages' outputs, with its own conditioning), blended into one prediction of the whole latent,
                 then one scheduler update (MultiDiffusion's formulation)
 """
 
@@ -48,12 +48,12 @@ class Step:
         """What a captured graph of this step depends on besides its tensors' shapes."""
         return type(self.scheduler).__name__
 
-    def predict(self, x: torch.Tensor, lq: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
-        return self.model.predict(self.run, x, lq, cond, row)
+    def predict(self, x: torch.Tensor, tiled: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
+        return self.model.predict(self.run, x, tiled, cond, row)
 
-    def __call__(self, x: torch.Tensor, lq: Tensors, cond: Tensors, row: torch.Tensor,
+    def __call__(self, x: torch.Tensor, tiled: Tensors, cond: Tensors, row: torch.Tensor,
                  state: torch.Tensor | None) -> torch.Tensor:
-        out = self.predict(x, lq, cond, row)
+        out = self.predict(x, tiled, cond, row)
         return self.scheduler.update(out, x, row[len(LEADING_COLUMNS):].unbind(), state)
 
 
@@ -78,9 +78,9 @@ class TiledStep(Step):
     def key(self) -> Any:
         return (super().key, self.tiling, self.grid)
 
-    def predict(self, x: torch.Tensor, lq: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, tiled: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
         def one(group: list[Tile]) -> Mapping[str, torch.Tensor]:
-            crops = {name: torch.cat([t.crop(v) for t in group]) for name, v in lq.items()}
+            crops = {name: torch.cat([t.crop(v) for t in group]) for name, v in tiled.items()}
             tile_cond = self.model.tile_conditioning(cond, self.corners[tuple(group)])
             return {"out": self.model.predict(self.run, torch.cat([t.crop(x) for t in group]), crops, tile_cond, row)}
 

@@ -39,7 +39,7 @@ from diffsr.calib.data import photo
 from diffsr.export.model.checkpoint import load_submodule, open_checkpoint
 from diffsr.runtime.caption import CaptionLoop, CaptionSettings, pixel_values
 ckpt = open_checkpoint(sys.argv[1])
-spec, tokens = ckpt.model.captioner, int(sys.argv[2])
+spec, tokens = ckpt.model.attachment("captioner"), int(sys.argv[2])
 held, spent = {}, {}
 def run(name, **feed):
     if name not in held:  # one graph's weights at a time

@@ -40,7 +40,7 @@ from torch import nn
 from diffsr.export.model.checkpoint import Checkpoint, open_checkpoint, stored_weights
 from diffsr.export.model.families.sd_networks import ControlNetUNet, TextEncoder
 from diffsr.export.model.random_init import STORED_DTYPE, init_checkpoint
-from diffsr.runtime.caption import prompt_of
+from diffsr.runtime.prompts import prompt_of
 
 SCALE = 4
 TRAINED = ("vae", "lq_encoder", "fusion_transformer", "controlnet", "unet")

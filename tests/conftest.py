@@ -55,7 +55,7 @@ def sdxl_checkpoint(tmp_path_factory):
 def dit4sr_checkpoint(tmp_path_factory):
     """dit4sr-tiny with a blip2-tiny captioner: the checkpoint whose prompt is its LQ image's caption (its export,
     FP16 check, parity and endpoint include the captioner's graphs)."""
-    from diffsr.export.model.captioner import init_captioner
+    from diffsr.export.model.attachments.captioner import init_captioner
 
     path = init_checkpoint("dit4sr-tiny", seed=0, out=tmp_path_factory.mktemp("ckpt") / "dit4sr-tiny").path
     init_captioner("blip2-tiny", 0, path)

@@ -22,10 +22,15 @@ ALLOWED = {
     "triton_models": {"runtime", "export"},
     "app": {"triton_models", "calib", "runtime", "export"},
 }
-# layer -> room (a sub-package) -> the rooms of the same layer it may import (itself always); "" is the
-# layer's own top-level modules. A layer not listed, and its top-level modules, may import any of its rooms.
+# layer -> room (a sub-package, or a module) -> the rooms of the same layer it may import (itself always); "" is
+# the layer's own other top-level modules. A layer not listed, and its top-level modules, may import any of its rooms.
+# A room may have rooms of its own ("export.model"), held to the same rule among themselves.
 ROOMS = {
     "export": {"core": set(), "model": {"core"}, "graphs": {"core", "model"}, "engines": {"core", "model", "graphs"}},
+    # the model's interface (dims, signatures, settings, inputs, the family and attachment classes) < the attachments
+    # < the families (and their lookups) < reading checkpoint folders < writing seeded ones
+    "export.model": {"": set(), "attachments": {""}, "families": {"", "attachments"},
+                     "checkpoint": {"", "attachments", "families"}, "random_init": {"", "checkpoint", "families"}},
     "runtime": {"schedulers": set(), "backends": set()},  # leaves: the pipeline's modules build on them
     "triton_models": {"": set(), "models": {""}},  # the python models build on the generator's interface
     "app": {"serving": set(), "measure": {"serving"}, "cli": {"measure", "serving"}},
@@ -68,6 +73,7 @@ def violations(layer: str, path: Path) -> list[str]:
     bad = []
     inside = list(path.relative_to(ROOT / layer).with_suffix("").parts) if path.is_relative_to(ROOT / layer) else []
     own_room = room_of(layer, inside if len(inside) > 1 else [""])
+    bad += _inner_violations(layer, own_room, inside, path)
     for line, module in imported_modules(path.read_text()):
         where = f"{path.relative_to(ROOT)}:{line}"
         parts = module.split(".")
@@ -85,6 +91,24 @@ def violations(layer: str, path: Path) -> list[str]:
                 if room is not None and room != own_room and room not in allowed:
                     bad.append(f"{where}: {layer}.{own_room or '(top level)'} imports {module} ({room or 'the top level'} "
                                f"is not among {sorted(allowed) or 'none'})")
+    return bad
+
+
+def _inner_violations(layer: str, room: str | None, inside: list[str], path: Path) -> list[str]:
+    """Imports between the rooms of a room (`ROOMS["export.model"]`)."""
+    rooms = ROOMS.get(f"{layer}.{room}")
+    if rooms is None or len(inside) < 2:
+        return []
+    own = inside[1] if inside[1] in rooms else ""
+    bad = []
+    for line, module in imported_modules(path.read_text()):
+        parts = module.split(".")
+        if parts[:3] != ["diffsr", layer, room] or len(parts) < 4:
+            continue
+        target = parts[3] if parts[3] in rooms else ""
+        if target != own and target not in rooms[own]:
+            bad.append(f"{path.relative_to(ROOT)}:{line}: {layer}.{room}.{own or '(interface)'} imports {module} "
+                       f"({target or 'the interface'} is not among {sorted(rooms[own]) or 'none'})")
     return bad
 
 
@@ -129,6 +153,10 @@ def test_the_check_catches_a_room_importing_upwards(tmp_path):
     saved, ROOT = ROOT, tmp_path
     planted = {
         "export/model/x.py": "from diffsr.export.graphs.manifest import read_manifest\nfrom diffsr.export.core import errors\n",
+        # the model's interface reading a family module, and the attachments reading checkpoint folders: both upwards
+        "export/model/y.py": "from diffsr.export.model.families import sd\nfrom diffsr.export.model import dims\n",
+        "export/model/attachments/y.py": "from diffsr.export.model.checkpoint import open_checkpoint\n"
+                                         "from diffsr.export.model.family import Attachment\n",
         "runtime/schedulers/x.py": "from diffsr.runtime.pipeline import Pipeline\n",
         "runtime/x.py": "from diffsr.runtime.schedulers import make_scheduler\n",
         "app/serving/x.py": "import diffsr.app.measure.bench\nfrom diffsr.export.model import family\n",
@@ -143,6 +171,8 @@ def test_the_check_catches_a_room_importing_upwards(tmp_path):
     finally:
         ROOT = saved
     assert len(found["export/model/x.py"]) == 1 and "graphs" in found["export/model/x.py"][0]
+    assert len(found["export/model/y.py"]) == 1 and "families" in found["export/model/y.py"][0]
+    assert len(found["export/model/attachments/y.py"]) == 1 and "checkpoint" in found["export/model/attachments/y.py"][0]
     assert len(found["runtime/schedulers/x.py"]) == 1 and "the top level" in found["runtime/schedulers/x.py"][0]
     assert len(found["app/serving/x.py"]) == 1 and "measure" in found["app/serving/x.py"][0]
     assert found["runtime/x.py"] == found["app/cli/x.py"] == []

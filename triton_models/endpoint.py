@@ -1,31 +1,69 @@
-"""The endpoint's interface, in one place and without Triton's protobuf modules: the ensemble's name,
-its request tensors and its response. The repository generator, the python models and the client
-all read it."""
+"""The endpoint's interface, in one place and without Triton's protobuf modules: the model's name, its request
+tensors (the model's request inputs: `ModelFamily.request_inputs`) and its response. The repository generator and the
+python models read it; a client asks the server (`TritonClient.endpoint`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.family import ModelFamily
+from diffsr.export.model.inputs import RequestInput
 from diffsr.export.model.signatures import TensorSpec
 
 ENSEMBLE = "diffsr"  # the endpoint model's name: a BLS entry model, or an ensemble (ServingOptions.entry)
 # The endpoint's output. Not "image": an ensemble's output cannot share its input's name (Triton
 # then answers a request twice, the input echoed and the result).
 OUTPUT = "upscaled"
-# Every request input but the image is optional; absent ones take the checkpoint's defaults.
-REQUEST = (
-    TensorSpec("image", "bytes", (1,)),
-    TensorSpec("prompt", "bytes", (1,)),
-    TensorSpec("negative_prompt", "bytes", (1,)),
-    TensorSpec("steps", "int32", (1,)),
-    TensorSpec("guidance_scale", "float32", (1,)),
-    TensorSpec("seed", "int64", (1,)),
-    TensorSpec("scheduler", "bytes", (1,)),  # a name of `runtime.schedulers` (ddim, dpmpp-2m)
-    TensorSpec("caption", "bytes", (1,)),  # the prompt policy: auto, always, never (`runtime.caption.prompt_of`)
-)
-OPTIONAL = tuple(spec.name for spec in REQUEST if spec.name != "image")
 RESPONSE = TensorSpec(OUTPUT, "bytes", (1,))
 # The prompt the image was made with (the request's, the LQ image's caption, or the default), as UTF-8. Not
 # "prompt", for the reason above.
 PROMPT_OUTPUT = "used_prompt"
 PROMPT_RESPONSE = TensorSpec(PROMPT_OUTPUT, "bytes", (1,))
+# the settings a preprocessing model parsed, as JSON, for the ensemble's sampler (which parses nothing)
+SETTINGS = TensorSpec("settings", "bytes", (1,))
 # the protocol's names of the request's dtypes
 PROTOCOL_DTYPES = {"bytes": "BYTES", "int32": "INT32", "int64": "INT64", "float32": "FP32"}
+
+
+def request_specs(model: ModelFamily) -> list[TensorSpec]:
+    """The endpoint's inputs: one tensor per request input (every one optional but the photo)."""
+    return [i.spec for i in model.request_inputs()]
+
+
+def optional_inputs(model: ModelFamily) -> tuple[str, ...]:
+    return tuple(i.name for i in model.request_inputs() if not i.required)
+
+
+def tensor_values(inputs: list[RequestInput], tensor: Any) -> dict[str, Any]:
+    """A request's tensors (`tensor(name)`: its numpy array, or None where absent) -> raw values by input name, as
+    `runtime.requests.parse_request` takes them: photos as encoded bytes (a list of them for a list), text as a
+    Python str (BYTES that are not UTF-8 are refused there), numbers as Python numbers."""
+    values: dict[str, Any] = {}
+    for spec in inputs:
+        array = tensor(spec.name)
+        if array is None:
+            continue
+        items = list(np.asarray(array).reshape(-1))
+        if spec.kind == "photos":
+            values[spec.name] = [_bytes(spec.name, v) for v in items]
+            continue
+        if len(items) != 1:
+            raise DiffsrError(f"{spec.name} must hold one value, got shape {list(np.asarray(array).shape)}")
+        item = items[0]
+        if spec.kind == "photo":
+            values[spec.name] = _bytes(spec.name, item)
+        elif spec.kind in ("text", "choice"):
+            raw = _bytes(spec.name, item)
+            values[spec.name] = raw.decode("utf-8", errors="surrogateescape")  # invalid UTF-8: refused by the parse
+        else:
+            values[spec.name] = item.item()
+    return values
+
+
+def _bytes(name: str, item: Any) -> bytes:
+    if not isinstance(item, bytes):
+        raise DiffsrError(f"{name} must be BYTES")
+    return item

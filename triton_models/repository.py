@@ -1,16 +1,19 @@
-"""`diffsr triton-repo`: a Triton model repository generated from the signatures.
+"""`diffsr triton-repo`: a Triton model repository generated from the signatures and the request's declaration.
 
-    diffsr (entry)      image, prompt, negative_prompt, steps, guidance_scale, seed -> upscaled (PNG),
-                        one python model on the client's own request (a cancel reaches its loop):
-                          decode, tokenise, bicubic upsample
-                          the text stage     BLS: one model per submodule, tensorrt_plan or python + ONNX Runtime
-                          the loop over tiles, BLS: the LQ stage, the step stage's submodules each step
-                                             (SD: fusion_transformer, controlnet_unet), the decode stage
+    diffsr (entry)      the model's request inputs (`ModelFamily.request_inputs`: image, prompt, ..., the family's
+                        own) -> upscaled (PNG), used_prompt; one python model on the client's own request (a cancel
+                        reaches its loop):
+                          parse and check the request once; decode the photos, prepare them, the prompt (an
+                          attachment's models over BLS where the policy asks), token ids
+                          the once-per-request stages   BLS: one model per submodule, tensorrt_plan or python + ONNX
+                                                        Runtime (SD: the text encoder; the LQ encoder over tiles)
+                          the loop over tiles, BLS: the step stage's submodules each step (SD: fusion_transformer,
+                                                    controlnet_unet), then the decode stage
                           crop, colour correction, PNG
 
-    `ServingOptions(entry="ensemble")`: `diffsr` is an ensemble of `preprocess`, the text stage's models, a
-    `sampler` model running the loop, and `postprocess` (Triton 2.51 does not pass a cancel on to the
-    sampler).
+    `ServingOptions(entry="ensemble")`: `diffsr` is an ensemble of `preprocess` (which parses, and hands the parsed
+    settings on as JSON), the untiled once-per-request stages' models, a `sampler` model running the tiled stages
+    and the loop, and `postprocess` (Triton 2.51 does not pass a cancel on to the sampler).
 
     Every submodule of the model's family is a model of its own, called by the loop tile batch by tile
     batch (runtime/tiling.py), so no call holds a whole large image's activations.
@@ -36,14 +39,23 @@ from diffsr.export.core.files import read_json, require_new_folder
 from diffsr.export.core.precision import Precision
 from diffsr.export.engines.metadata import read_meta, verified_plans
 from diffsr.export.graphs.manifest import checkpoint_digest, file_sha256, signature_hash, verified_files
-from diffsr.export.model.captioner import FOLDER as CAPTIONER
 from diffsr.export.model.checkpoint import Checkpoint
 from diffsr.export.model.dims import BATCH_KINDS, TARGETS
-from diffsr.export.model.family import ModelFamily
+from diffsr.export.model.families import module_of
+from diffsr.export.model.family import ModelFamily, Stage
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.export.model.signatures import Signature, TensorSpec
 from diffsr.runtime.tiling import tiling_for
-from diffsr.triton_models.endpoint import ENSEMBLE, OPTIONAL, OUTPUT, PROMPT_OUTPUT, PROMPT_RESPONSE, REQUEST, RESPONSE
+from diffsr.triton_models.endpoint import (
+    ENSEMBLE,
+    OUTPUT,
+    PROMPT_OUTPUT,
+    PROMPT_RESPONSE,
+    RESPONSE,
+    SETTINGS,
+    optional_inputs,
+    request_specs,
+)
 
 FLAVOURS = ("onnxruntime", "tensorrt")
 REPOSITORY_MANIFEST = "diffsr-repository.json"  # at the repository's root (Triton loads only its folders)
@@ -127,7 +139,7 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
     opt = TARGETS["server"].at(model.dims())
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
     batched = options.batched(model, flavour)
-    model_params = dict(family=model.name, model=json.dumps(model.to_json()))
+    model_params = dict(family=model.name, family_module=module_of(model), model=json.dumps(model.to_json()))
     configs: dict[str, mc.ModelConfig] = {}
     for name, sig in sigs.items():
         config = _config(name, list(sig.inputs), list(sig.outputs))
@@ -147,38 +159,36 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
             _warmup(config, sig, opt)
         configs[name] = config
 
-    req = {s.name: s for s in REQUEST}
-    text_inputs = [t for name in model.stages.text for t in sigs[name].inputs]
-    text_outputs = [t for name in model.stages.text for t in sigs[name].outputs]
-    lq_image, dec = sigs[model.stages.lq].inputs[0], sigs[model.stages.decode]
+    specs, optional = request_specs(model), optional_inputs(model)
+    photo = next(t for t in model.prepared() if t.name == model.stages.photo)
+    dec = sigs[model.stages.decode]
     defaults = ckpt.defaults.replace(tile=options.tile, tile_overlap=options.tile_overlap, tile_batch=options.tile_batch)
     tiling_for(model, defaults)  # a bad tiling fails here, not in the server
     pipeline_json = json.dumps(defaults.to_json())
-
-    pre_params = dict(pipeline=pipeline_json, max_output_pixels=str(options.max_output_pixels), **model_params)
-    pre = _config("preprocess", [req[n] for n in ("image", "prompt", "negative_prompt", "guidance_scale", "caption")],
-                  [lq_image, *text_inputs, OUTPUT_SIZE, PROMPT_RESPONSE], optional=OPTIONAL)
-    _params(pre, **pre_params)
-    pre.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    # what every model that parses requests or runs stages needs: the defaults, the training schedule, the limit
+    pre_params = dict(pipeline=pipeline_json, scheduler=json.dumps(ckpt.scheduler_config),
+                      max_output_pixels=str(options.max_output_pixels), **model_params)
+    device = "cuda" if gpu else "cpu"
 
     decoded = TensorSpec("decoded", "float32", dec.outputs[0].shape)
-    if options.entry == "bls":  # the entry model pre- and postprocesses and runs the loop, on the client's request
-        sampler = _config(ENSEMBLE, list(req.values()), [RESPONSE, PROMPT_RESPONSE], optional=OPTIONAL)
-        _params(sampler, color_fix=ckpt.defaults.color_fix, **pre_params)
+    ensemble_stages, _ = split_stages(model)
+    if options.entry == "bls":  # the entry model parses, pre- and postprocesses and runs the loop, on the client's request
+        sampler = _config(ENSEMBLE, specs, [RESPONSE, PROMPT_RESPONSE], optional=optional)
     else:
-        settings = [req[n] for n in ("steps", "guidance_scale", "seed", "scheduler")]
-        sampler = _config("sampler", [*text_outputs, lq_image, OUTPUT_SIZE, *settings], [decoded], optional=OPTIONAL)
-    _params(sampler, pipeline=pipeline_json, scheduler=json.dumps(ckpt.scheduler_config), device="cuda" if gpu else "cpu",
-            cuda_memory_pool_bytes=str(cuda_pool_bytes(ckpt) if gpu else 0), step_batched=",".join(batched),
-            **model_params)
+        sampler = _config("sampler", [*sampler_inputs(model), OUTPUT_SIZE, SETTINGS], [decoded])
+    _params(sampler, device=device, cuda_memory_pool_bytes=str(cuda_pool_bytes(ckpt) if gpu else 0),
+            step_batched=",".join(batched), **pre_params)
     sampler.instance_group.add(count=options.sampler_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     policy = sampler.dynamic_batching.default_queue_policy  # requests wait here, bounded, not unboundedly
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
     policy.default_timeout_microseconds = int(options.queue_timeout_s * 1e6)
     policy.max_queue_size = options.max_queue_size
 
-    post = _config("postprocess", [decoded, lq_image, OUTPUT_SIZE], [RESPONSE])
-    _params(post, color_fix=ckpt.defaults.color_fix, lq_input=lq_image.name)
+    pre = _config("preprocess", specs, [*model.prepared(), OUTPUT_SIZE, PROMPT_RESPONSE, SETTINGS], optional=optional)
+    _params(pre, device="cpu", **pre_params)
+    pre.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    post = _config("postprocess", [decoded, photo, OUTPUT_SIZE], [RESPONSE])
+    _params(post, color_fix=ckpt.defaults.color_fix, lq_input=photo.name)
     post.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
 
     for config in (pre, sampler, post):
@@ -189,8 +199,34 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
         configs[ENSEMBLE] = sampler
     else:
         configs.update(preprocess=pre, sampler=sampler, postprocess=post)
-        configs[ENSEMBLE] = _ensemble(req, model)
+        configs[ENSEMBLE] = _ensemble(model, specs, optional, ensemble_stages)
     return configs
+
+
+def split_stages(model: ModelFamily) -> tuple[list[Stage], list[Stage]]:
+    """(the once-per-request stages an ensemble runs as steps of its own, those its sampler runs): an untiled stage
+    whose inputs the preprocessing or an earlier such step makes is a step; tiled ones, and any that needs what
+    only the sampler makes, run in the sampler."""
+    ready = {t.name for t in model.prepared()}
+    steps, rest = [], []
+    for stage in model.stages.once:
+        sig = model.signature(stage.submodule)
+        if not stage.tiled and all(t.name in ready for t in sig.inputs):
+            steps.append(stage)
+            ready |= {t.name for t in sig.outputs}
+        else:
+            rest.append(stage)
+    return steps, rest
+
+
+def sampler_inputs(model: ModelFamily) -> list[TensorSpec]:
+    """What the ensemble's sampler takes besides the output size and the settings: the outputs of the stages the
+    ensemble ran, and what its own stages take from the preprocessing (the photo at least: the tiled stages')."""
+    steps, rest = split_stages(model)
+    made = {t.name: t for s in steps for t in model.signature(s.submodule).outputs}
+    own = {t.name for s in rest for t in model.signature(s.submodule).outputs}
+    needed = {t.name: t for s in rest for t in model.signature(s.submodule).inputs if t.name not in own}
+    return list(({**needed, **made}).values())
 
 
 def loop_model(repository: Path) -> str:
@@ -227,22 +263,21 @@ def cuda_pool_bytes(ckpt: Checkpoint) -> int:
     return 2 * max(sizes)
 
 
-def _ensemble(req: dict[str, TensorSpec], model: ModelFamily) -> mc.ModelConfig:
-    config = _config(ENSEMBLE, list(req.values()), [RESPONSE, PROMPT_RESPONSE], optional=OPTIONAL)
+def _ensemble(model: ModelFamily, specs: list[TensorSpec], optional: tuple[str, ...],
+              stages: list[Stage]) -> mc.ModelConfig:
+    """preprocess -> the untiled once-per-request stages' models -> sampler -> postprocess, every tensor under its
+    own name."""
+    config = _config(ENSEMBLE, specs, [RESPONSE, PROMPT_RESPONSE], optional=optional)
     config.platform = "ensemble"
-    sigs = model.signatures()
-    lq_image = sigs[model.stages.lq].inputs[0].name
-    ids = [t.name for name in model.stages.text for t in sigs[name].inputs]
-    text = [t.name for name in model.stages.text for t in sigs[name].outputs]
     same = lambda names: {n: n for n in names}  # noqa: E731
+    photo = model.stages.photo
+    prepared = [t.name for t in model.prepared()]
     steps = [
-        ("preprocess", same(("image", "prompt", "negative_prompt", "guidance_scale", "caption")),
-         same((lq_image, *ids, "output_size", PROMPT_OUTPUT))),
-        *((name, same(t.name for t in sigs[name].inputs), same(t.name for t in sigs[name].outputs))
-          for name in model.stages.text),
-        ("sampler", same((*text, lq_image, "output_size", "steps", "guidance_scale", "seed", "scheduler")),
-         same(("decoded",))),
-        ("postprocess", same(("decoded", lq_image, "output_size")), {OUTPUT: OUTPUT}),
+        ("preprocess", same(s.name for s in specs), same((*prepared, "output_size", PROMPT_OUTPUT, SETTINGS.name))),
+        *((s.submodule, same(t.name for t in model.signature(s.submodule).inputs),
+           same(t.name for t in model.signature(s.submodule).outputs)) for s in stages),
+        ("sampler", same((*(t.name for t in sampler_inputs(model)), "output_size", SETTINGS.name)), same(("decoded",))),
+        ("postprocess", same(("decoded", photo, "output_size")), {OUTPUT: OUTPUT}),
     ]
     for name, inputs, outputs in steps:
         step = config.ensemble_scheduling.step.add(model_name=name, model_version=1)
@@ -297,16 +332,15 @@ def build_repository(
                 (version / "model.py").write_text(_stub("entry"))
         else:
             (version / "model.py").write_text(_stub(name))
-    tokenizing = [name for name, config in configs.items() if "max_output_pixels" in config.parameters]  # preprocessing
+    preprocessing = [n for n in ("preprocess", ENSEMBLE) if n in configs and configs[n].backend == "python"][:1]
     for folder in dict.fromkeys(ckpt.model.tokenizer_folders().values()):
-        for name in tokenizing:
+        for name in preprocessing:
             shutil.copytree(ckpt.path / folder, out / name / "1" / folder)
-    if ckpt.model.captioner is not None:  # its tokenizer and configs, not its weights (its graphs are models)
-        for name in tokenizing:
-            (out / name / "1" / CAPTIONER).mkdir()
-            for file in (ckpt.path / CAPTIONER).iterdir():
-                if file.is_file() and file.suffix in (".json", ".txt", ".model"):
-                    shutil.copy(file, out / name / "1" / CAPTIONER / file.name)
+    for attachment in ckpt.model.attachments:  # what its runner reads (a tokenizer, configs), not its weights
+        for name in preprocessing:
+            (out / name / "1" / attachment.folder).mkdir()
+            for file in attachment.serving_files(ckpt.path / attachment.folder):
+                shutil.copy(file, out / name / "1" / attachment.folder / file.name)
     graphs = sorted(p for p in out.glob("*/1/*") if p.suffix in (".onnx", ".plan"))
     manifest = {"flavour": flavour, "checkpoint_sha256": checkpoint_digest(ckpt.path),
                 "graphs": {str(p.relative_to(out)): file_sha256(p) for p in graphs}}

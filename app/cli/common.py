@@ -105,3 +105,13 @@ def writable(*paths: Path | None) -> None:
     for path in paths:
         if path is not None:
             require_writable(path)
+
+
+def output_path(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """An output file that may be written (its folder writable, not a folder), and not one of the command's own input
+    photos unless `overwrite` says so."""
+    for given in inputs:
+        if not overwrite and given.exists() and out.exists() and out.resolve() == given.resolve():
+            raise DiffsrError(f"--out {out} is the input photo {given}: write the result to another file, or pass "
+                              "--overwrite to replace the photo")
+    require_writable(out)

@@ -22,7 +22,7 @@ import numpy as np
 from diffsr.app.measure.quality import bicubic, psnr_y, ssim_y
 from diffsr.app.serving.triton_client import TritonClient
 from diffsr.app.serving.triton_server import Ports, TritonServer
-from diffsr.calib.data import PHOTOS, photo
+from diffsr.calib.data import PHOTOS, photo, sample_request
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.graphs.exporter import export_onnx
 from diffsr.export.model.checkpoint import Checkpoint, open_checkpoint
@@ -79,7 +79,7 @@ def run_demo(preset: str | None = None, photo_name: str = "astronaut", serve: bo
 
     def upscale(backend: str, **kwargs) -> np.ndarray:
         say(f"upscaling with {backend}")
-        out = Pipeline(load_runners(backend, ckpt, **kwargs), ckpt)(lq, config)
+        out = Pipeline(load_runners(backend, ckpt, **kwargs), ckpt)(sample_request(ckpt.model, lq, config))
         result.outputs[backend] = folder / f"{photo_name}_x4_{tag}_{backend}.png"
         save_image(out.image, result.outputs[backend])
         result.timings[backend] = out.timings

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from diffsr.app.cli.common import bars, command, console, out, parse_precision, parse_size, writable
+from diffsr.app.cli.common import bars, command, console, out, output_path, parse_precision, parse_size, writable
+from diffsr.app.cli.request_options import request_options
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.precision import Precision
 from diffsr.export.core.progress import Progress
@@ -24,7 +25,7 @@ def init(
                                                           "blip2-tiny or blip2-opt-2.7b")] = None,
 ) -> None:
     """Write a seeded random-weight checkpoint of a preset."""
-    from diffsr.export.model.captioner import captioner_preset, init_captioner
+    from diffsr.export.model.attachments.captioner import captioner_preset, init_captioner
     from diffsr.export.model.random_init import init_checkpoint
 
     if captioner is not None:
@@ -42,24 +43,18 @@ def init(
 def families() -> None:
     """The model families: each one's presets, submodules and which plays each part of the pipeline."""
     from diffsr.app.cli import tables
-    from diffsr.export.model.family import families as registered
+    from diffsr.export.model.families import families as registered
 
     out.print(tables.families(registered()))
 
 
 @command()
+@request_options
 def upscale(
-    image: Annotated[Path, typer.Argument(help="low-quality input image (any format PIL reads)")],
+    values: dict[str, Any],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="output PNG")],
     checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
-    prompt: Annotated[Optional[str], typer.Option()] = None,
-    negative_prompt: Annotated[Optional[str], typer.Option()] = None,
-    caption: Annotated[Optional[str], typer.Option(help="auto (caption when no --prompt), always or never; needs the "
-                                                   "checkpoint's captioner")] = None,
-    steps: Annotated[Optional[int], typer.Option()] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="CFG scale; 1.0 turns CFG off")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="ddim or dpmpp-2m (default: the checkpoint's)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="let --out be the input photo itself")] = False,
     start: Annotated[Optional[str], typer.Option(help="noise or lq")] = None,
     color_fix: Annotated[Optional[str], typer.Option(help="adain, wavelet or none")] = None,
     backend: Annotated[str, typer.Option(help=", ".join(BACKENDS))] = "torch",
@@ -69,36 +64,36 @@ def upscale(
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N] (default: the backend's)")] = None,
     cuda_graph: Annotated[Optional[bool], typer.Option("--cuda-graph/--no-cuda-graph",
                           help="replay each denoising step as a CUDA graph (default: on for torch-cuda, tensorrt)")] = None,
-    tile: Annotated[Optional[int], typer.Option(help="tile side in latent cells (x8 pixels; default: the model's native side)")] = None,
+    tile: Annotated[Optional[int], typer.Option(help="tile side in latent cells (default: the model's native side)")] = None,
     tile_overlap: Annotated[Optional[int], typer.Option(help="latent cells shared by neighbouring tiles (default: a quarter tile)")] = None,
     tile_batch: Annotated[Optional[int], typer.Option(help="tiles per submodule call")] = None,
 ) -> None:
     """Upscale one image x4 (over overlapping tiles where it is larger than the model's native size)."""
     from diffsr.app.cli import tables
     from diffsr.export.model.checkpoint import open_checkpoint
-    from diffsr.runtime.caption import check_policy
-    from diffsr.runtime.image import load_image, output_size, save_image
+    from diffsr.runtime.image import save_image
     from diffsr.runtime.loading import load_pipeline
-    from diffsr.runtime.schedulers import make_scheduler
-    from diffsr.runtime.tiling import tiling_for
+    from diffsr.runtime.requests import check, parse_request
 
-    rgb = load_image(image)
-    writable(out_file)
+    image = Path(values["image"])
+    photos = [Path(p) for v in values.values() if isinstance(v, (Path, list)) for p in (v if isinstance(v, list) else [v])]
+    missing = [str(p) for p in photos if not p.is_file()]
+    if missing:  # before the checkpoint is read
+        raise DiffsrError(f"input image not found: {', '.join(missing)}")
+    output_path(out_file, overwrite, photos)
     ckpt = open_checkpoint(checkpoint)
-    config = ckpt.defaults.replace(prompt=prompt, negative_prompt=negative_prompt, caption=caption, steps=steps, seed=seed,
-                                   guidance_scale=guidance, scheduler=scheduler, start=start, color_fix=color_fix,
-                                   tile=tile, tile_overlap=tile_overlap, tile_batch=tile_batch)
-    output_size(rgb.shape[0], rgb.shape[1], config.upscale)  # fail before loading weights
-    check_policy(config, ckpt.model.captioner is not None)
-    tiling_for(ckpt.model, config)
-    make_scheduler(config.scheduler, ckpt.scheduler_config).set_timesteps(config.steps)
+    local = ckpt.defaults.replace(start=start, color_fix=color_fix, tile=tile, tile_overlap=tile_overlap,
+                                  tile_batch=tile_batch)
+    request = parse_request(ckpt.model, local, values)
+    settings = request.settings
+    check(ckpt.model, settings, ckpt.scheduler_config, request.photo.shape[:2])  # every mistake before weights load
     pipe = load_pipeline(backend, ckpt, device, onnx, parse_precision(precision), engines, cuda_graph)
     with bars() as draw:
-        result = pipe(rgb, config, on_step=lambda done, total: draw(Progress("denoise", "tile-steps", done, total)))
+        result = pipe(request, on_step=lambda done, total: draw(Progress("denoise", "tile-steps", done, total)))
     save_image(result.image, out_file)
     h, w = result.image.shape[:2]
-    console.print(f"{image} -> {out_file} ({w}x{h}, {backend}, {config.scheduler} {config.steps} steps)", soft_wrap=True,
-                  highlight=False)
+    console.print(f"{image} -> {out_file} ({w}x{h}, {backend}, {settings.scheduler} {settings.steps} steps)",
+                  soft_wrap=True, highlight=False)
     console.print(f"prompt: {result.prompt}", soft_wrap=True, highlight=False, markup=False)
     console.print(tables.timings(result.timings))
 
@@ -165,7 +160,7 @@ def quantize(
     method: Annotated[str, typer.Option(help="activation calibration: percentile or entropy")] = "percentile",
     percentile: Annotated[float, typer.Option(help="percentile of |activation| that sets its range")] = 99.999,
     submodules: Annotated[Optional[str], typer.Option(help="comma-separated submodules to quantize "
-                          "(default: the family's, SD's controlnet_unet)")] = None,
+                          "(default: the family's: `diffsr families` lists them)")] = None,
 ) -> None:
     """INT8 post-training quantization (Q/DQ, FP16 elsewhere) calibrated on real photos over every timestep."""
     from diffsr.app.cli import tables

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from diffsr.app.cli.common import bars, command, console, out, parse_size, writable
+from diffsr.app.cli.common import bars, command, console, out, output_path, parse_size, writable
+from diffsr.app.cli.request_options import request_options
 from diffsr.export.core.errors import DiffsrError
 
 
@@ -26,7 +27,7 @@ def triton_repo(
     tile_overlap: Annotated[Optional[int], typer.Option(help="latent cells shared by neighbouring tiles (default: a quarter tile)")] = None,
     tile_batch: Annotated[Optional[int], typer.Option(help="tiles per submodule call (default 4; tensorrt: at most the engines' batch)")] = None,
     entry: Annotated[str, typer.Option(help="the endpoint: bls (runs the loop; a cancel reaches it) or ensemble")] = "bls",
-    step_batch: Annotated[int, typer.Option(help="onnxruntime flavour: most loops' step calls one fusion_transformer/controlnet_unet run takes (0 or 1: off)")] = 0,
+    step_batch: Annotated[int, typer.Option(help="onnxruntime flavour: most loops' calls one run of a step submodule takes (0 or 1: off)")] = 0,
     step_batch_delay_us: Annotated[int, typer.Option(help="how long a step call may wait for others to batch with")] = 0,
 ) -> None:
     """Generate the Triton model repository (BLS entry point, per-submodule models)."""
@@ -75,29 +76,31 @@ def serve(
 
 
 @command()
+@request_options
 def client(
-    image: Annotated[Path, typer.Argument(help="input image")],
+    values: dict[str, Any],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="output PNG")],
     url: Annotated[str, typer.Option(help="host:port of the HTTP or gRPC endpoint")] = "127.0.0.1:8000",
     protocol: Annotated[str, typer.Option(help="http or grpc")] = "http",
-    prompt: Annotated[Optional[str], typer.Option()] = None,
-    negative_prompt: Annotated[Optional[str], typer.Option()] = None,
-    caption: Annotated[Optional[str], typer.Option(help="auto, always or never (default: the server's)")] = None,
-    steps: Annotated[Optional[int], typer.Option()] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    guidance: Annotated[Optional[float], typer.Option()] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="let --out be the input photo itself")] = False,
 ) -> None:
-    """Upscale one image through a running endpoint and print the latency."""
+    """Upscale one image through a running endpoint and print the latency (the request's inputs are the server's
+    model's: a family's own are sent as given, and refused by the server if its model takes none)."""
     from diffsr.app.serving.triton_client import TritonClient
 
-    if not image.is_file():
-        raise DiffsrError(f"input image not found: {image}")
-    writable(out_file)
+    photos = {k: v for k, v in values.items() if isinstance(v, (Path, list))}
+    paths = [Path(p) for v in photos.values() for p in (v if isinstance(v, list) else [v])]
+    for path in paths:
+        if not path.is_file():
+            raise DiffsrError(f"input photo not found: {path}")
+    output_path(out_file, overwrite, paths)
+    sent = {k: (v.read_bytes() if isinstance(v, Path) else [Path(p).read_bytes() for p in v] if isinstance(v, list) else v)
+            for k, v in values.items()}
+    image = sent.pop("image")
     with TritonClient(url, protocol) as remote:
-        result = remote.upscale(image.read_bytes(), prompt=prompt, negative_prompt=negative_prompt, steps=steps,
-                                seed=seed, guidance_scale=guidance, caption=caption)
+        result = remote.upscale(image, **sent)
     out_file.write_bytes(result.png)
-    console.print(f"{image} -> {out_file} via {protocol}://{url}: {result.latency_s:.3f} s", soft_wrap=True,
+    console.print(f"{values['image']} -> {out_file} via {protocol}://{url}: {result.latency_s:.3f} s", soft_wrap=True,
                   highlight=False)
     console.print(f"prompt: {result.prompt}", soft_wrap=True, highlight=False, markup=False)
 

@@ -177,15 +177,20 @@ def budget_totals(engines: list[EngineBudget]) -> Table:
 
 
 def families(registered: dict[str, Any]) -> Table:
-    """Each family's presets, submodules and stages."""
+    """Each family's presets, its own request inputs, and which submodules run once per request, every step, last."""
     table = Table(title="model families (diffsr.json names one)")
-    for col in ("family", "presets", "submodules (pipeline order)", "text | lq | every step | decode"):
+    for col in ("family", "presets", "request inputs (besides the base ones)", "once per request (tiled*)",
+                "every step", "decode", "schedulers"):
         table.add_column(col)
+    from diffsr.runtime.schedulers import schedulers_for
+
     for name, family in registered.items():
         model = family(next(iter(family.presets.values())))
         s = model.stages
-        table.add_row(name, ", ".join(family.presets), ", ".join(model.submodules),
-                      f"{', '.join(s.text)} | {s.lq} | {', '.join(s.step)} | {s.decode}")
+        inputs = ", ".join(f"{i.name} ({i.kind})" for i in model.family_inputs()) or "-"
+        once = ", ".join(f"{o.submodule}{'*' if o.tiled else ''}" for o in s.once)
+        table.add_row(name, ", ".join(family.presets), inputs, once, ", ".join(s.step), s.decode,
+                      ", ".join(schedulers_for(dict(model.scheduler_config))))
     return table
 
 

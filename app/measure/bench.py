@@ -23,7 +23,7 @@ from typing import Any
 
 from diffsr.app.measure.process_memory import device_used_mib, rss_mib, tree_rss_mib
 from diffsr.app.serving.triton_client import TritonClient
-from diffsr.calib.data import photo
+from diffsr.calib.data import photo, sample_request
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.precision import Precision
 from diffsr.export.graphs.manifest import verified_files
@@ -80,9 +80,10 @@ def stage_flops(ckpt: Checkpoint, onnx_dir: Path, size: tuple[int, int]) -> dict
     def flops(names: tuple[str, ...], times: int) -> float:
         return sum(float(graph_flops(paths[name], model.signature(name), dims)) for name in names) * times
 
-    stages = model.stages
-    return {"text": flops(stages.text, 1), "lq": flops((stages.lq,), len(tiles)),
-            "denoise_step": flops(stages.step, len(tiles)), "decode": flops((stages.decode,), len(tiles))}
+    stages, per_part = model.stages, {}
+    for stage in stages.once:  # each part: a tiled stage runs once per tile, the others once
+        per_part[stage.part] = per_part.get(stage.part, 0.0) + flops((stage.submodule,), len(tiles) if stage.tiled else 1)
+    return {**per_part, "denoise_step": flops(stages.step, len(tiles)), "decode": flops((stages.decode,), len(tiles))}
 
 
 def check_backends(backends: list[str]) -> None:
@@ -104,7 +105,7 @@ def run_bench(
     if any(c < 1 for c in concurrency):
         raise DiffsrError(f"concurrency levels {list(concurrency)} must be >= 1")
     image = photo("astronaut", size)
-    config = ckpt.defaults.replace(steps=steps)
+    request = sample_request(ckpt.model, image, ckpt.defaults.replace(steps=steps))
     records = {b: Record(b) for b in backends}
     calls: dict[str, Callable[[], dict[str, float]]] = {}
     with ExitStack() as stack:  # a server started here is stopped, its repository removed, on any exit
@@ -120,7 +121,7 @@ def run_bench(
             else:
                 before, used = rss_mib(), device_used_mib()
                 pipe = _pipeline(backend, ckpt, onnx_dir, engines_dir, device)
-                calls[backend] = lambda pipe=pipe: pipe(image, config).timings
+                calls[backend] = lambda pipe=pipe: pipe(request).timings
                 records[backend].host_mib = rss_mib() - before
                 records[backend].device_mib = device_used_mib() - used
         samples: dict[str, list[dict[str, float]]] = {b: [] for b in backends}

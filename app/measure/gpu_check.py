@@ -25,7 +25,7 @@ import torch
 
 from diffsr.app.measure.bench import Record, run_bench
 from diffsr.app.measure.parity import TOLERANCES, ImageParity, judge_image
-from diffsr.calib.data import photo
+from diffsr.calib.data import photo, sample_request
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.precision import Precision
 from diffsr.export.engines.metadata import read_meta, tensorrt_module
@@ -83,9 +83,9 @@ def check_gpu(
 
     # 2. parity against the CPU reference, on a real photo (64x64 -> 256x256), 20 steps, same seed
     ckpt = _checkpoint(parity_preset, workdir, say)
-    image, config = photo("astronaut", (64, 64)), ckpt.defaults.replace(steps=20)
+    request = sample_request(ckpt.model, photo("astronaut", (64, 64)), ckpt.defaults.replace(steps=20))
     say("parity: CPU FP32 reference")
-    reference = Pipeline(load_runners("torch", ckpt), ckpt)(image, config).image
+    reference = Pipeline(load_runners("torch", ckpt), ckpt)(request).image
     paths: dict[str, Callable[[], Pipeline]] = {
         "torch fp16 eager": lambda: Pipeline(load_runners("torch", ckpt, "cuda", precision=Precision.FP16), ckpt, "cuda"),
         "torch-cuda (graph)": lambda: Pipeline(load_runners("torch-cuda", ckpt), ckpt, "cuda", cuda_graph=True),
@@ -96,17 +96,17 @@ def check_gpu(
     outputs: dict[str, np.ndarray[Any, Any]] = {}
     for name, make in paths.items():
         say(f"parity: {name}")
-        outputs[name] = make()(image, config).image
+        outputs[name] = make()(request).image
         row: ImageParity = judge_image((64, 64), reference, outputs[name], TOLERANCES[Precision.FP16])
         report.parity.append({"path": name, **asdict(row)})
 
     # 3. the CUDA graph against eager on the same runners
     say("CUDA graph replay against eager steps")
     runners = load_runners("torch-cuda", ckpt)
-    eager = Pipeline(runners, ckpt, "cuda")(image, config).image
+    eager = Pipeline(runners, ckpt, "cuda")(request).image
     graphed = Pipeline(runners, ckpt, "cuda", cuda_graph=True)
-    first = graphed(image, config).image
-    again = graphed(image, config).image  # the second request replays the graph, no new capture
+    first = graphed(request).image
+    again = graphed(request).image  # the second request replays the graph, no new capture
     report.graph_max_abs = int(max(np.abs(first.astype(int) - eager.astype(int)).max(),
                                    np.abs(again.astype(int) - first.astype(int)).max()))
     report.graph_captures = graphed.graphs.captures if graphed.graphs is not None else 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffsr.calib.data import photo
+from diffsr.calib.data import photo, sample_request
 from diffsr.calib.quantize import HELD_OUT
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.precision import Precision
@@ -130,7 +130,7 @@ def run_pipelines(reference: Mapping[str, Runner], candidate: Mapping[str, Runne
     outputs = []
     for runners in (reference, candidate):
         pipe = Pipeline(runners, ckpt)
-        outputs.append([pipe(image, config).image for image in images])
+        outputs.append([pipe(sample_request(ckpt.model, image, config, i)).image for i, image in enumerate(images)])
         for runner in runners.values():
             runner.release()
     return list(zip(outputs[0], outputs[1]))

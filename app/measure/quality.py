@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from diffsr.app.measure.parity import psnr_db
+from diffsr.calib.data import sample_request
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.precision import Precision
 from diffsr.export.core.progress import OnProgress, Progress, ignore
@@ -239,7 +240,7 @@ def _pipeline(backend: str, ckpt: Any, config: Any, onnx: Path | None, engines: 
 
     pipe = load_pipeline(backend, ckpt, onnx_dir=onnx, precision=precision, engines_dir=engines)
     try:
-        yield lambda rgb: pipe(rgb, config).image
+        yield lambda rgb: pipe(sample_request(ckpt.model, rgb, config)).image
     finally:
         for runner in pipe.runners.values():
             runner.release()

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from diffsr.calib.data import photo
+from diffsr.calib.data import photo, sample_request
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.checkpoint import open_checkpoint
 from diffsr.runtime.image import latent_grid, output_size
@@ -67,9 +67,9 @@ def measure(checkpoint: Path, onnx_dir: Path | None, backend: str, case: str, st
     h, w = output_size(image.shape[0], image.shape[1], ckpt.defaults.upscale)
     pipe = load_pipeline(backend, ckpt, onnx_dir=onnx_dir)
     cfg = ckpt.defaults.replace(steps=steps)
-    pipe(image, cfg.replace(steps=1))  # untimed: first-call allocations at the same shapes
+    pipe(sample_request(ckpt.model, image, cfg.replace(steps=1)))  # untimed: first-call allocations at the same shapes
     start = time.perf_counter()
-    pipe(image, cfg)
+    pipe(sample_request(ckpt.model, image, cfg))
     seconds = time.perf_counter() - start
     tiles = tiling_for(ckpt.model, cfg).tiles(*latent_grid(ckpt.model, h, w))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

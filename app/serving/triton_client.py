@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.triton_models.endpoint import ENSEMBLE, OUTPUT, PROMPT_OUTPUT, PROTOCOL_DTYPES, REQUEST
+from diffsr.export.model.settings import BASE_INPUTS
+from diffsr.triton_models.endpoint import ENSEMBLE, OUTPUT, PROMPT_OUTPUT, PROTOCOL_DTYPES
 
 PROTOCOLS = ("http", "grpc")
-NUMPY = {"bytes": np.object_, "int32": np.int32, "int64": np.int64, "float32": np.float32}
+NUMPY = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}  # by protocol type
 
 
 class RequestRefused(DiffsrError):
@@ -42,21 +43,26 @@ def _module(protocol: str) -> ModuleType:
     return module
 
 
-def request_inputs(protocol: str, image: bytes, **settings: Any) -> list[Any]:
-    """The request's tensors, in the endpoint's order; settings left None are not sent, so the server's
-    defaults apply. Text is sent as UTF-8."""
+def request_inputs(protocol: str, image: bytes, endpoint: dict[str, str] | None = None, **settings: Any) -> list[Any]:
+    """The request's tensors; settings left None (or an empty list of photos) are not sent, so the server's defaults
+    apply. `endpoint`: the server's inputs and their protocol types (`TritonClient.endpoint`); without it, the base
+    inputs every model takes. Text is sent as UTF-8, a list of photos as one BYTES tensor of several elements."""
     module = _module(protocol)
-    values = {"image": image, **settings}
-    unknown = sorted(set(values) - {spec.name for spec in REQUEST})
+    types = endpoint if endpoint is not None else {i.name: PROTOCOL_DTYPES[i.spec.dtype] for i in BASE_INPUTS}
+    values = {"image": image, **{k: v for k, v in settings.items() if v is not None and not (isinstance(v, list) and not v)}}
+    unknown = sorted(set(values) - set(types))
     if unknown:
-        raise DiffsrError(f"unknown request settings {unknown}; the endpoint takes {[s.name for s in REQUEST]}")
+        raise DiffsrError(f"the endpoint takes no input {unknown}; it takes {sorted(types)}")
     inputs = []
-    for spec in REQUEST:
-        value = values.get(spec.name)
-        if value is None:
-            continue
-        array = np.array([value.encode() if isinstance(value, str) else value], dtype=NUMPY[spec.dtype])
-        tensor = module.InferInput(spec.name, list(array.shape), PROTOCOL_DTYPES[spec.dtype])
+    for name, value in values.items():
+        items = value if isinstance(value, list) else [value]
+        try:
+            array = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in items], dtype=NUMPY[types[name]])
+        except UnicodeEncodeError:
+            raise DiffsrError(f"{name} is not valid UTF-8 text") from None
+        except (TypeError, ValueError, OverflowError):
+            raise DiffsrError(f"{name}={value!r} is not a {types[name]} value") from None
+        tensor = module.InferInput(name, list(array.shape), types[name])
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
@@ -71,11 +77,31 @@ class TritonClient:
         except Exception as e:  # tritonclient raises several types for a malformed url
             raise DiffsrError(f"cannot use {url!r} as a {protocol} endpoint: {e}") from None
         self.timeout_s = timeout_s
+        self._endpoint: dict[str, str] | None = None
+
+    def endpoint(self) -> dict[str, str]:
+        """The served model's inputs and their protocol types (asked of the server once): a family's own inputs
+        are the server's to say."""
+        if self._endpoint is None:
+            from tritonclient.utils import InferenceServerException
+
+            try:
+                meta = self.client.get_model_metadata(ENSEMBLE, **({"as_json": True} if self.protocol == "grpc" else {}))
+            except InferenceServerException as e:
+                if self._unreachable(e):
+                    raise DiffsrError(f"cannot reach the server at {self.url} ({self.protocol}): {e.message()}") from None
+                raise DiffsrError(f"cannot read the endpoint's inputs at {self.url} ({self.protocol}): {e.message()}") from None
+            except OSError as e:
+                raise DiffsrError(f"cannot reach the server at {self.url} ({self.protocol}): {e}") from None
+            self._endpoint = {i["name"]: i["datatype"] for i in meta["inputs"]}
+        return self._endpoint
 
     def upscale(self, image: bytes, **settings: Any) -> RemoteResult:
+        """One request: the photo's encoded bytes, and the endpoint's other inputs by name (a list of photos as a list
+        of encoded bytes)."""
         from tritonclient.utils import InferenceServerException
 
-        inputs = request_inputs(self.protocol, image, **settings)
+        inputs = request_inputs(self.protocol, image, self.endpoint(), **settings)
         binary = {"binary_data": True} if self.protocol == "http" else {}
         outputs = [self.module.InferRequestedOutput(name, **binary) for name in (OUTPUT, PROMPT_OUTPUT)]
         extra = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
@@ -83,13 +109,18 @@ class TritonClient:
         try:
             result = self.client.infer(ENSEMBLE, inputs, outputs=outputs, **extra)
         except InferenceServerException as e:
-            if e.status() == "StatusCode.UNAVAILABLE" and "connect" in (e.message() or ""):  # gRPC: nobody there
+            if self._unreachable(e):
                 raise DiffsrError(f"cannot reach the server at {self.url} ({self.protocol}): {e.message()}") from None
             raise RequestRefused(f"server refused the request: {e.message()}", str(e.status())) from None
         except OSError as e:  # refused, unreachable, unknown host
             raise DiffsrError(f"cannot reach the server at {self.url} ({self.protocol}): {e}") from None
         prompt = result.as_numpy(PROMPT_OUTPUT).reshape(-1)[0]
         return RemoteResult(result.as_numpy(OUTPUT).reshape(-1)[0], time.perf_counter() - start, prompt.decode())
+
+    @staticmethod
+    def _unreachable(e: Any) -> bool:
+        """gRPC's answer when nobody listens (HTTP's is an OSError)."""
+        return bool(e.status() == "StatusCode.UNAVAILABLE" and "connect" in (e.message() or ""))
 
     def close(self) -> None:
         """Close the connection: a server shutting down waits (up to its exit timeout) for open ones."""

@@ -287,9 +287,13 @@ class TritonServer:
         raise DiffsrError(f"tritonserver did not get {self.ready_model} ready within {timeout:.0f} s")
 
     def last_error(self) -> str:
-        """The server's last error line (or last line): what a one-line message about its exit shows."""
-        errors = [line.strip() for line in self.logs if line.startswith("E")] or [line.strip() for line in self.logs]
-        return errors[-1] if errors else "no output"
+        """What a one-line message about its exit shows: the last model that failed to load (the usual cause), else
+        the last error line (or the last line). A machine without a GPU logs NVML and CUDA errors that are no cause."""
+        lines = [line.strip() for line in self.logs]
+        failed = [line for line in lines if "failed to load" in line]
+        errors = failed or [line for line in lines if line.startswith("E") and "NVML" not in line and "Cuda" not in line]
+        chosen = errors or lines
+        return chosen[-1] if chosen else "no output"
 
     def _pump(self) -> None:
         assert self.process is not None and self.process.stdout is not None

@@ -17,7 +17,7 @@ def read_json(path: Path, what: str, hint: str = "") -> dict[str, Any]:
     if not path.is_file():
         raise DiffsrError(f"{what} missing: {path}" + (f": {hint}" if hint else ""))
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8, whatever the locale (a Triton stub's is ASCII)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DiffsrError(f"{what} is not valid JSON: {path}: {e}") from None
     except OSError as e:

@@ -17,7 +17,8 @@ from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.core.precision import Precision
 from diffsr.export.model.checkpoint import Checkpoint
-from diffsr.export.model.family import ModelFamily, model_from_json
+from diffsr.export.model.families import model_from_json
+from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.signatures import Signature
 
 MANIFEST = "manifest.json"

@@ -218,7 +218,7 @@ def infer_and_check(path: Path) -> None:
 
 @cache
 def tensorrt_support() -> dict[str, Any]:
-    return json.loads(TENSORRT_OPS.read_text())
+    return json.loads(TENSORRT_OPS.read_text(encoding="utf-8"))
 
 
 def lint_for_tensorrt(path: Path) -> None:

@@ -5,8 +5,8 @@
     <component>/                 config.json + weights, one folder per network, as the family declares
                                  (diffusers and transformers layouts where the library has one)
     tokenizer*/                  the tokenizers, as the family declares
-    captioner/                   optional: a BLIP-2 captioner in transformers' layout (`captioner.py`), whose
-                                 graphs join the model's submodules
+    captioner/ ...               optional attachments (`attachments/`: a BLIP-2 captioner in transformers'
+                                 layout), whose graphs join the model's submodules
 
 Weights are loaded strictly: a missing, extra or mis-shaped tensor is an error naming the file.
 Nothing cares how the weights were trained, nor in which float type they are stored (SDXL
@@ -30,10 +30,11 @@ from torch import nn
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
-from diffsr.export.model.captioner import FOLDER as CAPTIONER
-from diffsr.export.model.captioner import open_captioner
-from diffsr.export.model.family import ModelFamily, model_from_json
+from diffsr.export.model.attachments import open_attachments
+from diffsr.export.model.families import model_from_json, module_of
+from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.settings import PipelineConfig
+from diffsr.export.model.tokenizer import tokenizer_class
 from diffsr.export.model.weights import StoredWeights
 
 FORMAT_VERSION = 1
@@ -66,16 +67,42 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             f"{path / 'diffsr.json'} has format_version {meta.get('format_version')!r}; this diffsr reads {FORMAT_VERSION}"
         )
     try:
-        model = model_from_json(meta.get("family"), meta["model"])
+        model = model_from_json(meta.get("family"), meta["model"], meta.get("family_module"))
         defaults = PipelineConfig.from_json(_before_captions(meta.get("pipeline", {}), model))
     except (KeyError, TypeError, AttributeError) as e:
         raise DiffsrError(f"{path / 'diffsr.json'} is malformed: {e!r}") from None
-    # the captioner is the folder's, whatever diffsr.json says
-    model = model.with_captioner(open_captioner(path / CAPTIONER) if (path / CAPTIONER).exists() else None)
-    if defaults.caption == "always" and model.captioner is None:
-        raise DiffsrError(f'{path / "diffsr.json"} sets caption "always" but the checkpoint has no captioner/: add one '
-                          "(`diffsr init --captioner`, or a BLIP-2 folder) or set it to auto")
-    return Checkpoint(path, model, defaults, _read_json(path / "scheduler" / "scheduler_config.json"))
+    except DiffsrError as e:  # a setting of the wrong type or out of range: named with the file
+        raise DiffsrError(f"{path / 'diffsr.json'}: {e}") from None
+    # the attachments are the folder's, whatever diffsr.json says
+    model = model.with_attachments(open_attachments(path))
+    errors = model.settings_errors(defaults)
+    if errors:
+        raise DiffsrError(f"{path / 'diffsr.json'}'s pipeline settings: {'; '.join(errors)}")
+    scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
+    check_files(path, model)
+    return Checkpoint(path, model, defaults, scheduler)
+
+
+def check_files(path: Path, model: ModelFamily) -> None:
+    """Every file the model's components, tokenizers and attachments need, there and readable (configs and tokenizers
+    parsed, weights' headers read), before any weights load: a broken or missing one is an error naming it now, not a
+    crash minutes later."""
+    errors: list[str] = []
+    for folder, component in model.components().items():
+        try:
+            _read_json(path / folder / "config.json")
+            StoredWeights(path / folder, component.weights, component.tied).shapes
+        except DiffsrError as e:
+            errors.append(str(e))
+    for folder in dict.fromkeys(model.tokenizer_folders().values()):
+        try:
+            tokenizer_class(path / folder)
+        except DiffsrError as e:
+            errors.append(str(e))
+    for attachment in model.attachments:
+        errors += attachment.file_errors(path / attachment.folder)
+    if errors:
+        raise DiffsrError(f"checkpoint {path} is incomplete: {'; '.join(errors)}")
 
 
 def _before_captions(pipeline: dict[str, Any], model: ModelFamily) -> dict[str, Any]:
@@ -88,8 +115,12 @@ def _before_captions(pipeline: dict[str, Any], model: ModelFamily) -> dict[str, 
 
 
 def checkpoint_meta(model: ModelFamily, defaults: PipelineConfig) -> dict[str, Any]:
-    """The `diffsr.json` of a checkpoint."""
-    return {"format_version": FORMAT_VERSION, "family": model.name, "model": model.to_json(), "pipeline": defaults.to_json()}
+    """The `diffsr.json` of a checkpoint; a family defined outside diffsr names its module (imported to register it
+    wherever the checkpoint opens: a command, an export process, a Triton model)."""
+    module = module_of(model)
+    return {"format_version": FORMAT_VERSION, "family": model.name,
+            **({} if module.startswith("diffsr.") else {"family_module": module}),
+            "model": model.to_json(), "pipeline": defaults.to_json()}
 
 
 def weight_source(model: ModelFamily, name: str, parameter: str) -> tuple[str, str]:

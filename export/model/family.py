@@ -2,24 +2,24 @@
 
 A family (a `ModelFamily` subclass, one module under `diffsr/export/model/families/`) declares its
 submodules and their signatures, its named dims, checkpoint components (folder -> network), tokenizers,
-latent geometry, which submodule plays which part of the pipeline (`Stages`), the model-specific part
-of a denoising step (`predict`: noise or velocity, the guidance layout), its default sampler and
-scheduler config, what INT8 leaves out and what FP16 keeps whole, and how a new checkpoint is drawn.
-An instance is a model: the family bound to its config (`checkpoint.model`), and to the checkpoint's
-captioner where it has one (`export/model/captioner.py`: its three graphs join the family's submodules).
-Shared code asks the model; it never names a submodule or branches on a family.
+latent geometry, what a request carries (`family_inputs`, beside every model's `BASE_INPUTS`), which submodules
+run once per request and which at every step (`Stages`), the model-specific part of a denoising step (`predict`:
+noise or velocity, the guidance layout), its default sampler and scheduler config, what INT8 leaves out and what FP16
+keeps whole, and how a new checkpoint is drawn. An instance is a model: the family bound to its config
+(`checkpoint.model`) and to the checkpoint's attachments (`Attachment`: optional models in folders of their own, such
+as a captioner, whose graphs join the submodules). Shared code asks the model; it never names a submodule or branches
+on a family, and this class knows no attachment by name.
 
-A family declares its own dims, components, parts and sample draws (`family_dims`, `family_components`, ...);
-the model's `dims`, `components`, `parts`, ... are those plus the captioner's.
+A family declares its own dims, components, parts and sample draws (`family_dims`, `family_components`, ...); the
+model's `dims`, `components`, `parts`, ... are those plus each attachment's.
 
-`diffsr.json` names the family; `register` adds one (the built-ins register on import of
-`diffsr.export.model.families`, which every lookup does first).
+`diffsr.json` names the family; `register` adds one. The lookups by name (`families`, `preset`, `model_from_json`)
+are the families package's (`diffsr.export.model.families`), which registers the built-ins on import.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,14 +30,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+import numpy as np
+
 from diffsr.export.core.configs import dataclass_from_json
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.captioner import FOLDER as CAPTIONER
-from diffsr.export.model.captioner import WEIGHTS as CAPTIONER_WEIGHTS
-from diffsr.export.model.captioner import Captioner
 from diffsr.export.model.dims import MIN_LATENT, NamedDim
-from diffsr.export.model.settings import PipelineConfig
-from diffsr.export.model.signatures import Signature, parse_dim
+from diffsr.export.model.inputs import PHOTO_KINDS, RequestInput
+from diffsr.export.model.settings import BASE_INPUTS, PipelineConfig
+from diffsr.export.model.signatures import Signature, TensorSpec, parse_dim
 
 RunFn = Callable[..., Mapping[str, torch.Tensor]]  # run(submodule, **inputs) -> outputs
 Tensors = Mapping[str, torch.Tensor]
@@ -45,14 +45,33 @@ Draw = Callable[[tuple[int, ...], torch.Generator], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class Stages:
-    """Which submodules play each part of the pipeline (`runtime/pipeline.py`)."""
+class Stage:
+    """A once-per-request stage: one submodule run before the loop on the request's named tensors (its prepared
+    photos, token ids, earlier stages' outputs). A `tiled` stage runs over the photo's tiles (each input with latent
+    or pixel sides cropped to the tile) and its outputs stay tiled: every step reads its tile's crop. Any other runs
+    once on whole tensors and every step reads its outputs whole (through `ModelFamily.conditioning`). `part` names
+    the pipeline part it is timed and benchmarked as ("text", "lq", ...)."""
 
-    text: tuple[str, ...]  # prompts' token ids -> the text conditioning, once per request
-    lq: str  # the upsampled LQ image -> latent-resolution features, once, over tiles
+    submodule: str
+    part: str
+    tiled: bool = False
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What runs when (`runtime/pipeline.py`): `once` in order before the loop, `step` at every denoising step,
+    `decode` after it. `photo` is the tensor the request's photo becomes (bicubic x `upscale`, [-1, 1], padded to the
+    model's multiple); `start` the tiled stages' output that is the photo's latent (a sampler may start from it)."""
+
+    photo: str
+    once: tuple[Stage, ...]
     step: tuple[str, ...]  # called at every denoising step (kept loaded together; batched across requests)
     decode: str  # latent -> image, once, over tiles
-    start: str  # the `lq` output that is the LQ image's latent: its shape is the latent's; a sampler may start from it
+    start: str
+
+    def part(self, name: str) -> tuple[str, ...]:
+        """The once-per-request submodules timed as part `name`."""
+        return tuple(s.submodule for s in self.once if s.part == name)
 
 
 @dataclass(frozen=True)
@@ -63,6 +82,63 @@ class Component:
     build: Callable[[Path], nn.Module]
     weights: str
     tied: tuple[tuple[str, str], ...] = ()
+
+
+class Attachment(ABC):
+    """An optional model a checkpoint carries in a folder of its own, beside its family's networks, and attached to
+    any family: an image-to-text model (the BLIP-2 captioner, `attachments/captioner.py`). Its graphs are submodules
+    of the model like the family's own (exported, checked, engine-built, budgeted, served); what it makes for a
+    request (the text it `writes`) is made once per request, before the family's stages, by its runtime runner
+    (`runtime/prompters.py`). A new kind is one module here and its runner there, named in `attachments/__init__.py`."""
+
+    folder: ClassVar[str]  # its checkpoint folder, and its key in the model's JSON
+    writes: ClassVar[str] = ""  # the request's text it writes (a captioner: "prompt"), under the prompt policy
+    part: ClassVar[str] = ""  # the pipeline part it is timed and benchmarked as (a captioner: "caption")
+    stand_in: ClassVar[str] = ""  # what stands in for its outputs where a deployment leaves it out
+
+    @classmethod
+    @abstractmethod
+    def open(cls, folder: Path) -> Attachment:
+        """What a checkpoint's folder says (its widths), read without building any network."""
+
+    @classmethod
+    @abstractmethod
+    def from_json(cls, data: dict[str, Any]) -> Attachment:
+        """From its `to_json` (what a manifest or a Triton model rebuilds the signatures from)."""
+
+    @abstractmethod
+    def to_json(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def dims(self) -> tuple[NamedDim, ...]: ...
+
+    @abstractmethod
+    def declare(self) -> tuple[Signature, ...]: ...
+
+    @abstractmethod
+    def components(self) -> dict[str, Component]: ...
+
+    @abstractmethod
+    def parts(self, submodule: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]: ...
+
+    def partial(self, submodule: str) -> bool:
+        """Whether a graph uses only part of its folder's weights (each of a captioner's graphs does)."""
+        return False
+
+    def sample_draws(self) -> Mapping[str, Draw]:
+        return {}
+
+    def file_errors(self, folder: Path) -> list[str]:
+        """What is missing or unreadable in its folder besides its components (checked when a checkpoint opens)."""
+        return []
+
+    def serving_files(self, folder: Path) -> list[Path]:
+        """What the endpoint's preprocessing needs of its folder besides the graphs (configs, a tokenizer)."""
+        return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in (".json", ".txt", ".model"))
+
+    @property
+    def graphs(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.declare())
 
 
 class ModelFamily(ABC):
@@ -79,25 +155,95 @@ class ModelFamily(ABC):
     # submodules a deployment may leave out -> what stands in for their outputs (the budget counts both ways)
     droppable: ClassVar[Mapping[str, str]] = {}
 
-    def __init__(self, config: Any, captioner: Captioner | None = None):
+    def __init__(self, config: Any, attachments: tuple[Attachment, ...] = ()):
         if not isinstance(config, self.config_class):
             raise DiffsrError(f"the {self.name} family takes a {self.config_class.__name__}, not {type(config).__name__}")
         self.config: Any = config  # a frozen dataclass: the family's `config_class`
-        self.captioner = captioner  # the checkpoint's captioner/, if it has one
+        self.attachments = tuple(attachments)  # the checkpoint's attached models, in the order they run
 
-    def with_captioner(self, captioner: Captioner | None) -> ModelFamily:
-        """This model with (or without) a captioner's graphs."""
-        return type(self)(self.config, captioner)
+    def with_attachments(self, attachments: tuple[Attachment, ...]) -> ModelFamily:
+        """This model with (only) these attachments."""
+        return type(self)(self.config, attachments)
+
+    def attachment(self, folder: str) -> Attachment | None:
+        return next((a for a in self.attachments if a.folder == folder), None)
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, ModelFamily) and type(other) is type(self) and bool(other.config == self.config)
-                and other.captioner == self.captioner)
+                and other.attachments == self.attachments)
 
     def __hash__(self) -> int:
-        return hash((type(self), self.config, self.captioner))
+        return hash((type(self), self.config, self.attachments))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config!r}{'' if self.captioner is None else f', {self.captioner!r}'})"
+        return f"{type(self).__name__}({', '.join(map(repr, (self.config, *self.attachments)))})"
+
+    # --- what a request carries, and what runs once for it ----------------------------------------
+
+    def family_inputs(self) -> tuple[RequestInput, ...]:
+        """The family's own request inputs, beside every model's `BASE_INPUTS` (a second prompt, reference photos)."""
+        return ()
+
+    def request_inputs(self) -> tuple[RequestInput, ...]:
+        base = [dataclasses.replace(i, tensor=self.stages.photo) if i.name == "image" else i for i in BASE_INPUTS]
+        return (*base, *self.family_inputs())
+
+    def input_values(self, settings: PipelineConfig) -> dict[str, Any]:
+        """The family's non-photo inputs of a request: the settings' values, else the declarations' defaults."""
+        return {i.name: settings.inputs.get(i.name, i.default) for i in self.family_inputs() if i.kind not in PHOTO_KINDS}
+
+    def settings_errors(self, settings: PipelineConfig) -> list[str]:
+        """What a request's (or a checkpoint's default) settings ask that this model cannot give, one line each: a
+        caption without a captioner, a family input that is not declared or out of its range."""
+        errors = []
+        if settings.caption == "always" and not any(a.writes == "prompt" for a in self.attachments):
+            errors.append('caption="always" needs a captioner in the checkpoint: add one with `diffsr init --captioner '
+                          'blip2-tiny` (or copy a BLIP-2 folder to captioner/), or use caption="auto"')
+        declared = {i.name: i for i in self.family_inputs() if i.kind not in PHOTO_KINDS}
+        for name, value in settings.inputs.items():
+            if name not in declared:
+                errors.append(f"this {self.name} model has no setting input {name!r} (it has {sorted(declared)})")
+                continue
+            try:
+                declared[name].check(value)
+            except DiffsrError as e:
+                errors.append(str(e))
+        return errors
+
+    def token_ids(self, tokenize: Callable[[list[str]], dict[str, Any]], texts: Mapping[str, str],
+                  guided: bool) -> dict[str, np.ndarray[Any, Any]]:
+        """A request's texts (the prompt, the negative prompt, the family's own texts) -> token ids by input name:
+        the prompt after the negative prompt with guidance (the order of the loop's batch)."""
+        return tokenize([texts["negative_prompt"], texts["prompt"]] if guided else [texts["prompt"]])
+
+    def prepared(self) -> list[TensorSpec]:
+        """What a request's preparation hands the once-per-request stages (the photos' pixels, token ids): every
+        stage input no earlier stage makes, in the order the stages take them."""
+        made: set[str] = set()
+        out: dict[str, TensorSpec] = {}
+        for stage in self.stages.once:
+            sig = self.signature(stage.submodule)
+            out |= {t.name: t for t in sig.inputs if t.name not in made and t.name not in out}
+            made |= {t.name for t in sig.outputs}
+        return list(out.values())
+
+    def check_stages(self) -> None:
+        """The declaration's own consistency: every once-per-request stage's inputs are prepared from the request or
+        made by an earlier stage; `start` is a tiled stage's output; every step and decode submodule exists."""
+        ready = {*self.tokenizer_folders(), *(i.tensor for i in self.request_inputs() if i.kind in PHOTO_KINDS)}
+        tiled: set[str] = set()
+        for stage in self.stages.once:
+            sig = self.signature(stage.submodule)
+            missing = [t.name for t in sig.inputs if t.name not in ready]
+            if missing:
+                raise DiffsrError(f"{self.name}: stage {stage.submodule} needs {missing}, which no request input or "
+                                  "earlier stage makes")
+            ready |= {t.name for t in sig.outputs}
+            tiled |= {t.name for t in sig.outputs} if stage.tiled else set()
+        if self.stages.start not in tiled:
+            raise DiffsrError(f"{self.name}: start {self.stages.start!r} is no tiled stage's output ({sorted(tiled)})")
+        for name in (*self.stages.step, self.stages.decode):
+            self.signature(name)
 
     # --- the model's shape -------------------------------------------------------------------
 
@@ -141,8 +287,8 @@ class ModelFamily(ABC):
         """The dynamic dims its signatures name."""
 
     def dims(self) -> tuple[NamedDim, ...]:
-        """Every dynamic dim of the model's signatures: the family's, then the captioner's."""
-        return self.family_dims() + (self.captioner.dims() if self.captioner else ())
+        """Every dynamic dim of the model's signatures: the family's, then each attachment's."""
+        return self.family_dims() + tuple(d for a in self.attachments for d in a.dims())
 
     @abstractmethod
     def declare(self) -> tuple[Signature, ...]:
@@ -150,17 +296,16 @@ class ModelFamily(ABC):
 
     @cached_property
     def _signatures(self) -> dict[str, Signature]:
-        return {s.name: s for s in (*(self.captioner.declare() if self.captioner else ()), *self.declare())}
+        return {s.name: s for s in (*(s for a in self.attachments for s in a.declare()), *self.declare())}
 
-    def captions(self, submodule: str) -> bool:
-        """Whether the submodule is one of the captioner's graphs."""
-        return self.captioner is not None and submodule in self.captioner.graphs
+    def owner(self, submodule: str) -> Attachment | None:
+        """The attachment a submodule is a graph of (None: the family's own)."""
+        return next((a for a in self.attachments if submodule in a.graphs), None)
 
     def stand_in(self, submodule: str) -> str:
         """What stands in for a submodule's outputs where a deployment leaves it out ("": nothing can)."""
-        if self.captions(submodule):
-            return "a typed prompt, or the caption suffix alone (caption=never)"
-        return self.droppable.get(submodule, "")
+        owner = self.owner(submodule)
+        return owner.stand_in if owner is not None else self.droppable.get(submodule, "")
 
     def signatures(self) -> dict[str, Signature]:
         return dict(self._signatures)
@@ -193,30 +338,27 @@ class ModelFamily(ABC):
         """Checkpoint folder -> its network and weights file."""
 
     def components(self) -> dict[str, Component]:
-        """The family's components and the captioner (its language model's head may be stored as its embedding)."""
-        if self.captioner is None:
-            return self.family_components()
-        from diffsr.export.model.captioner_networks import EMBED_TOKENS, LM_HEAD, build_blip2
-
-        return self.family_components() | {CAPTIONER: Component(build_blip2, CAPTIONER_WEIGHTS, ((LM_HEAD, EMBED_TOKENS),))}
+        """The family's components and each attachment's."""
+        found = self.family_components()
+        for a in self.attachments:
+            found |= a.components()
+        return found
 
     @abstractmethod
     def family_parts(self, submodule: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]:
         """The component folders a submodule is made of, and how they combine into it."""
 
     def parts(self, submodule: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]:
-        if self.captions(submodule):
-            from diffsr.export.model.captioner_networks import GRAPHS
-
-            return (CAPTIONER,), GRAPHS[submodule]
-        return self.family_parts(submodule)
+        owner = self.owner(submodule)
+        return owner.parts(submodule) if owner is not None else self.family_parts(submodule)
 
     def family_partial(self, submodule: str) -> bool:
         """Whether the submodule uses only part of a component's weights (a VAE's decoder half)."""
         return False
 
     def partial(self, submodule: str) -> bool:
-        return self.captions(submodule) or self.family_partial(submodule)  # each caption graph is part of BLIP-2
+        owner = self.owner(submodule)
+        return owner.partial(submodule) if owner is not None else self.family_partial(submodule)
 
     @abstractmethod
     def tokenizer_folders(self) -> dict[str, str]:
@@ -245,8 +387,9 @@ class ModelFamily(ABC):
         return {}
 
     def sample_draws(self, submodule: str) -> Mapping[str, Draw]:
-        """The family's draws, or the captioner's for its graphs."""
-        return self.captioner.sample_draws() if self.captioner and self.captions(submodule) else self.family_draws()
+        """The family's draws, or an attachment's for its graphs."""
+        owner = self.owner(submodule)
+        return owner.sample_draws() if owner is not None else self.family_draws()
 
     def force_upcast(self, path: Path) -> tuple[str, ...]:
         """Submodules that stay wholly FP32 unless calibration proves FP16 safe (a VAE marked as
@@ -255,18 +398,10 @@ class ModelFamily(ABC):
 
     # --- the pipeline's model-specific math (device tensors only: a CUDA graph can capture it) ------
 
-    def encode_text(self, run: RunFn, ids: Tensors) -> dict[str, torch.Tensor]:
-        """Token ids -> the text conditioning: each text submodule on the ids it takes."""
-        out: dict[str, torch.Tensor] = {}
-        for name in self.stages.text:
-            sig = self.signature(name)
-            out |= run(name, **{t.name: ids[t.name] for t in sig.inputs})
-        return out
-
-    def conditioning(self, text: Tensors, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """What every step takes besides the latent and the LQ features, from the text conditioning and
-        the output size in pixels."""
-        return dict(text)
+    def conditioning(self, once: Tensors, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """What every step takes besides the latent and the tiled stages' outputs, from the untiled once-per-request
+        stages' outputs (the text states) and the output size in pixels."""
+        return dict(once)
 
     def tile_conditioning(self, cond: Tensors, corners: torch.Tensor) -> dict[str, torch.Tensor]:
         """The conditioning of a batch of n tiles (`corners` (n, 4): top, left, height, width in pixels): each
@@ -275,26 +410,25 @@ class ModelFamily(ABC):
         return {name: t.repeat_interleave(n, dim=0) for name, t in cond.items()}
 
     @abstractmethod
-    def predict(self, run: RunFn, x: torch.Tensor, lq: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
-        """The guided model output for latent x (noise or velocity, as the scheduler config says); `row` is
-        the step's device row: the model's timestep, the guidance scale, then the scheduler's coefficients."""
+    def predict(self, run: RunFn, x: torch.Tensor, tiled: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
+        """The guided model output for latent x (noise or velocity, as the scheduler config says); `tiled` holds the
+        tiled stages' outputs (x's tile of them), `cond` the conditioning; `row` is the step's device row: the
+        model's timestep, the guidance scale, then the scheduler's coefficients."""
 
     # --- JSON ---------------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        """The model config, and the captioner's widths where it has one (what a manifest or a Triton model
-        rebuilds the signatures from; a checkpoint's own captioner/ folder is read instead)."""
+        """The model config, and each attachment's widths under its folder's name (what a manifest or a Triton model
+        rebuilds the signatures from; a checkpoint's own folders are read instead)."""
         data: dict[str, Any] = dataclasses.asdict(self.config)
-        if self.captioner is not None:
-            data[CAPTIONER] = self.captioner.to_json()
+        for a in self.attachments:
+            data[a.folder] = a.to_json()
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ModelFamily:
-        data = dict(data)
-        captioner = data.pop(CAPTIONER, None)
-        return cls(dataclass_from_json(cls.config_class, data, f"{cls.name} model config"),
-                   None if captioner is None else Captioner.from_json(captioner))
+    def from_json(cls, data: dict[str, Any], attachments: tuple[Attachment, ...] = ()) -> ModelFamily:
+        """From the model config alone (`families.model_from_json` reads the attachments' entries)."""
+        return cls(dataclass_from_json(cls.config_class, data, f"{cls.name} model config"), attachments)
 
 
 def guided(x: torch.Tensor, text_rows: int, row: torch.Tensor,
@@ -322,42 +456,3 @@ def register(family: type[ModelFamily]) -> type[ModelFamily]:
         raise DiffsrError(f"family {family.name!r}: presets {clash} are another family's")
     FAMILIES[family.name] = family
     return family
-
-
-def _builtins() -> None:
-    importlib.import_module("diffsr.export.model.families")
-
-
-def families() -> dict[str, type[ModelFamily]]:
-    _builtins()
-    return dict(FAMILIES)
-
-
-def family(name: str) -> type[ModelFamily]:
-    known = families()
-    if name not in known:
-        raise DiffsrError(f"unknown model family {name!r}; choose one of {sorted(known)}")
-    return known[name]
-
-
-def presets() -> dict[str, ModelFamily]:
-    """Every family's presets, by name."""
-    return {p: f(cfg) for f in families().values() for p, cfg in f.presets.items()}
-
-
-def preset(name: str) -> ModelFamily:
-    found = presets()
-    if name not in found:
-        raise DiffsrError(f"unknown preset {name!r}; choose one of {sorted(found)}")
-    return found[name]
-
-
-def model_from_json(family_name: str | None, data: dict[str, Any]) -> ModelFamily:
-    """A model from a `diffsr.json` (or manifest) family and model entry. One written before families had a
-    name holds none: the rule that infers it is the families package's own (`legacy_family`)."""
-    _builtins()
-    if family_name is None:
-        from diffsr.export.model.families import legacy_family
-
-        family_name, data = legacy_family(data)
-    return family(family_name).from_json(data)

@@ -5,18 +5,13 @@ own, from a generator seeded by (seed, component, key), and stored in FP16 as SD
 published. Memory holds one component's FP16 tensors at a time (the SDXL UNet's 5.1 GB), never a
 network in FP32; the same preset and seed give the same bytes whatever the order of work.
 
-The draws follow PyTorch's own initialisation: weights and biases of linear and convolution layers
-uniform in +-1/sqrt(fan_in), norms one and zero, embeddings N(0, 0.02). Layers a trained model has
-moved away from zero (ControlNet's zero convolutions) are drawn like any other, so the control path
-is alive and parity tests prove something. Copies are copies: ControlNet's encoder starts as the
-UNet's, the LQ encoder as the VAE's encoder.
+The draws are `draw.py`'s (PyTorch's own initialisation, zero convolutions drawn too). Copies are copies:
+ControlNet's encoder starts as the UNet's, the LQ encoder as the VAE's encoder.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -27,31 +22,9 @@ from torch import nn
 from diffsr.export.core.files import require_new_folder
 from diffsr.export.core.progress import OnProgress, Progress, ignore
 from diffsr.export.model.checkpoint import Checkpoint, checkpoint_meta, open_checkpoint
-from diffsr.export.model.family import ModelFamily, preset
-
-STORED_DTYPE = torch.float16
-
-
-NORMS = ("RMSNorm", "T5LayerNorm")  # norms of other libraries (diffusers, transformers): weight one, as initialised
-
-
-def _draw(module: nn.Module, kind: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__ in NORMS:
-        return torch.ones(shape) if kind == "weight" else torch.zeros(shape)
-    if isinstance(module, nn.Embedding):
-        return torch.randn(shape, generator=generator) * 0.02
-    weight = getattr(module, "weight", None)
-    fan_in = math.prod(weight.shape[1:]) if weight is not None and weight.dim() >= 2 else (
-        math.prod(shape[1:]) if len(shape) >= 2 else shape[-1])
-    bound = 1.0 / math.sqrt(max(fan_in, 1))
-    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
-
-
-def draw_parameter(module: nn.Module, kind: str, shape: tuple[int, ...], seed: int, name: str) -> torch.Tensor:
-    """One parameter (`kind` of `module`), FP16, from a generator seeded by (seed, name): copies share a name."""
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-    return _draw(module, kind, shape, generator).to(STORED_DTYPE)
+from diffsr.export.model.draw import STORED_DTYPE, draw_parameter
+from diffsr.export.model.families import preset
+from diffsr.export.model.family import ModelFamily
 
 
 def random_tensors(model: ModelFamily, folder: str, net: nn.Module, seed: int,

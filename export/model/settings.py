@@ -1,26 +1,54 @@
-"""What one upscale request may set: a typed, validated dataclass; a checkpoint stores its defaults."""
+"""What one upscale request carries: the settings (a typed, validated dataclass whose defaults a checkpoint stores), the
+base request inputs every model takes, and the parsed request itself (`Request`: the photo, the settings, the
+family's other photos).
+
+The base inputs' limits are declared once, in `BASE_INPUTS`; `PipelineConfig` checks its fields against them, so a
+`diffsr.json`, a command line and the endpoint are held to the same ranges.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from diffsr.export.core.configs import dataclass_from_json
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.captioner import MAX_BEAMS, MAX_NEW_TOKENS
+from diffsr.export.model.inputs import RequestInput
 
 DEFAULT_PROMPT = "clean, natural, high quality, rich detail, sharp focus, 8k"
 DEFAULT_NEGATIVE_PROMPT = (
     "dotted, noise, blur, lowres, oversmooth, bad anatomy, worst quality, low quality, jpeg artifacts, watermark"
 )
-CAPTIONS = ("auto", "always", "never")  # when the LQ image's caption prompts the model (runtime/caption.py)
+CAPTIONS = ("auto", "always", "never")  # when a prompter (a captioner) writes the prompt: runtime/prompts.py
 CAPTION_DROP = "blur, blurry, out of focus, noise, noisy, grainy, pixelated, low quality, low resolution, jpeg"
 STARTS = ("noise", "lq")  # start the sampler from pure noise, or from z_lq noised to the first step
 COLOR_FIXES = ("adain", "wavelet", "none")
 TILE_BLENDS = ("ramp", "gaussian", "none")
 MAX_STEPS = 1000
+MAX_BEAMS = 5  # a caption's beams: LAVIS's captioning default, and the most the captioner's graphs' profiles hold
+MAX_NEW_TOKENS = 128  # a caption's tokens at most
+
+# Every model's request inputs; a family adds its own (`ModelFamily.family_inputs`). All but the photo are
+# `PipelineConfig` fields of the same name: absent from a request, they are the checkpoint's.
+BASE_INPUTS = (
+    RequestInput("image", "photo", "the low-quality photo (PNG or JPEG, any size and mode): the output is exactly "
+                 "`upscale` times its size", required=True, tiled=True, tensor="lq_image"),
+    RequestInput("prompt", "text", "the prompt (default: the checkpoint's, or the photo's caption where it has a "
+                 "captioner)"),
+    RequestInput("negative_prompt", "text", "the negative prompt of classifier-free guidance"),
+    RequestInput("steps", "int", "denoising steps", low=1, high=MAX_STEPS, dtype="int32"),
+    RequestInput("guidance_scale", "float", "classifier-free guidance scale (1.0: no guidance)", low=1.0, high=50.0,
+                 dtype="float32", flag="guidance"),
+    RequestInput("seed", "int", "the starting noise's seed", low=0, high=2**63 - 1, dtype="int64"),
+    RequestInput("scheduler", "choice", "the sampler (`diffsr families` lists each family's)"),
+    RequestInput("caption", "choice", "when the photo's caption prompts the model: auto (when no prompt is given), "
+                 "always (after a given prompt) or never", choices=CAPTIONS),
+)
+SETTING_INPUTS = {i.name: i for i in BASE_INPUTS if i.kind not in ("photo", "photos")}
 
 
 @dataclass(frozen=True)
@@ -42,41 +70,34 @@ class PipelineConfig:
     tile_overlap: int | None = None
     tile_batch: int = 4
     tile_blend: str = "ramp"
-    # the caption (`prompt_of`): "auto" captions when there is no prompt, "always" also after a given prompt
+    # the caption (`runtime.prompts`): "auto" captions when there is no prompt, "always" also after a given prompt
     caption: str = "auto"
     caption_prompt: str = ""  # the captioner's text prompt, which the caption continues (e.g. "a photo of")
     caption_tokens: int = 30  # the most new tokens
     caption_beams: int = 1  # 1: greedy; more: beam search
     caption_drop: str = CAPTION_DROP  # comma-separated words: a caption's sentences naming one are dropped
     caption_suffix: str = DEFAULT_PROMPT  # appended to the caption; the prompt where there is none
+    # the family's own request inputs (name -> value) where the checkpoint sets them (`ModelFamily.family_inputs`)
+    inputs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.steps <= MAX_STEPS:
-            raise DiffsrError(f"steps={self.steps} is out of range: use 1 to {MAX_STEPS}")
-        if not (math.isfinite(self.guidance_scale) and 1.0 <= self.guidance_scale <= 50.0):
-            raise DiffsrError(f"guidance_scale={self.guidance_scale} is out of range: use 1.0 (no CFG) to 50.0")
-        if not 0 <= self.seed < 2**63:
-            raise DiffsrError(f"seed={self.seed} is out of range: use 0 to 2**63-1")
+        for name, declared in SETTING_INPUTS.items():
+            value = getattr(self, name)
+            if value is not None or name != "prompt":
+                declared.check(value)
         if self.tile is not None and self.tile < 1:
             raise DiffsrError(f"tile={self.tile} must be at least 1 latent cell")
         if self.tile_overlap is not None and self.tile_overlap < 0:
             raise DiffsrError(f"tile_overlap={self.tile_overlap} must not be negative")
-        if not 1 <= self.tile_batch <= 64:
-            raise DiffsrError(f"tile_batch={self.tile_batch} is out of range: use 1 to 64")
-        if not 1 <= self.upscale <= 8:
-            raise DiffsrError(f"upscale={self.upscale} is out of range: use 1 to 8")
-        if not 1 <= self.caption_tokens <= MAX_NEW_TOKENS:
-            raise DiffsrError(f"caption_tokens={self.caption_tokens} is out of range: use 1 to {MAX_NEW_TOKENS}")
-        if not 1 <= self.caption_beams <= MAX_BEAMS:
-            raise DiffsrError(f"caption_beams={self.caption_beams} is out of range: use 1 (greedy) to {MAX_BEAMS}")
-        for name, value, choices in (
-            ("caption", self.caption, CAPTIONS),
-            ("start", self.start, STARTS),
-            ("color_fix", self.color_fix, COLOR_FIXES),
-            ("tile_blend", self.tile_blend, TILE_BLENDS),
-        ):
-            if value not in choices:
-                raise DiffsrError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
+        for name, value, low, high in (("tile_batch", self.tile_batch, 1, 64), ("upscale", self.upscale, 1, 8),
+                                       ("caption_tokens", self.caption_tokens, 1, MAX_NEW_TOKENS),
+                                       ("caption_beams", self.caption_beams, 1, MAX_BEAMS)):
+            if not low <= value <= high:
+                raise DiffsrError(f"{name}={value} is out of range: use {low} to {high}")
+        for name, text, choices in (("start", self.start, STARTS), ("color_fix", self.color_fix, COLOR_FIXES),
+                                    ("tile_blend", self.tile_blend, TILE_BLENDS)):
+            if text not in choices:
+                raise DiffsrError(f"{name}={text!r} is not supported; choose one of {list(choices)}")
 
     @property
     def cfg(self) -> bool:
@@ -87,8 +108,22 @@ class PipelineConfig:
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not data["inputs"]:  # a family without inputs of its own writes what it always wrote
+            del data["inputs"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PipelineConfig:
         return dataclass_from_json(cls, data, "pipeline setting")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One upscale request, parsed and validated at the edge (`runtime.requests.parse_request`): what runs past the
+    edge trusts it. `photos`: the family's other photo inputs, by name, each a tuple of (H, W, 3) uint8 images; its
+    other inputs' values are in `settings.inputs`."""
+
+    photo: np.ndarray  # (H, W, 3) uint8
+    settings: PipelineConfig = PipelineConfig()
+    photos: Mapping[str, tuple[np.ndarray, ...]] = field(default_factory=dict)

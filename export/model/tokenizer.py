@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.files import read_json
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408  # CLIP BPE vocabulary (256 bytes, 256 word-ends, 48894 merges, 2 specials)
@@ -98,12 +98,24 @@ class Tokenizer:
         self.lengths = length if isinstance(length, dict) else {name: length for name in folders}
         self._toks = {}
         for name, folder in folders.items():
-            if not (folder / "tokenizer.json").is_file():
-                raise DiffsrError(f"tokenizer file missing: {folder / 'tokenizer.json'}: the checkpoint is incomplete")
-            config = folder / "tokenizer_config.json"
-            kind = json.loads(config.read_text()).get("tokenizer_class", "") if config.is_file() else ""
-            self._toks[name] = (T5Tokenizer if kind.startswith("T5") else CLIPTokenizer).from_pretrained(str(folder))
+            kind = tokenizer_class(folder)
+            try:
+                self._toks[name] = (T5Tokenizer if kind.startswith("T5") else CLIPTokenizer).from_pretrained(str(folder))
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                raise DiffsrError(f"tokenizer {folder} does not load ({type(e).__name__}: {e}): replace it with the "
+                                  "checkpoint's own") from None
 
     def __call__(self, prompts: list[str]) -> dict[str, np.ndarray]:
         return {name: np.asarray(tok(prompts, padding="max_length", max_length=self.lengths[name], truncation=True).input_ids,
                                  dtype=np.int32) for name, tok in self._toks.items()}
+
+
+def tokenizer_class(folder: Path) -> str:
+    """The class a tokenizer folder names (`tokenizer_config.json`'s `tokenizer_class`), its `tokenizer.json` read too:
+    either missing, not JSON or naming no class is an error naming the file (checked when a checkpoint opens)."""
+    hint = "the checkpoint is incomplete: copy the folder from where the checkpoint came from"
+    read_json(folder / "tokenizer.json", "tokenizer file", hint)
+    kind = read_json(folder / "tokenizer_config.json", "tokenizer file", hint).get("tokenizer_class")
+    if not isinstance(kind, str) or not kind:
+        raise DiffsrError(f"{folder / 'tokenizer_config.json'} names no tokenizer_class: {hint}")
+    return kind

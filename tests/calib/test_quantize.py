@@ -16,7 +16,7 @@ from diffsr.export.core.precision import Precision
 from diffsr.export.graphs.manifest import read_manifest, verified_files
 from diffsr.export.graphs.onnx_export import lint_for_tensorrt
 from diffsr.export.graphs.to_int8 import check_qdq
-from diffsr.export.model.family import preset
+from diffsr.export.model.families import preset
 
 SUBMODULES = preset("tiny").submodules
 

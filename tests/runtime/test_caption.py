@@ -11,10 +11,11 @@ from diffsr.calib.data import photo
 from diffsr.calib.record import Recorder
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.graphs.manifest import manifest_model
-from diffsr.export.model.captioner_networks import load_blip2
-from diffsr.export.model.family import model_from_json
-from diffsr.export.model.settings import DEFAULT_PROMPT, PipelineConfig
-from diffsr.runtime.caption import clean_caption, pixel_values, prompt_of
+from diffsr.export.model.attachments.captioner_networks import load_blip2
+from diffsr.export.model.families import model_from_json
+from diffsr.export.model.settings import Request, DEFAULT_PROMPT, PipelineConfig
+from diffsr.runtime.caption import pixel_values
+from diffsr.runtime.prompts import clean_caption, prompt_of
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
 
@@ -44,8 +45,14 @@ def test_the_prompt_policy():
     assert prompt_of(base.replace(prompt="a dog", caption="always"), caption) == "a dog, a cat on a mat, sharp"
     assert prompt_of(base.replace(caption="never"), caption) == "sharp" and len(asked) == 2
     assert prompt_of(PipelineConfig(), None) == DEFAULT_PROMPT  # no captioner: the default prompt, as before
-    with pytest.raises(DiffsrError, match='caption="always" needs a captioner'):
-        prompt_of(base.replace(caption="always"), None)
+    # caption="always" of a model without a captioner: the request's one check refuses it, once, in one message
+    from diffsr.export.model.families import preset
+    from diffsr.runtime.requests import check
+
+    model = preset("tiny")
+    assert model.settings_errors(base) == []
+    with pytest.raises(DiffsrError, match='^caption="always" needs a captioner in the checkpoint: add one with'):
+        check(model, base.replace(caption="always"), dict(model.scheduler_config), (16, 16))
     for bad, match in ((dict(caption="sometimes"), "caption='sometimes'"), (dict(caption_beams=6), "caption_beams=6"),
                        (dict(caption_tokens=0), "caption_tokens=0")):
         with pytest.raises(DiffsrError, match=match):
@@ -58,7 +65,8 @@ def test_the_captioner_joins_the_model(dit4sr_checkpoint, tmp_path):
     assert {"caption_batch", "prompt_length", "cache_length"} <= {d.name for d in model.dims()}
     again = model_from_json(model.name, model.to_json())  # what a manifest and the Triton models rebuild
     assert again == model and again.signatures() == model.signatures()
-    assert model.with_captioner(None).submodules == tuple(n for n in model.submodules if n not in CAPTION_GRAPHS)
+    assert model.with_attachments(()).submodules == tuple(n for n in model.submodules if n not in CAPTION_GRAPHS)
+    assert model.owner("caption_decode") is model.attachment("captioner") and model.owner("transformer") is None
     assert manifest_model({"family": model.name, "model": model.to_json()}) == model
 
 
@@ -75,7 +83,7 @@ def test_the_pipeline_prompts_itself_with_the_caption_generate_makes(dit4sr_chec
     ckpt = dit4sr_checkpoint
     runners = {name: Recorder(r) for name, r in load_runners("torch", ckpt).items()}  # each call's feed, kept
     pipe = Pipeline(runners, ckpt)
-    result = pipe(lq, ckpt.defaults.replace(**SETTINGS))
+    result = pipe(Request(lq, ckpt.defaults.replace(**SETTINGS)))
     folder = ckpt.path / "captioner"
     reference = load_blip2(folder)
     with torch.no_grad():
@@ -85,7 +93,7 @@ def test_the_pipeline_prompts_itself_with_the_caption_generate_makes(dit4sr_chec
     assert len(runners["caption_image"].feeds) == 1 and len(runners["caption_decode"].feeds) > 0
     assert result.timings["caption"] > result.timings["caption_image"] > 0 and result.timings["caption_token"] > 0
     calls = {name: len(r.feeds) for name, r in runners.items()}
-    given = pipe(lq, ckpt.defaults.replace(prompt="a cup of coffee", **SETTINGS))
+    given = pipe(Request(lq, ckpt.defaults.replace(prompt="a cup of coffee", **SETTINGS)))
     assert given.prompt == "a cup of coffee"
     assert all(len(runners[name].feeds) == calls[name] for name in CAPTION_GRAPHS)
     assert not np.array_equal(given.image, result.image)  # the prompt reaches the image
@@ -97,11 +105,11 @@ def test_onnxruntime_captions_as_pytorch_and_fp16_keeps_the_logits(dit4sr_checkp
     from diffsr.export.core.precision import Precision
     from diffsr.runtime.caption import CaptionLoop, CaptionSettings
 
-    ckpt, spec = dit4sr_checkpoint, dit4sr_checkpoint.model.captioner
+    ckpt, spec = dit4sr_checkpoint, dit4sr_checkpoint.model.attachment("captioner")
     cfg = ckpt.defaults.replace(**SETTINGS)
-    torch_prompt = Pipeline(load_runners("torch", ckpt), ckpt)(lq, cfg).prompt
+    torch_prompt = Pipeline(load_runners("torch", ckpt), ckpt)(Request(lq, cfg)).prompt
     ort = load_runners("onnxruntime", ckpt, onnx_dir=dit4sr_onnx)
-    assert Pipeline(ort, ckpt)(lq, cfg).prompt == torch_prompt
+    assert Pipeline(ort, ckpt)(Request(lq, cfg)).prompt == torch_prompt
     half = load_runners("onnxruntime", ckpt, onnx_dir=dit4sr_onnx, precision=Precision.FP16)
     calls: list = []
 
@@ -122,7 +130,7 @@ def test_onnxruntime_captions_as_pytorch_and_fp16_keeps_the_logits(dit4sr_checkp
 def test_a_caption_request_past_the_graphs_cache_is_refused(dit4sr_checkpoint, lq):
     from diffsr.runtime.caption import CaptionLoop, CaptionSettings
 
-    spec = dit4sr_checkpoint.model.captioner
+    spec = dit4sr_checkpoint.model.attachment("captioner")
     small = dataclasses.replace(spec, max_positions=spec.num_query_tokens + 4)
 
     loop = CaptionLoop(lambda name, **feed: pytest.fail("nothing runs"), small)
@@ -149,7 +157,7 @@ def test_a_checkpoint_from_before_captions_reads_its_default_prompt_as_the_suffi
     assert open_checkpoint(path).defaults.prompt == "a cat"
     meta["pipeline"]["caption"] = "always"
     (path / "diffsr.json").write_text(json.dumps(meta))
-    with pytest.raises(DiffsrError, match='sets caption "always" but the checkpoint has no captioner'):
+    with pytest.raises(DiffsrError, match='diffsr.json\'s pipeline settings: caption="always" needs a captioner'):
         open_checkpoint(path)
 
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.dims import MIN_LATENT
-from diffsr.export.model.family import preset
+from diffsr.export.model.families import preset
 from diffsr.runtime.image import (
     adain,
     decode_image,

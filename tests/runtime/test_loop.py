@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.family import preset
+from diffsr.export.model.families import preset
 from diffsr.runtime.cuda_graph import StepGraphs
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.loop import denoise

@@ -6,12 +6,12 @@ import torch
 
 from diffsr.calib.data import photo
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.family import preset
-from diffsr.export.model.settings import PipelineConfig
+from diffsr.export.model.families import preset
+from diffsr.export.model.settings import Request, PipelineConfig
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
 from diffsr.runtime.schedulers import make_scheduler
-from diffsr.runtime.stages import decode, encode_lq, prepare_lq
+from diffsr.runtime.stages import decode, over_tiles, prepare_lq
 from diffsr.runtime.step import Step, TiledStep, step_table
 from diffsr.runtime.tiling import Blender, Tiling, axis_starts, axis_weights, tiling_for
 
@@ -121,10 +121,10 @@ def test_an_image_that_fits_one_tile_runs_the_untiled_pipeline(torch_pipeline, t
     pipe = Pipeline({n: _Spy(r, n, calls) for n, r in torch_pipeline.runners.items()}, tiny_checkpoint)
     lq = photo("chelsea", (40, 32))
     cfg = tiny_checkpoint.defaults.replace(steps=2)
-    got = pipe(lq, cfg).image
+    got = pipe(Request(lq, cfg)).image
     assert [n for n, _ in calls].count("lq_encoder") == 1 and [n for n, _ in calls].count("vae_decoder") == 1
     assert ("controlnet_unet", (2, 4, 16, 20)) in calls
-    tiled = pipe(lq, cfg.replace(tile=8, tile_overlap=2)).image
+    tiled = pipe(Request(lq, cfg.replace(tile=8, tile_overlap=2))).image
     assert not np.array_equal(got, tiled)
 
 
@@ -144,8 +144,8 @@ def test_tiled_lq_encoder_and_decoder_stay_close_to_untiled(torch_pipeline, tiny
     run, model = torch_pipeline.run, tiny_checkpoint.model
     lq = prepare_lq(model, photo("astronaut", (64, 64)), 4)  # latent 32x32
     whole, tiled = Tiling(32, 8), Tiling(24, 6)
-    f1, z = encode_lq(model, run, lq, whole).values()
-    f1_t, z_t = encode_lq(model, run, lq, tiled).values()
+    f1, z = over_tiles(model, run, "lq_encoder", {"lq_image": lq}, whole).values()
+    f1_t, z_t = over_tiles(model, run, "lq_encoder", {"lq_image": lq}, tiled).values()
     assert _psnr(z_t, z, z.abs().max()) > 25 and _psnr(f1_t, f1, f1.abs().max()) > 28
     image, image_t = decode(model, run, z, whole), decode(model, run, z, tiled)
     assert image_t.shape == image.shape == (1, 3, 256, 256)
@@ -170,7 +170,7 @@ def test_seams_of_blended_tiles_look_like_the_interior_and_pasted_ones_do_not(to
                                                                                blend, passes):
     lq = photo("coffee", (80, 56))  # -> 320x224, latent 40x28: tiles of 16 start at 0, 12, 24 and 0, 12
     cfg = tiny_checkpoint.defaults.replace(steps=4, tile=16, tile_overlap=4, tile_blend=blend)
-    image = torch_pipeline(lq, cfg).image
+    image = torch_pipeline(Request(lq, cfg)).image
     ratios = []
     for axis, length in ((1, 40), (0, 28)):  # columns, then rows, of the (H, W, 3) image
         starts = axis_starts(length, 16, 4)

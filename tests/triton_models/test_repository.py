@@ -5,7 +5,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.family import preset
+from diffsr.export.model.families import preset
 from diffsr.triton_models.endpoint import PROMPT_OUTPUT
 from diffsr.triton_models.repository import OUTPUT, TRITON_DTYPES, ServingOptions, model_configs, write_config
 

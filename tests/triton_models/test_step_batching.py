@@ -7,7 +7,7 @@ import pytest
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.precision import Precision
 from diffsr.export.graphs.manifest import verified_files
-from diffsr.export.model.family import preset
+from diffsr.export.model.families import preset
 from diffsr.export.model.samples import sample_inputs
 from diffsr.triton_models.step_batching import StepBatching
 

@@ -28,7 +28,7 @@ class TritonPythonModel:
         self.outputs = [o["name"] for o in config["output"]]
         self.batched = config.get("max_batch_size", 0) > 0
         if self.batched:  # the family (and torch, which it brings) only where calls are stacked
-            from diffsr.export.model.family import model_from_json
+            from diffsr.export.model.families import model_from_json
 
             model = model_from_json(params["family"], json.loads(params["model"]))
             self.sig = model.signature(args["model_name"])

@@ -21,8 +21,8 @@ class Postprocess:
     def __init__(self, color_fix: str):
         self.color_fix = color_fix
 
-    def __call__(self, decoded: torch.Tensor, lq: torch.Tensor, size: torch.Tensor) -> Any:
-        rgb = finish(decoded, lq, (int(size[0]), int(size[1])), self.color_fix)
+    def __call__(self, decoded: torch.Tensor, lq: torch.Tensor, size: tuple[int, int]) -> Any:
+        rgb = finish(decoded, lq, size, self.color_fix)
         return pb_utils.Tensor(OUTPUT, np.array([encode_png(rgb)], dtype=np.object_))
 
 
@@ -37,4 +37,4 @@ class TritonPythonModel:
 
     def _handle(self, request) -> list:
         decoded, lq, size = (to_torch(pb_utils.get_input_tensor_by_name(request, n)) for n in self.inputs)
-        return [self.postprocess(decoded, lq, size)]
+        return [self.postprocess(decoded, lq, (int(size[0]), int(size[1])))]

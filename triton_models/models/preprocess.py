@@ -1,81 +1,98 @@
-"""Request -> upsampled LQ, token ids, output size and the prompt used: the pipeline's own steps 1 and 2 (the
-prompt policy, captioning the image through the captioner's models where it asks) and the family's tokenizer."""
+"""Request -> the parsed request and its plan (the one parse and check, `runtime.requests`), then the pipeline's own
+first steps: the photos prepared, the texts (an attachment such as a captioner writing the prompt, through its models
+over BLS, where the policy asks), their token ids. `Preprocess` is shared by the BLS entry and the ensemble's
+`preprocess` model, which hands what it made to the ensemble's next steps (the parsed settings as JSON)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.captioner import FOLDER as CAPTIONER
-from diffsr.export.model.family import model_from_json
-from diffsr.export.model.settings import PipelineConfig
-from diffsr.runtime.caption import ImageCaptioner, prompt_of
-from diffsr.runtime.image import decode_image, output_size
-from diffsr.runtime.stages import prepare_lq, prompts
-from diffsr.triton_models.endpoint import PROMPT_OUTPUT
+from diffsr.export.model.families import model_from_json
+from diffsr.export.model.settings import PipelineConfig, Request
+from diffsr.runtime.prompts import make_prompters, request_texts
+from diffsr.runtime.requests import Plan, check, parse_request
+from diffsr.runtime.stages import prepare, token_ids
+from diffsr.triton_models.endpoint import PROMPT_OUTPUT, SETTINGS, tensor_values
 from diffsr.triton_models.models.common import bls_runners, from_torch
 from diffsr.triton_models.models.metrics import Metrics
-from diffsr.triton_models.models.requests import optional, parameters, respond, scalar
+from diffsr.triton_models.models.requests import optional, parameters, respond
+
+Cancelled = Callable[[], bool] | None
 
 
 class Preprocess:
-    """Request -> [LQ image, token ids..., output_size, used_prompt] (Triton tensors); `folder` holds the
-    tokenizers (and the captioner's, under captioner/). A caption runs its three models over BLS; `metrics`
-    (the entry model's) observe it."""
+    """`folder` holds the tokenizers (and each attachment's files, under its folder); an attachment's models run over
+    BLS on `params["device"]`; `metrics` (the entry model's) observe its captions."""
 
     def __init__(self, params: dict[str, str], folder: Path, metrics: Metrics | None = None):
+        self.model = model_from_json(params["family"], json.loads(params["model"]), params.get("family_module"))
         self.defaults = PipelineConfig.from_json(json.loads(params["pipeline"]))
-        self.model = model_from_json(params["family"], json.loads(params["model"]))
-        self.lq_name = self.model.signature(self.model.stages.lq).inputs[0].name  # SD: lq_image
+        self.scheduler_config = json.loads(params["scheduler"])
         self.max_pixels = int(params["max_output_pixels"])
+        self.inputs = list(self.model.request_inputs())
         self.tokenizer = self.model.tokenizer(folder)
-        self.metrics, self.captioner = metrics, None
-        spec = self.model.captioner
-        if spec is not None:  # on the entry model's device (the ensemble's preprocess model: the CPU)
-            sigs, device = self.model.signatures(), torch.device(params.get("device", "cpu"))
-            run = bls_runners({name: [t.name for t in sigs[name].outputs] for name in spec.graphs}, gpu=device.type == "cuda")
-            self.captioner = ImageCaptioner(dataclasses.replace(spec, path=folder / CAPTIONER), run, device)
+        self.device = torch.device(params.get("device", "cpu"))
+        self.metrics = metrics
+        sigs = self.model.signatures()
+        graphs = [name for a in self.model.attachments for name in a.graphs]
+        run = bls_runners({name: [t.name for t in sigs[name].outputs] for name in graphs}, gpu=self.device.type == "cuda")
+        self.prompters = make_prompters(self.model, run, self.device, folder)
 
-    def __call__(self, request, cancelled: Callable[[], bool] | None = None) -> list:
-        image = optional(request, "image")
-        if image is None or image.size != 1 or not isinstance(image.reshape(-1)[0], bytes):
-            raise DiffsrError("image must be one encoded PNG or JPEG as BYTES")
-        cfg = self.defaults.replace(
-            prompt=scalar(request, "prompt", str), negative_prompt=scalar(request, "negative_prompt", str),
-            guidance_scale=scalar(request, "guidance_scale", float), caption=scalar(request, "caption", str),
-        )
-        rgb = decode_image(image.reshape(-1)[0], "image")
-        h, w = output_size(rgb.shape[0], rgb.shape[1], cfg.upscale)
-        if h * w > self.max_pixels:
-            raise DiffsrError(f"output {w}x{h} is above this server's {self.max_pixels} pixel limit: send a smaller image")
-        lq = prepare_lq(self.model, rgb, cfg.upscale)
-        prompt = prompt_of(cfg, None if self.captioner is None else lambda: self._caption(rgb, cfg, cancelled))
-        ids = [from_torch(name, torch.from_numpy(v)) for name, v in self.tokenizer(prompts(cfg, prompt)).items()]
-        used = pb_utils.Tensor(PROMPT_OUTPUT, np.array([prompt.encode()], dtype=np.object_))
-        return [from_torch(self.lq_name, lq), *ids, from_torch("output_size", torch.tensor([h, w], dtype=torch.int32)),
-                used]
+    def parse(self, request: Any) -> tuple[Request, Plan]:
+        """The request's tensors -> the validated request and its plan; every mistake is the client's (one message)."""
+        req = parse_request(self.model, self.defaults, tensor_values(self.inputs, lambda name: optional(request, name)))
+        return req, check(self.model, req.settings, self.scheduler_config, req.photo.shape[:2], self.max_pixels)
 
-    def _caption(self, rgb: np.ndarray, cfg: PipelineConfig, cancelled: Callable[[], bool] | None) -> str:
-        assert self.captioner is not None
-        start, tokens = time.perf_counter(), self.captioner.tokens
-        caption = self.captioner(rgb, cfg, cancelled)
-        if self.metrics is not None:
-            self.metrics.caption.observe(time.perf_counter() - start)
-            self.metrics.caption_tokens.increment(self.captioner.tokens - tokens)
-        return caption
+    def __call__(self, req: Request, cancelled: Cancelled = None) -> tuple[dict[str, torch.Tensor], str]:
+        """(the prepared photos and token ids by name, the prompt used)."""
+        cfg = req.settings
+        tensors = prepare(self.model, req, self.device)
+        texts = request_texts(self.model, cfg, self._writer(req, cancelled) if "prompt" in self.prompters else None)
+        tensors |= token_ids(self.model, self.tokenizer, texts, cfg.cfg, self.device)
+        return tensors, texts["prompt"]
+
+    def _writer(self, req: Request, cancelled: Cancelled) -> Callable[[str], str]:
+        def write(text: str) -> str:
+            prompter = self.prompters[text]
+            start, tokens = time.perf_counter(), prompter.tokens
+            made = prompter(req.photo, req.settings, cancelled)
+            if self.metrics is not None:
+                self.metrics.caption.observe(time.perf_counter() - start)
+                self.metrics.caption_tokens.increment(prompter.tokens - tokens)
+            return made
+
+        return write
+
+
+def text_tensor(name: str, text: str) -> Any:
+    return pb_utils.Tensor(name, np.array([text.encode()], dtype=np.object_))
 
 
 class TritonPythonModel:
+    """The ensemble's first step: what the once-per-request stages take, the output size, the prompt used and the
+    parsed settings."""
+
     def initialize(self, args: dict) -> None:
-        self.preprocess = Preprocess(parameters(args), Path(args["model_repository"]) / args["model_version"])
+        params = parameters(args)
+        self.preprocess = Preprocess(params, Path(args["model_repository"]) / args["model_version"])
+        self.outputs = [o["name"] for o in json.loads(args["model_config"])["output"]]
 
     def execute(self, requests: list) -> list:
-        return respond(requests, lambda request: self.preprocess(request, request.is_cancelled))
+        return respond(requests, self._handle)
+
+    def _handle(self, request: Any) -> list:
+        req, plan = self.preprocess.parse(request)
+        tensors, prompt = self.preprocess(req, request.is_cancelled)
+        tensors["output_size"] = torch.tensor(plan.size, dtype=torch.int32)
+        made = {name: from_torch(name, t) for name, t in tensors.items()}
+        made[PROMPT_OUTPUT] = text_tensor(PROMPT_OUTPUT, prompt)
+        made[SETTINGS.name] = text_tensor(SETTINGS.name, json.dumps(req.settings.to_json()))
+        return [made[name] for name in self.outputs]

@@ -27,24 +27,6 @@ def optional(request: Any, name: str) -> np.ndarray | None:
     return None if tensor is None else tensor.as_numpy()
 
 
-def scalar(request: Any, name: str, kind: type) -> Any:
-    """An optional one-element input as a Python value, or None when absent."""
-    value = optional(request, name)
-    if value is None:
-        return None
-    if value.size != 1:
-        raise DiffsrError(f"{name} must hold one value, got shape {list(value.shape)}")
-    item = value.reshape(-1)[0]
-    if kind is str:
-        if not isinstance(item, bytes):
-            raise DiffsrError(f"{name} must be BYTES (UTF-8 text)")
-        try:
-            return item.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DiffsrError(f"{name} is not valid UTF-8") from None
-    return kind(item)
-
-
 class StageError(DiffsrError):
     """A model this one called failed: the server's fault, not the request's."""
 

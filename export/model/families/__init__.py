@@ -1,4 +1,7 @@
-"""The model families, one module each (`sd`, `sdxl`, `dit4sr`), registered on import.
+"""The model families, one module each (`sd`, `sdxl`, `dit4sr`), registered on import, and the lookups by name.
+
+A family defined elsewhere (a package of one's own) registers when its module is imported: `model_from_json` takes
+that module's name (a Triton model repository records it) and imports it where the family is not yet known.
 
 `legacy_family` is the one place that infers a family: for a `diffsr.json` (or an export manifest)
 written before it named one.
@@ -6,12 +9,61 @@ written before it named one.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.attachments import attachments_from_json
 from diffsr.export.model.families import dit4sr, sd, sdxl  # noqa: F401 (registered on import)
 from diffsr.export.model.families.sd import legacy_json
+from diffsr.export.model.family import FAMILIES, ModelFamily
 
 SDXL_KEYS = ("text2_hidden", "text2_layers", "text2_heads", "text2_intermediate", "addition_time_embed_dim")
+
+
+def families() -> dict[str, type[ModelFamily]]:
+    return dict(FAMILIES)
+
+
+def family(name: str, module: str | None = None) -> type[ModelFamily]:
+    """A registered family by name; `module`: where one not yet registered is defined (imported to register it)."""
+    if name not in FAMILIES and module:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise DiffsrError(f"model family {name!r}: cannot import its module {module!r} ({e}): install it where "
+                              "diffsr runs") from None
+    if name not in FAMILIES:
+        raise DiffsrError(f"unknown model family {name!r}; choose one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def presets() -> dict[str, ModelFamily]:
+    """Every family's presets, by name."""
+    return {p: f(cfg) for f in FAMILIES.values() for p, cfg in f.presets.items()}
+
+
+def preset(name: str) -> ModelFamily:
+    found = presets()
+    if name not in found:
+        raise DiffsrError(f"unknown preset {name!r}; choose one of {sorted(found)}")
+    return found[name]
+
+
+def model_from_json(family_name: str | None, data: dict[str, Any], module: str | None = None) -> ModelFamily:
+    """A model from a `diffsr.json` (or manifest) family and model entry, its attachments' entries included. One
+    written before families had a name holds none: `legacy_family` infers it."""
+    if not isinstance(data, dict):
+        raise DiffsrError(f"a model entry must be a JSON object, not {type(data).__name__}")
+    attachments, data = attachments_from_json(data)
+    if family_name is None:
+        family_name, data = legacy_family(data)
+    return family(family_name, module).from_json(data, attachments)
+
+
+def module_of(model: ModelFamily) -> str:
+    """The module that defines (and so registers) a model's family."""
+    return type(model).__module__
 
 
 def legacy_family(model: dict[str, Any]) -> tuple[str, dict[str, Any]]:

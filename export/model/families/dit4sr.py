@@ -35,7 +35,7 @@ from diffsr.export.model.components import (
 )
 from diffsr.export.model.dims import BATCH, CFG_BATCH, TEXT_BATCH, NamedDim, latent_sides
 from diffsr.export.model.families.sd import clip_config, vae_force_upcast, vae_of
-from diffsr.export.model.family import Component, Draw, ModelFamily, RunFn, Stages, Tensors, guided, register
+from diffsr.export.model.family import Component, Draw, ModelFamily, RunFn, Stage, Stages, Tensors, guided, register
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.export.model.signatures import Signature, TensorSpec
 from diffsr.export.model.tokenizer import (
@@ -172,7 +172,8 @@ class DiT4SR(ModelFamily):
     @property  # type: ignore[override]
     def stages(self) -> Stages:
         text = ("text_encoder", "t5_encoder") if self.t5 else ("text_encoder",)
-        return Stages(text=text, lq="lr_encoder", step=("transformer",), decode="vae_decoder", start="lr_latent")
+        return Stages(photo="lq_image", once=(*(Stage(name, "text") for name in text), Stage("lr_encoder", "lq", tiled=True)),
+                      step=("transformer",), decode="vae_decoder", start="lr_latent")
 
     @property
     def latent_multiple(self) -> int:
@@ -313,15 +314,15 @@ class DiT4SR(ModelFamily):
 
     # --- a step ----------------------------------------------------------------------------
 
-    def conditioning(self, text: Tensors, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def conditioning(self, once: Tensors, size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """SD3's prompt embeddings: the CLIP states, then T5's (zeros without T5, as diffusers gives), on the
         token axis; the pooled CLIP outputs."""
-        clip = text["clip_embeddings"]
-        t5 = text["t5_embeddings"] if self.t5 else clip.new_zeros(clip.shape[0], int(self.config.t5_length), clip.shape[2])
-        return {"prompt_embeds": torch.cat([clip, t5], dim=1), "pooled_projections": text["pooled_projections"]}
+        clip = once["clip_embeddings"]
+        t5 = once["t5_embeddings"] if self.t5 else clip.new_zeros(clip.shape[0], int(self.config.t5_length), clip.shape[2])
+        return {"prompt_embeds": torch.cat([clip, t5], dim=1), "pooled_projections": once["pooled_projections"]}
 
-    def predict(self, run: RunFn, x: torch.Tensor, lq: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
+    def predict(self, run: RunFn, x: torch.Tensor, tiled: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
         # the timestep is 1000 sigma; the LR latent is repeated for the guidance rows inside the graph
         return guided(x, cond["prompt_embeds"].shape[0], row, lambda batch, timestep: run(
-            "transformer", sample=batch, timestep=timestep, lr_latent=lq["lr_latent"], **cond)["velocity"])
+            "transformer", sample=batch, timestep=timestep, lr_latent=tiled["lr_latent"], **cond)["velocity"])
 

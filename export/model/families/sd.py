@@ -29,7 +29,7 @@ from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.model.components import diffusers_component, diffusers_config, our_component, transformers_component
 from diffsr.export.model.dims import BATCH, CFG_BATCH, TEXT_BATCH, NamedDim, latent_sides
-from diffsr.export.model.family import Component, Draw, ModelFamily, RunFn, Stages, Tensors, guided, register
+from diffsr.export.model.family import Component, Draw, ModelFamily, RunFn, Stage, Stages, Tensors, guided, register
 from diffsr.export.model.signatures import Signature, TensorSpec
 from diffsr.export.model.tokenizer import CLIP_LENGTH, VOCAB_SIZE, Tokenizer, build_clip_tokenizer
 
@@ -113,7 +113,7 @@ PRESETS: dict[str, SDConfig] = {
     ),
     # the trained demo model (scripts/train_demo.py): a factor-4 VAE with 8 latent channels (LDM's x4 SR model
     # used a factor-4 autoencoder), and a
-    # UNet small enough to train on a 2-core CPU in about two hours; 512 px native
+    # UNet small enough to train on a 2-core CPU (73 minutes: docs/demo_model.md); 512 px native
     "demo": SDConfig(
         preset="demo",
         vae_channels=(32, 64, 64), vae_layers_per_block=1, vae_norm_groups=8,
@@ -185,8 +185,8 @@ class SD(ModelFamily):
     name = "sd"
     config_class = SDConfig
     presets = PRESETS
-    stages = Stages(text=("text_encoder",), lq="lq_encoder", step=("fusion_transformer", "controlnet_unet"),
-                    decode="vae_decoder", start="z_lq")
+    stages = Stages(photo="lq_image", once=(Stage("text_encoder", "text"), Stage("lq_encoder", "lq", tiled=True)),
+                    step=("fusion_transformer", "controlnet_unet"), decode="vae_decoder", start="z_lq")
     scheduler_config = SD_SCHEDULER_CONFIG
     int8_default = ("controlnet_unet",)  # the denoising step's cost; `diffsr quantize --submodules` widens it
     int8_kept = INT8_KEPT
@@ -375,8 +375,8 @@ class SD(ModelFamily):
 
     # --- a step ----------------------------------------------------------------------------
 
-    def predict(self, run: RunFn, x: torch.Tensor, lq: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
-        f2 = run("fusion_transformer", f1=lq["f1"], sample=x)["f2"]  # (B, C2, h, w), shared by both branches
+    def predict(self, run: RunFn, x: torch.Tensor, tiled: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
+        f2 = run("fusion_transformer", f1=tiled["f1"], sample=x)["f2"]  # (B, C2, h, w), shared by both branches
         return guided(x, cond["text_embeddings"].shape[0], row, lambda batch, timestep: run(
             "controlnet_unet", sample=batch, timestep=timestep, f2=f2, **cond)["noise_pred"])
 

@@ -142,13 +142,13 @@ class SDXL(SD):
         return {**super().family_draws(), "input_ids_2": _ids,
                 "time_ids": lambda shape, g: torch.randint(0, 1024, shape, generator=g).float()}  # sizes, corners in px
 
-    def conditioning(self, text: Tensors, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def conditioning(self, once: Tensors, size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """The text outputs and `time_ids` per text row: the output's size as the original and the target
         size, crop corner (0, 0) (for SR the image is neither resized nor cropped)."""
         h, w = size
-        states = text["text_embeddings"]
+        states = once["text_embeddings"]
         ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=states.device).repeat(states.shape[0], 1)
-        return {**text, "time_ids": ids}
+        return {**once, "time_ids": ids}
 
     def tile_conditioning(self, cond: Tensors, corners: torch.Tensor) -> dict[str, torch.Tensor]:
         """`time_ids` keep the image's size as the original and take each tile's own crop corner and size."""

@@ -61,7 +61,7 @@ def test_init_writes_a_checkpoint_and_refuses_to_overwrite(tmp_path):
 
 
 def test_init_adds_a_captioner_where_asked(tmp_path):
-    from diffsr.export.model.captioner import open_captioner
+    from diffsr.export.model.attachments.captioner import open_captioner
 
     result = _run("init", "--out", tmp_path / "c", "--captioner", "blip2-tiny")
     assert result.exit_code == 0 and "with a blip2-tiny captioner" in result.output, result.output

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from diffsr.app.cli.main import app
 from diffsr.export.core.precision import Precision
 from diffsr.export.engines.budget import RUNTIME_RESERVE, attention_scores, budget, device_total, engine_budget
-from diffsr.export.model.family import preset
+from diffsr.export.model.families import preset
 
 SUBMODULES = preset("tiny").submodules
 

@@ -6,7 +6,7 @@ from diffsr.app.measure.parity import parity_shapes
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.engines.build import engine_profiles, profile_json
 from diffsr.export.model.dims import TARGETS, target
-from diffsr.export.model.family import preset, presets
+from diffsr.export.model.families import preset, presets
 from diffsr.runtime.tiling import tiling_for
 
 

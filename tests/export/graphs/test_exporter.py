@@ -12,7 +12,7 @@ from diffsr.export.core.progress import Progress
 from diffsr.export.graphs.exporter import write_fp16
 from diffsr.export.graphs.manifest import read_manifest
 from diffsr.export.graphs.to_fp16 import KeptLayer
-from diffsr.export.model.family import preset
+from diffsr.export.model.families import preset
 
 SUBMODULES = preset("tiny").submodules
 

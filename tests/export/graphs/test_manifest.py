@@ -8,7 +8,7 @@ import pytest
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.precision import Precision
 from diffsr.export.graphs.manifest import verified_files
-from diffsr.export.model.family import preset
+from diffsr.export.model.families import preset
 from diffsr.export.model.random_init import init_checkpoint
 
 SUBMODULES = preset("tiny").submodules

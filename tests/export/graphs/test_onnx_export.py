@@ -8,7 +8,7 @@ import pytest
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.precision import Precision
 from diffsr.export.graphs.onnx_export import lint_for_tensorrt, tensorrt_support
-from diffsr.export.model.family import preset
+from diffsr.export.model.families import preset
 
 SUBMODULES = preset("tiny").submodules
 

@@ -13,7 +13,7 @@ from diffsr.export.core.precision import Precision
 from diffsr.export.graphs.exporter import export_onnx
 from diffsr.export.graphs.manifest import FUSED, file_sha256, read_manifest
 from diffsr.export.graphs.onnx_export import lint_for_tensorrt
-from diffsr.export.model.family import preset
+from diffsr.export.model.families import preset
 from diffsr.export.model.samples import sample_inputs
 from diffsr.runtime.loading import load_runners
 

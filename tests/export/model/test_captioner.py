@@ -10,7 +10,7 @@ import torch
 
 from diffsr.calib.data import PHOTOS, photo
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.captioner import (
+from diffsr.export.model.attachments.captioner import (
     BOS,
     PAD,
     PRESETS,
@@ -19,7 +19,7 @@ from diffsr.export.model.captioner import (
     open_captioner,
     parameters_of,
 )
-from diffsr.export.model.captioner_networks import caption_graphs, load_blip2
+from diffsr.export.model.attachments.captioner_networks import caption_graphs, load_blip2
 from diffsr.runtime.caption import CaptionLoop, CaptionSettings, pixel_values
 
 

@@ -7,7 +7,7 @@ from safetensors import safe_open
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.checkpoint import load_submodule, open_checkpoint, weights_file
-from diffsr.export.model.family import preset, presets
+from diffsr.export.model.families import preset, presets
 from diffsr.export.model.random_init import init_checkpoint
 from diffsr.export.model.samples import sample_inputs
 

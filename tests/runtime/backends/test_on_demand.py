@@ -9,6 +9,7 @@ from diffsr.runtime.backends.base import Runner
 from diffsr.runtime.backends.on_demand import on_demand
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
+from diffsr.export.model.settings import Request
 
 
 class Counting(Runner):
@@ -60,9 +61,9 @@ def test_a_runner_that_fails_to_load_holds_no_room(tiny_checkpoint):
 
 def test_a_lean_pipeline_gives_the_eager_image_and_holds_one_stage(tiny_checkpoint, photo_lq):
     config = tiny_checkpoint.defaults.replace(steps=3)
-    eager = Pipeline(load_runners("torch", tiny_checkpoint), tiny_checkpoint)(photo_lq, config).image
+    eager = Pipeline(load_runners("torch", tiny_checkpoint), tiny_checkpoint)(Request(photo_lq, config)).image
     lean = load_runners("torch", tiny_checkpoint, lean=True)
-    assert np.array_equal(Pipeline(lean, tiny_checkpoint)(photo_lq, config).image, eager)
+    assert np.array_equal(Pipeline(lean, tiny_checkpoint)(Request(photo_lq, config)).image, eager)
     assert lean["text_encoder"].inner is None  # evicted on the way
     for runner in lean.values():
         runner.release()

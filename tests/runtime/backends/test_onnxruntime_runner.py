@@ -9,14 +9,15 @@ from diffsr.app.cli.main import app
 from diffsr.export.core.precision import Precision
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
+from diffsr.export.model.settings import Request
 
 
 def test_onnxruntime_pipeline_matches_torch(tiny_checkpoint, tiny_onnx, photo_lq):
     config = tiny_checkpoint.defaults.replace(steps=4, seed=5)
-    ref = Pipeline(load_runners("torch", tiny_checkpoint), tiny_checkpoint)(photo_lq, config).image
+    ref = Pipeline(load_runners("torch", tiny_checkpoint), tiny_checkpoint)(Request(photo_lq, config)).image
     for precision, limit in ((Precision.FP32, 1), (Precision.FP16, 8)):
         runners = load_runners("onnxruntime", tiny_checkpoint, onnx_dir=tiny_onnx, precision=precision)
-        out = Pipeline(runners, tiny_checkpoint)(photo_lq, config).image
+        out = Pipeline(runners, tiny_checkpoint)(Request(photo_lq, config)).image
         assert np.abs(out.astype(int) - ref.astype(int)).max() <= limit, precision
 
 

@@ -20,6 +20,7 @@ from diffsr.export.graphs.manifest import file_sha256, read_manifest, signature_
 from diffsr.export.model.dims import target
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
+from diffsr.export.model.settings import Request
 from tests.runtime.backends import fake_tensorrt
 
 HERE = Environment(fake_tensorrt.__version__, "Fake GPU", "9.0")
@@ -67,9 +68,9 @@ def test_pipeline_on_tensorrt_runners_matches_onnxruntime_on_the_same_graphs(fak
                                                                              engines, photo_lq, scheduler, steps):
     config = tiny_checkpoint.defaults.replace(steps=steps, scheduler=scheduler)
     runners = load(tiny_checkpoint, engines, tiny_onnx)
-    got = Pipeline(runners, tiny_checkpoint)(photo_lq, config).image
+    got = Pipeline(runners, tiny_checkpoint)(Request(photo_lq, config)).image
     ref_runners = load_runners("onnxruntime", tiny_checkpoint, onnx_dir=tiny_onnx, precision=Precision.FP16)
-    want = Pipeline(ref_runners, tiny_checkpoint)(photo_lq, config).image
+    want = Pipeline(ref_runners, tiny_checkpoint)(Request(photo_lq, config)).image
     assert np.array_equal(got, want)
 
 
@@ -176,10 +177,10 @@ def test_real_engines_match_the_cpu_reference_with_a_graph_per_step(tiny_checkpo
     engines = tmp_path / "real"
     build_engines(tiny_onnx, engines)
     config = tiny_checkpoint.defaults.replace(steps=20)
-    ref = Pipeline(load_runners("torch", tiny_checkpoint), tiny_checkpoint)(photo_lq, config).image
+    ref = Pipeline(load_runners("torch", tiny_checkpoint), tiny_checkpoint)(Request(photo_lq, config)).image
     runners = load_runners("tensorrt", tiny_checkpoint, engines_dir=engines, onnx_dir=tiny_onnx)
-    eager = Pipeline(runners, tiny_checkpoint, "cuda")(photo_lq, config).image
-    graphed = Pipeline(runners, tiny_checkpoint, "cuda", cuda_graph=True)(photo_lq, config).image
+    eager = Pipeline(runners, tiny_checkpoint, "cuda")(Request(photo_lq, config)).image
+    graphed = Pipeline(runners, tiny_checkpoint, "cuda", cuda_graph=True)(Request(photo_lq, config)).image
     assert judge_image((64, 64), ref, graphed, TOLERANCES[Precision.FP16]).passed
     assert np.abs(graphed.astype(int) - eager.astype(int)).max() <= 2
 
@@ -190,7 +191,7 @@ def test_sdxl_pipeline_on_tensorrt_runners_matches_onnxruntime(fake_trt, sdxl_ch
     profiles are what is tested)."""
     engines = write_plans(sdxl_checkpoint, sdxl_onnx, tmp_path / "engines", precision=Precision.FP32)
     config = sdxl_checkpoint.defaults.replace(steps=3)
-    got = Pipeline(load(sdxl_checkpoint, engines, sdxl_onnx), sdxl_checkpoint)(photo_lq, config).image
+    got = Pipeline(load(sdxl_checkpoint, engines, sdxl_onnx), sdxl_checkpoint)(Request(photo_lq, config)).image
     ref_runners = load_runners("onnxruntime", sdxl_checkpoint, onnx_dir=sdxl_onnx, precision=Precision.FP32)
-    want = Pipeline(ref_runners, sdxl_checkpoint)(photo_lq, config).image
+    want = Pipeline(ref_runners, sdxl_checkpoint)(Request(photo_lq, config)).image
     assert np.array_equal(got, want)

@@ -14,6 +14,7 @@ from diffsr.export.model.samples import sample_inputs
 from diffsr.runtime.backends.torch_runner import TorchRunner
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
+from diffsr.export.model.settings import Request
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DIMS = dict(batch=1, cfg_batch=2, text_batch=2, latent_height=8, latent_width=12)
@@ -52,19 +53,19 @@ def test_attention_runs_through_sdpa(tiny_checkpoint):
 def test_fp16_pipeline_matches_the_reference(tiny_checkpoint, photo_lq):
     config = tiny_checkpoint.defaults.replace(steps=8)
     lq = photo_lq[:32, :32]  # PyTorch's FP16 on a CPU is slow: a small image
-    ref = Pipeline(load_runners("torch", tiny_checkpoint), tiny_checkpoint)(lq, config).image
-    out = Pipeline(fp16_runners(tiny_checkpoint), tiny_checkpoint)(lq, config).image
+    ref = Pipeline(load_runners("torch", tiny_checkpoint), tiny_checkpoint)(Request(lq, config)).image
+    out = Pipeline(fp16_runners(tiny_checkpoint), tiny_checkpoint)(Request(lq, config)).image
     assert judge_image((32, 32), ref, out, TOLERANCES[Precision.FP16]).passed
 
 
 @needs_cuda
 def test_torch_cuda_matches_the_cpu_reference_and_graph_matches_eager(tiny_checkpoint, photo_lq):
     config = tiny_checkpoint.defaults.replace(steps=20)
-    ref = Pipeline(load_runners("torch", tiny_checkpoint), tiny_checkpoint)(photo_lq, config).image
+    ref = Pipeline(load_runners("torch", tiny_checkpoint), tiny_checkpoint)(Request(photo_lq, config)).image
     runners = load_runners("torch-cuda", tiny_checkpoint)
-    eager = Pipeline(runners, tiny_checkpoint, "cuda")(photo_lq, config).image
+    eager = Pipeline(runners, tiny_checkpoint, "cuda")(Request(photo_lq, config)).image
     graphed = Pipeline(runners, tiny_checkpoint, "cuda", cuda_graph=True)
-    first, second = graphed(photo_lq, config).image, graphed(photo_lq, config).image
+    first, second = graphed(Request(photo_lq, config)).image, graphed(Request(photo_lq, config)).image
     assert judge_image((64, 64), ref, first, TOLERANCES[Precision.FP16]).passed
     assert np.abs(first.astype(int) - eager.astype(int)).max() <= 2
     assert np.array_equal(first, second) and graphed.graphs.captures == 1  # replayed, not captured again

@@ -18,8 +18,9 @@ from diffsr.export.graphs.manifest import read_manifest
 from diffsr.export.model.checkpoint import load_submodule
 from diffsr.export.model.families.dit4sr import DiT4SR
 from diffsr.export.model.families.dit4sr_networks import DiT4SRTransformer
-from diffsr.export.model.family import preset
+from diffsr.export.model.families import preset
 from diffsr.runtime.loading import load_pipeline
+from diffsr.export.model.settings import Request
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_a_new_checkpoint_is_sd35_layout_with_the_official_defaults(dit4sr):
     t5 = ids["input_ids_3"]
     assert t5[1, 0] == 1 and t5[1, 1:].max() == 0 and (t5[0] == 1).sum() == 1  # ends with </s>, pads with 0
     with pytest.raises(DiffsrError, match=r"'ddim' samples a diffusion process.*\['flow-euler'\]"):
-        load_pipeline("torch", ckpt)(photo("coffee", (16, 16)), d.replace(scheduler="ddim"))
+        load_pipeline("torch", ckpt)(Request(photo("coffee", (16, 16)), d.replace(scheduler="ddim")))
 
 
 def test_the_lr_encoder_is_the_shifted_scaled_posterior_mean(dit4sr):
@@ -235,11 +236,11 @@ def test_the_pipeline_on_two_backends_at_any_size(dit4sr):
     ckpt, onnx_dir = dit4sr
     image = photo("coffee", (29, 22))
     config = ckpt.defaults.replace(steps=4)
-    torch_image = load_pipeline("torch", ckpt)(image, config).image
-    ort_image = load_pipeline("onnxruntime", ckpt, onnx_dir=onnx_dir)(image, config).image
+    torch_image = load_pipeline("torch", ckpt)(Request(image, config)).image
+    ort_image = load_pipeline("onnxruntime", ckpt, onnx_dir=onnx_dir)(Request(image, config)).image
     assert torch_image.shape == ort_image.shape == (88, 116, 3)
     assert psnr_db(torch_image, ort_image) >= 45
-    tiled = load_pipeline("torch", ckpt)(image, config.replace(tile=8, tile_overlap=2)).image
+    tiled = load_pipeline("torch", ckpt)(Request(image, config.replace(tile=8, tile_overlap=2))).image
     assert tiled.shape == (88, 116, 3)
 
 
@@ -282,11 +283,11 @@ def test_without_t5_the_prompt_has_zeros_for_t5s_tokens(without_t5, dit4sr_check
     from diffsr.runtime.loading import load_runners
     from diffsr.runtime.pipeline import Pipeline
 
-    assert without_t5.model.with_captioner(None).submodules == ("text_encoder", "lr_encoder", "transformer", "vae_decoder")
+    assert without_t5.model.with_attachments(()).submodules == ("text_encoder", "lr_encoder", "transformer", "vae_decoder")
     assert set(without_t5.tokenizer()(["a cat"])) == {"input_ids", "input_ids_2"}
     image = photo("coffee", (24, 16))
     config = dit4sr_checkpoint.defaults.replace(steps=2, caption="never")  # the default prompt, not a caption
-    dropped = load_pipeline("torch", without_t5)(image, config).image
+    dropped = load_pipeline("torch", without_t5)(Request(image, config)).image
     runners = load_runners("torch", dit4sr_checkpoint)
     t5 = runners["t5_encoder"]
 
@@ -297,8 +298,8 @@ def test_without_t5_the_prompt_has_zeros_for_t5s_tokens(without_t5, dit4sr_check
         def infer(self, feeds):
             return {k: torch.zeros_like(v) for k, v in t5.infer(feeds).items()}
 
-    zeroed = Pipeline({**runners, "t5_encoder": Zeros()}, dit4sr_checkpoint)(image, config).image
-    full = Pipeline(runners, dit4sr_checkpoint)(image, config).image
+    zeroed = Pipeline({**runners, "t5_encoder": Zeros()}, dit4sr_checkpoint)(Request(image, config)).image
+    full = Pipeline(runners, dit4sr_checkpoint)(Request(image, config)).image
     assert (dropped == zeroed).all() and (dropped != full).any()
 
 

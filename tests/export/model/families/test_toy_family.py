@@ -1,211 +1,203 @@
-"""A family is one module: a toy family, written and registered here (nothing of it in the library), goes
-through a new checkpoint, the export, parity, the in-process pipeline on two backends and the Triton
-repository's configs.
-
-The toy differs from SD where shared code could have assumed SD: three latent channels, a latent factor of
-4 (not 8), one submodule per step (no ControlNet), its own submodule and tensor names, its own networks."""
+"""A family is one module: the toy family (`tests/toy_family.py`, nothing of it in the library), whose requests carry a
+second photo and a text of its own and which runs a stage of its own once per request, goes through a new checkpoint,
+the export, parity, the in-process pipeline on two backends, `diffsr upscale` (its options appear by themselves), the
+Triton repository and a served request, with a BLIP-2 captioner attached to it and without."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+import dataclasses
+import importlib
+import os
+import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
+from typer.testing import CliRunner
 
+from diffsr.app.cli.main import app
 from diffsr.app.measure.parity import check_parity
 from diffsr.calib.data import photo
+from diffsr.export.core.errors import DiffsrError
 from diffsr.export.graphs.exporter import export_onnx
-from diffsr.export.model.components import our_component
-from diffsr.export.model.dims import BATCH, CFG_BATCH, TEXT_BATCH, NamedDim, latent_sides
-from diffsr.export.model.families.sd import SD_SCHEDULER_CONFIG
-from diffsr.export.model.family import FAMILIES, Component, ModelFamily, RunFn, Stages, Tensors, guided, register
-from diffsr.export.model.random_init import init_checkpoint
-from diffsr.export.model.signatures import Signature, TensorSpec
-from diffsr.export.model.tokenizer import CLIP_LENGTH, VOCAB_SIZE, Tokenizer, build_clip_tokenizer
+from diffsr.export.model.attachments.captioner import init_captioner
+from diffsr.export.model.checkpoint import open_checkpoint
+from diffsr.export.model.family import FAMILIES, register
+from diffsr.export.model.settings import Request
+from diffsr.runtime.image import decode_image, encode_png, load_image, save_image
 from diffsr.runtime.loading import load_pipeline
-from diffsr.triton_models.repository import ServingOptions, model_configs
+from diffsr.runtime.prompts import clean_caption
+from diffsr.runtime.requests import parse_request
+from diffsr.triton_models.repository import ServingOptions, build_repository, model_configs
 
-CHANNELS, FACTOR = 3, 4
-
-
-@dataclass(frozen=True)
-class ToyConfig:
-    preset: str
-    width: int
-    text_width: int
-
-
-class Words(nn.Module):
-    def __init__(self, cfg: ToyConfig):
-        super().__init__()
-        self.config = cfg
-        self.embed = nn.Embedding(VOCAB_SIZE, cfg.text_width)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(input_ids.long())  # (B, 77, T)
-
-
-class Down(nn.Module):
-    """Image -> its latent, 4 pixels a cell."""
-
-    def __init__(self, cfg: ToyConfig):
-        super().__init__()
-        self.config = cfg
-        self.conv = nn.Conv2d(3, CHANNELS, FACTOR, stride=FACTOR)
-
-    def forward(self, picture: torch.Tensor) -> torch.Tensor:
-        return self.conv(picture)
-
-
-class Denoiser(nn.Module):
-    """(latent, time, words, the LQ latent) -> the noise: a conv over the latent beside the LQ latent, shifted
-    by the timestep's sin/cos and the mean word."""
-
-    def __init__(self, cfg: ToyConfig):
-        super().__init__()
-        self.config = cfg
-        self.mix = nn.Conv2d(2 * CHANNELS, cfg.width, 3, padding=1)
-        self.time = nn.Linear(2, cfg.width)
-        self.words = nn.Linear(cfg.text_width, cfg.width)
-        self.out = nn.Conv2d(cfg.width, CHANNELS, 3, padding=1)
-
-    def forward(self, noisy: torch.Tensor, t: torch.Tensor, words: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        source = source.repeat(noisy.shape[0] // source.shape[0], 1, 1, 1)  # shared by the guided halves
-        angle = t[:, None] / 1000.0 * math.pi
-        shift = self.time(torch.cat([angle.sin(), angle.cos()], 1)) + self.words(words.mean(1))  # (B, width)
-        return self.out(torch.relu(self.mix(torch.cat([noisy, source], 1)) + shift[:, :, None, None]))
-
-
-class Up(nn.Module):
-    def __init__(self, cfg: ToyConfig):
-        super().__init__()
-        self.config = cfg
-        self.conv = nn.ConvTranspose2d(CHANNELS, 3, FACTOR, stride=FACTOR)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.conv(z).clamp(-1.0, 1.0)
-
-
-NETWORKS = {"words": Words, "down": Down, "denoiser": Denoiser, "up": Up}  # one folder per submodule
-
-
-class Toy(ModelFamily):
-    name = "toy"
-    config_class = ToyConfig
-    presets = {"toy-tiny": ToyConfig("toy-tiny", width=8, text_width=6)}
-    stages = Stages(text=("words",), lq="down", step=("denoiser",), decode="up", start="source")
-    latent_channels = CHANNELS
-    latent_factor = FACTOR
-    scheduler_config = SD_SCHEDULER_CONFIG
-
-    latent_multiple = 2
-    native_latent = 16
-
-    def family_dims(self) -> tuple[NamedDim, ...]:
-        return (BATCH, CFG_BATCH, TEXT_BATCH, *latent_sides(self.latent_multiple, self.native_latent))
-
-    def declare(self) -> tuple[Signature, ...]:
-        f, lat = FACTOR, ("latent_height", "latent_width")
-        img = ("batch", 3, f"{f}*latent_height", f"{f}*latent_width")
-        words = ("text_batch", CLIP_LENGTH, self.config.text_width)
-        return (
-            Signature("words", (TensorSpec("input_ids", "int32", ("text_batch", CLIP_LENGTH)),),
-                      (TensorSpec("words", "float32", words),)),
-            Signature("down", (TensorSpec("picture", "float32", img),),
-                      (TensorSpec("source", "float32", ("batch", CHANNELS, *lat)),)),
-            Signature("denoiser", (TensorSpec("noisy", "float32", ("cfg_batch", CHANNELS, *lat)),
-                                   TensorSpec("t", "float32", ("cfg_batch",)),
-                                   TensorSpec("words", "float32", ("cfg_batch", *words[1:])),
-                                   TensorSpec("source", "float32", ("batch", CHANNELS, *lat))),
-                      (TensorSpec("noise", "float32", ("cfg_batch", CHANNELS, *lat)),)),
-            Signature("up", (TensorSpec("z", "float32", ("batch", CHANNELS, *lat)),), (TensorSpec("image", "float32", img),)),
-        )
-
-    def family_components(self) -> dict[str, Component]:
-        return {folder: our_component(cls, ToyConfig) for folder, cls in NETWORKS.items()}
-
-    def family_parts(self, submodule: str) -> tuple[tuple[str, ...], Any]:
-        self.signature(submodule)
-        return (submodule,), lambda m: m
-
-    def tokenizer_folders(self) -> dict[str, str]:
-        return {"input_ids": "tokenizer"}
-
-    def tokenizer(self, path: Path) -> Tokenizer:
-        return Tokenizer({"input_ids": path / "tokenizer"})
-
-    def networks(self) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
-        from accelerate import init_empty_weights
-
-        with init_empty_weights(include_buffers=False):
-            return {folder: (cls(self.config), asdict(self.config)) for folder, cls in NETWORKS.items()}
-
-    def write_extras(self, out: Path) -> None:
-        build_clip_tokenizer().save_pretrained(str(out / "tokenizer"))
-
-    def family_draws(self) -> Mapping[str, Any]:
-        return {"input_ids": lambda shape, g: torch.randint(0, VOCAB_SIZE, shape, generator=g, dtype=torch.int32),
-                "t": lambda shape, g: torch.randint(0, 1000, shape, generator=g).float()}
-
-    def predict(self, run: RunFn, x: torch.Tensor, lq: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
-        return guided(x, cond["words"].shape[0], row, lambda batch, t: run(
-            "denoiser", noisy=batch, t=t, words=cond["words"], source=lq["source"])["noise"])
+ROOT = Path(__file__).resolve().parents[4]  # where `tests.toy_family` imports from
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    register(Toy)
+    """(checkpoint with a captioner, the same model without it, their ONNX folder): one export serves both."""
+    module = importlib.import_module("tests.toy_family")
+    register(module.Toy)  # registered on first import; again here after an earlier module's teardown
     try:
+        from diffsr.export.model.random_init import init_checkpoint
+
         folder = tmp_path_factory.mktemp("toy")
-        ckpt = init_checkpoint("toy-tiny", seed=0, out=folder / "checkpoint")
+        init_checkpoint("toy-tiny", seed=0, out=folder / "checkpoint")
+        init_captioner("blip2-tiny", 0, folder / "checkpoint")
+        ckpt = open_checkpoint(folder / "checkpoint")
         export_onnx(ckpt, folder / "onnx", ort_fusions=False)
-        yield ckpt, folder / "onnx"
+        plain = dataclasses.replace(ckpt, model=ckpt.model.with_attachments(()))
+        yield ckpt, plain, folder / "onnx"
     finally:
-        FAMILIES.pop(Toy.name)
+        FAMILIES.pop(module.Toy.name, None)
+
+
+@pytest.fixture(scope="module")
+def style():
+    return photo("rocket", (40, 40))
 
 
 def test_the_checkpoint_names_the_family_and_reopens(toy):
-    ckpt, _ = toy
-    assert ckpt.model == Toy(Toy.presets["toy-tiny"])
+    ckpt, plain, _ = toy
+    assert type(ckpt.model).__name__ == "Toy" and ckpt.model.attachment("captioner") is not None
     assert (ckpt.path / "diffsr.json").read_text().count('"family": "toy"') == 1
-    assert {p.name for p in ckpt.path.iterdir()} == {*NETWORKS, "tokenizer", "scheduler", "diffsr.json"}
+    assert {p.name for p in ckpt.path.iterdir()} == {"words", "down", "style", "denoiser", "up", "tokenizer",
+                                                     "scheduler", "diffsr.json", "captioner"}
+    assert plain.model.submodules == ("words", "style", "down", "denoiser", "up")
+    ckpt.model.check_stages()
+    assert [t.name for t in ckpt.model.prepared()] == ["input_ids", "style_photo", "picture"]
 
 
-def test_export_and_parity_hold_the_toy_to_its_reference(toy):
-    ckpt, onnx_dir = toy
+def test_export_and_parity_hold_the_toy_and_its_captioner_to_their_reference(toy):
+    ckpt, _, onnx_dir = toy
     report = check_parity(ckpt, onnx_dir, size=(24, 20), steps=3, shapes=("min", "odd"))
-    assert {o.submodule for o in report.outputs} == {"words", "down", "denoiser", "up"}
+    assert {o.submodule for o in report.outputs} == {"words", "style", "down", "denoiser", "up", "caption_image",
+                                                     "caption_prefill", "caption_decode"}
     assert report.passed, report.to_json()
     odd = next(o for o in report.outputs if o.submodule == "up" and o.shape == "odd")
     # odd multiples of the toy's 2 cells (3 x 5), raised alike to the engines' least side of 8 cells
     assert odd.dims["latent_height"] == 10 and odd.dims["latent_width"] == 14
+    assert report.images and report.images[0].psnr_db > 40  # the whole pipeline, its style photo filled in
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmpp-2m"])
-def test_the_pipeline_runs_the_toy_on_two_backends_at_any_size(toy, scheduler):
-    """A 23x17 photo (pixel multiple 8: padded inside) comes back at exactly 92x68, tiled and not."""
-    ckpt, onnx_dir = toy
-    image = photo("coffee", (23, 17))
-    config = ckpt.defaults.replace(steps=4, scheduler=scheduler)
-    torch_image = load_pipeline("torch", ckpt)(image, config).image
-    ort_image = load_pipeline("onnxruntime", ckpt, onnx_dir=onnx_dir)(image, config).image
-    assert torch_image.shape == ort_image.shape == (68, 92, 3)
-    assert np.abs(torch_image.astype(int) - ort_image.astype(int)).max() <= 1
-    tiled = load_pipeline("torch", ckpt)(image, config.replace(tile=8, tile_overlap=2)).image
-    assert tiled.shape == (68, 92, 3)
+def test_the_pipeline_runs_the_toy_on_two_backends_at_any_size(toy, style, scheduler):
+    """A 23x17 photo (pixel multiple 8: padded inside) comes back at exactly 92x68, tiled and not; without the
+    captioner the prompt is the checkpoint's."""
+    _, plain, onnx_dir = toy
+    config = plain.defaults.replace(steps=4, scheduler=scheduler)
+    request = Request(photo("coffee", (23, 17)), config, {"style": (style,)})
+    torch_result = load_pipeline("torch", plain)(request)
+    ort_image = load_pipeline("onnxruntime", plain, onnx_dir=onnx_dir)(request).image
+    assert torch_result.image.shape == ort_image.shape == (68, 92, 3)
+    assert np.abs(torch_result.image.astype(int) - ort_image.astype(int)).max() <= 1
+    assert torch_result.prompt == plain.defaults.caption_suffix
+    assert {"style", "text", "lq", "denoise"} <= set(torch_result.timings)  # the family's own stage, timed as its part
+    tiled = load_pipeline("torch", plain)(dataclasses.replace(request, settings=config.replace(tile=8, tile_overlap=2)))
+    assert tiled.image.shape == (68, 92, 3)
 
 
-def test_the_triton_repository_serves_the_toys_submodules(toy):
-    ckpt, _ = toy
+def test_the_toys_own_inputs_change_the_image(toy, style):
+    _, plain, _ = toy
+    pipe = load_pipeline("torch", plain)
+    lq, config = photo("coffee", (24, 16)), plain.defaults.replace(steps=3)
+    base = pipe(Request(lq, config, {"style": (style,)})).image
+    other_style = pipe(Request(lq, config, {"style": (photo("camera", (40, 40)),)})).image
+    other_mood = pipe(Request(lq, config.replace(inputs={"mood": "stormy night"}), {"style": (style,)})).image
+    assert not np.array_equal(base, other_style) and not np.array_equal(base, other_mood)
+
+
+def test_the_toys_requests_are_parsed_against_its_declaration(toy, style):
+    _, plain, _ = toy
+    defaults = plain.defaults
+    request = parse_request(plain.model, defaults, {"image": encode_png(photo("coffee", (8, 8))), "style": encode_png(style),
+                                                    "mood": "bright"})
+    assert request.settings.inputs == {"mood": "bright"} and request.photos["style"][0].shape == (40, 40, 3)
+    with pytest.raises(DiffsrError, match=r"^style is required: a photo whose look the output takes$"):
+        parse_request(plain.model, defaults, {"image": encode_png(style)})
+    # every mistake of a request, one message each
+    with pytest.raises(DiffsrError, match=r"^this toy model takes no input 'references' \(it takes \[.*'style', 'mood'\]\); "
+                                          r"mood must be text, not int 3$"):
+        parse_request(plain.model, defaults, {"image": encode_png(style), "style": encode_png(style), "mood": 3,
+                                              "references": [b""]})
+    with pytest.raises(DiffsrError, match=r"^cannot decode style: its 9 bytes are no image format Pillow reads"):
+        parse_request(plain.model, defaults, {"image": encode_png(style), "style": b"not a png"})
+
+
+def test_upscale_has_the_toys_options_by_themselves(toy, style, tmp_path):
+    ckpt, _, _ = toy
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["upscale", "--help"], terminal_width=200).output
+    assert "--style" in help_text and "--mood" in help_text and "the toy family" in help_text
+    save_image(photo("coffee", (20, 12)), tmp_path / "in.png")
+    save_image(style, tmp_path / "style.png")
+    args = ["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"), "--checkpoint", str(ckpt.path),
+            "--steps", "2", "--caption", "never"]
+    missing = runner.invoke(app, args)
+    assert missing.exit_code == 2 and "style is required" in missing.output, missing.output
+    done = runner.invoke(app, [*args, "--style", str(tmp_path / "style.png"), "--mood", "bright", "--prompt", "a cup"])
+    assert done.exit_code == 0, done.output
+    assert load_image(tmp_path / "out.png").shape == (48, 80, 3) and "prompt: a cup" in done.output
+
+
+def test_the_triton_repository_serves_the_toys_submodules_and_inputs(toy):
+    ckpt, _, _ = toy
     configs = model_configs(ckpt, "onnxruntime", ServingOptions(entry="ensemble", step_batch=4))
-    assert set(configs) == {"words", "down", "denoiser", "up", "preprocess", "sampler", "postprocess", "diffsr"}
+    assert set(configs) == {"words", "style", "down", "denoiser", "up", "caption_image", "caption_prefill",
+                            "caption_decode", "preprocess", "sampler", "postprocess", "diffsr"}
     assert configs["denoiser"].max_batch_size == 4 and configs["up"].max_batch_size == 0  # the step stage batches
-    assert [s.model_name for s in configs["diffsr"].ensemble_scheduling.step] == ["preprocess", "words", "sampler",
-                                                                                   "postprocess"]
-    assert [i.name for i in configs["preprocess"].output] == ["picture", "input_ids", "output_size", "used_prompt"]
+    # the untiled once-per-request stages are steps of the ensemble; the tiled one runs in the sampler
+    assert [s.model_name for s in configs["diffsr"].ensemble_scheduling.step] == ["preprocess", "words", "style",
+                                                                                   "sampler", "postprocess"]
+    assert [i.name for i in configs["preprocess"].output] == ["input_ids", "style_photo", "picture", "output_size",
+                                                              "used_prompt", "settings"]
+    assert [i.name for i in configs["sampler"].input] == ["picture", "words", "style", "output_size", "settings"]
+    inputs = {i.name: i for i in configs["diffsr"].input}
+    assert list(inputs)[-2:] == ["style", "mood"] and not inputs["image"].optional and inputs["mood"].optional
+
+
+@pytest.fixture(scope="module")
+def toy_server(toy, tmp_path_factory):
+    """The toy checkpoint (with its captioner) behind the BLS entry point; the server's python models import the
+    family's module (recorded in the repository), found on PYTHONPATH as a user's own package would be."""
+    from tests.conftest import _serve
+
+    ckpt, _, onnx_dir = toy
+    repo = tmp_path_factory.mktemp("repo-toy") / "models"
+    build_repository(ckpt, onnx_dir, repo, options=ServingOptions(sampler_instances=1, warmup=False))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        return _serve(repo)
+
+
+def test_a_served_toy_request_equals_the_in_process_pipeline(toy, toy_server, style, tmp_path):
+    from diffsr.app.serving.triton_client import RequestRefused, TritonClient
+
+    ckpt, _, onnx_dir = toy
+    lq = photo("chelsea", (24, 20))
+    local = load_pipeline("onnxruntime", ckpt, onnx_dir=onnx_dir)
+    with TritonClient(toy_server.http_url) as client:
+        assert {"style", "mood"} <= set(client.endpoint())
+        captioned = client.upscale(encode_png(lq), style=encode_png(style), mood="bright", steps=3)
+        typed = client.upscale(encode_png(lq), style=encode_png(style), prompt="a cat", steps=3)
+        with pytest.raises(RequestRefused, match="style is required"):
+            client.upscale(encode_png(lq), steps=3)
+    direct = local(Request(lq, ckpt.defaults.replace(steps=3, inputs={"mood": "bright"}), {"style": (style,)}))
+    remote = decode_image(captioned.png, "answer")
+    assert remote.shape == direct.image.shape == (80, 96, 3)
+    assert np.abs(remote.astype(int) - direct.image.astype(int)).max() <= 1
+    assert captioned.prompt == direct.prompt != ckpt.defaults.caption_suffix  # the caption, as in process
+    assert typed.prompt == "a cat"
+    caption = local.prompters["prompt"](lq, ckpt.defaults)
+    assert captioned.prompt == clean_caption(caption, ckpt.defaults.caption_drop, ckpt.defaults.caption_suffix)
+
+
+def test_the_client_sends_the_toys_inputs(toy, toy_server, style, tmp_path):
+    save_image(photo("chelsea", (24, 20)), tmp_path / "in.png")
+    save_image(style, tmp_path / "style.png")
+    result = CliRunner().invoke(app, ["client", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"), "--url",
+                                      toy_server.http_url, "--style", str(tmp_path / "style.png"), "--steps", "2",
+                                      "--prompt", "a cat"])
+    assert result.exit_code == 0, result.output
+    assert load_image(tmp_path / "out.png").shape == (80, 96, 3) and "prompt: a cat" in result.output
+    shutil.rmtree(tmp_path)

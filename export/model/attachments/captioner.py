@@ -17,7 +17,7 @@ B images, R language-model rows (`caption_batch`: one image's beams), T = `promp
 is allocated once at its full length L (the prefix, BOS, the prompt and every new token), so a decode step is one
 fixed-shape call: position p writes slot p, `attention_mask` marks the slots filled so far (the one written now
 included). The prefill's mask has the same width, only to size the cache. Ids, positions and masks are int32
-(what TensorRT takes). When a checkpoint has a captioner, its model (`ModelFamily.captioner`) has these three
+(what TensorRT takes). A checkpoint's captioner is an attachment of its model (`ModelFamily.attachments`): these three
 submodules besides the family's, so export, parity, FP16, INT8, engines and budget treat them as any other.
 
 `init_captioner` writes a seeded one of a preset (weights drawn one tensor at a time, FP16, as `diffsr init`
@@ -31,17 +31,16 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.model.dims import NamedDim
+from diffsr.export.model.family import Attachment, Component, Draw
+from diffsr.export.model.settings import MAX_BEAMS, MAX_NEW_TOKENS
 from diffsr.export.model.signatures import Signature, TensorSpec
-
-if TYPE_CHECKING:
-    from diffsr.export.model.family import Draw
 
 FOLDER = "captioner"
 WEIGHTS = "model.safetensors"
@@ -50,9 +49,7 @@ NEWLINE = "\u010a"  # "\n" as a byte-level token: the published checkpoint's end
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 F32, IDS = "float32", "int32"
-MAX_BEAMS = 5  # LAVIS's captioning default, and the most the graphs' profiles hold
 MAX_PROMPT = 32  # tokens of a caption prompt (after BOS)
-MAX_NEW_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -116,8 +113,14 @@ def blip2_config(c: CaptionerConfig, image_token: int, newline: int) -> Any:
 
 
 @dataclass(frozen=True)
-class Captioner:
-    """A checkpoint's captioner, read from its transformers config: the widths its graphs' signatures need."""
+class Captioner(Attachment):
+    """A checkpoint's captioner, read from its transformers config: the widths its graphs' signatures need. Attached
+    to any family, it writes the request's prompt (`runtime/caption.py`, under the prompt policy)."""
+
+    folder = FOLDER
+    writes = "prompt"
+    part = "caption"
+    stand_in = "a typed prompt, or the caption suffix alone (caption=never)"
 
     path: Path = field(compare=False)  # the captioner/ folder: two checkpoints' equal captioners are equal
     hidden: int  # D: the language model's width (the prefix's)
@@ -138,6 +141,37 @@ class Captioner:
             return cls(Path(FOLDER), **data)
         except TypeError as e:
             raise DiffsrError(f"captioner entry {data} is malformed: {e}") from None
+
+    @classmethod
+    def open(cls, folder: Path) -> Captioner:
+        return open_captioner(folder)
+
+    def components(self) -> dict[str, Component]:
+        """captioner/: BLIP-2, its language model's head stored as its embedding where they are tied."""
+        from diffsr.export.model.attachments.captioner_networks import EMBED_TOKENS, LM_HEAD, build_blip2
+
+        return {FOLDER: Component(build_blip2, WEIGHTS, ((LM_HEAD, EMBED_TOKENS),))}
+
+    def parts(self, submodule: str) -> tuple[tuple[str, ...], Any]:
+        from diffsr.export.model.attachments.captioner_networks import GRAPHS
+
+        return (FOLDER,), GRAPHS[submodule]
+
+    def partial(self, submodule: str) -> bool:
+        return True  # each graph is part of BLIP-2
+
+    def file_errors(self, folder: Path) -> list[str]:
+        """Its tokenizer: a config naming the class, and the vocabulary (one tokenizer.json, or vocab.json and
+        merges.txt as OPT's slow tokenizer saves them)."""
+        errors = []
+        try:
+            read_json(folder / "tokenizer_config.json", "captioner file", "copy the captioner's tokenizer files")
+        except DiffsrError as e:
+            errors.append(str(e))
+        if not (folder / "tokenizer.json").is_file() and not all((folder / f).is_file() for f in ("vocab.json", "merges.txt")):
+            errors.append(f"captioner file missing: {folder / 'tokenizer.json'} (or vocab.json and merges.txt): copy the "
+                          "captioner's tokenizer files")
+        return errors
 
     @property
     def head_dim(self) -> int:
@@ -180,10 +214,6 @@ class Captioner:
                                                 TensorSpec("position_ids", IDS, ("caption_batch", 1)), mask, *kv_in),
                       outputs=(logits, *kv_out)),
         )
-
-    @property
-    def graphs(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.declare())
 
     def sample_draws(self) -> dict[str, Draw]:
         """Token ids in the language model's rows; positions inside the prefix (below every cache length); masks
@@ -243,7 +273,7 @@ def init_captioner(preset_name: str, seed: int, checkpoint: Path) -> Captioner:
     from safetensors.torch import save_file
     from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessorPil
 
-    from diffsr.export.model.random_init import STORED_DTYPE, draw_parameter
+    from diffsr.export.model.draw import STORED_DTYPE, draw_parameter
 
     c = captioner_preset(preset_name)
     out = Path(checkpoint) / FOLDER

@@ -1,0 +1,26 @@
+"""The attachments: optional models a checkpoint may carry in folders of their own, attached to any family
+(`family.Attachment`). Each kind is one module; `KINDS` names them by folder.
+
+    captioner/   BLIP-2 (OPT): the photo's caption, the paper's own prompt (`captioner.py`)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffsr.export.model.attachments.captioner import Captioner
+from diffsr.export.model.family import Attachment
+
+KINDS: dict[str, type[Attachment]] = {Captioner.folder: Captioner}
+
+
+def open_attachments(checkpoint: Path) -> tuple[Attachment, ...]:
+    """The attachments a checkpoint folder holds, in `KINDS`' order (the order they run in)."""
+    return tuple(kind.open(checkpoint / folder) for folder, kind in KINDS.items() if (checkpoint / folder).exists())
+
+
+def attachments_from_json(data: dict[str, Any]) -> tuple[tuple[Attachment, ...], dict[str, Any]]:
+    """(the attachments, the family's own entry) of a model's JSON (`ModelFamily.to_json`)."""
+    found = tuple(kind.from_json(data[folder]) for folder, kind in KINDS.items() if folder in data)
+    return found, {k: v for k, v in data.items() if k not in KINDS}
