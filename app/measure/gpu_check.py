@@ -90,7 +90,7 @@ def check_gpu(
         "torch fp16 eager": lambda: Pipeline(load_runners("torch", ckpt, "cuda", precision=Precision.FP16), ckpt, "cuda"),
         "torch-cuda (graph)": lambda: Pipeline(load_runners("torch-cuda", ckpt), ckpt, "cuda", cuda_graph=True),
     }
-    if engines is not None and _engines_match(engines, ckpt):
+    if engines is not None and engines_match(engines, ckpt):
         paths["tensorrt (graph)"] = lambda: Pipeline(load_runners("tensorrt", ckpt, engines_dir=engines), ckpt, "cuda",
                                                      cuda_graph=True)
     outputs: dict[str, np.ndarray[Any, Any]] = {}
@@ -116,21 +116,27 @@ def check_gpu(
     # 4. the benchmark: eager FP16 PyTorch (the baseline) against the GPU backends
     bench_ckpt = _checkpoint(bench_preset, workdir, say)
     backends = ["torch", "torch-cuda"]
-    if engines is not None and _engines_match(engines, bench_ckpt):
+    if engines is not None and engines_match(engines, bench_ckpt):
         backends.append("tensorrt")
     say(f"benchmark: {bench_preset}, {', '.join(backends)}")
-    side = bench_ckpt.model.native_latent * bench_ckpt.model.latent_factor // 4  # x4 gives the model's native output size
+    side, scale = bench_side(bench_ckpt), bench_ckpt.defaults.upscale
     records = run_bench(bench_ckpt, onnx, backends, (side, side), 20, runs, warmup, (), say=say, device="cuda",
                         engines_dir=engines)
     report.bench = records
-    report.bench_title = (f"{bench_preset} {side}x{side} -> {4 * side}x{4 * side}, 20 steps, CFG, {runs} runs after {warmup} warm-up; "
+    report.bench_title = (f"{bench_preset} {side}x{side} -> {scale * side}x{scale * side}, 20 steps, CFG, {runs} runs after {warmup} warm-up; "
                           f"{report.environment['gpu']}")
     return report
 
 
-def _engines_match(engines: Path, ckpt: Checkpoint) -> bool:
+def bench_side(ckpt: Checkpoint) -> int:
+    """The benchmark photo's side: the one its `upscale` takes to the model's native output size."""
+    return ckpt.model.native_latent * ckpt.model.latent_factor // ckpt.defaults.upscale
+
+
+def engines_match(engines: Path, ckpt: Checkpoint) -> bool:
     """Whether the engine folder was built for this checkpoint (its metadata names the checkpoint)."""
     try:
-        return read_meta(engines / "text_encoder.plan").checkpoint_sha256 == checkpoint_digest(ckpt.path)
+        plans = [engines / f"{name}.plan" for name in ckpt.model.submodules]
+        return all(read_meta(plan).checkpoint_sha256 == checkpoint_digest(ckpt.path) for plan in plans)
     except DiffsrError:
         return False

@@ -179,7 +179,11 @@ def check_parity(
     names = _chosen(ckpt.model, submodules)
     photos: tuple[str, ...] = ("astronaut",)
     if precision is Precision.INT8:
-        quantized = tuple(read_manifest(Path(onnx_dir))["int8_calibration"]["submodules"])
+        calibration = read_manifest(Path(onnx_dir)).get("int8_calibration")
+        if not calibration:  # the prerequisite step was not run
+            raise DiffsrError(f"{onnx_dir} holds no INT8 graphs: make them first with `diffsr quantize --checkpoint ... "
+                              f"--onnx {onnx_dir}` (after `diffsr export --fp16`)")
+        quantized = tuple(calibration["submodules"])
         if names is not None and set(names) - set(quantized):
             raise DiffsrError(f"{sorted(set(names) - set(quantized))} not quantized in {onnx_dir} (INT8 graphs: {list(quantized)})")
         names, photos = names or quantized, HELD_OUT

@@ -11,6 +11,7 @@ import pytest
 from diffsr.app.serving.triton_client import TritonClient, request_inputs
 from diffsr.calib.data import photo
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.settings import Request
 from diffsr.runtime.image import decode_image
 from diffsr.runtime.image import encode_png as _png
 from diffsr.runtime.loading import load_runners
@@ -39,7 +40,7 @@ def test_endpoint_matches_the_onnxruntime_pipeline(server, local, tiny_checkpoin
     url = server.http_url if protocol == "http" else server.grpc_url
     with TritonClient(url, protocol) as client:  # closed: a server stopping waits for open connections
         remote = _decode(client.upscale(_png(lq), **SETTINGS).png)
-    direct = local(lq, tiny_checkpoint.defaults.replace(**SETTINGS)).image
+    direct = local(Request(lq, tiny_checkpoint.defaults.replace(**SETTINGS))).image
     assert remote.shape == direct.shape == (128, 160, 3)
     assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
 
@@ -49,10 +50,10 @@ def test_tiled_endpoint_matches_the_tiled_onnxruntime_pipeline(narrow_server, lo
     url = narrow_server.http_url if protocol == "http" else narrow_server.grpc_url
     with TritonClient(url, protocol) as client:  # closed: a server stopping waits for open connections
         remote = _decode(client.upscale(_png(lq), **SETTINGS).png)
-    direct = local(lq, tiny_checkpoint.defaults.replace(**SETTINGS, **SERVED_TILING)).image
+    direct = local(Request(lq, tiny_checkpoint.defaults.replace(**SETTINGS, **SERVED_TILING))).image
     assert remote.shape == direct.shape == (128, 160, 3)
     assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
-    untiled = local(lq, tiny_checkpoint.defaults.replace(**SETTINGS)).image
+    untiled = local(Request(lq, tiny_checkpoint.defaults.replace(**SETTINGS))).image
     assert np.abs(remote.astype(int) - untiled.astype(int)).max() > 1  # the server did tile (9 tiles of 64 px)
 
 
@@ -60,7 +61,7 @@ def test_request_settings_reach_the_sampler(narrow_server, local, tiny_checkpoin
     settings = dict(steps=3, seed=5, guidance_scale=1.0, prompt="a cat", negative_prompt="dogs", scheduler="dpmpp-2m")
     with TritonClient(narrow_server.http_url) as client:
         remote = _decode(client.upscale(_png(lq), **settings).png)
-    direct = local(lq, tiny_checkpoint.defaults.replace(**settings, **SERVED_TILING)).image
+    direct = local(Request(lq, tiny_checkpoint.defaults.replace(**settings, **SERVED_TILING))).image
     assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
 
 
@@ -183,7 +184,7 @@ def test_sdxl_endpoint_matches_the_onnxruntime_pipeline(sdxl_server, sdxl_checkp
     with TritonClient(url, protocol) as client:
         remote = _decode(client.upscale(_png(lq), prompt="a cat", **SETTINGS).png)
     local = Pipeline(load_runners("onnxruntime", sdxl_checkpoint, onnx_dir=sdxl_onnx), sdxl_checkpoint)
-    direct = local(lq, sdxl_checkpoint.defaults.replace(prompt="a cat", **SETTINGS)).image
+    direct = local(Request(lq, sdxl_checkpoint.defaults.replace(prompt="a cat", **SETTINGS))).image
     assert remote.shape == direct.shape == (128, 160, 3)
     assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
 
@@ -204,11 +205,11 @@ def test_dit4sr_endpoint_matches_the_onnxruntime_pipeline(dit4sr_server, dit4sr_
         answer = client.upscale(_png(lq), **SETTINGS)
     remote = _decode(answer.png)
     config = dit4sr_checkpoint.defaults.replace(**SETTINGS)
-    direct = dit4sr_local(lq, config.replace(**SERVED_TILING))
+    direct = dit4sr_local(Request(lq, config.replace(**SERVED_TILING)))
     assert answer.prompt == direct.prompt != config.caption_suffix  # the caption, made the same way
     assert remote.shape == direct.image.shape == (88, 116, 3)
     assert np.array_equal(remote, direct.image)  # byte for byte
-    untiled = dit4sr_local(lq, config).image
+    untiled = dit4sr_local(Request(lq, config)).image
     assert np.abs(remote.astype(int) - untiled.astype(int)).max() > 1  # the server did tile
 
 
@@ -358,5 +359,5 @@ def test_any_photo_size_comes_back_at_four_times_with_either_scheduler(server, l
     w, h = size
     assert remote.shape == (4 * h, 4 * w, 3)
     if w * h < 100 * 100:  # the 732 px one is four tiles a step: its endpoint-vs-pipeline check is the tiled tests'
-        direct = local(decode_image(buffer.getvalue()), tiny_checkpoint.defaults.replace(**settings)).image
+        direct = local(Request(decode_image(buffer.getvalue()), tiny_checkpoint.defaults.replace(**settings))).image
         assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1

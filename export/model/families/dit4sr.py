@@ -139,9 +139,9 @@ def _ids(vocab: int) -> Draw:
 
 
 def _transformer_component() -> Component:
-    from diffsr.export.model.families.dit4sr_networks import DiT4SRTransformer
-
     def build(folder: Path) -> nn.Module:
+        from diffsr.export.model.families.dit4sr_networks import DiT4SRTransformer
+
         config = read_config(folder)
         if config.get("_class_name", "SD3Transformer2DModel") != "SD3Transformer2DModel":
             raise DiffsrError(f"{folder / 'config.json'} describes a {config['_class_name']}, expected SD3Transformer2DModel")
@@ -228,13 +228,10 @@ class DiT4SR(ModelFamily):
     # --- checkpoint ------------------------------------------------------------------------
 
     def family_components(self) -> dict[str, Component]:
-        from diffusers import AutoencoderKL
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-        clip = transformers_component(CLIPTextModelWithProjection, CLIPTextConfig)
-        t5 = {"text_encoder_3": transformers_component(T5EncoderModel, T5Config, tied=T5_TIED)} if self.t5 else {}
+        clip = transformers_component("CLIPTextModelWithProjection", "CLIPTextConfig")
+        t5 = {"text_encoder_3": transformers_component("T5EncoderModel", "T5Config", tied=T5_TIED)} if self.t5 else {}
         return {"text_encoder": clip, "text_encoder_2": clip, **t5,
-                "transformer": _transformer_component(), "vae": diffusers_component(AutoencoderKL)}
+                "transformer": _transformer_component(), "vae": diffusers_component("AutoencoderKL")}
 
     def family_parts(self, submodule: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]:
         from diffsr.export.model.families.dit4sr_networks import ClipTextEncoders, LatentEncoder, T5Encoder

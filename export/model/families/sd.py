@@ -253,18 +253,14 @@ class SD(ModelFamily):
     # --- checkpoint ------------------------------------------------------------------------
 
     def family_components(self) -> dict[str, Component]:
-        from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        from diffsr.export.model.families.sd_networks import FusionConfig, FusionTransformer, LQEncoder, LQEncoderConfig
-
+        networks = "diffsr.export.model.families.sd_networks"  # imported, as diffusers is, when a network is built
         return {
-            "text_encoder": transformers_component(CLIPTextModel, CLIPTextConfig),
-            "lq_encoder": our_component(LQEncoder, LQEncoderConfig),
-            "fusion_transformer": our_component(FusionTransformer, FusionConfig),
-            "controlnet": diffusers_component(ControlNetModel),
-            "unet": diffusers_component(UNet2DConditionModel),
-            "vae": diffusers_component(AutoencoderKL),
+            "text_encoder": transformers_component("CLIPTextModel", "CLIPTextConfig"),
+            "lq_encoder": our_component(f"{networks}:LQEncoder", f"{networks}:LQEncoderConfig"),
+            "fusion_transformer": our_component(f"{networks}:FusionTransformer", f"{networks}:FusionConfig"),
+            "controlnet": diffusers_component("ControlNetModel"),
+            "unet": diffusers_component("UNet2DConditionModel"),
+            "vae": diffusers_component("AutoencoderKL"),
         }
 
     def text_folders(self) -> tuple[str, ...]:

@@ -97,9 +97,8 @@ class SDXL(SD):
         return [TensorSpec("text_embeds", F32, ("cfg_batch", self.pooled_dim)), TensorSpec("time_ids", F32, ("cfg_batch", TIME_IDS))]
 
     def family_components(self) -> dict[str, Component]:
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-        return super().family_components() | {"text_encoder_2": transformers_component(CLIPTextModelWithProjection, CLIPTextConfig)}
+        return super().family_components() | {"text_encoder_2": transformers_component("CLIPTextModelWithProjection",
+                                                                                     "CLIPTextConfig")}
 
     def text_folders(self) -> tuple[str, ...]:
         return ("text_encoder", "text_encoder_2")

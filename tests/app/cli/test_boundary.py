@@ -132,3 +132,64 @@ def test_serve_on_a_missing_repository(tmp_path):
 def test_unknown_parity_shapes(tiny_checkpoint, tiny_onnx):
     _one_line_error(_run("parity", "--checkpoint", tiny_checkpoint.path, "--onnx", tiny_onnx, "--shapes", "min,huge"),
                     "parity shapes ['min', 'huge'] must be one or more of ['min', 'opt', 'odd']")
+
+
+def _broken_copy(tiny_checkpoint, tmp_path, edit):
+    """A copy of the tiny checkpoint, its files linked (not copied), with `edit(folder)` applied."""
+    import os
+    import shutil
+
+    folder = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint.path, folder, copy_function=os.link)
+    edit(folder)
+    return folder
+
+
+def _rewrite_json(path, change):
+    import json
+
+    data = json.loads(path.read_text())
+    change(data)
+    path.unlink()  # a linked file: replaced, the session's checkpoint untouched
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("edit, message", [
+    # a diffsr.json setting of the wrong type: refused on opening, naming the file and the setting
+    (lambda f: _rewrite_json(f / "diffsr.json", lambda d: d["pipeline"].update(steps="20")),
+     "diffsr.json: pipeline setting steps='20' is not an integer"),
+    (lambda f: _rewrite_json(f / "diffsr.json", lambda d: d["model"].update(unet_channels=32)),
+     "sd model config unet_channels=32 is not a list"),
+    # a tokenizer broken or missing: refused on opening, not after the weights load
+    (lambda f: ((f / "tokenizer" / "tokenizer.json").unlink(), (f / "tokenizer" / "tokenizer.json").write_text("{")),
+     "tokenizer file is not valid JSON: "),
+    (lambda f: (f / "tokenizer" / "tokenizer_config.json").unlink(), "tokenizer file missing: "),
+    # a component's weights or config missing
+    (lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors").unlink(), "checkpoint file missing: "),
+    (lambda f: (f / "vae" / "config.json").unlink(), "checkpoint file missing: "),
+])
+def test_a_broken_checkpoint_is_refused_when_it_opens(tiny_checkpoint, png, tmp_path, edit, message):
+    folder = _broken_copy(tiny_checkpoint, tmp_path, edit)
+    _one_line_error(_run("upscale", png, "-o", tmp_path / "x.png", "--checkpoint", folder), message)
+
+
+def test_a_command_whose_prerequisite_was_not_run_says_which(tiny_checkpoint, tiny_onnx):
+    """The session's tiny export has FP16 graphs but no INT8 ones: `diffsr quantize` was not run."""
+    result = _run("parity", "--checkpoint", tiny_checkpoint.path, "--onnx", tiny_onnx, "--precision", "int8")
+    _one_line_error(result, f"{tiny_onnx} holds no INT8 graphs: make them first with `diffsr quantize")
+
+
+@pytest.mark.parametrize("option", ["--prompt", "--negative-prompt"])
+def test_text_that_is_not_utf8_is_refused_as_the_endpoint_refuses_it(tiny_checkpoint, png, tmp_path, option):
+    """A command line's bytes that are not UTF-8 arrive as lone surrogates: the parse refuses them in the words it
+    uses for the endpoint's BYTES that do not decode."""
+    result = _run("upscale", png, "-o", tmp_path / "x.png", "--checkpoint", tiny_checkpoint.path, option,
+                  b"caf\xe9".decode("utf-8", "surrogateescape"))
+    _one_line_error(result, f"{option[2:].replace('-', '_')} is not valid UTF-8 text")
+
+
+def test_upscale_never_writes_over_its_own_photo(tiny_checkpoint, png, tmp_path):
+    before = png.read_bytes()
+    _one_line_error(_run("upscale", png, "-o", png, "--checkpoint", tiny_checkpoint.path),
+                    f"--out {png} is the input photo {png}: write the result to another file, or pass --overwrite")
+    assert png.read_bytes() == before

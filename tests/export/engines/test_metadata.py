@@ -62,7 +62,13 @@ def test_each_mismatch_is_refused_by_name(meta, change, message):
 
 
 def test_checks_without_a_value_are_skipped(meta):
-    check_engine(meta, signature_sha256="s" * 64)  # no GPU, checkpoint or ONNX at hand: only the signature
+    """No GPU, checkpoint or ONNX at hand: only the signature is checked, and still refused when it differs (the
+    other values of `meta` would fail every skipped check: they are not looked at)."""
+    foreign = dataclasses.replace(meta, built_with=dataclasses.replace(HERE, tensorrt="0.0"), checkpoint_sha256="x" * 64,
+                                  onnx_sha256="x" * 64, plan_sha256="x" * 64)
+    assert check_engine(foreign, signature_sha256="s" * 64) is None
+    with pytest.raises(DiffsrError, match="built for another signature"):
+        check_engine(foreign, signature_sha256="t" * 64)
 
 
 def test_missing_unreadable_or_old_metadata_is_refused(meta, tmp_path):

@@ -201,3 +201,24 @@ def test_the_client_sends_the_toys_inputs(toy, toy_server, style, tmp_path):
     assert result.exit_code == 0, result.output
     assert load_image(tmp_path / "out.png").shape == (80, 96, 3) and "prompt: a cat" in result.output
     shutil.rmtree(tmp_path)
+
+
+def test_the_gpu_check_asks_the_model_for_its_engines_and_benchmark_size(toy, tmp_path):
+    """Its engines match when every submodule's plan was built from this checkpoint (the toy has no text_encoder);
+    its benchmark photo is the one the checkpoint's `upscale` takes to the native size."""
+    from diffsr.app.measure.gpu_check import bench_side, engines_match
+    from diffsr.export.engines.metadata import EngineMeta, Environment, write_meta
+    from diffsr.export.graphs.manifest import checkpoint_digest
+
+    ckpt, _, _ = toy
+    digest = checkpoint_digest(ckpt.path)
+    for name in ckpt.model.submodules:
+        write_meta(EngineMeta(submodule=name, plan_sha256="p" * 64, built_with=Environment("10", "gpu", "9.0"),
+                              onnx_file=f"{name}.fp16.onnx", onnx_sha256="o" * 64, signature_sha256="s" * 64,
+                              checkpoint_sha256=digest, target="server", profile={}, flags={}, device_memory_bytes=0,
+                              build_seconds=0.0), tmp_path / f"{name}.plan")
+    assert engines_match(tmp_path, ckpt)
+    (tmp_path / "style.json").unlink()
+    assert not engines_match(tmp_path, ckpt)
+    assert bench_side(ckpt) == 16 and bench_side(dataclasses.replace(ckpt, defaults=ckpt.defaults.replace(upscale=2))) == 32
+
