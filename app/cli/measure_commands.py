@@ -132,13 +132,14 @@ def eval_cmd(
     limit: Annotated[Optional[int], typer.Option(help="only the first N images", min=1)] = None,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="write every score as JSON")] = None,
     plot_file: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG: bicubic | diffsr | HR crops")] = None,
+    triton_url: Annotated[Optional[str], typer.Option(help=f"{SERVED}: a running server's HTTP host:port, serving "
+                                                      "its own colour fix and tiling; else one is started")] = None,
 ) -> None:
     """PSNR and SSIM (Y channel, border cropped) against ground truth: bicubic first, then each backend."""
     from diffsr.app.cli import tables
     from diffsr.app.measure.quality import evaluate, load_pair, pair_images, picture, reference_of, rows_for
     from diffsr.export.model.checkpoint import open_checkpoint
-    from diffsr.runtime.schedulers import make_scheduler
-    from diffsr.runtime.tiling import tiling_for
+    from diffsr.runtime.requests import check
 
     chosen = [b for b in backends.split(",") if b]
     precisions = [parse_precision(p) or Precision.FP32 for p in precision.split(",") if p]
@@ -146,10 +147,9 @@ def eval_cmd(
     pairs = pair_images(hr, lr)[:limit]
     ckpt = open_checkpoint(checkpoint)
     config = ckpt.defaults.replace(scheduler=scheduler, steps=steps, tile=tile, color_fix=color_fix, seed=seed)
-    tiling_for(ckpt.model, config)
-    make_scheduler(config.scheduler, ckpt.scheduler_config).set_timesteps(config.steps)
+    check(ckpt.model, config, ckpt.scheduler_config, (1, 1))  # the settings, before any image or model loads
     scale = config.upscale
-    rows = rows_for(ckpt, config, chosen, precisions, onnx, engines)
+    rows = rows_for(ckpt, config, chosen, precisions, onnx, engines, triton_url)
     # the picture: bicubic and the first diffsr row, on the first four images
     shown, pictured, kept = list(rows)[:2], [p.name for p in pairs[:4]], {}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from diffsr.app.measure.process_memory import device_used_mib, rss_mib, tree_rss_mib
-from diffsr.app.serving.triton_client import TritonClient
+from diffsr.app.serving.triton_client import TritonClient, remote_values
 from diffsr.calib.data import photo, sample_request
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.precision import Precision
@@ -31,7 +31,7 @@ from diffsr.export.model.checkpoint import Checkpoint
 from diffsr.export.model.dims import TARGETS
 from diffsr.runtime.backends.names import BACKENDS as PIPELINE_BACKENDS
 from diffsr.runtime.backends.names import DEFAULTS, SERVED
-from diffsr.runtime.image import encode_png, latent_grid
+from diffsr.runtime.image import latent_grid
 from diffsr.runtime.loading import load_pipeline
 from diffsr.runtime.tiling import tiling_for
 
@@ -39,8 +39,6 @@ SERVED_ENSEMBLE = f"{SERVED}-ensemble"  # the endpoint with the ensemble entry p
 ENTRIES = {SERVED: "bls", SERVED_ENSEMBLE: "ensemble"}
 BACKENDS = (*PIPELINE_BACKENDS, SERVED, SERVED_ENSEMBLE)
 # the pipeline's timings (the caption's where the checkpoint has a captioner: its image part, seconds per token)
-STAGES = ("preprocess", "caption", "caption_image", "caption_token", "text", "lq", "denoise_step", "denoise", "decode",
-          "postprocess")
 Say = Callable[[str], None]
 
 
@@ -104,8 +102,7 @@ def run_bench(
         raise DiffsrError(f"runs={runs} must be >= 1 and warmup={warmup} >= 0")
     if any(c < 1 for c in concurrency):
         raise DiffsrError(f"concurrency levels {list(concurrency)} must be >= 1")
-    image = photo("astronaut", size)
-    request = sample_request(ckpt.model, image, ckpt.defaults.replace(steps=steps))
+    request = sample_request(ckpt.model, photo("astronaut", size), ckpt.defaults.replace(steps=steps))
     records = {b: Record(b) for b in backends}
     calls: dict[str, Callable[[], dict[str, float]]] = {}
     with ExitStack() as stack:  # a server started here is stopped, its repository removed, on any exit
@@ -117,7 +114,7 @@ def run_bench(
                     server = stack.enter_context(local_triton_server(ckpt, onnx_dir, stack, say, ENTRIES[backend]))
                     url = server.http_url
                     records[backend].host_mib = tree_rss_mib(server.process.pid if server.process else None)
-                calls[backend] = _remote_call(url, encode_png(image), steps, stack)
+                calls[backend] = _remote_call(url, remote_values(ckpt.model, request), steps, stack)
             else:
                 before, used = rss_mib(), device_used_mib()
                 pipe = _pipeline(backend, ckpt, onnx_dir, engines_dir, device)
@@ -134,10 +131,10 @@ def run_bench(
         for backend in backends:
             rec, got = records[backend], samples[backend]
             rec.end_to_end = stats([t["total"] for t in got])
-            for stage in STAGES:
-                if stage == "denoise_step" and "denoise" in got[0]:
-                    rec.stages[stage] = stats([t["denoise"] / steps for t in got])
-                elif stage in got[0]:
+            for stage in got[0]:  # the pipeline's parts as it timed them (a family's own stages among them)
+                if stage == "denoise":
+                    rec.stages["denoise_step"] = stats([t["denoise"] / steps for t in got])
+                if stage != "total":
                     rec.stages[stage] = stats([t[stage] for t in got])
         if SERVED in backends:
             records[SERVED].concurrency = _concurrency(calls[SERVED], concurrency, runs, say)
@@ -152,15 +149,17 @@ def _pipeline(backend: str, ckpt: Checkpoint, onnx_dir: Path | None, engines_dir
     return load_pipeline(backend, ckpt, None if cuda_only else device, onnx_dir, precision, engines_dir)
 
 
-def _remote_call(url: str, png: bytes, steps: int, stack: ExitStack) -> Callable[[], dict[str, float]]:
-    """One request through the endpoint; a client per thread (tritonclient's HTTP client is not
-    thread-safe), so the same call serves the concurrency sweep. `stack` closes the clients."""
+def _remote_call(url: str, values: dict[str, Any], steps: int, stack: ExitStack) -> Callable[[], dict[str, float]]:
+    """One request through the endpoint (`values`: the photo and the model's other inputs, as `remote_values` gives
+    them); a client per thread (tritonclient's HTTP client is not thread-safe), so the same call serves the
+    concurrency sweep. `stack` closes the clients."""
     local = threading.local()
+    sent = {k: v for k, v in values.items() if k != "image"}
 
     def call() -> dict[str, float]:
         if not hasattr(local, "client"):
             local.client = stack.enter_context(TritonClient(url))
-        return {"total": local.client.upscale(png, steps=steps).latency_s}
+        return {"total": local.client.upscale(values["image"], steps=steps, **sent).latency_s}
 
     return call
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffsr.app.measure.bench import STAGES, Record
+from diffsr.app.measure.bench import Record
 
 MEMORY_HEADER = "host memory added by loading, MiB"  # the one meaning of Record.host_mib (see its comment)
 
@@ -16,7 +16,7 @@ def table_rows(records: list[Record], flops: dict[str, float] | None = None, bas
     one's (a speed-up), then the stage's GFLOP."""
     reference = next((r for r in records if r.backend == base), None)
     rows = []
-    for stage in [*STAGES, "end_to_end"]:
+    for stage in [*stages_of(records), "end_to_end"]:
         row = [stage]
         for rec in records:
             s = rec.end_to_end if stage == "end_to_end" else rec.stages.get(stage)
@@ -33,6 +33,11 @@ def table_rows(records: list[Record], flops: dict[str, float] | None = None, bas
     return rows
 
 
+def stages_of(records: list[Record]) -> list[str]:
+    """Every stage any backend timed, in the order the pipelines timed them."""
+    return list(dict.fromkeys(stage for rec in records for stage in rec.stages))
+
+
 def memory_line(records: list[Record]) -> str:
     """Each backend's host memory; "-" where it was not measured (a server given by its URL)."""
     values = ", ".join(f"{r.backend} {'-' if r.host_mib is None else f'{r.host_mib:.0f}'}" for r in records)
@@ -46,7 +51,7 @@ def plot(records: list[Record], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [s for s in (*STAGES, "end_to_end") if s != "denoise"]
+    stages = [s for s in (*stages_of(records), "end_to_end") if s != "denoise"]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(records)
     for i, rec in enumerate(records):

@@ -207,15 +207,17 @@ def evaluate(pairs: Sequence[Pair], rows: dict[str, Row], scale: int, on_progres
 
 
 def rows_for(ckpt: Any, config: Any, backends: list[str], precisions: list[Precision], onnx: Path | None,
-             engines: Path | None) -> dict[str, Row]:
+             engines: Path | None, triton_url: str | None = None) -> dict[str, Row]:
     """label -> row: bicubic, then each backend (the ONNX ones at each precision; the endpoint, `triton`, a
-    tritonserver on `onnx` serving `config`'s colour fix and tiling). Checked before anything loads."""
+    tritonserver on `onnx` serving `config`'s colour fix and tiling, or the one at `triton_url`, which serves its
+    own). Checked before anything loads."""
     from diffsr.runtime.backends.names import BACKENDS, DEFAULTS, SERVED
 
     unknown = [b for b in backends if b not in (*BACKENDS, SERVED)]
     if not backends or unknown:
         raise DiffsrError(f"backends {unknown or backends}: choose one or more of {[*BACKENDS, SERVED]}")
-    needs = {"onnxruntime": (onnx, "--onnx DIR"), SERVED: (onnx, "--onnx DIR"), "tensorrt": (engines, "--engines DIR")}
+    needs = {"onnxruntime": (onnx, "--onnx DIR"), SERVED: (onnx or triton_url, "--onnx DIR or --triton-url"),
+             "tensorrt": (engines, "--engines DIR")}
     for backend in backends:
         folder, option = needs.get(backend, ("", ""))
         if folder is None:
@@ -224,7 +226,7 @@ def rows_for(ckpt: Any, config: Any, backends: list[str], precisions: list[Preci
     rows: dict[str, Row] = {BICUBIC: lambda: nullcontext(lambda rgb: bicubic(rgb, (rgb.shape[1] * scale, rgb.shape[0] * scale)))}
     for backend in backends:
         if backend == SERVED:
-            rows[f"{SERVED} fp32"] = lambda: _endpoint(dataclasses.replace(ckpt, defaults=config), onnx)
+            rows[f"{SERVED} fp32"] = lambda: _endpoint(dataclasses.replace(ckpt, defaults=config), onnx, triton_url)
         elif backend in ("onnxruntime", "tensorrt"):
             for p in precisions:
                 rows[f"{backend} {p.value}"] = lambda b=backend, p=p: _pipeline(b, ckpt, config, onnx, engines, p)
@@ -247,18 +249,26 @@ def _pipeline(backend: str, ckpt: Any, config: Any, onnx: Path | None, engines: 
 
 
 @contextmanager
-def _endpoint(ckpt: Any, onnx: Path | None) -> Iterator[Upscaler]:
-    """Requests to a tritonserver started on a repository of `ckpt` (its defaults as the served settings)."""
+def _endpoint(ckpt: Any, onnx: Path | None, url: str | None) -> Iterator[Upscaler]:
+    """Requests to a tritonserver started on a repository of `ckpt` (its defaults as the served settings), or to the
+    one at `url`; each carries the model's other inputs as the in-process rows' requests do."""
     from diffsr.app.measure.bench import local_triton_server
-    from diffsr.app.serving.triton_client import TritonClient
-    from diffsr.runtime.image import decode_image, encode_png
+    from diffsr.app.serving.triton_client import TritonClient, remote_values
+    from diffsr.runtime.image import decode_image
 
     cfg = ckpt.defaults
     with ExitStack() as stack:
-        server = stack.enter_context(local_triton_server(ckpt, onnx, stack, lambda _: None, tiling=(cfg.tile, cfg.tile_overlap)))
-        client = stack.enter_context(TritonClient(server.http_url))
+        if url is None:
+            tiling = (cfg.tile, cfg.tile_overlap)
+            url = stack.enter_context(local_triton_server(ckpt, onnx, stack, lambda _: None, tiling=tiling)).http_url
+        client = stack.enter_context(TritonClient(url))
         settings = dict(steps=cfg.steps, seed=cfg.seed, scheduler=cfg.scheduler)
-        yield lambda rgb: decode_image(client.upscale(encode_png(rgb), **settings).png, "the endpoint's answer")
+
+        def upscale(rgb: Any) -> Any:
+            values = remote_values(ckpt.model, sample_request(ckpt.model, rgb, cfg))
+            return decode_image(client.upscale(values.pop("image"), **values, **settings).png, "the endpoint's answer")
+
+        yield upscale
 
 
 # --- reporting ---------------------------------------------------------------------------------

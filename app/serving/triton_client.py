@@ -10,7 +10,10 @@ from typing import Any
 import numpy as np
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.settings import BASE_INPUTS
+from diffsr.export.model.family import ModelFamily
+from diffsr.export.model.inputs import PHOTO_KINDS
+from diffsr.export.model.settings import BASE_INPUTS, Request
+from diffsr.runtime.image import encode_png
 from diffsr.triton_models.endpoint import ENSEMBLE, OUTPUT, PROMPT_OUTPUT, PROTOCOL_DTYPES
 
 PROTOCOLS = ("http", "grpc")
@@ -66,6 +69,19 @@ def request_inputs(protocol: str, image: bytes, endpoint: dict[str, str] | None 
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
+
+
+def remote_values(model: ModelFamily, request: Request) -> dict[str, Any]:
+    """A parsed request as the endpoint takes it: the photo and the family's photos as PNG bytes (a list for a list),
+    the family's other inputs as they are (the base settings are the caller's to send)."""
+    values: dict[str, Any] = {"image": encode_png(request.photo)}
+    for spec in model.family_inputs():
+        if spec.kind in PHOTO_KINDS:
+            photos = [encode_png(p) for p in request.photos.get(spec.name, ())]
+            values[spec.name] = photos if spec.kind == "photos" else (photos[0] if photos else None)
+        elif spec.name in request.settings.inputs:
+            values[spec.name] = request.settings.inputs[spec.name]
+    return values
 
 
 class TritonClient:

@@ -36,7 +36,7 @@ MAX_NEW_TOKENS = 128  # a caption's tokens at most
 # `PipelineConfig` fields of the same name: absent from a request, they are the checkpoint's.
 BASE_INPUTS = (
     RequestInput("image", "photo", "the low-quality photo (PNG or JPEG, any size and mode): the output is exactly "
-                 "`upscale` times its size", required=True, tiled=True, tensor="lq_image"),
+                 "`upscale` times its size", required=True, tiled=True, tensor="photo"),  # named by the family's stages
     RequestInput("prompt", "text", "the prompt (default: the checkpoint's, or the photo's caption where it has a "
                  "captioner)"),
     RequestInput("negative_prompt", "text", "the negative prompt of classifier-free guidance"),

@@ -2,7 +2,6 @@
 images are the photo upscaled, not noise) and kept by every backend. Scored on real Set14 crops
 (tests/data/set14-crops) as `diffsr eval` scores them."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,29 @@ CROPS = Path(__file__).parents[1] / "data" / "set14-crops"
 MAX_BYTES = 20 * 2**20
 
 
-def test_the_demo_model_is_a_small_factor_4_checkpoint_with_its_training_log(demo_model):
+def test_the_demo_model_is_a_small_factor_4_checkpoint(demo_model):
     size = sum(p.stat().st_size for p in DEMO_MODEL.rglob("*") if p.is_file())
     assert size <= MAX_BYTES, f"{size / 2**20:.1f} MiB"
     assert demo_model.model.preset == "demo" and demo_model.model.latent_factor == 4
-    log = json.loads((DEMO_MODEL / "train_log.json").read_text())
-    assert log["last_stage"] == "done" and log["wall_s"] > 0
-    for stage in ("autoencoder", "diffusion"):  # the losses fell: the first logged average against the last
-        assert log[stage][-1]["loss"] < 0.7 * log[stage][0]["loss"], stage
+
+
+def test_its_autoencoder_was_trained_and_its_latent_normalised(demo_model):
+    """scripts/train_demo.py folds the trained latent's per-channel mean and std into the quant convs: on real
+    photos (the Set14 crops) every channel of the LQ latent has a std near 1 (measured 0.87 to 1.57) and a mean
+    near 0. A seeded random-weight autoencoder of the same preset gives stds of 0.13 to 0.20."""
+    import torch
+
+    from diffsr.export.model.checkpoint import load_submodule
+    from diffsr.runtime.image import load_image
+    from diffsr.runtime.stages import prepare_lq
+
+    encoder = load_submodule(demo_model, "lq_encoder")
+    with torch.no_grad():
+        latents = [encoder(prepare_lq(demo_model.model, load_image(p), 1))[1].flatten(2)
+                   for p in sorted(CROPS.glob("*_HR.png"))]
+    z = torch.cat(latents, 2)
+    std, mean = z.std((0, 2)), z.mean((0, 2))
+    assert bool(((std > 0.6) & (std < 2.0)).all()) and bool((mean.abs() < 1.0).all()), (std, mean)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,14 @@ from diffsr.triton_models.repository import OUTPUT, TRITON_DTYPES, ServingOption
 
 SUBMODULES = preset("tiny").submodules
 BATCHED = preset("tiny").stages.step  # the submodules every step calls
+TINY_INPUT_DIMS = {  # tiny: 4 latent channels, CLIP 32 wide, f1 64 and f2 32 channels
+    "text_encoder": {"input_ids": [-1, 77]},
+    "lq_encoder": {"lq_image": [-1, 3, -1, -1]},
+    "fusion_transformer": {"f1": [-1, 64, -1, -1], "sample": [-1, 4, -1, -1]},
+    "controlnet_unet": {"sample": [-1, 4, -1, -1], "timestep": [-1], "text_embeddings": [-1, 77, 32],
+                        "f2": [-1, 32, -1, -1]},
+    "vae_decoder": {"latent": [-1, 4, -1, -1]},
+}
 
 
 @pytest.mark.parametrize("flavour", ["onnxruntime", "tensorrt"])
@@ -31,7 +39,8 @@ def test_configs_parse_and_match_the_signatures(tiny_checkpoint, flavour, entry,
                 assert [v.name for v in values] == [s.name for s in specs]
                 for spec, value in zip(specs, values):
                     assert value.data_type == TRITON_DTYPES[spec.dtype]
-                    assert list(value.dims) == [d if isinstance(d, int) else -1 for d in spec.shape]
+            # the tiny model's shapes as Triton reads them: every named dim dynamic, fixed ones kept
+            assert {i.name: list(i.dims) for i in parsed.input} == TINY_INPUT_DIMS[name]
             if flavour == "tensorrt":
                 assert parsed.platform == "tensorrt_plan" and parsed.default_model_filename == "model.plan"
                 assert parsed.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
@@ -73,15 +82,14 @@ def test_the_loop_queue_is_bounded_and_times_out(tiny_checkpoint, entry, loop):
 
 
 def test_tensorrt_models_capture_cuda_graphs_at_the_served_shape(tiny_checkpoint):
-    from diffsr.export.model.dims import TARGETS
-
     configs = model_configs(tiny_checkpoint, "tensorrt", ServingOptions())
-    opt = {n: r.opt for n, r in TARGETS["server"].dim_ranges(tiny_checkpoint.model.dims()).items()}
-    sig = tiny_checkpoint.model.signature("controlnet_unet")
     cuda = configs["controlnet_unet"].optimization.cuda
     assert cuda.graphs
-    assert {k: list(v.dim) for k, v in cuda.graph_spec[0].input.items()} == {k: list(v) for k, v in sig.input_shapes(opt).items()}
-    assert int(configs["diffsr"].parameters["cuda_memory_pool_bytes"].string_value) > 0
+    # the server's opt: one image, guided (two latent rows), the native 64-cell latent (512 px)
+    assert {k: list(v.dim) for k, v in cuda.graph_spec[0].input.items()} == {
+        "sample": [2, 4, 64, 64], "timestep": [2], "text_embeddings": [2, 77, 32], "f2": [1, 32, 64, 64]}
+    # twice the largest output at the server's largest shapes: the decoder's 4 images of 1024 x 1024 in FP32
+    assert int(configs["diffsr"].parameters["cuda_memory_pool_bytes"].string_value) == 2 * 4 * 3 * 1024 * 1024 * 4
 
 
 def test_onnxruntime_flavour_serves_the_fused_graphs(tiny_repo):

@@ -83,13 +83,13 @@ def test_pairs_by_name_and_the_errors(tmp_path):
     assert psnr_y(bicubic(made_lr, (64, 48)), made_hr, 4) > 20
 
 
-def test_eval_on_set14_crops(tiny_checkpoint, tiny_onnx, tmp_path):
-    """Bicubic first, then PyTorch, ONNX Runtime (FP32 and FP16) and the endpoint (a tritonserver started
-    for the run) with the difference to PyTorch in dB; the JSON holds every image's scores, the picture the
+def test_eval_on_set14_crops(tiny_checkpoint, tiny_onnx, server, tmp_path):
+    """Bicubic first, then PyTorch, ONNX Runtime (FP32 and FP16) and the endpoint (the session's tritonserver of
+    this checkpoint) with the difference to PyTorch in dB; the JSON holds every image's scores, the picture the
     crops side by side."""
     args = ["eval", "--checkpoint", str(tiny_checkpoint.path), "--onnx", str(tiny_onnx), "--hr", str(CROPS), "--lr", str(CROPS),
             "--backends", "torch,onnxruntime,triton", "--precision", "fp32,fp16", "--steps", "2",
-            "--json", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png")]
+            "--json", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png"), "--triton-url", server.http_url]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "q.json").read_text())

@@ -47,10 +47,14 @@ def test_a_report_with_a_failure_or_grown_memory_is_not_ok():
     assert not SoakReport(settings, "grpc", failures=["request 3 (input 3): the image differs from its solo answer"]).ok
 
 
-@pytest.mark.parametrize("kwargs", [dict(requests=0), dict(bad_fraction=1.0), dict(concurrency=0),
-                                    dict(memory_tolerance=float("nan"))])
-def test_bad_settings_are_refused(kwargs):
-    with pytest.raises(DiffsrError):
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(requests=0), r"--requests, --concurrency, --inputs and --steps must be at least 1"),
+    (dict(bad_fraction=1.0), r"--bad-fraction 1.0 must be in \[0, 1\)"),
+    (dict(concurrency=0), r"--requests, --concurrency, --inputs and --steps must be at least 1"),
+    (dict(memory_tolerance=float("nan")), r"--memory-tolerance nan must be in \[0, 1\)"),
+])
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(DiffsrError, match=message):
         SoakSettings(**kwargs)
 
 

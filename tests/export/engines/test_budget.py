@@ -1,6 +1,8 @@
 """The edge memory budget: the liveness walk and the INT8 weight count on graphs worked out by hand, then
 the real export."""
 
+import json
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -8,7 +10,14 @@ from typer.testing import CliRunner
 
 from diffsr.app.cli.main import app
 from diffsr.export.core.precision import Precision
-from diffsr.export.engines.budget import RUNTIME_RESERVE, attention_scores, budget, device_total, engine_budget
+from diffsr.export.engines.budget import (
+    RUNTIME_RESERVE,
+    EngineBudget,
+    attention_scores,
+    budget,
+    device_total,
+    engine_budget,
+)
 from diffsr.export.model.families import preset
 
 SUBMODULES = preset("tiny").submodules
@@ -64,7 +73,18 @@ def test_budget_of_the_export_at_the_edge_target(tiny_onnx, tmp_path):
     assert "Orin 8 " in result.output and (tmp_path / "b.json").is_file()
 
 
-def test_dit4sr_budget_with_and_without_t5_and_the_captioner(dit4sr_onnx):
+def test_totals_hold_every_weight_the_largest_scratch_and_the_reserve():
+    """Hand-made engines: the dropped one holds the largest scratch, so leaving it out lowers the peak too."""
+    def engine(name, fp16, int8, scratch, droppable=""):
+        return EngineBudget(name, {}, fp16, int8, scratch, quantized=int8 < fp16, droppable=droppable)
+
+    engines = [engine("a", 100, 40, 30), engine("b", 10, 10, 5), engine("t5", 1000, 1000, 70, droppable="zeros")]
+    assert device_total(engines, Precision.FP16) == 1110 + 70 + RUNTIME_RESERVE
+    assert device_total(engines, Precision.INT8) == 1050 + 70 + RUNTIME_RESERVE
+    assert device_total(engines, Precision.FP16, dropped=True) == 110 + 30 + RUNTIME_RESERVE
+
+
+def test_dit4sr_budget_with_and_without_t5_and_the_captioner(dit4sr_onnx, tmp_path):
     """T5 may be left out (diffusers' SD3 pipeline with text_encoder_3=None gives zeros), and so may the captioner
     (a typed prompt instead): both totals, the second exactly their weights (and, were one the largest, its scratch)
     below the first. The captioner's cache is budgeted at its largest: every beam, the longest cache."""
@@ -75,15 +95,14 @@ def test_dit4sr_budget_with_and_without_t5_and_the_captioner(dit4sr_onnx):
     assert "zeros" in t5.droppable and t5.shapes["input_ids_3"] == (2, 24)
     assert "typed prompt" in decode.droppable
     assert decode.shapes["past_keys"] == (2, 5, 4, 128, 8)  # blip2-tiny: 2 layers, 5 beams, 4 heads, 128 slots
-    kept = [e for e in engines if not e.droppable]
     for precision in (Precision.FP16, Precision.INT8):
-        rest = max(e.activations for e in kept)
-        with_all, without = device_total(engines, precision), device_total(engines, precision, dropped=True)
-        peak = max(rest, *(e.activations for e in dropped.values()))
-        assert with_all - without == sum(e.weights(precision) for e in dropped.values()) + peak - rest > 0
-    result = CliRunner().invoke(app, ["budget", "--onnx", str(dit4sr_onnx)])
+        assert device_total(engines, precision) > device_total(engines, precision, dropped=True) > RUNTIME_RESERVE
+    result = CliRunner().invoke(app, ["budget", "--onnx", str(dit4sr_onnx), "--json", str(tmp_path / "b.json")])
     assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "b.json").read_text())  # what the table was made of, as written
+    kept = [r for r in rows if not r["droppable"]]
+    by_hand = (sum(r["weights_fp16"] for r in kept) + max(r["activations"] for r in kept) + RUNTIME_RESERVE) / 2**30
     totals = [line.split("│")[3].strip() for line in result.output.splitlines() if "│ no caption_image," in line]
-    assert totals == [f"{device_total(engines, p, dropped=True) / 2**30:.2f}" for p in (Precision.FP16, Precision.INT8)]
+    assert totals[0] == f"{by_hand:.2f}" and len(totals) == 2
     said = " ".join(result.output.split())  # the table's caption, unwrapped
     assert "no caption_image, caption_prefill, caption_decode: a typed prompt" in said and "no t5_encoder: zeros" in said

@@ -1,3 +1,4 @@
+import functools
 import hashlib
 import json
 
@@ -67,10 +68,16 @@ def test_copies_are_copies_and_the_control_path_is_not_zero(tiny_checkpoint):
         assert torch.equal(lq.encoder.conv_in.weight, f.get_tensor("encoder.conv_in.weight").float())
 
 
+@functools.cache
+def networks(name: str):
+    """A preset's networks, parameters on the meta device: built once for the tests that read them."""
+    return preset(name).networks()
+
+
 @pytest.mark.parametrize("name", sorted(presets()))
 def test_every_preset_builds_its_networks_without_memory(name):
     model = preset(name)
-    found = model.networks()
+    found = networks(name)
     assert set(found) == set(model.components())
     sd = {"text_encoder", "lq_encoder", "fusion_transformer", "controlnet", "unet", "vae"}
     expected = {"sd": sd, "sdxl": sd | {"text_encoder_2"},
@@ -92,11 +99,20 @@ def test_a_checkpoint_written_before_families_still_opens(tiny_checkpoint):
     assert tiny_checkpoint.model == preset("tiny") and tiny_checkpoint.model.name == "sd"
 
 
+def test_sd15_has_the_published_sizes():
+    """Not the preset's table restated: the networks it builds have SD 1.5's published parameter counts (UNet
+    859,520,964; CLIP ViT-L/14 text 123,060,480; VAE 83,653,863), so its widths, heads and block types are SD 1.5's."""
+    count = {name: sum(p.numel() for p in net.parameters()) for name, (net, _) in networks("sd15").items()}
+    assert (count["unet"], count["text_encoder"], count["vae"]) == (859_520_964, 123_060_480, 83_653_863)
+
+
 def test_sdxl_has_the_published_sizes():
-    found = preset("sdxl").networks()
-    count = {name: sum(p.numel() for p in net.parameters()) for name, (net, _) in found.items()}
-    assert round(count["unet"] / 1e9, 2) == 2.57 and round(count["controlnet"] / 1e9, 2) == 1.25
-    assert round(count["text_encoder_2"] / 1e6) == 695 and round(count["text_encoder"] / 1e6) == 123
+    """SDXL base's published counts, exactly: UNet 2,567,463,684; OpenCLIP bigG with projection 694,659,840; CLIP-L
+    123,060,480; its VAE 83,653,863 (the ControlNet, a copy of the UNet's encoder with our conditioning, about 1.25 B)."""
+    count = {name: sum(p.numel() for p in net.parameters()) for name, (net, _) in networks("sdxl").items()}
+    assert (count["unet"], count["text_encoder_2"], count["text_encoder"], count["vae"]) == (
+        2_567_463_684, 694_659_840, 123_060_480, 83_653_863)
+    assert round(count["controlnet"] / 1e9, 2) == 1.25
 
 
 @pytest.mark.parametrize("fixture", ["tiny_checkpoint", "sdxl_checkpoint"])
