@@ -81,23 +81,28 @@ def photo_lq():
     return photo("astronaut", (64, 64))
 
 
-def export(ckpt, out, *args):
-    from diffsr.app.cli.main import app
-
-    result = CliRunner().invoke(app, ["export", "--checkpoint", str(ckpt.path), "--out", str(out), *args])
-    assert result.exit_code == 0, result.output
-    return out
-
-
 # the session's exports: the checkpoint fixture each exports, and its `diffsr export` arguments; the trained demo
-# model's export is the one `diffsr demo` makes, run as a new user runs `make demo`: in an empty folder
+# model's export is the one `diffsr demo` makes, run as a new user runs `make demo`: in an empty folder; the toy
+# family's (`tests/toy_family.py`, registered only while its tests run) is made and exported by its own module
 EXPORTS = {
     "tiny": ("tiny_checkpoint", ("--fp16", "--calib-photos", "astronaut", "--calib-steps", "3")),
     "sdxl": ("sdxl_checkpoint", ("--no-ort-fusions",)),
     "dit4sr": ("dit4sr_checkpoint", ("--no-ort-fusions", "--fp16", "--calib-photos", "astronaut", "--calib-steps", "3")),
     "demo": ("demo_model", None),
+    "toy": (None, None),
 }
 DEMO_STEPS = "2"
+ROOT = Path(__file__).resolve().parent.parent  # where `tests.toy_family` imports from, as a package of one's own
+
+
+def _command(family: str, ckpt, out: Path) -> tuple[list[str], Path | None, Path]:
+    """(command, working folder, where its ONNX folder will be) of a session export."""
+    cli = [sys.executable, "-m", "diffsr.app.cli"]
+    if family == "demo":  # `diffsr demo` in an empty folder: its export lands in .demo/
+        return [*cli, "demo", "--no-serve", "--steps", DEMO_STEPS], out, out / ".demo" / "onnx-trained"
+    if family == "toy":  # the checkpoint (with a captioner) in out/checkpoint, its graphs in out/onnx
+        return [sys.executable, "-m", "tests.toy_family", str(out)], ROOT, out / "onnx"
+    return [*cli, "export", "--checkpoint", str(ckpt.path), "--out", str(out), *EXPORTS[family][1]], None, out
 
 
 def _needs_export(item, family: str) -> bool:
@@ -134,19 +139,13 @@ def _disruption(item) -> int:
 def _exports(request, tmp_path_factory):
     """family -> (process, folder, log) of each export the collected tests need, started now."""
     started = {}
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = _export_env()
     for family in getattr(request.config, "exports_wanted", []):
-        fixture, args = EXPORTS[family]
-        ckpt = request.getfixturevalue(fixture)
-        out = tmp_path_factory.mktemp(f"onnx-{family}")
-        log = out.parent / f"export-{family}.log"
-        if args is None:  # `diffsr demo` in an empty folder: its export lands in .demo/
-            command, cwd = [sys.executable, "-m", "diffsr.app.cli", "demo", "--no-serve", "--steps", DEMO_STEPS], out
-            out = out / ".demo" / "onnx-trained"
-        else:
-            command = [sys.executable, "-m", "diffsr.app.cli", "export", "--checkpoint", str(ckpt.path), "--out", str(out),
-                       *args]
-            cwd = None
+        fixture = EXPORTS[family][0]
+        ckpt = request.getfixturevalue(fixture) if fixture else None
+        folder = tmp_path_factory.mktemp(f"onnx-{family}")
+        log = folder.parent / f"export-{family}.log"
+        command, cwd, out = _command(family, ckpt, folder)
         with log.open("w") as sink:
             started[family] = (subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=cwd), out, log)
     try:
@@ -158,11 +157,20 @@ def _exports(request, tmp_path_factory):
                 process.wait()
 
 
+def _export_env() -> dict[str, str]:
+    """One torch thread per exporting process (tracing is single-threaded); the toy family importable."""
+    return dict(os.environ, OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
 def _exported(family, request, tmp_path_factory):
     started = request.getfixturevalue("_exports")
-    if family not in started:  # asked for by a test the collection could not tell
-        fixture, args = EXPORTS[family]
-        return export(request.getfixturevalue(fixture), tmp_path_factory.mktemp(f"onnx-{family}"), *(args or ()))
+    if family not in started:  # asked for by a test the collection could not tell: made now, the same way
+        fixture = EXPORTS[family][0]
+        command, cwd, out = _command(family, request.getfixturevalue(fixture) if fixture else None,
+                                     tmp_path_factory.mktemp(f"onnx-{family}"))
+        subprocess.run(command, cwd=cwd, env=_export_env(), check=True, capture_output=True)
+        return out
     process, out, log = started[family]
     assert process.wait() == 0, log.read_text()[-3000:]
     return out
@@ -189,6 +197,14 @@ def demo_onnx(request, tmp_path_factory):
     """The trained demo model exported FP32, with ONNX Runtime's fused variants (the onnxruntime backend's): made by
     `diffsr demo --no-serve` run in an empty folder (`.demo/onnx-trained` there), as a clean clone's `make demo` is."""
     return _exported("demo", request, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def toy_onnx(request, tmp_path_factory):
+    """The toy family's checkpoint, with a blip2-tiny captioner, and its FP32 graphs without ONNX Runtime's fused
+    variants: (checkpoint folder, ONNX folder), made in the background by `python -m tests.toy_family`."""
+    onnx = _exported("toy", request, tmp_path_factory)
+    return onnx.parent / "checkpoint", onnx
 
 
 @pytest.fixture(scope="session")

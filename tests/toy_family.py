@@ -10,6 +10,8 @@ more than one photo and one prompt:
             prompt's states
 
 Importing this module registers the family (so a Triton server's python models, told its module, find it too).
+`python -m tests.toy_family OUT` makes a seeded checkpoint of it with a blip2-tiny captioner in OUT/checkpoint and
+exports it to OUT/onnx (the test session does so in the background, as it exports its other checkpoints).
 """
 
 from __future__ import annotations
@@ -191,3 +193,21 @@ class Toy(ModelFamily):
     def predict(self, run: RunFn, x: torch.Tensor, tiled: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
         return guided(x, cond["words"].shape[0], row, lambda batch, t: run(
             "denoiser", noisy=batch, t=t, words=cond["words"], source=tiled["source"], style=cond["style"])["noise"])
+
+
+def make(out: Path) -> None:
+    """A seeded toy-tiny checkpoint with a blip2-tiny captioner in out/checkpoint, its FP32 graphs in out/onnx."""
+    from diffsr.export.graphs.exporter import export_onnx
+    from diffsr.export.model.attachments.captioner import init_captioner
+    from diffsr.export.model.checkpoint import open_checkpoint
+    from diffsr.export.model.random_init import init_checkpoint
+
+    init_checkpoint("toy-tiny", seed=0, out=out / "checkpoint")
+    init_captioner("blip2-tiny", 0, out / "checkpoint")
+    export_onnx(open_checkpoint(out / "checkpoint"), out / "onnx", ort_fusions=False)
+
+
+if __name__ == "__main__":
+    import sys
+
+    make(Path(sys.argv[1]))

@@ -19,8 +19,6 @@ from diffsr.app.cli.main import app
 from diffsr.app.measure.parity import check_parity
 from diffsr.calib.data import photo
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.graphs.exporter import export_onnx
-from diffsr.export.model.attachments.captioner import init_captioner
 from diffsr.export.model.checkpoint import open_checkpoint
 from diffsr.export.model.family import FAMILIES, register
 from diffsr.export.model.settings import Request
@@ -34,20 +32,16 @@ ROOT = Path(__file__).resolve().parents[4]  # where `tests.toy_family` imports f
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """(checkpoint with a captioner, the same model without it, their ONNX folder): one export serves both."""
+def toy(toy_onnx):
+    """(checkpoint with a captioner, the same model without it, their ONNX folder): one export serves both. The
+    session made and exported the checkpoint in the background (`python -m tests.toy_family`, conftest)."""
     module = importlib.import_module("tests.toy_family")
     register(module.Toy)  # registered on first import; again here after an earlier module's teardown
     try:
-        from diffsr.export.model.random_init import init_checkpoint
-
-        folder = tmp_path_factory.mktemp("toy")
-        init_checkpoint("toy-tiny", seed=0, out=folder / "checkpoint")
-        init_captioner("blip2-tiny", 0, folder / "checkpoint")
-        ckpt = open_checkpoint(folder / "checkpoint")
-        export_onnx(ckpt, folder / "onnx", ort_fusions=False)
+        folder, onnx_dir = toy_onnx
+        ckpt = open_checkpoint(folder)
         plain = dataclasses.replace(ckpt, model=ckpt.model.with_attachments(()))
-        yield ckpt, plain, folder / "onnx"
+        yield ckpt, plain, onnx_dir
     finally:
         FAMILIES.pop(module.Toy.name, None)
 
