@@ -20,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 from diffsr.app.serving.triton_client import TritonClient
 from diffsr.app.serving.triton_server import Ports, TritonServer
 from diffsr.export.model.checkpoint import open_checkpoint
+from diffsr.export.model.settings import Request
 from diffsr.runtime.image import decode_image, encode_png
 from diffsr.runtime.loading import load_pipeline
 from diffsr.triton_models.repository import build_repository
@@ -56,5 +57,5 @@ with TritonServer(repo, Ports.free()) as srv:
     print("next request served:", nxt.shape)
 shutil.rmtree(repo.parent)
 local = load_pipeline("onnxruntime", ck, onnx_dir=onnx)
-t = time.time(); direct = local(coffee).image; print(f"in-process {time.time()-t:.1f} s")
+t = time.time(); direct = local(Request(coffee, ck.defaults)).image; print(f"in-process {time.time()-t:.1f} s")
 print("max |endpoint - in-process| on uint8:", np.abs(remote.astype(int) - direct).max())

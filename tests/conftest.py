@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from diffsr.calib.data import photo
 from diffsr.export.model.checkpoint import load_reference, open_checkpoint
