@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.family import Tensors
+from diffsr.export.model.parts import Tensors
 from diffsr.export.model.settings import MAX_STEPS
 from diffsr.runtime.step import Step
 

@@ -11,7 +11,8 @@ from collections.abc import Callable
 import torch
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.family import ModelFamily, RunFn, Tensors
+from diffsr.export.model.family import ModelFamily
+from diffsr.export.model.parts import RunFn, Tensors
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.runtime.cuda_graph import StepGraphs
 from diffsr.runtime.schedulers.base import Scheduler

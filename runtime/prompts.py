@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from numpy.typing import NDArray
 import torch
 
+from diffsr.export.model.attachment import Attachment
 from diffsr.export.model.attachments.captioner import Captioner
-from diffsr.export.model.family import Attachment, ModelFamily, RunFn
+from diffsr.export.model.family import ModelFamily
+from diffsr.export.model.parts import RunFn
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.runtime.caption import ImageCaptioner
 
@@ -32,7 +35,7 @@ class Prompter(Protocol):
     timings: dict[str, float]
     tokens: int
 
-    def __call__(self, rgb: np.ndarray, cfg: PipelineConfig, cancelled: Cancelled = None) -> str: ...
+    def __call__(self, rgb: NDArray[np.uint8], cfg: PipelineConfig, cancelled: Cancelled = None) -> str: ...
 
 
 def _captioner(spec: Any, run: RunFn, device: torch.device | str, folder: Path) -> Prompter:

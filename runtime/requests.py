@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.family import ModelFamily
@@ -28,7 +29,7 @@ from diffsr.runtime.schedulers import make_scheduler
 from diffsr.runtime.schedulers.base import Scheduler
 from diffsr.runtime.tiling import Tiling, tiling_for
 
-Photo = bytes | str | Path | np.ndarray  # encoded bytes, a file, or decoded (H, W, 3) uint8 pixels
+Photo = bytes | str | Path | NDArray[np.uint8]  # encoded bytes, a file, or decoded (H, W, 3) uint8 pixels
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Plan:
     size: tuple[int, int]
 
 
-def _photo(value: Photo, what: str) -> np.ndarray:
+def _photo(value: Photo, what: str) -> NDArray[np.uint8]:
     if isinstance(value, np.ndarray):
         if value.dtype != np.uint8 or value.ndim != 3 or value.shape[2] != 3:
             raise DiffsrError(f"{what}: pixels must be (H, W, 3) uint8, not {value.dtype} {list(value.shape)}")
@@ -68,7 +69,7 @@ def parse_request(model: ModelFamily, defaults: PipelineConfig, values: Mapping[
     errors = [f"this {model.name} model takes no input {name!r} (it takes {list(declared)})" for name in unknown]
     settings: dict[str, Any] = {}
     inputs = dict(defaults.inputs)
-    photos: dict[str, tuple[np.ndarray, ...]] = {}
+    photos: dict[str, tuple[NDArray[np.uint8], ...]] = {}
     for name, spec in declared.items():
         raw = values.get(name)
         if raw is None:

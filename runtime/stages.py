@@ -17,11 +17,13 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 import torch
 import torch.nn.functional as F
 
-from diffsr.export.model.family import ModelFamily, RunFn
+from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.inputs import PHOTO_KINDS
+from diffsr.export.model.parts import RunFn
 from diffsr.export.model.settings import Request
 from diffsr.export.model.signatures import parse_dim
 from diffsr.runtime.image import adain, pad_to_multiple, to_uint8, upsample, wavelet_fix
@@ -35,20 +37,20 @@ def untimed(_: str) -> Iterator[None]:
     yield
 
 
-def prepare_lq(model: ModelFamily, image: np.ndarray, scale: int) -> torch.Tensor:
+def prepare_lq(model: ModelFamily, image: NDArray[np.uint8], scale: int) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, sH', sW') in [-1, 1], replicate-padded to the model's pixel multiple and to at
     least its `min_pixels` a side."""
     return pad_to_multiple(upsample(image, scale), model.pixel_multiple, model.min_pixels)
 
 
-def _laid_over(image: np.ndarray, size: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
+def _laid_over(image: NDArray[np.uint8], size: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
     """A tiled photo on the request's photo's pixels: resized (bicubic) to the output size, padded as it is."""
     x = torch.tensor(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
     x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
     return F.pad(x, (0, padded[1] - size[1], 0, padded[0] - size[0]), mode="replicate")
 
 
-def _square(image: np.ndarray, side: int) -> torch.Tensor:
+def _square(image: NDArray[np.uint8], side: int) -> torch.Tensor:
     x = torch.tensor(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
     return F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
 
@@ -64,7 +66,8 @@ def prepare(model: ModelFamily, request: Request, device: torch.device | str = "
         if spec.kind not in PHOTO_KINDS:
             continue
         photos = request.photos.get(spec.name, ())
-        made = [_laid_over(p, size, tuple(lq.shape[-2:])) if spec.tiled else _square(p, spec.side) for p in photos]
+        padded = (int(lq.shape[-2]), int(lq.shape[-1]))
+        made = [_laid_over(p, size, padded) if spec.tiled else _square(p, spec.side) for p in photos]
         empty = lq.new_zeros((0, 3, *(lq.shape[-2:] if spec.tiled else (spec.side, spec.side))))
         out[spec.tensor] = torch.cat(made) if made else empty
     return {name: t.to(device) for name, t in out.items()}
@@ -91,8 +94,8 @@ def over_tiles(model: ModelFamily, run: RunFn, name: str, feeds: Mapping[str, to
     sig = model.signature(name)
     sides = {d.name for d in model.dims() if d.kind == "side"}
     scales_in = {t.name: _side_scale(t.shape, sides) for t in sig.inputs}
-    source = next(n for n, s in scales_in.items() if s is not None)
-    grid = (feeds[source].shape[-2] // scales_in[source], feeds[source].shape[-1] // scales_in[source])
+    source, scale = next((n, s) for n, s in scales_in.items() if s is not None)
+    grid = (feeds[source].shape[-2] // scale, feeds[source].shape[-1] // scale)
     if tiling.tiles(*grid) == 1:
         return dict(run(name, **feeds))
     scales = {t.name: s for t in sig.outputs if (s := _side_scale(t.shape, sides)) is not None}
@@ -132,7 +135,7 @@ def decode(model: ModelFamily, run: RunFn, latent: torch.Tensor, tiling: Tiling)
     return over_tiles(model, run, sig.name, {sig.inputs[0].name: latent}, tiling)[sig.outputs[0].name]
 
 
-def finish(decoded: torch.Tensor, lq: torch.Tensor, size: tuple[int, int], color_fix: str) -> np.ndarray:
+def finish(decoded: torch.Tensor, lq: torch.Tensor, size: tuple[int, int], color_fix: str) -> NDArray[np.uint8]:
     """Crop decoder output and LQ to the output size, colour-correct, -> (H, W, 3) uint8."""
     h, w = size
     out = decoded[..., :h, :w]

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from diffsr.export.model.family import ModelFamily, RunFn, Tensors
+from diffsr.export.model.family import ModelFamily
+from diffsr.export.model.parts import RunFn, Tensors
 from diffsr.runtime.schedulers.base import Scheduler
 from diffsr.runtime.tiling import Blender, Tile, Tiling
 

@@ -29,8 +29,9 @@ from torch import nn
 from diffsr.export.model.components import our_component
 from diffsr.export.model.dims import BATCH, CFG_BATCH, TEXT_BATCH, NamedDim, latent_sides
 from diffsr.export.model.families.sd import SD_SCHEDULER_CONFIG
-from diffsr.export.model.family import Component, ModelFamily, RunFn, Stage, Stages, Tensors, guided, register
+from diffsr.export.model.family import ModelFamily, guided, register
 from diffsr.export.model.inputs import RequestInput
+from diffsr.export.model.parts import Component, RunFn, Stage, Stages, Tensors
 from diffsr.export.model.signatures import Signature, TensorSpec
 from diffsr.export.model.tokenizer import CLIP_LENGTH, VOCAB_SIZE, Tokenizer, build_clip_tokenizer
 

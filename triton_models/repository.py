@@ -42,7 +42,8 @@ from diffsr.export.graphs.manifest import checkpoint_digest, file_sha256, signat
 from diffsr.export.model.checkpoint import Checkpoint
 from diffsr.export.model.dims import BATCH_KINDS, TARGETS
 from diffsr.export.model.families import module_of
-from diffsr.export.model.family import ModelFamily, Stage
+from diffsr.export.model.family import ModelFamily
+from diffsr.export.model.parts import Stage
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.export.model.signatures import Signature, TensorSpec
 from diffsr.runtime.tiling import tiling_for

@@ -13,7 +13,7 @@ from torch import nn
 from diffsr.export.core.configs import dataclass_from_json
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
-from diffsr.export.model.family import Component
+from diffsr.export.model.parts import Component
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS = "model.safetensors"

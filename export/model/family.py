@@ -22,123 +22,22 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
-import numpy as np
-
 from diffsr.export.core.configs import dataclass_from_json
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.attachment import Attachment
 from diffsr.export.model.dims import MIN_LATENT, NamedDim
 from diffsr.export.model.inputs import PHOTO_KINDS, RequestInput
+from diffsr.export.model.parts import Component, Draw, RunFn, Stages, Tensors
 from diffsr.export.model.settings import BASE_INPUTS, PipelineConfig
 from diffsr.export.model.signatures import Signature, TensorSpec, parse_dim
-
-RunFn = Callable[..., Mapping[str, torch.Tensor]]  # run(submodule, **inputs) -> outputs
-Tensors = Mapping[str, torch.Tensor]
-Draw = Callable[[tuple[int, ...], torch.Generator], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A once-per-request stage: one submodule run before the loop on the request's named tensors (its prepared
-    photos, token ids, earlier stages' outputs). A `tiled` stage runs over the photo's tiles (each input with latent
-    or pixel sides cropped to the tile) and its outputs stay tiled: every step reads its tile's crop. Any other runs
-    once on whole tensors and every step reads its outputs whole (through `ModelFamily.conditioning`). `part` names
-    the pipeline part it is timed and benchmarked as ("text", "lq", ...)."""
-
-    submodule: str
-    part: str
-    tiled: bool = False
-
-
-@dataclass(frozen=True)
-class Stages:
-    """What runs when (`runtime/pipeline.py`): `once` in order before the loop, `step` at every denoising step,
-    `decode` after it. `photo` is the tensor the request's photo becomes (bicubic x `upscale`, [-1, 1], padded to the
-    model's multiple); `start` the tiled stages' output that is the photo's latent (a sampler may start from it)."""
-
-    photo: str
-    once: tuple[Stage, ...]
-    step: tuple[str, ...]  # called at every denoising step (kept loaded together; batched across requests)
-    decode: str  # latent -> image, once, over tiles
-    start: str
-
-    def part(self, name: str) -> tuple[str, ...]:
-        """The once-per-request submodules timed as part `name`."""
-        return tuple(s.submodule for s in self.once if s.part == name)
-
-
-@dataclass(frozen=True)
-class Component:
-    """A checkpoint folder: its network, built from the folder's config.json, and its weights file (or
-    that name's shards and index); `tied`: key pairs naming one tensor, either of which may be stored."""
-
-    build: Callable[[Path], nn.Module]
-    weights: str
-    tied: tuple[tuple[str, str], ...] = ()
-
-
-class Attachment(ABC):
-    """An optional model a checkpoint carries in a folder of its own, beside its family's networks, and attached to
-    any family: an image-to-text model (the BLIP-2 captioner, `attachments/captioner.py`). Its graphs are submodules
-    of the model like the family's own (exported, checked, engine-built, budgeted, served); what it makes for a
-    request (the text it `writes`) is made once per request, before the family's stages, by its runtime runner
-    (`runtime/prompters.py`). A new kind is one module here and its runner there, named in `attachments/__init__.py`."""
-
-    folder: ClassVar[str]  # its checkpoint folder, and its key in the model's JSON
-    writes: ClassVar[str] = ""  # the request's text it writes (a captioner: "prompt"), under the prompt policy
-    part: ClassVar[str] = ""  # the pipeline part it is timed and benchmarked as (a captioner: "caption")
-    stand_in: ClassVar[str] = ""  # what stands in for its outputs where a deployment leaves it out
-
-    @classmethod
-    @abstractmethod
-    def open(cls, folder: Path) -> Attachment:
-        """What a checkpoint's folder says (its widths), read without building any network."""
-
-    @classmethod
-    @abstractmethod
-    def from_json(cls, data: dict[str, Any]) -> Attachment:
-        """From its `to_json` (what a manifest or a Triton model rebuilds the signatures from)."""
-
-    @abstractmethod
-    def to_json(self) -> dict[str, Any]: ...
-
-    @abstractmethod
-    def dims(self) -> tuple[NamedDim, ...]: ...
-
-    @abstractmethod
-    def declare(self) -> tuple[Signature, ...]: ...
-
-    @abstractmethod
-    def components(self) -> dict[str, Component]: ...
-
-    @abstractmethod
-    def parts(self, submodule: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]: ...
-
-    def partial(self, submodule: str) -> bool:
-        """Whether a graph uses only part of its folder's weights (each of a captioner's graphs does)."""
-        return False
-
-    def sample_draws(self) -> Mapping[str, Draw]:
-        return {}
-
-    def file_errors(self, folder: Path) -> list[str]:
-        """What is missing or unreadable in its folder besides its components (checked when a checkpoint opens)."""
-        return []
-
-    def serving_files(self, folder: Path) -> list[Path]:
-        """What the endpoint's preprocessing needs of its folder besides the graphs (configs, a tokenizer)."""
-        return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in (".json", ".txt", ".model"))
-
-    @property
-    def graphs(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.declare())
 
 
 class ModelFamily(ABC):

@@ -100,8 +100,12 @@ class RequestInput:
         return value
 
 
+def _show(v: float) -> str:
+    return f"{int(v)}" if float(v).is_integer() and abs(v) < 1e18 else f"{v}"
+
+
 def _range(low: float | None, high: float | None) -> str:
-    show = lambda v: f"{int(v)}" if float(v).is_integer() and abs(v) < 1e18 else f"{v}"  # noqa: E731
+    show = _show
     if high is None:
         return f"at least {show(low or 0)}"
     return f"{show(low or 0)} to {show(high)}" if low is not None else f"at most {show(high)}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from diffsr.export.core.configs import dataclass_from_json
 from diffsr.export.core.errors import DiffsrError
@@ -115,7 +116,8 @@ class PipelineConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PipelineConfig:
-        return dataclass_from_json(cls, data, "pipeline setting")
+        config: PipelineConfig = dataclass_from_json(cls, data, "pipeline setting")
+        return config
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,6 @@ class Request:
     edge trusts it. `photos`: the family's other photo inputs, by name, each a tuple of (H, W, 3) uint8 images; its
     other inputs' values are in `settings.inputs`."""
 
-    photo: np.ndarray  # (H, W, 3) uint8
+    photo: NDArray[np.uint8]  # (H, W, 3)
     settings: PipelineConfig = PipelineConfig()
-    photos: Mapping[str, tuple[np.ndarray, ...]] = field(default_factory=dict)
+    photos: Mapping[str, tuple[NDArray[np.uint8], ...]] = field(default_factory=dict)

@@ -13,11 +13,11 @@ from diffsr.export.core.errors import DiffsrError
 from diffsr.export.graphs.manifest import manifest_model
 from diffsr.export.model.attachments.captioner_networks import load_blip2
 from diffsr.export.model.families import model_from_json
-from diffsr.export.model.settings import Request, DEFAULT_PROMPT, PipelineConfig
+from diffsr.export.model.settings import DEFAULT_PROMPT, PipelineConfig, Request
 from diffsr.runtime.caption import pixel_values
-from diffsr.runtime.prompts import clean_caption, prompt_of
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
+from diffsr.runtime.prompts import clean_caption, prompt_of
 
 SETTINGS = dict(steps=2, seed=3)
 CAPTION_GRAPHS = ("caption_image", "caption_prefill", "caption_decode")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.runtime.loading import load_runners
 from diffsr.export.model.settings import Request
+from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
 
 

@@ -7,7 +7,7 @@ import torch
 from diffsr.calib.data import photo
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.families import preset
-from diffsr.export.model.settings import Request, PipelineConfig
+from diffsr.export.model.settings import PipelineConfig, Request
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
 from diffsr.runtime.schedulers import make_scheduler

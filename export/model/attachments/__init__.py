@@ -1,5 +1,5 @@
 """The attachments: optional models a checkpoint may carry in folders of their own, attached to any family
-(`family.Attachment`). Each kind is one module; `KINDS` names them by folder.
+(`attachment.Attachment`). Each kind is one module; `KINDS` names them by folder.
 
     captioner/   BLIP-2 (OPT): the photo's caption, the paper's own prompt (`captioner.py`)
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from diffsr.export.model.attachment import Attachment
 from diffsr.export.model.attachments.captioner import Captioner
-from diffsr.export.model.family import Attachment
 
 KINDS: dict[str, type[Attachment]] = {Captioner.folder: Captioner}
 

@@ -37,8 +37,9 @@ import torch
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
+from diffsr.export.model.attachment import Attachment
 from diffsr.export.model.dims import NamedDim
-from diffsr.export.model.family import Attachment, Component, Draw
+from diffsr.export.model.parts import Component, Draw
 from diffsr.export.model.settings import MAX_BEAMS, MAX_NEW_TOKENS
 from diffsr.export.model.signatures import Signature, TensorSpec
 

@@ -35,7 +35,8 @@ from diffsr.export.model.components import (
 )
 from diffsr.export.model.dims import BATCH, CFG_BATCH, TEXT_BATCH, NamedDim, latent_sides
 from diffsr.export.model.families.sd import clip_config, vae_force_upcast, vae_of
-from diffsr.export.model.family import Component, Draw, ModelFamily, RunFn, Stage, Stages, Tensors, guided, register
+from diffsr.export.model.family import ModelFamily, guided, register
+from diffsr.export.model.parts import Component, Draw, RunFn, Stage, Stages, Tensors
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.export.model.signatures import Signature, TensorSpec
 from diffsr.export.model.tokenizer import (

@@ -29,7 +29,8 @@ from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.model.components import diffusers_component, diffusers_config, our_component, transformers_component
 from diffsr.export.model.dims import BATCH, CFG_BATCH, TEXT_BATCH, NamedDim, latent_sides
-from diffsr.export.model.family import Component, Draw, ModelFamily, RunFn, Stage, Stages, Tensors, guided, register
+from diffsr.export.model.family import ModelFamily, guided, register
+from diffsr.export.model.parts import Component, Draw, RunFn, Stage, Stages, Tensors
 from diffsr.export.model.signatures import Signature, TensorSpec
 from diffsr.export.model.tokenizer import CLIP_LENGTH, VOCAB_SIZE, Tokenizer, build_clip_tokenizer
 

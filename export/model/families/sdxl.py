@@ -21,7 +21,8 @@ from torch import nn
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.components import transformers_component
 from diffsr.export.model.families.sd import F32, SD, SDConfig, _ids, clip_config
-from diffsr.export.model.family import Component, Draw, Tensors, register
+from diffsr.export.model.family import register
+from diffsr.export.model.parts import Component, Draw, Tensors
 from diffsr.export.model.signatures import TensorSpec
 from diffsr.export.model.tokenizer import OPENCLIP_PAD, build_clip_tokenizer
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.settings import Request
 from diffsr.runtime.backends.base import Runner
 from diffsr.runtime.backends.on_demand import on_demand
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
-from diffsr.export.model.settings import Request
 
 
 class Counting(Runner):

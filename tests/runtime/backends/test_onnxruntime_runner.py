@@ -7,9 +7,9 @@ from typer.testing import CliRunner
 
 from diffsr.app.cli.main import app
 from diffsr.export.core.precision import Precision
+from diffsr.export.model.settings import Request
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
-from diffsr.export.model.settings import Request
 
 
 def test_onnxruntime_pipeline_matches_torch(tiny_checkpoint, tiny_onnx, photo_lq):

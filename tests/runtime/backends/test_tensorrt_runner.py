@@ -18,9 +18,9 @@ from diffsr.export.engines.build import engine_profiles, profile_json
 from diffsr.export.engines.metadata import EngineMeta, Environment, tensorrt_available, write_meta
 from diffsr.export.graphs.manifest import file_sha256, read_manifest, signature_hash
 from diffsr.export.model.dims import target
+from diffsr.export.model.settings import Request
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
-from diffsr.export.model.settings import Request
 from tests.runtime.backends import fake_tensorrt
 
 HERE = Environment(fake_tensorrt.__version__, "Fake GPU", "9.0")

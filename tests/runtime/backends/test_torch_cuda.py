@@ -11,10 +11,10 @@ from diffsr.app.measure.parity import TOLERANCES, judge_image
 from diffsr.export.core.precision import Precision
 from diffsr.export.model.checkpoint import load_submodule
 from diffsr.export.model.samples import sample_inputs
+from diffsr.export.model.settings import Request
 from diffsr.runtime.backends.torch_runner import TorchRunner
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
-from diffsr.export.model.settings import Request
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DIMS = dict(batch=1, cfg_batch=2, text_batch=2, latent_height=8, latent_width=12)

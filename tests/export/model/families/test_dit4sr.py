@@ -16,11 +16,11 @@ from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.precision import Precision
 from diffsr.export.graphs.manifest import read_manifest
 from diffsr.export.model.checkpoint import load_submodule
+from diffsr.export.model.families import preset
 from diffsr.export.model.families.dit4sr import DiT4SR
 from diffsr.export.model.families.dit4sr_networks import DiT4SRTransformer
-from diffsr.export.model.families import preset
-from diffsr.runtime.loading import load_pipeline
 from diffsr.export.model.settings import Request
+from diffsr.runtime.loading import load_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@ import json
 import pytest
 
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.families import family, model_from_json, preset, presets
 from diffsr.export.model.families.sd import SD
 from diffsr.export.model.families.sdxl import SDXL
-from diffsr.export.model.families import family, model_from_json, preset, presets
 from tests.conftest import DATA
 
 

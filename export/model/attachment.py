@@ -1,0 +1,72 @@
+"""An attachment: an optional model a checkpoint carries in a folder of its own, attached to any family (the BLIP-2
+captioner: `attachments/captioner.py`). The family class asks each attachment through this interface; it names none."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from diffsr.export.model.dims import NamedDim
+from diffsr.export.model.parts import Component, Draw
+from diffsr.export.model.signatures import Signature
+
+
+class Attachment(ABC):
+    """An optional model a checkpoint carries in a folder of its own, beside its family's networks, and attached to
+    any family: an image-to-text model (the BLIP-2 captioner, `attachments/captioner.py`). Its graphs are submodules
+    of the model like the family's own (exported, checked, engine-built, budgeted, served); what it makes for a
+    request (the text it `writes`) is made once per request, before the family's stages, by its runtime runner
+    (`runtime/prompters.py`). A new kind is one module here and its runner there, named in `attachments/__init__.py`."""
+
+    folder: ClassVar[str]  # its checkpoint folder, and its key in the model's JSON
+    writes: ClassVar[str] = ""  # the request's text it writes (a captioner: "prompt"), under the prompt policy
+    part: ClassVar[str] = ""  # the pipeline part it is timed and benchmarked as (a captioner: "caption")
+    stand_in: ClassVar[str] = ""  # what stands in for its outputs where a deployment leaves it out
+
+    @classmethod
+    @abstractmethod
+    def open(cls, folder: Path) -> Attachment:
+        """What a checkpoint's folder says (its widths), read without building any network."""
+
+    @classmethod
+    @abstractmethod
+    def from_json(cls, data: dict[str, Any]) -> Attachment:
+        """From its `to_json` (what a manifest or a Triton model rebuilds the signatures from)."""
+
+    @abstractmethod
+    def to_json(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def dims(self) -> tuple[NamedDim, ...]: ...
+
+    @abstractmethod
+    def declare(self) -> tuple[Signature, ...]: ...
+
+    @abstractmethod
+    def components(self) -> dict[str, Component]: ...
+
+    @abstractmethod
+    def parts(self, submodule: str) -> tuple[tuple[str, ...], Callable[..., nn.Module]]: ...
+
+    def partial(self, submodule: str) -> bool:
+        """Whether a graph uses only part of its folder's weights (each of a captioner's graphs does)."""
+        return False
+
+    def sample_draws(self) -> Mapping[str, Draw]:
+        return {}
+
+    def file_errors(self, folder: Path) -> list[str]:
+        """What is missing or unreadable in its folder besides its components (checked when a checkpoint opens)."""
+        return []
+
+    def serving_files(self, folder: Path) -> list[Path]:
+        """What the endpoint's preprocessing needs of its folder besides the graphs (configs, a tokenizer)."""
+        return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in (".json", ".txt", ".model"))
+
+    @property
+    def graphs(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.declare())
