@@ -62,9 +62,10 @@ class Pipeline:
         return check(self.model, request.settings, self.checkpoint.scheduler_config, request.photo.shape[:2])
 
     def __call__(self, request: Request, on_step: StepCallback | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> UpscaleResult:
+                 cancelled: Callable[[], bool] | None = None, plan: Plan | None = None) -> UpscaleResult:
+        """`plan`: the request's checked plan where the caller (a command line) checked it before loading weights."""
         model, cfg = self.model, request.settings
-        plan = self.plan(request)  # every mistake fails before any work
+        plan = plan or self.plan(request)  # every mistake fails before any work
         self.timings = {}
         start = time.perf_counter()
 
@@ -77,11 +78,12 @@ class Pipeline:
         texts = request_texts(model, cfg, self._writer(request, cancelled) if "prompt" in self.prompters else None)
 
         # 3. Once per request: the texts' token ids, then the family's stages in order (SD: the text encoder, then
-        #    the LQ encoder over tiles); the step's conditioning from the untiled ones and the output size.
-        with self.stage("text"):
+        #    the LQ encoder over tiles); the step's conditioning from the untiled ones, the output size and the
+        #    family's own inputs.
+        with self.stage(model.token_part()):
             tensors |= token_ids(model, self.tokenizer, texts, cfg.cfg, self.device)
         tiled, once = run_once(model, self.run, tensors, plan.tiling, self.stage)
-        cond = model.conditioning(once, plan.size)
+        cond = model.conditioning(once, plan.size, model.input_values(cfg))
 
         # 4. Denoise: the sampler loop on the device, guided (a CUDA graph replay per step, if asked).
         with self.stage("denoise"):

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from numpy.typing import NDArray
 import torch
+from numpy.typing import NDArray
 
 from diffsr.export.model.attachment import Attachment
 from diffsr.export.model.attachments.captioner import Captioner
@@ -58,7 +58,7 @@ def request_texts(model: ModelFamily, cfg: PipelineConfig, write: Callable[[str]
     texts = {"prompt": prompt_of(cfg, None if write is None else lambda: write("prompt")),
              "negative_prompt": cfg.negative_prompt}
     declared = {i.name for i in model.family_inputs() if i.kind == "text"}
-    return texts | {k: v for k, v in model.input_values(cfg).items() if k in declared}
+    return texts | {k: v or "" for k, v in model.input_values(cfg).items() if k in declared}  # not given: empty
 
 
 def wants_caption(cfg: PipelineConfig) -> bool:

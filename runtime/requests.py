@@ -4,7 +4,7 @@
                     every input held to its declaration (`ModelFamily.request_inputs`), photos decoded, absent
                     settings the checkpoint's
     check           the settings against the model -> the `Plan` they imply: the scheduler (set to the steps), the
-                    tiling, the output size
+                    tiling, the output size (`plan_of`: the same plan of settings already checked, not checked again)
 
 Each mistake is one line naming the input; several mistakes are reported together, one message each. Everything
 past the edge (the pipeline, the Triton models) takes the request and its plan as they are, and re-parses nothing.
@@ -123,3 +123,12 @@ def check(model: ModelFamily, settings: PipelineConfig, scheduler_config: dict[s
     if errors or scheduler is None or tiling is None or size is None:
         raise DiffsrError("; ".join(errors))
     return Plan(scheduler, tiling, size)
+
+
+def plan_of(model: ModelFamily, settings: PipelineConfig, scheduler_config: dict[str, Any],
+            size: tuple[int, int]) -> Plan:
+    """The plan of settings `check` has passed already (the ensemble's sampler: its preprocessing checked them), for
+    an output of `size`: made, not checked again."""
+    scheduler = make_scheduler(settings.scheduler, scheduler_config)
+    scheduler.set_timesteps(settings.steps)
+    return Plan(scheduler, tiling_for(model, settings), size)

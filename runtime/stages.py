@@ -17,15 +17,14 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
 import torch
 import torch.nn.functional as F
+from numpy.typing import NDArray
 
 from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.inputs import PHOTO_KINDS
 from diffsr.export.model.parts import RunFn
 from diffsr.export.model.settings import Request
-from diffsr.export.model.signatures import parse_dim
 from diffsr.runtime.image import adain, pad_to_multiple, to_uint8, upsample, wavelet_fix
 from diffsr.runtime.tiling import Blender, Tiling
 
@@ -78,27 +77,18 @@ def token_ids(model: ModelFamily, tokenize: Callable[[list[str]], dict[str, Any]
     return {name: torch.from_numpy(v).to(device) for name, v in model.token_ids(tokenize, texts, guided).items()}
 
 
-def _side_scale(spec_shape: tuple[Any, ...], sides: set[str]) -> int | None:
-    """Values per latent cell of a tensor's last two axes, or None where they are not the latent's sides."""
-    last = spec_shape[-1] if spec_shape else None
-    if not isinstance(last, str) or parse_dim(last)[1] not in sides:
-        return None
-    return parse_dim(last)[0]
-
-
 def over_tiles(model: ModelFamily, run: RunFn, name: str, feeds: Mapping[str, torch.Tensor],
                tiling: Tiling) -> dict[str, torch.Tensor]:
     """Submodule `name` on `feeds`, one call if the latent fits a tile, else batches of tiles: every input with the
     latent's sides cropped to each tile (at its own scale), any other repeated for each tile; each output with the
     latent's sides blended at its own scale."""
     sig = model.signature(name)
-    sides = {d.name for d in model.dims() if d.kind == "side"}
-    scales_in = {t.name: _side_scale(t.shape, sides) for t in sig.inputs}
+    scales_in = {t.name: model.side_scale(t) for t in sig.inputs}
     source, scale = next((n, s) for n, s in scales_in.items() if s is not None)
     grid = (feeds[source].shape[-2] // scale, feeds[source].shape[-1] // scale)
     if tiling.tiles(*grid) == 1:
         return dict(run(name, **feeds))
-    scales = {t.name: s for t in sig.outputs if (s := _side_scale(t.shape, sides)) is not None}
+    scales = {t.name: s for t in sig.outputs if (s := model.side_scale(t)) is not None}
 
     def one(group: list[Any]) -> Mapping[str, torch.Tensor]:
         crops = {k: torch.cat([t.crop(v, scales_in[k]) for t in group]) if scales_in[k] is not None

@@ -70,6 +70,7 @@ class TiledStep(Step):
         self.corners = {tuple(group): torch.tensor([t.pixels(f) for t in group], dtype=torch.float32, device=device)
                         for group in tiling.groups(self.blender.tiles)}
         self.tiling, self.grid = tiling, grid
+        self.scales = model.tiled_scales()  # each tiled tensor's values per latent cell: its crop's scale
 
     @property
     def tiles(self) -> int:
@@ -81,7 +82,7 @@ class TiledStep(Step):
 
     def predict(self, x: torch.Tensor, tiled: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
         def one(group: list[Tile]) -> Mapping[str, torch.Tensor]:
-            crops = {name: torch.cat([t.crop(v) for t in group]) for name, v in tiled.items()}
+            crops = {name: torch.cat([t.crop(v, self.scales.get(name, 1)) for t in group]) for name, v in tiled.items()}
             tile_cond = self.model.tile_conditioning(cond, self.corners[tuple(group)])
             return {"out": self.model.predict(self.run, torch.cat([t.crop(x) for t in group]), crops, tile_cond, row)}
 

@@ -100,7 +100,8 @@ def _command(family: str, ckpt, out: Path) -> tuple[list[str], Path | None, Path
     if family == "demo":  # `diffsr demo` in an empty folder: its export lands in .demo/
         return [*cli, "demo", "--no-serve", "--steps", DEMO_STEPS], out, out / ".demo" / "onnx-trained"
     if family == "toy":  # the checkpoint (with a captioner) in out/checkpoint, its graphs in out/onnx
-        return [sys.executable, "-m", "tests.toy_family", str(out)], ROOT, out / "onnx"
+        make = "import sys; from pathlib import Path; from tests.toy_family import make; make(Path(sys.argv[1]))"
+        return [sys.executable, "-c", make, str(out)], ROOT, out / "onnx"
     return [*cli, "export", "--checkpoint", str(ckpt.path), "--out", str(out), *EXPORTS[family][1]], None, out
 
 
@@ -201,7 +202,7 @@ def demo_onnx(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def toy_onnx(request, tmp_path_factory):
     """The toy family's checkpoint, with a blip2-tiny captioner, and its FP32 graphs without ONNX Runtime's fused
-    variants: (checkpoint folder, ONNX folder), made in the background by `python -m tests.toy_family`."""
+    variants: (checkpoint folder, ONNX folder), made in the background by `tests.toy_family.make`."""
     onnx = _exported("toy", request, tmp_path_factory)
     return onnx.parent / "checkpoint", onnx
 

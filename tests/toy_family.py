@@ -7,11 +7,11 @@ more than one photo and one prompt:
     style   a second photo (global: every tile sees all of it, at 32 x 32), encoded once per request by its own
             stage (`style`), whose vector every step reads
     mood    a text of its own, encoded with the prompt by the text stage (a third row of its batch) and added to the
-            prompt's states
+            prompt's states, `mood_strength` times (a number of its own, 0 to 4)
 
 Importing this module registers the family (so a Triton server's python models, told its module, find it too).
-`python -m tests.toy_family OUT` makes a seeded checkpoint of it with a blip2-tiny captioner in OUT/checkpoint and
-exports it to OUT/onnx (the test session does so in the background, as it exports its other checkpoints).
+`make(OUT)` makes a seeded checkpoint of it with a blip2-tiny captioner in OUT/checkpoint and exports it to OUT/onnx
+(the test session does so in a process of its own, in the background, as it exports its other checkpoints).
 """
 
 from __future__ import annotations
@@ -130,7 +130,9 @@ class Toy(ModelFamily):
     def family_inputs(self) -> tuple[RequestInput, ...]:
         return (RequestInput("style", "photo", "a photo whose look the output takes", required=True, side=STYLE_SIDE,
                              tensor="style_photo"),
-                RequestInput("mood", "text", "a word or two of mood, added to the prompt's states", default="calm"))
+                RequestInput("mood", "text", "a word or two of mood, added to the prompt's states", default="calm"),
+                RequestInput("mood_strength", "float", "how much of the mood", low=0.0, high=4.0, default=1.0,
+                             dtype="float32"))
 
     def family_dims(self) -> tuple[NamedDim, ...]:
         return (BATCH, CFG_BATCH, TEXT_BATCH, *latent_sides(self.latent_multiple, self.native_latent))
@@ -186,10 +188,11 @@ class Toy(ModelFamily):
         return {"input_ids": lambda shape, g: torch.randint(0, VOCAB_SIZE, shape, generator=g, dtype=torch.int32),
                 "t": lambda shape, g: torch.randint(0, 1000, shape, generator=g).float()}
 
-    def conditioning(self, once: Tensors, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """The prompts' states with the mood's mean state added to each; the style vector."""
-        words = once["words"]
-        return {"words": words[:-1] + words[-1:].mean(1, keepdim=True), "style": once["style"]}
+    def conditioning(self, once: Tensors, size: tuple[int, int],
+                     inputs: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """The prompts' states with the mood's mean state, `mood_strength` times, added to each; the style vector."""
+        words, strength = once["words"], float((inputs or {}).get("mood_strength", 1.0))
+        return {"words": words[:-1] + strength * words[-1:].mean(1, keepdim=True), "style": once["style"]}
 
     def predict(self, run: RunFn, x: torch.Tensor, tiled: Tensors, cond: Tensors, row: torch.Tensor) -> torch.Tensor:
         return guided(x, cond["words"].shape[0], row, lambda batch, t: run(
@@ -207,8 +210,3 @@ def make(out: Path) -> None:
     init_captioner("blip2-tiny", 0, out / "checkpoint")
     export_onnx(open_checkpoint(out / "checkpoint"), out / "onnx", ort_fusions=False)
 
-
-if __name__ == "__main__":
-    import sys
-
-    make(Path(sys.argv[1]))

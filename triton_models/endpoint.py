@@ -34,7 +34,10 @@ def request_specs(model: ModelFamily) -> list[TensorSpec]:
 
 
 def optional_inputs(model: ModelFamily) -> tuple[str, ...]:
-    return tuple(i.name for i in model.request_inputs() if not i.required)
+    """Every input, to Triton: a request that lacks a required one (the photo, a family's) is refused by the one
+    parse, in its words, on either entry point (an ensemble missing an input of its own would only say it cannot
+    go on)."""
+    return tuple(i.name for i in model.request_inputs())
 
 
 def tensor_values(inputs: list[RequestInput], tensor: Any) -> dict[str, Any]:

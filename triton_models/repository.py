@@ -140,7 +140,7 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
     opt = TARGETS["server"].at(model.dims())
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
     batched = options.batched(model, flavour)
-    model_params = dict(family=model.name, family_module=module_of(model), model=json.dumps(model.to_json()))
+    model_params = dict(family=model.name, family_module=module_of(model) or "", model=json.dumps(model.to_json()))
     configs: dict[str, mc.ModelConfig] = {}
     for name, sig in sigs.items():
         config = _config(name, list(sig.inputs), list(sig.outputs))
@@ -270,15 +270,20 @@ def _ensemble(model: ModelFamily, specs: list[TensorSpec], optional: tuple[str, 
     own name."""
     config = _config(ENSEMBLE, specs, [RESPONSE, PROMPT_RESPONSE], optional=optional)
     config.platform = "ensemble"
+    # the ensemble's tensors share one namespace with its inputs and outputs: a model's tensor whose name an input
+    # has (a photo input `style`, a stage's output `style`) goes by another inside it
+    taken = {s.name for s in specs} | {OUTPUT}
+    inner = lambda names: {n: f"{n}.tensor" if n in taken else n for n in names}  # noqa: E731
     same = lambda names: {n: n for n in names}  # noqa: E731
     photo = model.stages.photo
     prepared = [t.name for t in model.prepared()]
     steps = [
-        ("preprocess", same(s.name for s in specs), same((*prepared, "output_size", PROMPT_OUTPUT, SETTINGS.name))),
-        *((s.submodule, same(t.name for t in model.signature(s.submodule).inputs),
-           same(t.name for t in model.signature(s.submodule).outputs)) for s in stages),
-        ("sampler", same((*(t.name for t in sampler_inputs(model)), "output_size", SETTINGS.name)), same(("decoded",))),
-        ("postprocess", same(("decoded", photo, "output_size")), {OUTPUT: OUTPUT}),
+        ("preprocess", same(s.name for s in specs),
+         inner((*prepared, "output_size", SETTINGS.name)) | same((PROMPT_OUTPUT,))),
+        *((s.submodule, inner(t.name for t in model.signature(s.submodule).inputs),
+           inner(t.name for t in model.signature(s.submodule).outputs)) for s in stages),
+        ("sampler", inner((*(t.name for t in sampler_inputs(model)), "output_size", SETTINGS.name)), inner(("decoded",))),
+        ("postprocess", inner(("decoded", photo, "output_size")), {OUTPUT: OUTPUT}),
     ]
     for name, inputs, outputs in steps:
         step = config.ensemble_scheduling.step.add(model_name=name, model_version=1)

@@ -86,10 +86,10 @@ def upscale(
                                   tile_batch=tile_batch)
     request = parse_request(ckpt.model, local, values)
     settings = request.settings
-    check(ckpt.model, settings, ckpt.scheduler_config, request.photo.shape[:2])  # every mistake before weights load
+    plan = check(ckpt.model, settings, ckpt.scheduler_config, request.photo.shape[:2])  # every mistake before weights load
     pipe = load_pipeline(backend, ckpt, device, onnx, parse_precision(precision), engines, cuda_graph)
     with bars() as draw:
-        result = pipe(request, on_step=lambda done, total: draw(Progress("denoise", "tile-steps", done, total)))
+        result = pipe(request, on_step=lambda done, total: draw(Progress("denoise", "tile-steps", done, total)), plan=plan)
     save_image(result.image, out_file)
     h, w = result.image.shape[:2]
     console.print(f"{image} -> {out_file} ({w}x{h}, {backend}, {settings.scheduler} {settings.steps} steps)",

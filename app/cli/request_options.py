@@ -10,6 +10,8 @@ imported first) has its options, in a help panel of its own.
 from __future__ import annotations
 
 import inspect
+import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -23,23 +25,49 @@ PYTHON_TYPES: dict[str, Any] = {"photo": Path, "photos": list[Path], "text": str
                                 "choice": str}
 
 
+REQUEST_COMMANDS = ("upscale", "client")  # the commands that take request options
+SCHEDULER_HELP = "the sampler, one of {} that fits the model (default: the checkpoint's)"
+
+
 def declared_inputs() -> dict[str, tuple[RequestInput, str]]:
-    """Every request input by name, with the help panel it shows in: the base inputs, then each family's own (a name
-    two families declare is shown once, under the first)."""
-    from diffsr.export.model.families import families
+    """Every request input by name, with the help panel it shows in: the base inputs, then each registered family's
+    own (a name two families declare is shown once, under the first). Families of one's own are imported first: the
+    module `--checkpoint`'s diffsr.json names, those of `DIFFSR_FAMILIES` and of the `diffsr.families` entry points.
+    Typer reads every command's signature whenever it runs, so another command (or `diffsr --help`) imports no
+    family, nor torch."""
+    found: dict[str, tuple[RequestInput, str]] = {}
+    loaded = "diffsr.export.model.families" in sys.modules  # in-process callers (tests) have it already
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if not loaded and command not in REQUEST_COMMANDS:
+        return {spec.name: (spec, "Request") for spec in BASE_INPUTS}
+    from diffsr.export.model.families import families, load_plugins
     from diffsr.runtime.schedulers import SCHEDULERS
 
-    schedulers = ", ".join(sorted(SCHEDULERS))
-    found: dict[str, tuple[RequestInput, str]] = {}
+    load_plugins(_checkpoint_module(sys.argv[2:]))
     for spec in BASE_INPUTS:
         if spec.name == "scheduler":
-            spec = RequestInput(spec.name, spec.kind, f"the sampler, one of {schedulers} that fits the model "
-                                "(default: the checkpoint's)")
+            spec = RequestInput(spec.name, spec.kind, SCHEDULER_HELP.format(", ".join(sorted(SCHEDULERS))))
         found[spec.name] = (spec, "Request")
     for name, family in families().items():
-        for spec in family(next(iter(family.presets.values()))).family_inputs():
-            found.setdefault(spec.name, (spec, f"Request: the {name} family"))
+        for config in list(family.presets.values())[:1]:  # the family's inputs, from any of its models
+            for spec in family(config).family_inputs():
+                found.setdefault(spec.name, (spec, f"Request: the {name} family"))
     return found
+
+
+def _checkpoint_module(argv: list[str]) -> list[str]:
+    """The family module the diffsr.json of the command line's `--checkpoint` names (none where it names none or
+    cannot be read: the command says why once it runs)."""
+    for i, arg in enumerate(argv):
+        path = arg.split("=", 1)[1] if arg.startswith("--checkpoint=") else argv[i + 1] if arg == "--checkpoint" and \
+            i + 1 < len(argv) else None
+        if path is not None:
+            try:
+                module = json.loads((Path(path) / "diffsr.json").read_text(encoding="utf-8")).get("family_module")
+            except (OSError, ValueError, AttributeError):
+                return []
+            return [module] if isinstance(module, str) else []
+    return []
 
 
 def _parameter(spec: RequestInput, panel: str) -> inspect.Parameter:

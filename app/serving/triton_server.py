@@ -290,10 +290,10 @@ class TritonServer:
         """What a one-line message about its exit shows: the last model that failed to load (the usual cause), else
         the last error line (or the last line). A machine without a GPU logs NVML and CUDA errors that are no cause."""
         lines = [line.strip() for line in self.logs]
-        failed = [line for line in lines if "failed to load" in line]
-        errors = failed or [line for line in lines if line.startswith("E") and "NVML" not in line and "Cuda" not in line]
-        chosen = errors or lines
-        return chosen[-1] if chosen else "no output"
+        failed = [line for line in lines if "failed to load '" in line]  # a model's own failure, not the summary
+        errors = [line for line in lines if line.startswith("E") and "NVML" not in line and "Cuda" not in line]
+        chosen = failed[:1] or errors[-1:] or lines[-1:]
+        return chosen[0] if chosen else "no output"
 
     def _pump(self) -> None:
         assert self.process is not None and self.process.stdout is not None

@@ -17,7 +17,7 @@ from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.core.precision import Precision
 from diffsr.export.model.checkpoint import Checkpoint
-from diffsr.export.model.families import model_from_json
+from diffsr.export.model.families import model_from_json, module_of
 from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.signatures import Signature
 
@@ -102,6 +102,7 @@ def write_manifest(out: Path, ckpt: Checkpoint, opset: int, files: dict[str, dic
         "format_version": FORMAT_VERSION,
         "checkpoint": {"path": str(ckpt.path.resolve()), "sha256": checkpoint_digest(ckpt.path)},
         "family": ckpt.model.name,
+        "family_module": module_of(ckpt.model),  # imported where the family is not yet registered (one of one's own)
         "model": ckpt.model.to_json(),
         "opset": opset,
         "exporter": "torch.onnx.export(dynamo=True)",
@@ -116,7 +117,7 @@ def write_manifest(out: Path, ckpt: Checkpoint, opset: int, files: dict[str, dic
 
 def manifest_model(manifest: dict[str, Any]) -> ModelFamily:
     """The model a manifest was exported from (a manifest written before families had names holds none)."""
-    return model_from_json(manifest.get("family"), manifest["model"])
+    return model_from_json(manifest.get("family"), manifest["model"], manifest.get("family_module"))
 
 
 def read_manifest(onnx_dir: Path) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """An attachment: an optional model a checkpoint carries in a folder of its own, attached to any family (the BLIP-2
-captioner: `attachments/captioner.py`). The family class asks each attachment through this interface; it names none."""
+captioner: `attachments/captioner.py`). The family class asks each attachment through this interface; it names none.
+A new kind is its declaration here (a module under `attachments/`, named in `attachments.KINDS`) and its runner in the
+runtime (named in `runtime/prompts.PROMPTERS`): one line in each table, no branch anywhere."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ class Attachment(ABC):
     any family: an image-to-text model (the BLIP-2 captioner, `attachments/captioner.py`). Its graphs are submodules
     of the model like the family's own (exported, checked, engine-built, budgeted, served); what it makes for a
     request (the text it `writes`) is made once per request, before the family's stages, by its runtime runner
-    (`runtime/prompters.py`). A new kind is one module here and its runner there, named in `attachments/__init__.py`."""
+    (`runtime/prompts.py`)."""
 
     folder: ClassVar[str]  # its checkpoint folder, and its key in the model's JSON
     writes: ClassVar[str] = ""  # the request's text it writes (a captioner: "prompt"), under the prompt policy

@@ -75,6 +75,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise DiffsrError(f"{path / 'diffsr.json'}: {e}") from None
     # the attachments are the folder's, whatever diffsr.json says
     model = model.with_attachments(open_attachments(path))
+    model.check_stages()  # a family whose declaration does not hold together says so now, naming the stage
     errors = model.settings_errors(defaults)
     if errors:
         raise DiffsrError(f"{path / 'diffsr.json'}'s pipeline settings: {'; '.join(errors)}")
@@ -119,7 +120,7 @@ def checkpoint_meta(model: ModelFamily, defaults: PipelineConfig) -> dict[str, A
     wherever the checkpoint opens: a command, an export process, a Triton model)."""
     module = module_of(model)
     return {"format_version": FORMAT_VERSION, "family": model.name,
-            **({} if module.startswith("diffsr.") else {"family_module": module}),
+            **({} if module is None or module.startswith("diffsr.") else {"family_module": module}),
             "model": model.to_json(), "pipeline": defaults.to_json()}
 
 

@@ -96,8 +96,8 @@ class ModelFamily(ABC):
         caption without a captioner, a family input that is not declared or out of its range."""
         errors = []
         if settings.caption == "always" and not any(a.writes == "prompt" for a in self.attachments):
-            errors.append('caption="always" needs a captioner in the checkpoint: add one with `diffsr init --captioner '
-                          'blip2-tiny` (or copy a BLIP-2 folder to captioner/), or use caption="auto"')
+            errors.append('caption="always" needs an attachment that writes the prompt (a captioner/ folder: `diffsr '
+                          'init --captioner blip2-tiny`, or a BLIP-2 folder copied there), or use caption="auto"')
         declared = {i.name: i for i in self.family_inputs() if i.kind not in PHOTO_KINDS}
         for name, value in settings.inputs.items():
             if name not in declared:
@@ -114,6 +114,12 @@ class ModelFamily(ABC):
         """A request's texts (the prompt, the negative prompt, the family's own texts) -> token ids by input name:
         the prompt after the negative prompt with guidance (the order of the loop's batch)."""
         return tokenize([texts["negative_prompt"], texts["prompt"]] if guided else [texts["prompt"]])
+
+    def token_part(self) -> str:
+        """The pipeline part tokenising is timed as: the first once-per-request stage that takes token ids."""
+        names = set(self.tokenizer_folders())
+        return next((s.part for s in self.stages.once if names & {t.name for t in self.signature(s.submodule).inputs}),
+                    "text")
 
     def prepared(self) -> list[TensorSpec]:
         """What a request's preparation hands the once-per-request stages (the photos' pixels, token ids): every
@@ -137,6 +143,10 @@ class ModelFamily(ABC):
             if missing:
                 raise DiffsrError(f"{self.name}: stage {stage.submodule} needs {missing}, which no request input or "
                                   "earlier stage makes")
+            sideless = [t.name for t in sig.outputs if self.side_scale(t) is None]
+            if stage.tiled and (sideless or all(self.side_scale(t) is None for t in sig.inputs)):
+                raise DiffsrError(f"{self.name}: tiled stage {stage.submodule} must take and make tensors with the "
+                                  f"latent's sides (outputs without: {sideless})")
             ready |= {t.name for t in sig.outputs}
             tiled |= {t.name for t in sig.outputs} if stage.tiled else set()
         if self.stages.start not in tiled:
@@ -223,12 +233,19 @@ class ModelFamily(ABC):
         if not names or unknown:
             raise DiffsrError(f"{what} {list(names)} must be one or more of {list(self.submodules)}")
 
-    def scale(self, submodule: str, output: str) -> int:
-        """Values per latent cell of an output's last two axes: 1 at latent resolution, the latent factor
-        for an image."""
-        spec = next(t for t in self.signature(submodule).outputs if t.name == output)
-        last = spec.shape[-1]
-        return parse_dim(last)[0] if isinstance(last, str) else 1
+    def side_scale(self, spec: TensorSpec) -> int | None:
+        """Values per latent cell of a tensor's last two axes (1 at latent resolution, the latent factor for an
+        image), or None where they are not the latent's sides (a vector, a token axis)."""
+        last = spec.shape[-1] if spec.shape else None
+        sides = {d.name for d in self.dims() if d.kind == "side"}
+        if not isinstance(last, str) or parse_dim(last)[1] not in sides:
+            return None
+        return parse_dim(last)[0]
+
+    def tiled_scales(self) -> dict[str, int]:
+        """The tiled once-per-request stages' outputs and their scales: what every step reads a tile's crop of."""
+        return {t.name: scale for s in self.stages.once if s.tiled for t in self.signature(s.submodule).outputs
+                if (scale := self.side_scale(t)) is not None}
 
     # --- the checkpoint ----------------------------------------------------------------------
 
@@ -297,9 +314,11 @@ class ModelFamily(ABC):
 
     # --- the pipeline's model-specific math (device tensors only: a CUDA graph can capture it) ------
 
-    def conditioning(self, once: Tensors, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def conditioning(self, once: Tensors, size: tuple[int, int],
+                     inputs: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
         """What every step takes besides the latent and the tiled stages' outputs, from the untiled once-per-request
-        stages' outputs (the text states) and the output size in pixels."""
+        stages' outputs (the text states), the output size in pixels and the family's own request inputs
+        (`input_values`: its numbers and choices reach the model here)."""
         return dict(once)
 
     def tile_conditioning(self, cond: Tensors, corners: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -115,6 +115,16 @@ class PipelineConfig:
         return data
 
     @classmethod
+    def parsed(cls, data: dict[str, Any]) -> PipelineConfig:
+        """Settings a request's parse already made and checked (`to_json`'s), taken as they are: the ensemble's
+        sampler reads its preprocessing's, and re-parses nothing."""
+        config = object.__new__(cls)
+        for f in dataclasses.fields(cls):
+            value = data.get(f.name, f.default if f.default is not dataclasses.MISSING else {})
+            object.__setattr__(config, f.name, tuple(value) if isinstance(value, list) else value)
+        return config
+
+    @classmethod
     def from_json(cls, data: dict[str, Any]) -> PipelineConfig:
         config: PipelineConfig = dataclass_from_json(cls, data, "pipeline setting")
         return config

@@ -111,21 +111,23 @@ class Tokenizer:
 
 
 def tokenizer_class(folder: Path) -> str:
-    """The class a tokenizer folder names (`tokenizer_config.json`'s `tokenizer_class`), its `tokenizer.json` read too:
-    either missing, not JSON or naming no class is an error naming the file (checked when a checkpoint opens). A
-    folder whose files are unchanged since the last look (same sizes and times) is not parsed again."""
+    """The class a tokenizer folder names (`tokenizer_config.json`'s `tokenizer_class`; CLIP's where it names none or
+    has no config, as a checkpoint without one always read), its `tokenizer.json` read too: a missing
+    `tokenizer.json`, or either file that is not JSON, is an error naming the file (checked when a checkpoint opens).
+    A folder whose files are unchanged since the last look (same sizes and times) is not parsed again."""
     hint = "the checkpoint is incomplete: copy the folder from where the checkpoint came from"
-    files = (folder / "tokenizer.json", folder / "tokenizer_config.json")
+    files = [f for f in (folder / "tokenizer.json", folder / "tokenizer_config.json") if f.is_file()]
     try:
         key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     except OSError:
         key = None
     if key is not None and key in _SEEN:
         return _SEEN[key]
-    read_json(files[0], "tokenizer file", hint)
-    kind = read_json(files[1], "tokenizer file", hint).get("tokenizer_class")
-    if not isinstance(kind, str) or not kind:
-        raise DiffsrError(f"{files[1]} names no tokenizer_class: {hint}")
+    read_json(folder / "tokenizer.json", "tokenizer file", hint)
+    config = read_json(folder / "tokenizer_config.json", "tokenizer file") if len(files) == 2 else {}
+    kind = config.get("tokenizer_class") or "CLIPTokenizer"
+    if not isinstance(kind, str):
+        raise DiffsrError(f"{folder / 'tokenizer_config.json'}: tokenizer_class {kind!r} is not a class name: {hint}")
     if key is not None:
         _SEEN[key] = kind
     return kind

@@ -52,7 +52,8 @@ def test_ensemble_wires_every_step_output_to_a_later_input(tiny_checkpoint):
     ensemble = model_configs(tiny_checkpoint, "onnxruntime", ServingOptions(entry="ensemble"))["diffsr"]
     available = {i.name for i in ensemble.input}
     optional = {i.name for i in ensemble.input if i.optional}
-    assert optional == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed", "scheduler", "caption"}
+    # every input optional to Triton: a missing photo is the parse's to refuse, in its words, on either entry point
+    assert optional == {"image", "prompt", "negative_prompt", "steps", "guidance_scale", "seed", "scheduler", "caption"}
     for step in ensemble.ensemble_scheduling.step:
         assert set(step.input_map.values()) <= available, step.model_name  # topological order
         available |= set(step.output_map.values())

@@ -106,14 +106,15 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(server, lq, reques
         with pytest.raises(DiffsrError, match=expected[case]):
             client.upscale(**kwargs)
     raw = {
-        "missing image": [("steps", np.array([2], np.int32), "INT32")],
-        "wrong dtype": [("image", np.array([1], np.int32), "INT32")],
-        "wrong rank": [("image", np.array([[png]], dtype=np.object_), "BYTES")],
-        "non-utf8 prompt": [("image", np.array([png], dtype=np.object_), "BYTES"),
-                            ("prompt", np.array([b"\xff\xfe bad"], dtype=np.object_), "BYTES")],
+        "missing image": ([("steps", np.array([2], np.int32), "INT32")], "image is required"),
+        "wrong dtype": ([("image", np.array([1], np.int32), "INT32")], "data-type"),
+        "wrong rank": ([("image", np.array([[png]], dtype=np.object_), "BYTES")], "shape"),
+        "non-utf8 prompt": ([("image", np.array([png], dtype=np.object_), "BYTES"),
+                             ("prompt", np.array([b"\xff\xfe bad"], dtype=np.object_), "BYTES")],
+                            "prompt is not valid UTF-8 text"),
     }
-    for case, tensors in raw.items():
-        with pytest.raises(InferenceServerException):
+    for case, (tensors, message) in raw.items():
+        with pytest.raises(InferenceServerException, match=message):
             _raw_infer(server, tensors)
     assert client.upscale(_png(lq), **SETTINGS).png == before
 

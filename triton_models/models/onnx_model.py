@@ -30,7 +30,7 @@ class TritonPythonModel:
         if self.batched:  # the family (and torch, which it brings) only where calls are stacked
             from diffsr.export.model.families import model_from_json
 
-            model = model_from_json(params["family"], json.loads(params["model"]))
+            model = model_from_json(params["family"], json.loads(params["model"]), params.get("family_module"))
             self.sig = model.signature(args["model_name"])
             self.stacking = StepBatching(self.sig, model.dims())
         options = ort.SessionOptions()

@@ -21,7 +21,7 @@ from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.families import model_from_json
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.runtime.loop import denoise
-from diffsr.runtime.requests import Plan, check
+from diffsr.runtime.requests import Plan, plan_of
 from diffsr.runtime.stages import decode, run_once
 from diffsr.triton_models.endpoint import SETTINGS
 from diffsr.triton_models.models.common import bls_runners, from_torch, to_torch
@@ -45,7 +45,7 @@ class Sampler:
         of), its steps, its decode; `metrics` observes every step."""
         model = self.model
         tiled, once = run_once(model, self.run, {k: t.to(self.device) for k, t in tensors.items()}, plan.tiling)
-        cond = model.conditioning(once, plan.size)
+        cond = model.conditioning(once, plan.size, model.input_values(settings))
         try:
             on_step = metrics.step_timer(settings.steps) if metrics is not None else None
             latent = denoise(model, self.run, tiled, cond, settings, plan.scheduler, on_step=on_step,
@@ -68,10 +68,10 @@ class TritonPythonModel:
 
     def _handle(self, request: Any) -> list:
         given = {n: pb_utils.get_input_tensor_by_name(request, n) for n in self.inputs}
-        settings = PipelineConfig.from_json(json.loads(given.pop(SETTINGS.name).as_numpy().reshape(-1)[0]))
+        # the settings and the output size its preprocessing parsed and checked: the plan they make, not re-checked
+        settings = PipelineConfig.parsed(json.loads(given.pop(SETTINGS.name).as_numpy().reshape(-1)[0]))
         tensors = {n: to_torch(t) for n, t in given.items()}
         h, w = (int(v) for v in tensors.pop("output_size").tolist())
-        model = self.sampler.model
-        plan = check(model, settings, self.sampler.scheduler_config, (h // settings.upscale, w // settings.upscale))
+        plan = plan_of(self.sampler.model, settings, self.sampler.scheduler_config, (h, w))
         decoded = self.sampler(settings, plan, tensors, request.is_cancelled, self.metrics, request.request_id())
         return [from_torch("decoded", decoded)]

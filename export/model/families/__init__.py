@@ -1,7 +1,10 @@
 """The model families, one module each (`sd`, `sdxl`, `dit4sr`), registered on import, and the lookups by name.
 
 A family defined elsewhere (a package of one's own) registers when its module is imported: `model_from_json` takes
-that module's name (a Triton model repository records it) and imports it where the family is not yet known.
+that module's name (a checkpoint's `diffsr.json`, an export's manifest and a Triton model repository record it) and
+imports it where the family is not yet known; `load_plugins` imports the modules `DIFFSR_FAMILIES` names
+(comma-separated) and those installed under the `diffsr.families` entry-point group, so that the command line knows
+their request inputs before it parses.
 
 `legacy_family` is the one place that infers a family: for a `diffsr.json` (or an export manifest)
 written before it named one.
@@ -10,6 +13,9 @@ written before it named one.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import os
+from collections.abc import Iterable
 from typing import Any
 
 from diffsr.export.core.errors import DiffsrError
@@ -21,8 +27,26 @@ from diffsr.export.model.family import FAMILIES, ModelFamily
 SDXL_KEYS = ("text2_hidden", "text2_layers", "text2_heads", "text2_intermediate", "addition_time_embed_dim")
 
 
+PLUGINS_ENV = "DIFFSR_FAMILIES"
+ENTRY_POINTS = "diffsr.families"
+
+
 def families() -> dict[str, type[ModelFamily]]:
     return dict(FAMILIES)
+
+
+def load_plugins(modules: Iterable[str] = ()) -> None:
+    """Import the modules of families of one's own (which register on import): `modules`, those `DIFFSR_FAMILIES`
+    names, and those installed under the `diffsr.families` entry-point group."""
+    named = [*modules, *(m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip())]
+    for module in dict.fromkeys(named):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise DiffsrError(f"cannot import the family module {module!r} ({e}): install it where diffsr runs, or fix "
+                              f"{PLUGINS_ENV}") from None
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINTS):
+        entry.load()
 
 
 def family(name: str, module: str | None = None) -> type[ModelFamily]:
@@ -61,9 +85,11 @@ def model_from_json(family_name: str | None, data: dict[str, Any], module: str |
     return family(family_name, module).from_json(data, attachments)
 
 
-def module_of(model: ModelFamily) -> str:
-    """The module that defines (and so registers) a model's family."""
-    return type(model).__module__
+def module_of(model: ModelFamily) -> str | None:
+    """The module that defines (and so registers) a model's family; None for one defined in a script run as
+    `__main__`, which no other process can import."""
+    module = type(model).__module__
+    return None if module == "__main__" else module
 
 
 def legacy_family(model: dict[str, Any]) -> tuple[str, dict[str, Any]]:

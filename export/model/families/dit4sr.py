@@ -312,7 +312,8 @@ class DiT4SR(ModelFamily):
 
     # --- a step ----------------------------------------------------------------------------
 
-    def conditioning(self, once: Tensors, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def conditioning(self, once: Tensors, size: tuple[int, int],
+                     inputs: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
         """SD3's prompt embeddings: the CLIP states, then T5's (zeros without T5, as diffusers gives), on the
         token axis; the pooled CLIP outputs."""
         clip = once["clip_embeddings"]

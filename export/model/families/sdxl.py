@@ -142,7 +142,8 @@ class SDXL(SD):
         return {**super().family_draws(), "input_ids_2": _ids,
                 "time_ids": lambda shape, g: torch.randint(0, 1024, shape, generator=g).float()}  # sizes, corners in px
 
-    def conditioning(self, once: Tensors, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def conditioning(self, once: Tensors, size: tuple[int, int],
+                     inputs: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
         """The text outputs and `time_ids` per text row: the output's size as the original and the target
         size, crop corner (0, 0) (for SR the image is neither resized nor cropped)."""
         h, w = size

@@ -163,7 +163,9 @@ def _rewrite_json(path, change):
     # a tokenizer broken or missing: refused on opening, not after the weights load
     (lambda f: ((f / "tokenizer" / "tokenizer.json").unlink(), (f / "tokenizer" / "tokenizer.json").write_text("{")),
      "tokenizer file is not valid JSON: "),
-    (lambda f: (f / "tokenizer" / "tokenizer_config.json").unlink(), "tokenizer file missing: "),
+    (lambda f: (f / "tokenizer" / "tokenizer.json").unlink(), "tokenizer file missing: "),
+    (lambda f: ((f / "tokenizer" / "tokenizer_config.json").unlink(),
+                (f / "tokenizer" / "tokenizer_config.json").write_text("[1, 2")), "tokenizer file is not valid JSON: "),
     # a component's weights or config missing
     (lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors").unlink(), "checkpoint file missing: "),
     (lambda f: (f / "vae" / "config.json").unlink(), "checkpoint file missing: "),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tritonclient.grpc import model_config_pb2 as mc
 from typer.testing import CliRunner
 
 from diffsr.app.cli.main import app
@@ -98,7 +99,9 @@ def test_the_toys_own_inputs_change_the_image(toy, style):
     base = pipe(Request(lq, config, {"style": (style,)})).image
     other_style = pipe(Request(lq, config, {"style": (photo("camera", (40, 40)),)})).image
     other_mood = pipe(Request(lq, config.replace(inputs={"mood": "stormy night"}), {"style": (style,)})).image
+    stronger = pipe(Request(lq, config.replace(inputs={"mood_strength": 3.0}), {"style": (style,)})).image
     assert not np.array_equal(base, other_style) and not np.array_equal(base, other_mood)
+    assert not np.array_equal(base, stronger)  # a number of its own reaches its conditioning
 
 
 def test_the_toys_requests_are_parsed_against_its_declaration(toy, style):
@@ -107,10 +110,13 @@ def test_the_toys_requests_are_parsed_against_its_declaration(toy, style):
     request = parse_request(plain.model, defaults, {"image": encode_png(photo("coffee", (8, 8))), "style": encode_png(style),
                                                     "mood": "bright"})
     assert request.settings.inputs == {"mood": "bright"} and request.photos["style"][0].shape == (40, 40, 3)
+    assert plain.model.input_values(request.settings) == {"mood": "bright", "mood_strength": 1.0}  # its default
+    with pytest.raises(DiffsrError, match=r"^mood_strength=9.0 is out of range: use 0 to 4$"):
+        parse_request(plain.model, defaults, {"image": encode_png(style), "style": encode_png(style), "mood_strength": 9})
     with pytest.raises(DiffsrError, match=r"^style is required: a photo whose look the output takes$"):
         parse_request(plain.model, defaults, {"image": encode_png(style)})
     # every mistake of a request, one message each
-    with pytest.raises(DiffsrError, match=r"^this toy model takes no input 'references' \(it takes \[.*'style', 'mood'\]\); "
+    with pytest.raises(DiffsrError, match=r"^this toy model takes no input 'references' \(it takes \[.*'style', 'mood', 'mood_strength'\]\); "
                                           r"mood must be text, not int 3$"):
         parse_request(plain.model, defaults, {"image": encode_png(style), "style": encode_png(style), "mood": 3,
                                               "references": [b""]})
@@ -147,18 +153,22 @@ def test_the_triton_repository_serves_the_toys_submodules_and_inputs(toy):
                                                               "used_prompt", "settings"]
     assert [i.name for i in configs["sampler"].input] == ["picture", "words", "style", "output_size", "settings"]
     inputs = {i.name: i for i in configs["diffsr"].input}
-    assert list(inputs)[-2:] == ["style", "mood"] and not inputs["image"].optional and inputs["mood"].optional
+    assert list(inputs)[-3:] == ["style", "mood", "mood_strength"] and inputs["style"].optional  # the parse requires it
+    assert inputs["mood"].optional and inputs["mood_strength"].data_type == mc.TYPE_FP32
 
 
 @pytest.fixture(scope="module")
 def toy_server(toy, tmp_path_factory):
-    """The toy checkpoint (with its captioner) behind the BLS entry point; the server's python models import the
-    family's module (recorded in the repository), found on PYTHONPATH as a user's own package would be."""
+    """The toy checkpoint (with its captioner) behind the ensemble entry point, its step model batching calls across
+    loops: its preprocessing parses, its words and style stages are steps of the ensemble, its sampler runs the tiled
+    stage and the loop. The server's python models import the family's module (recorded in the repository), found
+    on PYTHONPATH as a user's own package would be."""
     from tests.conftest import _serve
 
     ckpt, _, onnx_dir = toy
     repo = tmp_path_factory.mktemp("repo-toy") / "models"
-    build_repository(ckpt, onnx_dir, repo, options=ServingOptions(sampler_instances=1, warmup=False))
+    options = ServingOptions(entry="ensemble", step_batch=2, sampler_instances=1, warmup=False)
+    build_repository(ckpt, onnx_dir, repo, options=options)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         return _serve(repo)
@@ -172,11 +182,12 @@ def test_a_served_toy_request_equals_the_in_process_pipeline(toy, toy_server, st
     local = load_pipeline("onnxruntime", ckpt, onnx_dir=onnx_dir)
     with TritonClient(toy_server.http_url) as client:
         assert {"style", "mood"} <= set(client.endpoint())
-        captioned = client.upscale(encode_png(lq), style=encode_png(style), mood="bright", steps=3)
+        captioned = client.upscale(encode_png(lq), style=encode_png(style), mood="bright", mood_strength=2.0, steps=3)
         typed = client.upscale(encode_png(lq), style=encode_png(style), prompt="a cat", steps=3)
         with pytest.raises(RequestRefused, match="style is required"):
             client.upscale(encode_png(lq), steps=3)
-    direct = local(Request(lq, ckpt.defaults.replace(steps=3, inputs={"mood": "bright"}), {"style": (style,)}))
+    direct = local(Request(lq, ckpt.defaults.replace(steps=3, inputs={"mood": "bright", "mood_strength": 2.0}),
+                           {"style": (style,)}))
     remote = decode_image(captioned.png, "answer")
     assert remote.shape == direct.image.shape == (80, 96, 3)
     assert np.abs(remote.astype(int) - direct.image.astype(int)).max() <= 1
@@ -215,4 +226,24 @@ def test_the_gpu_check_asks_the_model_for_its_engines_and_benchmark_size(toy, tm
     (tmp_path / "style.json").unlink()
     assert not engines_match(tmp_path, ckpt)
     assert bench_side(ckpt) == 16 and bench_side(dataclasses.replace(ckpt, defaults=ckpt.defaults.replace(upscale=2))) == 32
+
+
+def test_a_diffsr_process_finds_the_toys_options_where_its_module_is_named(toy, tmp_path):
+    """Not this test process, where the toy is registered: a `diffsr` process learns the family's options from the
+    module `--checkpoint`'s diffsr.json names, or from `DIFFSR_FAMILIES`, before it parses its command line."""
+    import subprocess
+    import sys
+
+    ckpt, _, _ = toy
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               COLUMNS="200")
+    cli = [sys.executable, "-m", "diffsr.app.cli"]
+    upscale = subprocess.run([*cli, "upscale", "--checkpoint", str(ckpt.path), "--help"], env=env, capture_output=True,
+                             text=True, cwd=tmp_path)
+    assert upscale.returncode == 0 and "--style" in upscale.stdout and "--mood-strength" in upscale.stdout, upscale.stderr
+    client = subprocess.run([*cli, "client", "--help"], env=env | {"DIFFSR_FAMILIES": "tests.toy_family"},
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert client.returncode == 0 and "the toy family" in client.stdout, client.stderr
+    plain = subprocess.run([*cli, "client", "--help"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert plain.returncode == 0 and "--style" not in plain.stdout  # no toy without its module named
 
