@@ -51,7 +51,7 @@ def test_the_prompt_policy():
 
     model = preset("tiny")
     assert model.settings_errors(base) == []
-    with pytest.raises(DiffsrError, match='^caption="always" needs a captioner in the checkpoint: add one with'):
+    with pytest.raises(DiffsrError, match='^caption="always" needs an attachment that writes the prompt \(a captioner/ folder: `diffsr init'):
         check(model, base.replace(caption="always"), dict(model.scheduler_config), (16, 16))
     for bad, match in ((dict(caption="sometimes"), "caption='sometimes'"), (dict(caption_beams=6), "caption_beams=6"),
                        (dict(caption_tokens=0), "caption_tokens=0")):
@@ -157,7 +157,7 @@ def test_a_checkpoint_from_before_captions_reads_its_default_prompt_as_the_suffi
     assert open_checkpoint(path).defaults.prompt == "a cat"
     meta["pipeline"]["caption"] = "always"
     (path / "diffsr.json").write_text(json.dumps(meta))
-    with pytest.raises(DiffsrError, match='diffsr.json\'s pipeline settings: caption="always" needs a captioner'):
+    with pytest.raises(DiffsrError, match='diffsr.json\'s pipeline settings: caption="always" needs an attachment that writes'):
         open_checkpoint(path)
 
 

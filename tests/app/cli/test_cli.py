@@ -36,7 +36,7 @@ def test_upscale_writes_a_4x_png(tiny_checkpoint, lq_png, tmp_path):
 def test_upscale_refuses_to_caption_without_a_captioner(tiny_checkpoint, lq_png, tmp_path):
     result = _run("upscale", lq_png, "-o", tmp_path / "o.png", "--checkpoint", tiny_checkpoint.path, "--steps", 1,
                   "--caption", "always")
-    assert result.exit_code != 0 and 'caption="always" needs a captioner' in result.output
+    assert result.exit_code != 0 and 'caption="always" needs an attachment that writes the prompt' in result.output
 
 
 def test_rgba_and_16bit_inputs_are_converted(tiny_checkpoint, tmp_path):
