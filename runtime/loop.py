@@ -26,19 +26,25 @@ def denoise(
     tiling: Tiling | None = None,
 ) -> torch.Tensor:
     """Seeded noise (drawn on the CPU, so every device starts alike) or the LQ latent noised to the first
-    step, then `cfg.steps` steps of `scheduler`, over tiles where the latent is larger than one `tiling`
-    tile. `tiled` holds the tiled once-per-request stages' outputs (SD: the LQ encoder's), `cond` the
-    conditioning; `on_step` counts tile-steps."""
+    step (and, with `added_noise_level`, noised again to that level: XPSR's start), then `cfg.steps` steps of
+    `scheduler`, over tiles where the latent is larger than one `tiling` tile. `tiled` holds the tiled
+    once-per-request stages' outputs (SD: the LQ encoder's), `cond` the conditioning; `on_step` counts tile-steps.
+    Every draw comes from the request's seeded generator, in one order: the start's noise, the added noise, then a
+    stochastic scheduler's per-step noise."""
     scheduler.set_timesteps(cfg.steps)
     start = tiled[model.stages.start]
-    noise = torch.randn(start.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(start.device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    noise = torch.randn(start.shape, generator=generator).to(start.device)
     x = noise if cfg.start == "noise" else scheduler.add_noise(start, noise, scheduler.timesteps[0])
+    if cfg.start == "lq" and cfg.added_noise_level is not None:
+        added = torch.randn(start.shape, generator=generator).to(start.device)
+        x = scheduler.add_noise(x, added, cfg.added_noise_level)
     table = step_table(scheduler, cfg.guidance_scale).to(x.device)  # one small copy per request
     grid = (x.shape[-2], x.shape[-1])
     step = (TiledStep(model, run, scheduler, tiling, grid, x.device) if tiling is not None and tiling.tiles(*grid) > 1
             else Step(model, run, scheduler))
-    graph = graphs.prepare(step, x, tiled, cond, table) if graphs is not None else None
-    state = scheduler.initial_state(x) if graph is None else None
+    state = scheduler.initial_state(x, generator)
+    graph = graphs.prepare(step, x, tiled, cond, table, state) if graphs is not None else None
     done = 0
 
     def count(n: int) -> None:

@@ -63,6 +63,8 @@ class PipelineConfig:
     seed: int = 0
     scheduler: str = "ddim"  # a name of the runtime's scheduler registry (`runtime.schedulers`), checked there
     start: str = "noise"
+    # start "lq": the LQ latent noised to the first step, then noised again to this training timestep (XPSR's 800)
+    added_noise_level: int | None = None
     color_fix: str = "adain"
     upscale: int = 4
     # tiles over the latent (runtime/tiling.py): side and overlap in latent cells (None: the model's
@@ -86,6 +88,8 @@ class PipelineConfig:
             value = getattr(self, name)
             if value is not None or name != "prompt":
                 declared.check(value)
+        if self.added_noise_level is not None and not 0 <= self.added_noise_level < MAX_STEPS:
+            raise DiffsrError(f"added_noise_level={self.added_noise_level} is out of range: use 0 to {MAX_STEPS - 1}")
         if self.tile is not None and self.tile < 1:
             raise DiffsrError(f"tile={self.tile} must be at least 1 latent cell")
         if self.tile_overlap is not None and self.tile_overlap < 0:

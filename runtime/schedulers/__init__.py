@@ -8,11 +8,12 @@ from typing import Any
 from diffsr.export.core.errors import DiffsrError
 from diffsr.runtime.schedulers.base import Scheduler
 from diffsr.runtime.schedulers.ddim import DDIMScheduler
+from diffsr.runtime.schedulers.ddpm import DDPMScheduler
 from diffsr.runtime.schedulers.dpm_solver import DPMSolverMultistepScheduler
 from diffsr.runtime.schedulers.flow_match import FlowMatchEulerScheduler
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
-    cls.name: cls for cls in (DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerScheduler)}
+    cls.name: cls for cls in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerScheduler)}
 FLOW_CONFIGS = ("FlowMatchEulerDiscreteScheduler",)  # diffusers' config classes of flow-matching models
 
 

@@ -8,7 +8,8 @@
                                           the same step as element-wise ops, its coefficients read from
                                           the row (floats, or device scalars: what a captured CUDA graph
                                           reads, so one capture serves every step); `state` is a device
-                                          buffer a multistep solver updates in place (`initial_state`)
+                                          buffer made per request (`initial_state`): the history a multistep
+                                          solver updates in place, or a stochastic one's noise (DDPM's)
     add_noise(x0, noise, t)               q(x_t | x_0), to start from the LQ latent
 
 `process` is what the model was trained to reverse: a diffusion (noise) process, whose model predicts the
@@ -76,18 +77,21 @@ class Scheduler(ABC):
                state: torch.Tensor | None) -> torch.Tensor:
         """x_t -> x_{t-1} given the step's coefficients; writes the solver's history into `state`."""
 
-    def initial_state(self, sample: torch.Tensor) -> torch.Tensor | None:
-        """The history buffer of a multistep solver (None: a one-step scheduler has none)."""
+    def initial_state(self, sample: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """A request's device buffer: the history of a multistep solver, the noise of a stochastic one (drawn from
+        `generator`, the request's seeded one); None: a deterministic one-step scheduler needs none."""
         return None
 
     @abstractmethod
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timestep: float) -> torch.Tensor: ...
 
-    def step(self, model_output: torch.Tensor, timestep: float, sample: torch.Tensor) -> torch.Tensor:
-        """diffusers' contract: the step of `timestep`, the history kept here (reset at the first step)."""
+    def step(self, model_output: torch.Tensor, timestep: float, sample: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """diffusers' contract: the step of `timestep`, the history kept here (reset at the first step, when a
+        stochastic scheduler draws every step's noise from `generator`)."""
         i = self.timesteps.index(timestep)
         if i == 0 or self._state is None:
-            self._state = self.initial_state(sample)
+            self._state = self.initial_state(sample, generator)
         return self.update(model_output, sample, self.coefficients(i), self._state)
 
     def check_steps(self, n: int, most: int) -> None:

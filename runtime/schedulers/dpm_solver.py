@@ -102,7 +102,7 @@ class DPMSolverMultistepScheduler(Scheduler):
     def coefficients(self, i: int) -> tuple[float, ...]:
         return self._coef[i]
 
-    def initial_state(self, sample: torch.Tensor) -> torch.Tensor:
+    def initial_state(self, sample: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.zeros_like(sample)  # read with weight 0 by the first step
 
     def update(self, model_output: torch.Tensor, sample: torch.Tensor, coef: Coefficients,

@@ -14,13 +14,16 @@ from diffsr.runtime.schedulers import make_scheduler
 from diffsr.runtime.step import Step
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpmpp-2m"])
-def test_denoise_is_the_textbook_loop(tiny_checkpoint, name):
+@pytest.mark.parametrize("name, start", [("ddim", "noise"), ("dpmpp-2m", "noise"), ("ddpm", "noise"), ("ddpm", "lq")])
+def test_denoise_is_the_textbook_loop(tiny_checkpoint, name, start):
     """The table-driven loop against the loop written out with the scheduler's own `step` (diffusers'
-    contract, held to diffusers in test_schedulers) and the guidance combine in Python floats."""
+    contract, held to diffusers in test_schedulers) and the guidance combine in Python floats; every draw from the
+    request's seeded generator in one order: the start's noise, the added noise (XPSR's start: the LQ latent noised
+    to the first step, then to 800), a stochastic scheduler's noise."""
     runners = load_runners("torch", tiny_checkpoint)
     run = lambda name, **feed: runners[name].infer(feed)  # noqa: E731
-    cfg = tiny_checkpoint.defaults.replace(steps=4, seed=3, scheduler=name)
+    added = 800 if start == "lq" else None
+    cfg = tiny_checkpoint.defaults.replace(steps=4, seed=3, scheduler=name, start=start, added_noise_level=added)
     g = torch.Generator().manual_seed(1)
     lq = {"f1": torch.randn(1, 64, 8, 8, generator=g), "z_lq": torch.randn(1, 4, 8, 8, generator=g)}
     text = torch.randn(2, 77, 32, generator=g)
@@ -29,13 +32,17 @@ def test_denoise_is_the_textbook_loop(tiny_checkpoint, name):
 
     scheduler = make_scheduler(name, tiny_checkpoint.scheduler_config)
     scheduler.set_timesteps(cfg.steps)
-    x = torch.randn(lq["z_lq"].shape, generator=torch.Generator().manual_seed(cfg.seed))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(lq["z_lq"].shape, generator=generator)
+    if start == "lq":
+        x = scheduler.add_noise(lq["z_lq"], x, scheduler.timesteps[0])
+        x = scheduler.add_noise(x, torch.randn(x.shape, generator=generator), 800)
     for t in scheduler.timesteps:
         f2 = run("fusion_transformer", f1=lq["f1"], sample=x)["f2"]
         eps = run("controlnet_unet", sample=torch.cat([x, x]), timestep=torch.full((2,), float(t)),
                   text_embeddings=text, f2=f2)["noise_pred"]
         neg, pos = eps.chunk(2)
-        x = scheduler.step(neg + cfg.guidance_scale * (pos - neg), t, x)
+        x = scheduler.step(neg + cfg.guidance_scale * (pos - neg), t, x, generator)
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
 
 

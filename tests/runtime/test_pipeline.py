@@ -99,5 +99,5 @@ def test_an_unknown_scheduler_is_refused_before_any_model_runs(tiny_checkpoint, 
             raise AssertionError("a model ran")
 
     pipe = Pipeline(dict.fromkeys(tiny_checkpoint.model.submodules, Untouchable()), tiny_checkpoint)
-    with pytest.raises(DiffsrError, match=r"scheduler 'euler_x' is not supported; choose one of \['ddim', 'dpmpp-2m'\]"):
+    with pytest.raises(DiffsrError, match=r"scheduler 'euler_x' is not supported; choose one of \['ddim', 'ddpm', 'dpmpp-2m'\]"):
         pipe(Request(photo_lq, tiny_checkpoint.defaults.replace(scheduler="euler_x")))

@@ -1,10 +1,11 @@
-"""The schedulers against diffusers' (same config), step for step: DDIM and DPM-Solver++ (2M) on SD's
-diffusion process, flow-matching Euler on SD3.5's, through diffusers' contract and through the device
-table the loop reads."""
+"""The schedulers against diffusers' (same config), step for step: DDIM, DDPM (its noise from the same seeded
+generator, drawn in the same order) and DPM-Solver++ (2M) on SD's diffusion process, flow-matching Euler on SD3.5's,
+through diffusers' contract and through the device table the loop reads."""
 
 import pytest
 import torch
 from diffusers import DDIMScheduler as DDIMReference
+from diffusers import DDPMScheduler as DDPMReference
 from diffusers import DPMSolverMultistepScheduler as DPMReference
 from diffusers import FlowMatchEulerDiscreteScheduler as FlowReference
 
@@ -14,17 +15,23 @@ from diffsr.runtime.schedulers import SCHEDULERS, make_scheduler
 from diffsr.runtime.schedulers.ddim import DDIMScheduler
 from diffsr.runtime.step import LEADING_COLUMNS, step_table
 
-REFERENCES = {"ddim": DDIMReference, "dpmpp-2m": DPMReference, "flow-euler": FlowReference}
-SPACINGS = {"ddim": ("leading", "trailing"), "dpmpp-2m": ("leading", "trailing", "linspace")}
+REFERENCES = {"ddim": DDIMReference, "ddpm": DDPMReference, "dpmpp-2m": DPMReference, "flow-euler": FlowReference}
+SPACINGS = {"ddim": ("leading", "trailing"), "ddpm": ("leading", "trailing"), "dpmpp-2m": ("leading", "trailing", "linspace")}
 CASES = [(name, spacing) for name in SPACINGS for spacing in SPACINGS[name]]
 SD35_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
-CONFIGS = {"ddim": SD_SCHEDULER_CONFIG, "dpmpp-2m": SD_SCHEDULER_CONFIG, "flow-euler": SD35_SCHEDULER_CONFIG}
+CONFIGS = {"ddim": SD_SCHEDULER_CONFIG, "ddpm": SD_SCHEDULER_CONFIG, "dpmpp-2m": SD_SCHEDULER_CONFIG,
+           "flow-euler": SD35_SCHEDULER_CONFIG}
 
 
-def _reference_step(ref, name, model_output, t, x):
-    kwargs = {"eta": 0.0} if name == "ddim" else {}
+def _reference_step(ref, name, model_output, t, x, generator=None):
+    kwargs = {"eta": 0.0} if name == "ddim" else {"generator": generator} if name == "ddpm" else {}
     timestep = t if SCHEDULERS[name].process == "flow" else int(t)  # diffusers' diffusion schedulers index by it
     return ref.step(model_output, timestep, x, **kwargs).prev_sample
+
+
+def _generators(seed=7):
+    """Two generators of one seed: ours draws a stochastic scheduler's noise from one, diffusers' from the other."""
+    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
 
 
 def _rel(a, b):
@@ -43,11 +50,12 @@ def test_matches_diffusers_step_for_step(name, spacing, prediction, steps):
     ref.set_timesteps(steps)
     assert ours.timesteps == ref.timesteps.tolist()
     g = torch.Generator().manual_seed(0)
+    mine, theirs = _generators()
     x = torch.randn(1, 4, 16, 16, generator=g)
     for t in ours.timesteps:
         model_output = torch.randn(1, 4, 16, 16, generator=g)  # stands in for the UNet
-        want = _reference_step(ref, name, model_output, t, x)
-        assert _rel(ours.step(model_output, t, x), want) <= 1e-6, t
+        want = _reference_step(ref, name, model_output, t, x, theirs)
+        assert _rel(ours.step(model_output, t, x, mine), want) <= 1e-6, t
         x = want
 
 
@@ -64,12 +72,13 @@ def test_the_device_table_gives_diffusers_steps(name):
     assert table.shape == (20, len(LEADING_COLUMNS) + len(ours.columns)) and table.dtype == torch.float32
     assert table[:, 0].tolist() == [float(t) for t in ours.timesteps] and table[:, 1].eq(5.5).all()
     g = torch.Generator().manual_seed(1)
+    mine, theirs = _generators()
     x = torch.randn(1, 4, 8, 8, generator=g)
-    state = ours.initial_state(x)
+    state = ours.initial_state(x, mine)
     for i, t in enumerate(ours.timesteps):
         model_output = torch.randn(1, 4, 8, 8, generator=g)
         got = ours.update(model_output, x, table[i, len(LEADING_COLUMNS):].unbind(), state)
-        want = _reference_step(ref, name, model_output, t, x)
+        want = _reference_step(ref, name, model_output, t, x, theirs)
         assert _rel(got, want) <= 1e-6, (i, t)
         x = want
 
@@ -122,7 +131,7 @@ def test_a_step_count_past_the_last_trained_timestep_is_refused():
 
 
 def test_unknown_schedulers_and_unsupported_configs_are_refused():
-    with pytest.raises(DiffsrError, match=r"scheduler 'euler_x' is not supported; choose one of \['ddim', 'dpmpp-2m'\]"):
+    with pytest.raises(DiffsrError, match=r"scheduler 'euler_x' is not supported; choose one of \['ddim', 'ddpm', 'dpmpp-2m'\]"):
         make_scheduler("euler_x", SD_SCHEDULER_CONFIG)
     with pytest.raises(DiffsrError, match=r"use_dynamic_shifting"):
         make_scheduler("flow-euler", SD35_SCHEDULER_CONFIG | {"use_dynamic_shifting": True})
@@ -156,5 +165,5 @@ def test_a_scheduler_of_the_other_process_is_refused():
     refused with the names that fit."""
     with pytest.raises(DiffsrError, match=r"'ddim' samples a diffusion process.*flow.*choose one of \['flow-euler'\]"):
         make_scheduler("ddim", SD35_SCHEDULER_CONFIG)
-    with pytest.raises(DiffsrError, match=r"'flow-euler' samples a flow process.*choose one of \['ddim', 'dpmpp-2m'\]"):
+    with pytest.raises(DiffsrError, match=r"'flow-euler' samples a flow process.*choose one of \['ddim', 'ddpm', 'dpmpp-2m'\]"):
         make_scheduler("flow-euler", SD_SCHEDULER_CONFIG)
