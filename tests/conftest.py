@@ -62,6 +62,11 @@ def dit4sr_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def xpsr_checkpoint(tmp_path_factory):
+    return init_checkpoint("xpsr-tiny", seed=0, out=tmp_path_factory.mktemp("ckpt") / "xpsr-tiny")
+
+
+@pytest.fixture(scope="session")
 def demo_model():
     """The trained demo model shipped in the repository (read only: tests copy it before writing)."""
     from diffsr.app.cli.demo import DEMO_MODEL
@@ -89,6 +94,7 @@ EXPORTS = {
     "dit4sr": ("dit4sr_checkpoint", ("--no-ort-fusions", "--fp16", "--calib-photos", "astronaut", "--calib-steps", "3")),
     "demo": ("demo_model", None),
     "toy": (None, None),
+    "xpsr": ("xpsr_checkpoint", ("--no-ort-fusions",)),
 }
 DEMO_STEPS = "2"
 ROOT = Path(__file__).resolve().parent.parent  # where `tests.toy_family` imports from, as a package of one's own
@@ -197,6 +203,12 @@ def demo_onnx(request, tmp_path_factory):
     """The trained demo model exported FP32, with ONNX Runtime's fused variants (the onnxruntime backend's): made by
     `diffsr demo --no-serve` run in an empty folder (`.demo/onnx-trained` there), as a clean clone's `make demo` is."""
     return _exported("demo", request, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def xpsr_onnx(request, tmp_path_factory):
+    """The xpsr-tiny checkpoint exported FP32, without ONNX Runtime's fused variants."""
+    return _exported("xpsr", request, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
