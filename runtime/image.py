@@ -79,10 +79,14 @@ def output_size(height: int, width: int, scale: int) -> tuple[int, int]:
 
 def upsample(rgb: np.ndarray, scale: int) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, sH, sW) float32 in [-1, 1], bicubic."""
-    h, w = output_size(rgb.shape[0], rgb.shape[1], scale)
+    return resized(rgb, output_size(rgb.shape[0], rgb.shape[1], scale))
+
+
+def resized(rgb: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, h, w) float32 in [-1, 1] at size = (h, w), bicubic (none where it is the size)."""
     x = torch.tensor(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # copies: inputs may be read-only
-    if scale != 1:
-        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
+    if tuple(size) != rgb.shape[:2]:
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
     return x.clamp(-1.0, 1.0)
 
 

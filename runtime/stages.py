@@ -25,7 +25,7 @@ from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.inputs import PHOTO_KINDS
 from diffsr.export.model.parts import RunFn
 from diffsr.export.model.settings import Request
-from diffsr.runtime.image import adain, pad_to_multiple, to_uint8, upsample, wavelet_fix
+from diffsr.runtime.image import adain, pad_to_multiple, resized, to_uint8, upsample, wavelet_fix
 from diffsr.runtime.tiling import Blender, Tiling
 
 Timer = Callable[[str], AbstractContextManager[None]]  # a stage's name -> a context timing it
@@ -44,14 +44,7 @@ def prepare_lq(model: ModelFamily, image: NDArray[np.uint8], scale: int) -> torc
 
 def _laid_over(image: NDArray[np.uint8], size: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
     """A tiled photo on the request's photo's pixels: resized (bicubic) to the output size, padded as it is."""
-    x = torch.tensor(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
-    return F.pad(x, (0, padded[1] - size[1], 0, padded[0] - size[0]), mode="replicate")
-
-
-def _square(image: NDArray[np.uint8], side: int) -> torch.Tensor:
-    x = torch.tensor(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-    return F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
+    return F.pad(resized(image, size), (0, padded[1] - size[1], 0, padded[0] - size[0]), mode="replicate")
 
 
 def prepare(model: ModelFamily, request: Request, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -66,7 +59,7 @@ def prepare(model: ModelFamily, request: Request, device: torch.device | str = "
             continue
         photos = request.photos.get(spec.name, ())
         padded = (int(lq.shape[-2]), int(lq.shape[-1]))
-        made = [_laid_over(p, size, padded) if spec.tiled else _square(p, spec.side) for p in photos]
+        made = [_laid_over(p, size, padded) if spec.tiled else resized(p, (spec.side, spec.side)) for p in photos]
         empty = lq.new_zeros((0, 3, *(lq.shape[-2:] if spec.tiled else (spec.side, spec.side))))
         out[spec.tensor] = torch.cat(made) if made else empty
     return {name: t.to(device) for name, t in out.items()}

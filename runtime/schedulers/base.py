@@ -46,6 +46,21 @@ def alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float,
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def spaced_timesteps(n: int, num_train_timesteps: int, spacing: str, steps_offset: int) -> list[int]:
+    """The n timesteps of diffusers' "leading" (from 0 by T/n, shifted by `steps_offset`) or "trailing" (ending at
+    the last training step) spacing, in sampling order (descending)."""
+    T = num_train_timesteps
+    if spacing == "leading":
+        ts = [i * (T // n) + steps_offset for i in range(n)]
+    else:  # trailing: end exactly at the last training step
+        ts = [round(T - i * T / n) - 1 for i in range(n)][::-1]
+    if ts[-1] >= T:  # leading spacing shifted by steps_offset: 1000 steps of 1000 reach t = 1000
+        raise DiffsrError(f"steps={n} is out of range for this scheduler: its {spacing} spacing with "
+                          f"steps_offset={steps_offset} would start at timestep {ts[-1]}, past the last "
+                          f"trained one ({T - 1}); use fewer steps")
+    return ts[::-1]
+
+
 def choose(name: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         raise DiffsrError(f"{name}={value!r} is not supported; use one of {list(choices)}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.runtime.schedulers.base import Coefficients, Scheduler, alphas_cumprod, choose
+from diffsr.runtime.schedulers.base import Coefficients, Scheduler, alphas_cumprod, choose, spaced_timesteps
 
 
 class DDIMScheduler(Scheduler):
@@ -42,15 +42,7 @@ class DDIMScheduler(Scheduler):
         n, T = num_inference_steps, self.num_train_timesteps
         self.check_steps(n, T)
         stride = T // n
-        if self.timestep_spacing == "leading":
-            ts = [i * stride + self.steps_offset for i in range(n)]
-        else:  # trailing: end exactly at the last training step
-            ts = [round(T - i * T / n) - 1 for i in range(n)][::-1]
-        if ts[-1] >= T:  # leading spacing shifted by steps_offset: 1000 steps of 1000 reach t = 1000
-            raise DiffsrError(f"steps={n} is out of range for this scheduler: its {self.timestep_spacing} spacing with "
-                              f"steps_offset={self.steps_offset} would start at timestep {ts[-1]}, past the last "
-                              f"trained one ({T - 1}); use fewer steps")
-        steps = ts[::-1]
+        steps = spaced_timesteps(n, T, self.timestep_spacing, self.steps_offset)
         self.timesteps = [float(t) for t in steps]
         # per step: sqrt(a_t), sqrt(1 - a_t) and the same for the step it jumps to (t - T/n), or the final
         # alpha_bar past t = 0; rounded to float32 like the training code's tensors

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.runtime.schedulers.base import Coefficients, Scheduler, alphas_cumprod, choose
+from diffsr.runtime.schedulers.base import Coefficients, Scheduler, alphas_cumprod, choose, spaced_timesteps
 
 
 class DDPMScheduler(Scheduler):
@@ -45,15 +45,7 @@ class DDPMScheduler(Scheduler):
     def set_timesteps(self, num_inference_steps: int) -> None:
         n, T = num_inference_steps, self.num_train_timesteps
         self.check_steps(n, T)
-        stride = T // n
-        if self.timestep_spacing == "leading":
-            ts = [i * stride + self.steps_offset for i in range(n)][::-1]
-        else:
-            ts = [round(T - i * T / n) - 1 for i in range(n)]
-        if ts[0] >= T:
-            raise DiffsrError(f"steps={n} is out of range for this scheduler: its {self.timestep_spacing} spacing with "
-                              f"steps_offset={self.steps_offset} would start at timestep {ts[0]}, past the last "
-                              f"trained one ({T - 1}); use fewer steps")
+        ts = spaced_timesteps(n, T, self.timestep_spacing, self.steps_offset)
         self.timesteps = [float(t) for t in ts]
         self._coef = []
         for i, t in enumerate(ts):

@@ -32,19 +32,24 @@ import torch
 from torch import nn
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.components import diffusers_component, diffusers_config, read_config, transformers_component
+from diffsr.export.model.components import (
+    DIFFUSERS_WEIGHTS,
+    diffusers_component,
+    diffusers_config,
+    read_config,
+    transformers_component,
+)
 from diffsr.export.model.dims import BATCH, CFG_BATCH, TEXT_BATCH, NamedDim, latent_sides
-from diffsr.export.model.families.sd import INT8_KEPT, clip_config, vae_force_upcast, vae_of
+from diffsr.export.model.families.sd import INT8_KEPT, _ids, clip_config, vae_force_upcast, vae_of
 from diffsr.export.model.family import ModelFamily, guided, register
 from diffsr.export.model.inputs import RequestInput
 from diffsr.export.model.parts import Component, Draw, RunFn, Stage, Stages, Tensors
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.export.model.signatures import Signature, TensorSpec
-from diffsr.export.model.tokenizer import CLIP_LENGTH, VOCAB_SIZE, Tokenizer, build_clip_tokenizer
+from diffsr.export.model.tokenizer import CLIP_LENGTH, Tokenizer, build_clip_tokenizer
 
 F32 = "float32"
 LATENT_CHANNELS = 4
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # SD-1.5's schedule, as XPSR samples it (diffusers' DDPMScheduler read from SD-1.5's scheduler folder)
 XPSR_SCHEDULER_CONFIG: dict[str, Any] = {
     "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -120,10 +125,6 @@ def _network(kind: str, class_name: str) -> Component:
         return module
 
     return Component(build, DIFFUSERS_WEIGHTS)
-
-
-def _ids(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, VOCAB_SIZE, shape, generator=g, dtype=torch.int32)
 
 
 @register
