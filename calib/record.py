@@ -66,8 +66,8 @@ def record_feeds(
     recorders = {name: Recorder(r) for name, r in runners.items()}
     pipe = Pipeline(recorders, ckpt)
     prompts = list(prompts)
-    # an attachment that writes the prompt (a captioner) is run on every photo, so its graphs are recorded too
-    caption = "always" if any(a.writes == "prompt" for a in ckpt.model.attachments) else None
+    # an attachment that writes the prompts (a prompter, a captioner) is run on every photo, so its graphs are recorded
+    caption = "always" if ckpt.model.prompter() is not None else None
     for i, image in enumerate(images):
         for j, prompt in enumerate(prompts):
             config = ckpt.defaults.replace(prompt=prompt, steps=steps, seed=100 * i + j, caption=caption)

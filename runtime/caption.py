@@ -1,10 +1,12 @@
-"""Captions on the device: the image graph once, the prefill once, then one fixed-shape decode step per token (the
-captioner attachment's runner; `prompts.py` decides when its caption prompts the model).
+"""Text of an image on the device, for the attachments that write prompts: the image graph once, the prefill once, then
+one fixed-shape decode step per token (`CaptionLoop`, over any image-to-text model's three graphs: the BLIP-2
+captioner's, the LLaVA prompter's), and the captioner's runner (`ImageCaptioner`; `prompts.py` decides when a text
+prompts the model, `prompter.py` runs LLaVA).
 
-`run(name, **inputs)` is any backend's call of the captioner's graphs (`export/model/captioner.py`). The cache
-is allocated at its full length once (prefix + BOS + prompt + `max_new_tokens`); between steps only the stop
-check comes back to the host. Greedy and beam search follow transformers' `generate` (5.x) rule for rule, so a
-caption is token for token the reference's:
+`run(name, **inputs)` is any backend's call of the graphs (`export/model/attachments/`). The cache is allocated at its
+full length once (the prefill's tokens + `max_new_tokens`); between steps only the stop check comes back to the host.
+Greedy and beam search follow transformers' `generate` (5.x) rule for rule, so a text is token for token the
+reference's:
 
 - greedy: argmax of the last logits; a finished row gets `<pad>`; stop when every row has ended or at
   `max_new_tokens`; `min_new_tokens` bars the end token before then.
@@ -62,44 +64,60 @@ def pixel_values(rgb: NDArray[np.uint8], size: int) -> torch.Tensor:
     return ((x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1))[None]
 
 
-class CaptionLoop:
-    """Captions of a batch of images (token ids) through a backend's `run` (`spec`: the captioner's end-of-caption
-    token, its prefix length and its graphs' longest cache)."""
+@dataclass(frozen=True)
+class Graphs:
+    """An image-to-text model's three graphs, as the loop calls them: their names, the image graph's output the
+    prefill takes (`features`), the end and padding tokens, the longest cache, and the positions the features take
+    before the prefill's ids (BLIP-2's prefix: 32; LLaVA puts them among the ids: 0)."""
 
-    def __init__(self, run: RunFn, spec: CaptionerSpec):
-        self.run, self.eos, self.cache_limit, self.prefix_length = run, spec.eos, spec.cache_limit, spec.num_query_tokens
+    image: str
+    prefill: str
+    decode: str
+    features: str
+    eos: int
+    pad: int
+    cache_limit: int
+    offset: int = 0
+
+
+class CaptionLoop:
+    """Texts of a batch of images (token ids) through a backend's `run` of an image-to-text model's `graphs`."""
+
+    def __init__(self, run: RunFn, graphs: Graphs):
+        self.run, self.graphs = run, graphs
+        self.eos, self.pad = graphs.eos, graphs.pad
         self.cancelled: Callable[[], bool] | None = None
 
     def __call__(self, pixels: torch.Tensor, prompt_ids: list[int], settings: CaptionSettings,
                  cancelled: Callable[[], bool] | None = None) -> list[list[int]]:
-        """Token ids of each image's caption (without BOS, prompt or padding, the end token kept if reached);
+        """Token ids of each image's text (without the prefill's ids or padding, the end token kept if reached), the
+        prefill's ids (`prompt_ids`: BOS and the prompt, LLaVA's image tokens among them) the same for each image;
         `cancelled` is checked before every decode step."""
-        if len(prompt_ids) > MAX_PROMPT:
-            raise DiffsrError(f"a caption prompt of {len(prompt_ids)} tokens is too long: at most {MAX_PROMPT}")
-        start = self.prefix_length + 1 + len(prompt_ids)
+        g = self.graphs
+        start = g.offset + len(prompt_ids)
         length = start + settings.max_new_tokens
-        if length > self.cache_limit:
-            raise DiffsrError(f"a caption needs {length} positions (prefix, prompt, max_new_tokens); the captioner "
-                              f"has {self.cache_limit}")
+        if length > g.cache_limit:
+            raise DiffsrError(f"a text needs {length} positions (image, prompt, max_new_tokens); {g.prefill} takes "
+                              f"{g.cache_limit}")
         self.cancelled = cancelled
-        prefix = self.run("caption_image", pixel_values=pixels)["prefix"]
-        rows, n_beams = prefix.shape[0], settings.num_beams
-        ids = torch.tensor([[BOS, *prompt_ids]], dtype=torch.int32, device=prefix.device).expand(rows, -1)
+        features = self.run(g.image, pixel_values=pixels)[g.features]
+        rows, n_beams = features.shape[0], settings.num_beams
+        ids = torch.tensor([prompt_ids], dtype=torch.int32, device=features.device).expand(rows, -1)
         if n_beams > 1:  # every beam starts as its image's rows
-            prefix, ids = prefix.repeat_interleave(n_beams, 0), ids.repeat_interleave(n_beams, 0)
-        mask = torch.zeros(prefix.shape[0], length, dtype=torch.int32, device=prefix.device)
+            features, ids = features.repeat_interleave(n_beams, 0), ids.repeat_interleave(n_beams, 0)
+        mask = torch.zeros(features.shape[0], length, dtype=torch.int32, device=features.device)
         mask[:, :start] = 1
-        out = self.run("caption_prefill", prefix=prefix, input_ids=ids, attention_mask=mask)
+        out = self.run(g.prefill, **{g.features: features}, input_ids=ids, attention_mask=mask)
         search = self._greedy if n_beams == 1 else self._beams
         return search(out, mask, start, rows, settings)
 
     def _step(self, tokens: torch.Tensor, position: int, mask: torch.Tensor,
               cache: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         if self.cancelled is not None and self.cancelled():
-            raise DiffsrError("cancelled while captioning")
+            raise DiffsrError("cancelled while writing the prompt")
         mask[:, position] = 1
         positions = torch.full_like(tokens, position)
-        return self.run("caption_decode", input_ids=tokens, position_ids=positions, attention_mask=mask,
+        return self.run(self.graphs.decode, input_ids=tokens, position_ids=positions, attention_mask=mask,
                         past_keys=cache["keys"], past_values=cache["values"])
 
     def _greedy(self, out: Mapping[str, torch.Tensor], mask: torch.Tensor, start: int, rows: int,
@@ -110,7 +128,7 @@ class CaptionLoop:
             logits = out["logits"].float()
             if t < s.min_new_tokens:
                 logits[:, self.eos] = -torch.inf
-            token = torch.where(done, PAD, logits.argmax(-1)).int()
+            token = torch.where(done, self.pad, logits.argmax(-1)).int()
             tokens.append(token)
             done |= token == self.eos
             if bool(done.all()) or t + 1 == s.max_new_tokens:  # the one host round trip of a step
@@ -123,10 +141,10 @@ class CaptionLoop:
                s: CaptionSettings) -> list[list[int]]:
         nb, device = s.num_beams, mask.device
         keep = 2 * nb
-        running = torch.full((rows, nb, s.max_new_tokens), PAD, dtype=torch.int32, device=device)
+        running = torch.full((rows, nb, s.max_new_tokens), self.pad, dtype=torch.int32, device=device)
         scores = torch.full((rows, nb), NEG, device=device)
         scores[:, 0] = 0.0  # the first step expands one beam of identical rows
-        finished = torch.full((rows, nb, s.max_new_tokens), PAD, dtype=torch.int32, device=device)
+        finished = torch.full((rows, nb, s.max_new_tokens), self.pad, dtype=torch.int32, device=device)
         finished_scores = torch.full((rows, nb), NEG, device=device)
         finished_lengths = torch.zeros(rows, nb, dtype=torch.int64, device=device)
         improvable = torch.ones(rows, 1, dtype=torch.bool, device=device)
@@ -177,15 +195,24 @@ def _trim(row: list[int], eos: int) -> list[int]:
     return row[: row.index(eos) + 1] if eos in row else row
 
 
-class ImageCaptioner:
-    """A checkpoint's captioner on a backend's `run`: an (H, W, 3) uint8 image -> its caption, as text (the new
-    tokens only, as transformers' `batch_decode` of them gives it). `timings` holds the last caption's image
-    part and its mean seconds per decode step (each step ends in the stop check, which waits for the device)."""
+def captioner_graphs(spec: CaptionerSpec) -> Graphs:
+    """The BLIP-2 captioner's graphs: its 32-query prefix before BOS and the prompt."""
+    return Graphs("caption_image", "caption_prefill", "caption_decode", "prefix", spec.eos, PAD, spec.cache_limit,
+                  offset=spec.num_query_tokens)
 
-    def __init__(self, spec: CaptionerSpec, run: RunFn, device: torch.device | str = "cpu"):
-        self.spec, self.device, self.run = spec, torch.device(device), run
-        self.loop = CaptionLoop(self._timed, spec)
-        self.tokens = 0  # new tokens made so far (for the metrics)
+
+class TextWriter:
+    """An image-to-text model on a backend's `run`, the loop timed: `timings` holds the last text's image part
+    (`<part>_image`) and its mean seconds per decode step (`<part>_token`; each step ends in the stop check, which
+    waits for the device); `tokens` counts the new tokens made so far (for the metrics). `instructed`: whether it
+    follows an instruction (a prompt slot's), or only continues a prompt (a captioner)."""
+
+    instructed = False
+
+    def __init__(self, graphs: Graphs, run: RunFn, device: torch.device | str, part: str):
+        self.run, self.device, self.part = run, torch.device(device), part
+        self.loop = CaptionLoop(self._timed, graphs)
+        self.tokens = 0
         self.timings: dict[str, float] = {}
         self._spent: dict[str, list[float]] = {}
 
@@ -195,20 +222,39 @@ class ImageCaptioner:
         self._spent.setdefault(name, []).append(time.perf_counter() - start)
         return out
 
+    def write(self, pixels: torch.Tensor, ids: list[int], settings: CaptionSettings,
+              cancelled: Callable[[], bool] | None) -> list[int]:
+        """One image's new token ids."""
+        self._spent = {}
+        (made,) = self.loop(pixels.to(self.device), ids, settings, cancelled)
+        self.tokens += len(made)
+        g = self.loop.graphs
+        steps = self._spent.get(g.decode, [])
+        self.timings = {f"{self.part}_image": sum(self._spent[g.image]),
+                        f"{self.part}_token": sum(steps) / len(steps) if steps else 0.0}
+        return made
+
+
+class ImageCaptioner(TextWriter):
+    """A checkpoint's captioner: an (H, W, 3) uint8 image -> its caption, as text (the new tokens only, as
+    transformers' `batch_decode` of them gives it), continuing the request's `caption_prompt` (a captioner takes no
+    instruction)."""
+
+    def __init__(self, spec: CaptionerSpec, run: RunFn, device: torch.device | str = "cpu"):
+        super().__init__(captioner_graphs(spec), run, device, spec.part)
+        self.spec = spec
+
     @cached_property
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(self.spec.path))
 
-    def __call__(self, rgb: NDArray[np.uint8], cfg: PipelineConfig, cancelled: Callable[[], bool] | None = None) -> str:
-        pixels = pixel_values(rgb, self.spec.image_size).to(self.device)
+    def __call__(self, rgb: NDArray[np.uint8], cfg: PipelineConfig, instruction: str | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> str:
         prompt_ids = self.tokenizer(cfg.caption_prompt, add_special_tokens=False).input_ids if cfg.caption_prompt else []
+        if len(prompt_ids) > MAX_PROMPT:
+            raise DiffsrError(f"a caption prompt of {len(prompt_ids)} tokens is too long: at most {MAX_PROMPT}")
         settings = CaptionSettings(max_new_tokens=cfg.caption_tokens, num_beams=cfg.caption_beams)
-        self._spent = {}
-        (ids,) = self.loop(pixels, prompt_ids, settings, cancelled)
-        self.tokens += len(ids)
-        steps = self._spent.get("caption_decode", [])
-        self.timings = {"caption_image": sum(self._spent["caption_image"]),
-                        "caption_token": sum(steps) / len(steps) if steps else 0.0}
+        ids = self.write(pixel_values(rgb, self.spec.image_size), [BOS, *prompt_ids], settings, cancelled)
         return str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()

@@ -18,11 +18,12 @@ import torch
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.checkpoint import Checkpoint
+from diffsr.export.model.inputs import PromptSlot
 from diffsr.export.model.settings import Request
 from diffsr.runtime.backends.base import Runner
 from diffsr.runtime.cuda_graph import StepGraphs
 from diffsr.runtime.loop import denoise
-from diffsr.runtime.prompts import make_prompters, request_texts
+from diffsr.runtime.prompts import Write, make_prompter, request_texts, used_prompts
 from diffsr.runtime.requests import Plan, check
 from diffsr.runtime.stages import decode, finish, prepare, run_once, token_ids
 from diffsr.runtime.step import StepCallback
@@ -33,6 +34,7 @@ class UpscaleResult:
     image: np.ndarray  # (H, W, 3) uint8
     prompt: str  # the prompt it was made with (a caption of the image where the prompt policy asked for one)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "total"
+    prompts: dict[str, str] = field(default_factory=dict)  # each prompt slot's text it was made with (the prompt's too)
 
 
 class Pipeline:
@@ -51,7 +53,7 @@ class Pipeline:
         if cuda_graph and self.device.type != "cuda":
             raise DiffsrError(f"CUDA graphs need a CUDA device; this pipeline runs on {self.device}")
         self.graphs = StepGraphs() if cuda_graph else None
-        self.prompters = make_prompters(self.model, self.run, device, checkpoint.path)
+        self.prompter = make_prompter(self.model, self.run, device, checkpoint.path)
         self.timings: dict[str, float] = {}
 
     def run(self, name: str, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -74,8 +76,9 @@ class Pipeline:
         with self.stage("preprocess"):
             tensors = prepare(model, request, self.device)
 
-        # 2. Prompt: the request's texts; an attachment (a captioner) writes the prompt where the policy asks.
-        texts = request_texts(model, cfg, self._writer(request, cancelled) if "prompt" in self.prompters else None)
+        # 2. Prompt: the request's texts; an attachment (a prompter, a captioner) writes the family's prompt slots where
+        #    the policy asks.
+        texts = request_texts(model, cfg, self._writer(request, cancelled))
 
         # 3. Once per request: the texts' token ids, then the family's stages in order (SD: the text encoder, then
         #    the LQ encoder over tiles); the step's conditioning from the untiled ones, the output size and the
@@ -95,16 +98,18 @@ class Pipeline:
         with self.stage("postprocess"):
             rgb = finish(decoded, tensors[model.stages.photo], plan.size, cfg.color_fix)
         self.timings["total"] = time.perf_counter() - start
-        return UpscaleResult(rgb, texts["prompt"], dict(self.timings))
+        return UpscaleResult(rgb, texts["prompt"], dict(self.timings), used_prompts(model, texts))
 
-    def _writer(self, request: Request, cancelled: Callable[[], bool] | None) -> Callable[[str], str]:
-        """An attachment's text of the request's photo, timed as its part (its own parts join the timings)."""
+    def _writer(self, request: Request, cancelled: Callable[[], bool] | None) -> Write | None:
+        """The prompter's text of the request's photo for a slot, timed as its part (its own parts join the timings);
+        None without a prompter."""
+        prompter, spec = self.prompter, self.model.prompter()
+        if prompter is None or spec is None:
+            return None
 
-        def write(text: str) -> str:
-            prompter = self.prompters[text]
-            part = next(a.part for a in self.model.attachments if a.writes == text)
-            with self.stage(part):
-                made = prompter(request.photo, request.settings, cancelled)
+        def write(slot: PromptSlot) -> str:
+            with self.stage(spec.part):
+                made = prompter(request.photo, request.settings, slot.instruction, cancelled)
             self.timings |= prompter.timings
             return made
 

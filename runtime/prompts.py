@@ -1,14 +1,17 @@
-"""The request's texts, and the attachments that write them (image-to-text models, a captioner) at run time.
+"""The request's texts, and the attachment that writes them (an image-to-text model: the LLaVA prompter, a captioner)
+at run time.
 
-`PROMPTERS` gives each kind of attachment its runner (`Prompter`: photo and settings -> the text it writes); the
-prompt policy (`prompt_of`) decides when a prompter's text prompts the model: `caption="auto"` when the request gives
-no prompt, `"always"` after the given one, `"never"`. `request_texts` makes every text a family's token ids are made
-from: the prompt, the negative prompt and the family's own text inputs.
+`PROMPTERS` gives each kind of attachment its runner (`Prompter`: photo, settings, a slot's instruction -> the text
+it writes). A family names the texts a prompter may write (`ModelFamily.prompt_slots`: the prompt; XPSR's low-level
+prompt too); the prompt policy (`slot_text`) decides, slot by slot, when the prompter's text is used:
+`caption="auto"` when the request gives none of its own, `"always"` after the given one, `"never"`. `request_texts`
+makes every text a family's token ids are made from: the slots, the negative prompt and the family's other texts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -20,62 +23,91 @@ from numpy.typing import NDArray
 
 from diffsr.export.model.attachment import Attachment
 from diffsr.export.model.attachments.captioner import Captioner
+from diffsr.export.model.attachments.prompter import Prompter as LlavaSpec
 from diffsr.export.model.family import ModelFamily
+from diffsr.export.model.inputs import PromptSlot
 from diffsr.export.model.parts import RunFn
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.runtime.caption import ImageCaptioner
+from diffsr.runtime.prompter import LlavaPrompter
 
 Cancelled = Callable[[], bool] | None
 
 
 class Prompter(Protocol):
-    """An attachment's runner: (H, W, 3) uint8 photo, settings, cancel check -> its text. `timings`: the last call's
-    parts in seconds; `tokens`: tokens made so far (for the metrics)."""
+    """An attachment's runner: (H, W, 3) uint8 photo, settings, a slot's instruction (None: the request's
+    `caption_prompt`), cancel check -> its text. `timings`: the last call's parts in seconds; `tokens`: tokens made so
+    far (for the metrics)."""
 
     timings: dict[str, float]
     tokens: int
 
-    def __call__(self, rgb: NDArray[np.uint8], cfg: PipelineConfig, cancelled: Cancelled = None) -> str: ...
+    def __call__(self, rgb: NDArray[np.uint8], cfg: PipelineConfig, instruction: str | None = None,
+                 cancelled: Cancelled = None) -> str: ...
 
 
-def _captioner(spec: Any, run: RunFn, device: torch.device | str, folder: Path) -> Prompter:
-    return ImageCaptioner(dataclasses.replace(spec, path=folder), run, device)
+# each kind of attachment's runner: (its spec with its folder, a backend's run, the device) -> Prompter
+PROMPTERS: dict[type[Attachment], Callable[[Any, RunFn, torch.device | str], Prompter]] = {
+    Captioner: ImageCaptioner, LlavaSpec: LlavaPrompter}
 
 
-# each kind of attachment's runner: (its spec, a backend's run, the device, its folder) -> Prompter
-PROMPTERS: dict[type[Attachment], Callable[[Any, RunFn, torch.device | str, Path], Prompter]] = {Captioner: _captioner}
+def make_prompter(model: ModelFamily, run: RunFn, device: torch.device | str, root: Path) -> Prompter | None:
+    """The runner of the model's attachment that writes its texts (None: it has none), on a backend's `run`; `root`
+    holds its folder (a checkpoint, or a Triton model's copy of its files)."""
+    spec = model.prompter()
+    if spec is None:
+        return None
+    return PROMPTERS[type(spec)](dataclasses.replace(spec, path=root / spec.folder), run, device)  # type: ignore[type-var]
 
 
-def make_prompters(model: ModelFamily, run: RunFn, device: torch.device | str, root: Path) -> dict[str, Prompter]:
-    """The model's attachments that write a text, by the text they write, on a backend's `run`; `root` holds their
-    folders (a checkpoint, or a Triton model's copy of their files)."""
-    return {a.writes: PROMPTERS[type(a)](a, run, device, root / a.folder) for a in model.attachments if a.writes}
+Write = Callable[[PromptSlot], str]
 
 
-def request_texts(model: ModelFamily, cfg: PipelineConfig, write: Callable[[str], str] | None) -> dict[str, str]:
-    """Every text of a request: the prompt under the policy (`write("prompt")` makes an attachment's, None: the model
-    has none), the negative prompt, the family's own text inputs."""
-    texts = {"prompt": prompt_of(cfg, None if write is None else lambda: write("prompt")),
-             "negative_prompt": cfg.negative_prompt}
+def request_texts(model: ModelFamily, cfg: PipelineConfig, write: Write | None) -> dict[str, str]:
+    """Every text of a request: each prompt slot under the policy (`write(slot)` makes the prompter's text; None: the
+    model has no prompter), the negative prompt, the family's other text inputs (not given: their defaults)."""
     declared = {i.name for i in model.family_inputs() if i.kind == "text"}
-    return texts | {k: v or "" for k, v in model.input_values(cfg).items() if k in declared}  # not given: empty
+    texts = {"negative_prompt": cfg.negative_prompt}
+    texts |= {k: v or "" for k, v in model.input_values(cfg).items() if k in declared}
+    prompter = model.prompter()
+    for slot in model.prompt_slots():
+        typed = cfg.prompt if slot.text == "prompt" else cfg.inputs.get(slot.text)
+        default = cfg.caption_suffix if slot.text == "prompt" else texts.get(slot.text, "")
+        written = None
+        if write is not None and prompter is not None and prompter.writes_slot(slot):
+            written = functools.partial(write, slot)
+        texts[slot.text] = slot_text(slot, cfg, typed, default, written)
+    return texts
 
 
-def wants_caption(cfg: PipelineConfig) -> bool:
-    """Whether a request's prompt is (or includes) a caption: "auto" when it gives no prompt, "always"."""
-    return cfg.caption == "always" or (cfg.caption == "auto" and cfg.prompt is None)
+def used_prompts(model: ModelFamily, texts: dict[str, str]) -> dict[str, str]:
+    """The prompt slots' texts a request ran with, by slot (what a response returns)."""
+    return {slot.text: texts[slot.text] for slot in model.prompt_slots()}
+
+
+def wants_caption(cfg: PipelineConfig, typed: str | None = None) -> bool:
+    """Whether a slot's text is (or includes) the prompter's: "auto" when the request gives none, "always"."""
+    return cfg.caption == "always" or (cfg.caption == "auto" and typed is None)
+
+
+def slot_text(slot: PromptSlot, cfg: PipelineConfig, typed: str | None, default: str,
+              written: Callable[[], str] | None) -> str:
+    """A slot's text under the policy. `written()` makes the prompter's (None: the checkpoint has none for this slot;
+    `requests.check` refuses caption="always" without any). A given text always stays: with `caption="always"` the
+    written one follows it after a comma. A cleaned slot's written text is completed by `caption_suffix`
+    (`clean_caption`); with no text given and none written, the default (the prompt's: the suffix alone)."""
+    if not wants_caption(cfg, typed) or written is None:
+        return typed if typed is not None else default
+    made = written()
+    made = clean_caption(made, cfg.caption_drop, cfg.caption_suffix) if slot.cleaned else " ".join(made.split())
+    return made if typed is None else ", ".join(p for p in (typed, made) if p)
 
 
 def prompt_of(cfg: PipelineConfig, caption: Callable[[], str] | None) -> str:
-    """The prompt a request runs with. `caption()` makes the LQ image's caption (None: the checkpoint has no
-    captioner; `requests.check` refuses caption="always" then). A given prompt always stays: with `caption="always"`
-    the caption follows it. The caption is cleaned (`clean_caption`) and completed by `caption_suffix`. With no
-    prompt and no caption: the suffix alone (by default `DEFAULT_PROMPT`, what a checkpoint without a captioner is
-    prompted with)."""
-    if not wants_caption(cfg) or caption is None:
-        return cfg.prompt if cfg.prompt is not None else cfg.caption_suffix
-    made = clean_caption(caption(), cfg.caption_drop, cfg.caption_suffix)
-    return made if cfg.prompt is None else ", ".join(p for p in (cfg.prompt, made) if p)
+    """The prompt a request runs with (the prompt slot alone; `caption()` makes the photo's caption, None: no
+    prompter). With no prompt and no caption: the suffix alone (by default `DEFAULT_PROMPT`, what a checkpoint
+    without a prompter is prompted with)."""
+    return slot_text(PromptSlot("prompt"), cfg, cfg.prompt, cfg.caption_suffix, caption)
 
 
 def clean_caption(text: str, drop: str, suffix: str) -> str:

@@ -37,7 +37,8 @@ import gc, json, sys, time
 import torch
 from diffsr.calib.data import photo
 from diffsr.export.model.checkpoint import load_submodule, open_checkpoint
-from diffsr.runtime.caption import CaptionLoop, CaptionSettings, pixel_values
+from diffsr.export.model.attachments.captioner import BOS
+from diffsr.runtime.caption import CaptionLoop, CaptionSettings, captioner_graphs, pixel_values
 ckpt = open_checkpoint(sys.argv[1])
 spec, tokens = ckpt.model.attachment("captioner"), int(sys.argv[2])
 held, spent = {}, {}
@@ -51,8 +52,8 @@ def run(name, **feed):
         out = held[name](**feed)
     spent.setdefault(name, []).append(time.perf_counter() - start)
     return {"prefix": out} if name == "caption_image" else dict(zip(("logits", "keys", "values"), out))
-loop = CaptionLoop(run, spec)
-ids = loop(pixel_values(photo("astronaut", None), spec.image_size), [], CaptionSettings(max_new_tokens=tokens))[0]
+loop = CaptionLoop(run, captioner_graphs(spec))
+ids = loop(pixel_values(photo("astronaut", None), spec.image_size), [BOS], CaptionSettings(max_new_tokens=tokens))[0]
 steps = spent["caption_decode"]
 r = lambda x: round(x, 4)
 print(json.dumps({"tokens": len(ids), "image_s": r(spent["caption_image"][0]), "prefill_s": r(spent["caption_prefill"][0]),

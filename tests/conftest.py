@@ -13,9 +13,10 @@ Everything session-scoped is made once, at the smallest size that still tests it
   more. `dit4sr_onnx` is FP32 without the fused variants and FP16, with tiny's small FP16 check. Exporting is mostly single-threaded tracing: each export the collected tests need runs in a
   `diffsr export` process of its own from the session's start, and the tests that need none run first,
   beside them (`pytest_collection_modifyitems`).
-- Four `tritonserver`s at most per run: `server` (the tiny checkpoint, BLS entry, step batching on),
+- Five `tritonserver`s at most per run: `server` (the tiny checkpoint, BLS entry, step batching on),
   `narrow_server` (tiled, one loop instance and a queue of one: the tiling, overload and fault tests),
-  `sdxl_server` (the ensemble entry point), `dit4sr_server` (the second family, tiled, BLS entry).
+  `sdxl_server` (the ensemble entry point), `dit4sr_server` (the second family, tiled, BLS entry), `xpsr_server`
+  (two prompts written by a prompter, tiled, BLS entry).
 """
 
 from __future__ import annotations
@@ -63,7 +64,13 @@ def dit4sr_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def xpsr_checkpoint(tmp_path_factory):
-    return init_checkpoint("xpsr-tiny", seed=0, out=tmp_path_factory.mktemp("ckpt") / "xpsr-tiny")
+    """xpsr-tiny with a llava-tiny prompter: both prompts written of the photo where a request gives none (its
+    export, parity and endpoint include the prompter's graphs)."""
+    from diffsr.export.model.attachments.prompter import init_prompter
+
+    path = init_checkpoint("xpsr-tiny", seed=0, out=tmp_path_factory.mktemp("ckpt") / "xpsr-tiny").path
+    init_prompter("llava-tiny", 0, path)
+    return open_checkpoint(path)
 
 
 @pytest.fixture(scope="session")
@@ -303,4 +310,15 @@ def dit4sr_server(dit4sr_checkpoint, dit4sr_onnx, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo-dit4sr") / "models"
     options = ServingOptions(sampler_instances=1, warmup=False, **NARROW_TILING)
     build_repository(dit4sr_checkpoint, dit4sr_onnx, repo, "onnxruntime", options=options)
+    return _serve(repo)
+
+
+@pytest.fixture(scope="session")
+def xpsr_server(xpsr_checkpoint, xpsr_onnx, tmp_path_factory):
+    """The xpsr-tiny checkpoint with its llava-tiny prompter behind the BLS entry point, tiled as `narrow_server`."""
+    from diffsr.triton_models.repository import ServingOptions, build_repository
+
+    repo = tmp_path_factory.mktemp("repo-xpsr") / "models"
+    options = ServingOptions(sampler_instances=1, warmup=False, **NARROW_TILING)
+    build_repository(xpsr_checkpoint, xpsr_onnx, repo, "onnxruntime", options=options)
     return _serve(repo)

@@ -18,14 +18,22 @@ ENSEMBLE = "diffsr"  # the endpoint model's name: a BLS entry model, or an ensem
 # then answers a request twice, the input echoed and the result).
 OUTPUT = "upscaled"
 RESPONSE = TensorSpec(OUTPUT, "bytes", (1,))
-# The prompt the image was made with (the request's, the LQ image's caption, or the default), as UTF-8. Not
-# "prompt", for the reason above.
-PROMPT_OUTPUT = "used_prompt"
-PROMPT_RESPONSE = TensorSpec(PROMPT_OUTPUT, "bytes", (1,))
+# The prompt the image was made with (the request's, the LQ image's caption, or the default), as UTF-8: `used_prompt`,
+# and each other prompt slot's (`used_<slot>`: XPSR's `used_prompt_low`). Not "prompt", for the reason above.
 # the settings a preprocessing model parsed, as JSON, for the ensemble's sampler (which parses nothing)
 SETTINGS = TensorSpec("settings", "bytes", (1,))
 # the protocol's names of the request's dtypes
 PROTOCOL_DTYPES = {"bytes": "BYTES", "int32": "INT32", "int64": "INT64", "float32": "FP32"}
+
+
+def used_name(slot: str) -> str:
+    """The response's tensor of a prompt slot's text."""
+    return f"used_{slot}"
+
+
+def response_specs(model: ModelFamily) -> list[TensorSpec]:
+    """The endpoint's outputs: the PNG, then each prompt slot's text it ran with (the prompt first)."""
+    return [RESPONSE, *(TensorSpec(used_name(slot.text), "bytes", (1,)) for slot in model.prompt_slots())]
 
 
 def request_specs(model: ModelFamily) -> list[TensorSpec]:

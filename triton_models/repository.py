@@ -1,7 +1,8 @@
 """`diffsr triton-repo`: a Triton model repository generated from the signatures and the request's declaration.
 
     diffsr (entry)      the model's request inputs (`ModelFamily.request_inputs`: image, prompt, ..., the family's
-                        own) -> upscaled (PNG), used_prompt; one python model on the client's own request (a cancel
+                        own) -> upscaled (PNG), used_prompt (and each other prompt slot's text: XPSR's
+                        used_prompt_low); one python model on the client's own request (a cancel
                         reaches its loop):
                           parse and check the request once; decode the photos, prepare them, the prompt (an
                           attachment's models over BLS where the policy asks), token ids
@@ -50,12 +51,11 @@ from diffsr.runtime.tiling import tiling_for
 from diffsr.triton_models.endpoint import (
     ENSEMBLE,
     OUTPUT,
-    PROMPT_OUTPUT,
-    PROMPT_RESPONSE,
     RESPONSE,
     SETTINGS,
     optional_inputs,
     request_specs,
+    response_specs,
 )
 
 FLAVOURS = ("onnxruntime", "tensorrt")
@@ -174,7 +174,7 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
     decoded = TensorSpec("decoded", "float32", dec.outputs[0].shape)
     ensemble_stages, _ = split_stages(model)
     if options.entry == "bls":  # the entry model parses, pre- and postprocesses and runs the loop, on the client's request
-        sampler = _config(ENSEMBLE, specs, [RESPONSE, PROMPT_RESPONSE], optional=optional)
+        sampler = _config(ENSEMBLE, specs, response_specs(model), optional=optional)
     else:
         sampler = _config("sampler", [*sampler_inputs(model), OUTPUT_SIZE, SETTINGS], [decoded])
     _params(sampler, device=device, cuda_memory_pool_bytes=str(cuda_pool_bytes(ckpt) if gpu else 0),
@@ -185,7 +185,8 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
     policy.default_timeout_microseconds = int(options.queue_timeout_s * 1e6)
     policy.max_queue_size = options.max_queue_size
 
-    pre = _config("preprocess", specs, [*model.prepared(), OUTPUT_SIZE, PROMPT_RESPONSE, SETTINGS], optional=optional)
+    pre = _config("preprocess", specs, [*model.prepared(), OUTPUT_SIZE, *response_specs(model)[1:], SETTINGS],
+                  optional=optional)
     _params(pre, device="cpu", **pre_params)
     pre.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     post = _config("postprocess", [decoded, photo, OUTPUT_SIZE], [RESPONSE])
@@ -268,7 +269,7 @@ def _ensemble(model: ModelFamily, specs: list[TensorSpec], optional: tuple[str, 
               stages: list[Stage]) -> mc.ModelConfig:
     """preprocess -> the untiled once-per-request stages' models -> sampler -> postprocess, every tensor under its
     own name."""
-    config = _config(ENSEMBLE, specs, [RESPONSE, PROMPT_RESPONSE], optional=optional)
+    config = _config(ENSEMBLE, specs, response_specs(model), optional=optional)
     config.platform = "ensemble"
     # the ensemble's tensors share one namespace with its inputs and outputs: a model's tensor whose name an input
     # has (a photo input `style`, a stage's output `style`) goes by another inside it
@@ -279,7 +280,7 @@ def _ensemble(model: ModelFamily, specs: list[TensorSpec], optional: tuple[str, 
     prepared = [t.name for t in model.prepared()]
     steps = [
         ("preprocess", same(s.name for s in specs),
-         inner((*prepared, "output_size", SETTINGS.name)) | same((PROMPT_OUTPUT,))),
+         inner((*prepared, "output_size", SETTINGS.name)) | same(t.name for t in response_specs(model)[1:])),
         *((s.submodule, inner(t.name for t in model.signature(s.submodule).inputs),
            inner(t.name for t in model.signature(s.submodule).outputs)) for s in stages),
         ("sampler", inner((*(t.name for t in sampler_inputs(model)), "output_size", SETTINGS.name)), inner(("decoded",))),

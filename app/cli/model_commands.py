@@ -23,20 +23,30 @@ def init(
     seed: Annotated[int, typer.Option(help="weights seed: same seed, same bytes")] = 0,
     captioner: Annotated[Optional[str], typer.Option(help="also a seeded BLIP-2 captioner in captioner/: "
                                                           "blip2-tiny or blip2-opt-2.7b")] = None,
+    prompter: Annotated[Optional[str], typer.Option(help="also a seeded LLaVA-1.5 prompter in prompter/, which writes "
+                                                         "the family's prompts: llava-tiny or llava-1.5-7b")] = None,
 ) -> None:
     """Write a seeded random-weight checkpoint of a preset."""
     from diffsr.export.model.attachments.captioner import captioner_preset, init_captioner
+    from diffsr.export.model.attachments.prompter import init_prompter, prompter_preset
     from diffsr.export.model.random_init import init_checkpoint
 
+    if captioner is not None and prompter is not None:
+        raise DiffsrError("a checkpoint has one attachment that writes its prompts: give --captioner or --prompter")
     if captioner is not None:
         captioner_preset(captioner)  # a bad name fails before anything is written
+    if prompter is not None:
+        prompter_preset(prompter)
     with bars() as draw:
         init_checkpoint(preset, seed, out_dir, on_progress=draw)
         if captioner is not None:
             draw(Progress("init", f"captioner ({captioner})", 0, 1))
             init_captioner(captioner, seed, out_dir)
-    with_captioner = f" with a {captioner} captioner" if captioner else ""
-    console.print(f"wrote {preset} checkpoint{with_captioner} (seed {seed}) to {out_dir}", highlight=False)
+        if prompter is not None:
+            draw(Progress("init", f"prompter ({prompter})", 0, 1))
+            init_prompter(prompter, seed, out_dir)
+    attached = f" with a {captioner} captioner" if captioner else f" with a {prompter} prompter" if prompter else ""
+    console.print(f"wrote {preset} checkpoint{attached} (seed {seed}) to {out_dir}", highlight=False)
 
 
 @command()
@@ -94,7 +104,8 @@ def upscale(
     h, w = result.image.shape[:2]
     console.print(f"{image} -> {out_file} ({w}x{h}, {backend}, {settings.scheduler} {settings.steps} steps)",
                   soft_wrap=True, highlight=False)
-    console.print(f"prompt: {result.prompt}", soft_wrap=True, highlight=False, markup=False)
+    for slot, text in (result.prompts or {"prompt": result.prompt}).items():  # each prompt it ran with
+        console.print(f"{slot}: {text}", soft_wrap=True, highlight=False, markup=False)
     console.print(tables.timings(result.timings))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -14,7 +14,9 @@ from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.inputs import PHOTO_KINDS
 from diffsr.export.model.settings import BASE_INPUTS, Request
 from diffsr.runtime.image import encode_png
-from diffsr.triton_models.endpoint import ENSEMBLE, OUTPUT, PROMPT_OUTPUT, PROTOCOL_DTYPES
+from diffsr.triton_models.endpoint import ENSEMBLE, OUTPUT, PROTOCOL_DTYPES, used_name
+
+USED = used_name("")  # the prefix of the response's prompt slots
 
 PROTOCOLS = ("http", "grpc")
 NUMPY = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}  # by protocol type
@@ -34,6 +36,7 @@ class RemoteResult:
     png: bytes
     latency_s: float
     prompt: str  # the prompt the server made the image with
+    prompts: dict[str, str] = field(default_factory=dict)  # each prompt slot's text it used (`used_<slot>`), by slot
 
 
 def _module(protocol: str) -> ModuleType:
@@ -94,6 +97,7 @@ class TritonClient:
             raise DiffsrError(f"cannot use {url!r} as a {protocol} endpoint: {e}") from None
         self.timeout_s = timeout_s
         self._endpoint: dict[str, str] | None = None
+        self._outputs: list[str] = []
 
     def endpoint(self) -> dict[str, str]:
         """The served model's inputs and their protocol types (asked of the server once): a family's own inputs
@@ -110,6 +114,7 @@ class TritonClient:
             except OSError as e:
                 raise DiffsrError(f"cannot reach the server at {self.url} ({self.protocol}): {e}") from None
             self._endpoint = {i["name"]: i["datatype"] for i in meta["inputs"]}
+            self._outputs = [o["name"] for o in meta["outputs"]]
         return self._endpoint
 
     def upscale(self, image: bytes, **settings: Any) -> RemoteResult:
@@ -119,7 +124,8 @@ class TritonClient:
 
         inputs = request_inputs(self.protocol, image, self.endpoint(), **settings)
         binary = {"binary_data": True} if self.protocol == "http" else {}
-        outputs = [self.module.InferRequestedOutput(name, **binary) for name in (OUTPUT, PROMPT_OUTPUT)]
+        used = [name for name in self._outputs if name.startswith(USED)]
+        outputs = [self.module.InferRequestedOutput(name, **binary) for name in (OUTPUT, *used)]
         extra = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         start = time.perf_counter()
         try:
@@ -130,8 +136,9 @@ class TritonClient:
             raise RequestRefused(f"server refused the request: {e.message()}", str(e.status())) from None
         except OSError as e:  # refused, unreachable, unknown host
             raise DiffsrError(f"cannot reach the server at {self.url} ({self.protocol}): {e}") from None
-        prompt = result.as_numpy(PROMPT_OUTPUT).reshape(-1)[0]
-        return RemoteResult(result.as_numpy(OUTPUT).reshape(-1)[0], time.perf_counter() - start, prompt.decode())
+        prompts = {name[len(USED):]: result.as_numpy(name).reshape(-1)[0].decode() for name in used}
+        return RemoteResult(result.as_numpy(OUTPUT).reshape(-1)[0], time.perf_counter() - start, prompts["prompt"],
+                            prompts)
 
     @staticmethod
     def _unreachable(e: Any) -> bool:

@@ -1,5 +1,5 @@
 """An attachment: an optional model a checkpoint carries in a folder of its own, attached to any family (the BLIP-2
-captioner: `attachments/captioner.py`). The family class asks each attachment through this interface; it names none.
+captioner: `attachments/captioner.py`; the LLaVA prompter: `attachments/prompter.py`). The family class asks each attachment through this interface; it names none.
 A new kind is its declaration here (a module under `attachments/`, named in `attachments.KINDS`) and its runner in the
 runtime (named in `runtime/prompts.PROMPTERS`): one line in each table, no branch anywhere."""
 
@@ -13,19 +13,25 @@ from typing import Any, ClassVar
 from torch import nn
 
 from diffsr.export.model.dims import NamedDim
+from diffsr.export.model.inputs import PromptSlot
 from diffsr.export.model.parts import Component, Draw
 from diffsr.export.model.signatures import Signature
 
 
 class Attachment(ABC):
     """An optional model a checkpoint carries in a folder of its own, beside its family's networks, and attached to
-    any family: an image-to-text model (the BLIP-2 captioner, `attachments/captioner.py`). Its graphs are submodules
-    of the model like the family's own (exported, checked, engine-built, budgeted, served); what it makes for a
-    request (the text it `writes`) is made once per request, before the family's stages, by its runtime runner
-    (`runtime/prompts.py`)."""
+    any family: an image-to-text model (the BLIP-2 captioner, `attachments/captioner.py`; the LLaVA prompter,
+    `attachments/prompter.py`). Its graphs are submodules of the model like the family's own (exported, checked,
+    engine-built, budgeted, served); what it makes for a request (the texts it `writes`) is made once per request,
+    before the family's stages, by its runtime runner (`runtime/prompts.py`)."""
 
     folder: ClassVar[str]  # its checkpoint folder, and its key in the model's JSON
-    writes: ClassVar[str] = ""  # the request's text it writes (a captioner: "prompt"), under the prompt policy
+    # whether it writes the request's texts (the family's prompt slots, under the prompt policy); a checkpoint holds
+    # one such prompter at most
+    writes: ClassVar[bool] = False
+    # whether it follows a slot's instruction (LLaVA writes every slot), or only continues a prompt (a captioner
+    # writes the prompt alone)
+    instructed: ClassVar[bool] = False
     part: ClassVar[str] = ""  # the pipeline part it is timed and benchmarked as (a captioner: "caption")
     stand_in: ClassVar[str] = ""  # what stands in for its outputs where a deployment leaves it out
 
@@ -57,6 +63,10 @@ class Attachment(ABC):
     def partial(self, submodule: str) -> bool:
         """Whether a graph uses only part of its folder's weights (each of a captioner's graphs does)."""
         return False
+
+    def writes_slot(self, slot: PromptSlot) -> bool:
+        """Whether it writes a prompt slot: an instructed one every slot, a captioner the prompt alone."""
+        return self.writes and (self.instructed or slot.text == "prompt")
 
     def sample_draws(self) -> Mapping[str, Draw]:
         return {}

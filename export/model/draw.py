@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 STORED_DTYPE = torch.float16
-NORMS = ("RMSNorm", "T5LayerNorm")  # norms of other libraries (diffusers, transformers): weight one, as initialised
+NORMS = ("RMSNorm", "T5LayerNorm")  # norms of other libraries (diffusers, transformers: LlamaRMSNorm): weight one, as
+# initialised
 
 
 def draw(module: nn.Module, kind: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__ in NORMS:
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(NORMS):
         return torch.ones(shape) if kind == "weight" else torch.zeros(shape)
     if isinstance(module, nn.Embedding):
         return torch.randn(shape, generator=generator) * 0.02

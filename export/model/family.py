@@ -34,7 +34,7 @@ from diffsr.export.core.configs import dataclass_from_json
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.attachment import Attachment
 from diffsr.export.model.dims import MIN_LATENT, NamedDim
-from diffsr.export.model.inputs import PHOTO_KINDS, RequestInput
+from diffsr.export.model.inputs import PHOTO_KINDS, PromptSlot, RequestInput
 from diffsr.export.model.parts import Component, Draw, RunFn, Stages, Tensors
 from diffsr.export.model.settings import BASE_INPUTS, PipelineConfig
 from diffsr.export.model.signatures import Signature, TensorSpec, parse_dim
@@ -87,6 +87,15 @@ class ModelFamily(ABC):
         base = [dataclasses.replace(i, tensor=self.stages.photo) if i.name == "image" else i for i in BASE_INPUTS]
         return (*base, *self.family_inputs())
 
+    def prompt_slots(self) -> tuple[PromptSlot, ...]:
+        """The request's texts a prompter may write of the photo, in the order it writes them: the prompt (with the
+        request's `caption_prompt` as its instruction), and a family's own (XPSR's low-level prompt)."""
+        return (PromptSlot("prompt"),)
+
+    def prompter(self) -> Attachment | None:
+        """The attachment that writes the prompt slots (one at most), if the checkpoint has one."""
+        return next((a for a in self.attachments if a.writes), None)
+
     def input_values(self, settings: PipelineConfig) -> dict[str, Any]:
         """The family's non-photo inputs of a request: the settings' values, else the declarations' defaults."""
         return {i.name: settings.inputs.get(i.name, i.default) for i in self.family_inputs() if i.kind not in PHOTO_KINDS}
@@ -95,9 +104,10 @@ class ModelFamily(ABC):
         """What a request's (or a checkpoint's default) settings ask that this model cannot give, one line each: a
         caption without a captioner, a family input that is not declared or out of its range."""
         errors = []
-        if settings.caption == "always" and not any(a.writes == "prompt" for a in self.attachments):
-            errors.append('caption="always" needs an attachment that writes the prompt (a captioner/ folder: `diffsr '
-                          'init --captioner blip2-tiny`, or a BLIP-2 folder copied there), or use caption="auto"')
+        if settings.caption == "always" and self.prompter() is None:
+            errors.append('caption="always" needs an attachment that writes the prompt (a prompter/ or captioner/ '
+                          'folder: `diffsr init --prompter llava-tiny` or `--captioner blip2-tiny`, or a LLaVA-1.5 or '
+                          'BLIP-2 folder copied there), or use caption="auto"')
         declared = {i.name: i for i in self.family_inputs() if i.kind not in PHOTO_KINDS}
         for name, value in settings.inputs.items():
             if name not in declared:

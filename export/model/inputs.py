@@ -109,3 +109,18 @@ def _range(low: float | None, high: float | None) -> str:
     if high is None:
         return f"at least {show(low or 0)}"
     return f"{show(low or 0)} to {show(high)}" if low is not None else f"at most {show(high)}"
+
+
+@dataclass(frozen=True)
+class PromptSlot:
+    """A text of the request a prompter may write of the photo (`ModelFamily.prompt_slots`): the request's own text
+    (`text`: "prompt", or a family's text input) when it gives one, else (under the `caption` policy) what the
+    checkpoint's prompter writes when asked `instruction` (None: the request's `caption_prompt`, or the prompter's
+    default), else the default. An instruction holding `<image>` is the prompter's whole input as it stands; one
+    without is put in the prompter's chat template. `cleaned`: the written text's sentences naming a degradation are
+    dropped and `caption_suffix` follows (a content prompt); otherwise it is kept as written, on one line (a prompt
+    that describes the degradations)."""
+
+    text: str
+    instruction: str | None = None
+    cleaned: bool = True

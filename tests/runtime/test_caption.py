@@ -11,6 +11,7 @@ from diffsr.calib.data import photo
 from diffsr.calib.record import Recorder
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.graphs.manifest import manifest_model
+from diffsr.export.model.attachments.captioner import BOS
 from diffsr.export.model.attachments.captioner_networks import load_blip2
 from diffsr.export.model.families import model_from_json
 from diffsr.export.model.settings import DEFAULT_PROMPT, PipelineConfig, Request
@@ -51,7 +52,8 @@ def test_the_prompt_policy():
 
     model = preset("tiny")
     assert model.settings_errors(base) == []
-    with pytest.raises(DiffsrError, match='^caption="always" needs an attachment that writes the prompt \(a captioner/ folder: `diffsr init'):
+    with pytest.raises(DiffsrError, match='^caption="always" needs an attachment that writes the prompt \(a prompter/ or '
+                                          'captioner/ folder: `diffsr init --prompter llava-tiny` or `--captioner'):
         check(model, base.replace(caption="always"), dict(model.scheduler_config), (16, 16))
     for bad, match in ((dict(caption="sometimes"), "caption='sometimes'"), (dict(caption_beams=6), "caption_beams=6"),
                        (dict(caption_tokens=0), "caption_tokens=0")):
@@ -103,7 +105,7 @@ def test_onnxruntime_captions_as_pytorch_and_fp16_keeps_the_logits(dit4sr_checkp
     """ONNX Runtime's FP32 graphs make PyTorch's caption; the FP16 graphs' logits stay within 1e-2 (relative, over
     the prefill and the decode steps of a real caption) and their caption's token agreement is reported."""
     from diffsr.export.core.precision import Precision
-    from diffsr.runtime.caption import CaptionLoop, CaptionSettings
+    from diffsr.runtime.caption import CaptionLoop, CaptionSettings, captioner_graphs
 
     ckpt, spec = dit4sr_checkpoint, dit4sr_checkpoint.model.attachment("captioner")
     cfg = ckpt.defaults.replace(**SETTINGS)
@@ -119,7 +121,7 @@ def test_onnxruntime_captions_as_pytorch_and_fp16_keeps_the_logits(dit4sr_checkp
         return full
 
     settings = CaptionSettings(max_new_tokens=cfg.caption_tokens)
-    tokens = CaptionLoop(run_both, spec)(pixel_values(lq, 224), [], settings)[0]
+    tokens = CaptionLoop(run_both, captioner_graphs(spec))(pixel_values(lq, 224), [BOS], settings)[0]
     worst = max(float((b["logits"] - a["logits"]).norm() / a["logits"].norm()) for name, a, b in calls if "logits" in a)
     agree = [int(a["logits"].argmax()) == int(b["logits"].argmax()) for _, a, b in calls if "logits" in a]
     print(f"FP16 captioner: logits within {worst:.2e} relative of FP32 over {len(agree)} calls; next-token agreement "
@@ -127,15 +129,55 @@ def test_onnxruntime_captions_as_pytorch_and_fp16_keeps_the_logits(dit4sr_checkp
     assert worst < 1e-2
 
 
+def test_the_prompt_slots_under_the_policy():
+    """XPSR's two slots: a LLaVA prompter writes each from its own instruction (the prompt cleaned and completed by
+    the suffix, the low-level text kept as written, on one line); a typed text stays (and leads with "always"); a
+    captioner writes the prompt alone; without a prompter, the defaults."""
+    from pathlib import Path
+
+    from diffsr.export.model.attachments.captioner import Captioner
+    from diffsr.export.model.attachments.prompter import Prompter
+    from diffsr.export.model.families import preset
+    from diffsr.export.model.families.xpsr import HIGH_LEVEL, LOW_LEVEL
+    from diffsr.runtime.prompts import request_texts, used_prompts
+
+    llava = Prompter(Path("prompter"), 32, 2, 2, 8, 520, 16, 56, 512, 2, 513, 512)
+    blip2 = Captioner(Path("captioner"), 32, 2, 4, 320, 32, 224, 50, 128)
+    asked: list = []
+
+    def write(slot):
+        asked.append(slot.instruction)
+        return {HIGH_LEVEL: "A bus on a street.\nIt is blurry.", LOW_LEVEL: "The image is\nblurry and noisy."}[
+            slot.instruction]
+
+    xpsr = preset("xpsr-tiny")
+    cfg = xpsr.defaults.replace(caption_suffix="sharp")
+    texts = request_texts(xpsr.with_attachments((llava,)), cfg, write)
+    assert used_prompts(xpsr, texts) == {"prompt": "A bus on a street, sharp", "prompt_low": "The image is blurry and noisy."}
+    assert asked == [HIGH_LEVEL, LOW_LEVEL] and texts["negative_prompt_low"] == "high resolution, best quality, clear"
+    typed = cfg.replace(inputs={"prompt_low": "jpeg artifacts"}, prompt="a red bus")
+    assert used_prompts(xpsr, request_texts(xpsr.with_attachments((llava,)), typed, write)) == {
+        "prompt": "a red bus", "prompt_low": "jpeg artifacts"} and len(asked) == 2
+    always = used_prompts(xpsr, request_texts(xpsr.with_attachments((llava,)), typed.replace(caption="always"), write))
+    assert always == {"prompt": "a red bus, A bus on a street, sharp", "prompt_low": "jpeg artifacts, The image is blurry "
+                      "and noisy."}
+    asked.clear()
+    captioned = used_prompts(xpsr, request_texts(xpsr.with_attachments((blip2,)), cfg, write))
+    assert captioned == {"prompt": "A bus on a street, sharp", "prompt_low": ""} and asked == [HIGH_LEVEL]  # one slot
+    assert used_prompts(xpsr, request_texts(xpsr, cfg, None)) == {"prompt": "sharp", "prompt_low": ""}
+    assert used_prompts(xpsr, request_texts(xpsr.with_attachments((llava,)), cfg.replace(caption="never"), write)) == {
+        "prompt": "sharp", "prompt_low": ""}
+
+
 def test_a_caption_request_past_the_graphs_cache_is_refused(dit4sr_checkpoint, lq):
-    from diffsr.runtime.caption import CaptionLoop, CaptionSettings
+    from diffsr.runtime.caption import CaptionLoop, CaptionSettings, captioner_graphs
 
     spec = dit4sr_checkpoint.model.attachment("captioner")
     small = dataclasses.replace(spec, max_positions=spec.num_query_tokens + 4)
 
-    loop = CaptionLoop(lambda name, **feed: pytest.fail("nothing runs"), small)
+    loop = CaptionLoop(lambda name, **feed: pytest.fail("nothing runs"), captioner_graphs(small))
     with pytest.raises(DiffsrError, match="needs 37 positions"):
-        loop(pixel_values(lq, 224), [], CaptionSettings(max_new_tokens=4))
+        loop(pixel_values(lq, 224), [BOS], CaptionSettings(max_new_tokens=4))
 
 
 def test_a_checkpoint_from_before_captions_reads_its_default_prompt_as_the_suffix(tiny_checkpoint, tmp_path):

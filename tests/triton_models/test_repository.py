@@ -6,7 +6,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.families import preset
-from diffsr.triton_models.endpoint import PROMPT_OUTPUT
+from diffsr.triton_models.endpoint import used_name
 from diffsr.triton_models.repository import OUTPUT, TRITON_DTYPES, ServingOptions, model_configs, write_config
 
 SUBMODULES = preset("tiny").submodules
@@ -57,7 +57,7 @@ def test_ensemble_wires_every_step_output_to_a_later_input(tiny_checkpoint):
     for step in ensemble.ensemble_scheduling.step:
         assert set(step.input_map.values()) <= available, step.model_name  # topological order
         available |= set(step.output_map.values())
-    assert [o.name for o in ensemble.output] == [OUTPUT, PROMPT_OUTPUT] and {OUTPUT, PROMPT_OUTPUT} <= available
+    assert [o.name for o in ensemble.output] == [OUTPUT, used_name("prompt")] and {OUTPUT, "used_prompt"} <= available
 
 
 def test_tensorrt_flavour_keeps_tensors_on_the_gpu(tiny_checkpoint):

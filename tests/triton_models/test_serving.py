@@ -1,7 +1,7 @@
 """The endpoint served by a real tritonserver, against the in-process ONNX Runtime pipeline: the session's
 `server` (BLS entry point, step batching), the `narrow_server` (tiled, one loop instance, a queue of one),
-the `sdxl_server` (the ensemble entry point) and the `dit4sr_server` (the second family, tiled), all from
-conftest."""
+the `sdxl_server` (the ensemble entry point), the `dit4sr_server` (the second family, tiled) and the `xpsr_server`
+(two prompts a prompter writes), all from conftest."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -229,6 +229,36 @@ def test_the_endpoint_captions_only_without_a_prompt(dit4sr_server, lq):
     assert prompted.prompt == "a cat on a sofa"
     for name in ("diffsr_caption_seconds_count", "diffsr_caption_tokens_total"):
         assert after[name] == middle[name], name
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_xpsr_endpoint_writes_both_prompts_as_the_onnxruntime_pipeline(xpsr_server, xpsr_checkpoint, xpsr_onnx,
+                                                                      protocol):
+    """XPSR at the endpoint, tiled, on a non-square photo: without prompts, its LLaVA prompter writes both (two
+    texts: the prompter's metrics count two, their tokens move) and the endpoint returns them with an image byte for
+    byte the in-process ONNX Runtime pipeline's; a typed low-level prompt comes back verbatim and only the high-level
+    one is written."""
+    lq = photo("coffee", (23, 17))
+    local = Pipeline(load_runners("onnxruntime", xpsr_checkpoint, onnx_dir=xpsr_onnx), xpsr_checkpoint)
+    url = xpsr_server.http_url if protocol == "http" else xpsr_server.grpc_url
+    settings = dict(steps=2, seed=5)
+    before = _scrape(xpsr_server)
+    with TritonClient(url, protocol) as client:
+        answer = client.upscale(_png(lq), **settings)
+        middle = _scrape(xpsr_server)
+        typed = client.upscale(_png(lq), prompt_low="blurry, jpeg artifacts", **settings)
+    after = _scrape(xpsr_server)
+    config = xpsr_checkpoint.defaults.replace(**settings, **SERVED_TILING)
+    direct = local(Request(lq, config))
+    assert answer.prompts == direct.prompts and set(answer.prompts) == {"prompt", "prompt_low"}
+    assert answer.prompts["prompt_low"] and answer.prompts["prompt"] != config.caption_suffix  # both written
+    assert np.array_equal(_decode(answer.png), direct.image) and direct.image.shape == (68, 92, 3)
+    assert middle["diffsr_prompter_seconds_count"] - before.get("diffsr_prompter_seconds_count", 0.0) == 2
+    assert middle["diffsr_prompter_tokens_total"] - before.get("diffsr_prompter_tokens_total", 0.0) >= 2
+    assert after["diffsr_prompter_seconds_count"] - middle["diffsr_prompter_seconds_count"] == 1
+    assert typed.prompts == {"prompt": answer.prompts["prompt"], "prompt_low": "blurry, jpeg artifacts"}
+    by_hand = local(Request(lq, config.replace(inputs={"prompt_low": "blurry, jpeg artifacts"})))
+    assert np.array_equal(_decode(typed.png), by_hand.image) and not np.array_equal(by_hand.image, direct.image)
 
 
 def test_a_cancelled_request_frees_its_instance_within_a_step(server, lq):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.triton_models.endpoint import PROMPT_OUTPUT
+from diffsr.triton_models.endpoint import used_name
 from diffsr.triton_models.models.metrics import Metrics
 from diffsr.triton_models.models.postprocess import Postprocess
 from diffsr.triton_models.models.preprocess import Preprocess, text_tensor
@@ -28,8 +28,10 @@ from diffsr.triton_models.models.sampler import Sampler
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         params = parameters(args)
-        self.metrics = Metrics(args["model_name"])
-        self.preprocess = Preprocess(params, Path(args["model_repository"]) / args["model_version"], self.metrics)
+        self.preprocess = Preprocess(params, Path(args["model_repository"]) / args["model_version"])
+        writer = self.preprocess.model.prompter()
+        self.metrics = Metrics(args["model_name"], writer.part if writer is not None else "caption")
+        self.preprocess.metrics = self.metrics
         self.sampler = Sampler(params)
         self.photo = self.sampler.model.stages.photo
 
@@ -39,7 +41,7 @@ class TritonPythonModel:
     def _handle(self, request: Any) -> list:
         try:
             req, plan = self.preprocess.parse(request)  # the one parse and check: a mistake fails before any model runs
-            tensors, prompt = self.preprocess(req, request.is_cancelled)
+            tensors, prompts = self.preprocess(req, request.is_cancelled)
             decoded = self.sampler(req.settings, plan, tensors, request.is_cancelled, self.metrics, request.request_id())
             png = Postprocess(req.settings.color_fix)(decoded.cpu(), tensors[self.photo].cpu(), plan.size)
         except StageError:
@@ -48,4 +50,4 @@ class TritonPythonModel:
             (self.metrics.cancelled if request.is_cancelled() else self.metrics.rejected).increment(1)
             raise
         self.metrics.pixels.increment(plan.size[0] * plan.size[1])
-        return [png, text_tensor(PROMPT_OUTPUT, prompt)]
+        return [png, *(text_tensor(used_name(slot), text) for slot, text in prompts.items())]

@@ -9,6 +9,9 @@
     diffsr_caption_seconds         histogram: one caption (image graph, prefill, every decode step)
     diffsr_caption_tokens_total    counter: caption tokens made (tokens/s: its rate over the seconds' sum's)
 
+The last two are named after the part of the model's prompt writer: `caption` for a BLIP-2 captioner,
+`prompter` for a LLaVA prompter (`diffsr_prompter_seconds`: one prompt slot's text; `diffsr_prompter_tokens_total`).
+
 Each carries the label `model` (the model that runs the loop)."""
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from collections.abc import Callable
 import triton_python_backend_utils as pb_utils
 
 STEP_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]  # seconds: CPU tiny to SDXL tiles
-CAPTION_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]  # seconds: blip2-tiny to OPT-2.7b on a CPU
+CAPTION_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]  # seconds: the tiny ones to a 7B on a CPU
 
 
 class Metrics:
-    def __init__(self, model: str):
+    """`writer`: the part of the model's prompt writer (an attachment's `part`: caption, prompter)."""
+
+    def __init__(self, model: str, writer: str = "caption"):
         labels = {"model": model}
 
         def counter(name: str, description: str):  # type: ignore[no-untyped-def]
@@ -38,8 +43,8 @@ class Metrics:
 
         self._families: list = []  # kept alive as long as their metrics
         self.step = histogram("diffsr_step_seconds", "seconds per denoising step", STEP_BUCKETS)
-        self.caption = histogram("diffsr_caption_seconds", "seconds per caption", CAPTION_BUCKETS)
-        self.caption_tokens = counter("diffsr_caption_tokens_total", "caption tokens made")
+        self.caption = histogram(f"diffsr_{writer}_seconds", f"seconds per {writer} text", CAPTION_BUCKETS)
+        self.caption_tokens = counter(f"diffsr_{writer}_tokens_total", f"{writer} tokens made")
         self.steps = counter("diffsr_steps_total", "denoising steps run")
         self.cancelled = counter("diffsr_requests_cancelled_total", "requests stopped by their client's cancel")
         self.rejected = counter("diffsr_requests_rejected_total", "requests refused as the client's fault")

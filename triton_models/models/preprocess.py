@@ -16,11 +16,12 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from diffsr.export.model.families import model_from_json
+from diffsr.export.model.inputs import PromptSlot
 from diffsr.export.model.settings import PipelineConfig, Request
-from diffsr.runtime.prompts import make_prompters, request_texts
+from diffsr.runtime.prompts import Write, make_prompter, request_texts, used_prompts
 from diffsr.runtime.requests import Plan, check, parse_request
 from diffsr.runtime.stages import prepare, token_ids
-from diffsr.triton_models.endpoint import PROMPT_OUTPUT, SETTINGS, tensor_values
+from diffsr.triton_models.endpoint import SETTINGS, tensor_values, used_name
 from diffsr.triton_models.models.common import bls_runners, from_torch
 from diffsr.triton_models.models.metrics import Metrics
 from diffsr.triton_models.models.requests import optional, parameters, respond
@@ -44,26 +45,29 @@ class Preprocess:
         sigs = self.model.signatures()
         graphs = [name for a in self.model.attachments for name in a.graphs]
         run = bls_runners({name: [t.name for t in sigs[name].outputs] for name in graphs}, gpu=self.device.type == "cuda")
-        self.prompters = make_prompters(self.model, run, self.device, folder)
+        self.prompter = make_prompter(self.model, run, self.device, folder)
 
     def parse(self, request: Any) -> tuple[Request, Plan]:
         """The request's tensors -> the validated request and its plan; every mistake is the client's (one message)."""
         req = parse_request(self.model, self.defaults, tensor_values(self.inputs, lambda name: optional(request, name)))
         return req, check(self.model, req.settings, self.scheduler_config, req.photo.shape[:2], self.max_pixels)
 
-    def __call__(self, req: Request, cancelled: Cancelled = None) -> tuple[dict[str, torch.Tensor], str]:
-        """(the prepared photos and token ids by name, the prompt used)."""
+    def __call__(self, req: Request, cancelled: Cancelled = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """(the prepared photos and token ids by name, the prompt slots' texts used)."""
         cfg = req.settings
         tensors = prepare(self.model, req, self.device)
-        texts = request_texts(self.model, cfg, self._writer(req, cancelled) if "prompt" in self.prompters else None)
+        texts = request_texts(self.model, cfg, self._writer(req, cancelled))
         tensors |= token_ids(self.model, self.tokenizer, texts, cfg.cfg, self.device)
-        return tensors, texts["prompt"]
+        return tensors, used_prompts(self.model, texts)
 
-    def _writer(self, req: Request, cancelled: Cancelled) -> Callable[[str], str]:
-        def write(text: str) -> str:
-            prompter = self.prompters[text]
+    def _writer(self, req: Request, cancelled: Cancelled) -> Write | None:
+        prompter = self.prompter
+        if prompter is None:
+            return None
+
+        def write(slot: PromptSlot) -> str:
             start, tokens = time.perf_counter(), prompter.tokens
-            made = prompter(req.photo, req.settings, cancelled)
+            made = prompter(req.photo, req.settings, slot.instruction, cancelled)
             if self.metrics is not None:
                 self.metrics.caption.observe(time.perf_counter() - start)
                 self.metrics.caption_tokens.increment(prompter.tokens - tokens)
@@ -90,9 +94,9 @@ class TritonPythonModel:
 
     def _handle(self, request: Any) -> list:
         req, plan = self.preprocess.parse(request)
-        tensors, prompt = self.preprocess(req, request.is_cancelled)
+        tensors, prompts = self.preprocess(req, request.is_cancelled)
         tensors["output_size"] = torch.tensor(plan.size, dtype=torch.int32)
         made = {name: from_torch(name, t) for name, t in tensors.items()}
-        made[PROMPT_OUTPUT] = text_tensor(PROMPT_OUTPUT, prompt)
+        made |= {used_name(slot): text_tensor(used_name(slot), text) for slot, text in prompts.items()}
         made[SETTINGS.name] = text_tensor(SETTINGS.name, json.dumps(req.settings.to_json()))
         return [made[name] for name in self.outputs]

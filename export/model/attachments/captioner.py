@@ -119,7 +119,7 @@ class Captioner(Attachment):
     to any family, it writes the request's prompt (`runtime/caption.py`, under the prompt policy)."""
 
     folder = FOLDER
-    writes = "prompt"
+    writes = True  # the prompt, continuing the request's `caption_prompt` (no instruction)
     part = "caption"
     stand_in = "a typed prompt, or the caption suffix alone (caption=never)"
 

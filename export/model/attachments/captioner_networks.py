@@ -3,12 +3,8 @@
 What `generate` does, split where a deployment splits it: the 32 `<image>` placeholders it puts before BOS and
 the prompt are replaced by the projected Q-Former outputs, which is the prefix at positions 0..31 followed by
 the token embeddings; OPT's learned positions are given explicitly (0, 1, ... with no padding). The language
-model runs with eager attention (an explicit additive mask, what ONNX and TensorRT take).
-
-The decode step hands OPT a cache object of its own: OPT asks a cache only for `update(k, v, layer)` (and its
-length, for positions it is given here), so `SlotCache.update` writes the new key and value into slot
-`position` of the full-length buffers, functionally (`torch.where` on a one-hot of the slot), and returns the
-whole buffers; the mask hides the slots not yet written. Every call has the same shapes.
+model runs with eager attention (an explicit additive mask, what ONNX and TensorRT take). The decode step writes
+one slot of a cache of fixed length (`kv_cache.py`, shared with the prompter's LLaMA).
 """
 
 from __future__ import annotations
@@ -21,6 +17,7 @@ from torch import nn
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
+from diffsr.export.model.attachments.kv_cache import causal, decode_step, padded_cache
 
 
 class CaptionImage(nn.Module):
@@ -40,11 +37,6 @@ class CaptionImage(nn.Module):
         return self.language_projection(out.last_hidden_state)  # (B, 32, D)
 
 
-def _additive(mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) 1/0 -> (B, 1, 1, L): 0 where attended, the float minimum elsewhere."""
-    return torch.where(mask.bool()[:, None, None, :], 0.0, torch.finfo(torch.float32).min)
-
-
 class CaptionPrefill(nn.Module):
     """prefix + BOS and prompt ids -> the next token's logits and the cache, padded to the mask's length."""
 
@@ -57,29 +49,9 @@ class CaptionPrefill(nn.Module):
         embeds = torch.cat([prefix, lm.get_input_embeddings()(input_ids)], dim=1)  # (B, P, D)
         b, p = embeds.shape[:2]
         positions = torch.arange(p, device=embeds.device).unsqueeze(0).expand(b, p)
-        causal = torch.full((p, p), torch.finfo(torch.float32).min, device=embeds.device).triu(1)[None, None]
-        out = lm(inputs_embeds=embeds, attention_mask=causal.expand(b, 1, p, p), position_ids=positions, use_cache=True)
-        pad = attention_mask.shape[1] - p
-        keys = torch.stack([nn.functional.pad(layer.keys, (0, 0, 0, pad)) for layer in out.cache.layers])
-        values = torch.stack([nn.functional.pad(layer.values, (0, 0, 0, pad)) for layer in out.cache.layers])
-        return out.logits[:, -1], keys, values  # (B, V), (N, B, H, L, Dh) twice
-
-
-class SlotCache:
-    """A cache of fixed length that writes each layer's new key and value at one slot (per row)."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor):
-        self.keys, self.values, self.slot = keys, values, slot  # slot: (B, 1, L, 1) bool, one-hot
-        self.written: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0  # asked only when positions are not given; they always are
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        k = torch.where(self.slot, key, self.keys[layer_idx])  # key (B, H, 1, Dh) broadcast along L
-        v = torch.where(self.slot, value, self.values[layer_idx])
-        self.written[layer_idx] = (k, v)
-        return k, v
+        mask = causal(p, embeds.device).expand(b, 1, p, p)
+        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        return out.logits[:, -1], *padded_cache(out.cache, attention_mask.shape[1])  # (B, V), (N, B, H, L, Dh) twice
 
 
 class CaptionDecode(nn.Module):
@@ -91,15 +63,7 @@ class CaptionDecode(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 past_keys: torch.Tensor, past_values: torch.Tensor):
-        lm = self.language_model
-        length = past_keys.shape[3]
-        slot = (torch.arange(length, device=past_keys.device)[None, :] == position_ids).view(-1, 1, length, 1)
-        cache = SlotCache(past_keys, past_values, slot)
-        out = lm(input_ids=input_ids, attention_mask=_additive(attention_mask), position_ids=position_ids, cache=cache,
-                 use_cache=True)
-        layers = range(past_keys.shape[0])
-        return (out.logits[:, -1], torch.stack([cache.written[i][0] for i in layers]),
-                torch.stack([cache.written[i][1] for i in layers]))
+        return decode_step(self.language_model, input_ids, position_ids, attention_mask, past_keys, past_values)
 
 
 GRAPHS = {"caption_image": CaptionImage, "caption_prefill": CaptionPrefill, "caption_decode": CaptionDecode}

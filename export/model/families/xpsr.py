@@ -42,7 +42,7 @@ from diffsr.export.model.components import (
 from diffsr.export.model.dims import BATCH, CFG_BATCH, TEXT_BATCH, NamedDim, latent_sides
 from diffsr.export.model.families.sd import INT8_KEPT, _ids, clip_config, vae_force_upcast, vae_of
 from diffsr.export.model.family import ModelFamily, guided, register
-from diffsr.export.model.inputs import RequestInput
+from diffsr.export.model.inputs import PromptSlot, RequestInput
 from diffsr.export.model.parts import Component, Draw, RunFn, Stage, Stages, Tensors
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.export.model.signatures import Signature, TensorSpec
@@ -61,10 +61,17 @@ XPSR_SCHEDULER_CONFIG: dict[str, Any] = {
 ADDED_PROMPT = "clean, high-resolution, 8k, high quality, clear text."
 NEGATIVE = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed."
 LOWLEVEL_NEGATIVE = "high resolution, best quality, clear"
+# the release's questions: LLaVA-1.5's for the high-level prompt (its whole input, as the release writes it), and
+# Q-Instruct's for the low-level one
+HIGH_LEVEL = "<image>\nUSER: Please provide a descriptive summary of the content of this image. \nASSISTANT:"
+LOW_LEVEL = "Describe and evaluate the quality of the image."
 # the official test run (test.py, configs/xpsr_test.yaml): 20 DDPM steps, guidance 4.5, the photo's latent noised to
 # the first step and then to 800, AdaIN; latent tiles with Gaussian weights
+# the prompter writes up to 77 tokens a slot: what CLIP's text encoder reads of a prompt (the release lets LLaVA run
+# to 200 positions, and then cuts the prompt at CLIP's 77 tokens)
 DEFAULTS = PipelineConfig(caption_suffix=ADDED_PROMPT, negative_prompt=NEGATIVE, steps=20, guidance_scale=4.5,
-                          scheduler="ddpm", start="lq", added_noise_level=800, color_fix="adain", tile_blend="gaussian")
+                          scheduler="ddpm", start="lq", added_noise_level=800, color_fix="adain", tile_blend="gaussian",
+                          caption_tokens=77)
 
 
 @dataclass(frozen=True)
@@ -153,9 +160,15 @@ class XPSR(ModelFamily):
         return 2 ** (len(self.config.vae_channels) - 1)
 
     def family_inputs(self) -> tuple[RequestInput, ...]:
-        return (RequestInput("prompt_low", "text", "the low-level prompt: the photo's quality and degradations, as a "
-                             "vision-language model describes them (XPSR's Q-Instruct answer)", default=""),
+        return (RequestInput("prompt_low", "text", "the low-level prompt: the photo's quality and degradations (default: "
+                             "the prompter's answer where the checkpoint has one, else empty)", default=""),
                 RequestInput("negative_prompt_low", "text", "the low-level prompt's negative", default=LOWLEVEL_NEGATIVE))
+
+    def prompt_slots(self) -> tuple[PromptSlot, ...]:
+        """The release's two questions to its multimodal LLMs, the high-level one in its own LLaVA prompt
+        (`utils_data/highlevel_prompt_test.py`), the low-level one Q-Instruct's (`lowlevel_prompt_test.py`), asked of
+        the prompter in its chat template; the low-level answer kept as written (its degradations are the point)."""
+        return (PromptSlot("prompt", HIGH_LEVEL), PromptSlot("prompt_low", LOW_LEVEL, cleaned=False))
 
     def family_dims(self) -> tuple[NamedDim, ...]:
         return (BATCH, CFG_BATCH, TEXT_BATCH, *latent_sides(self.latent_multiple, self.native_latent))

@@ -20,7 +20,7 @@ from diffsr.export.model.attachments.captioner import (
     parameters_of,
 )
 from diffsr.export.model.attachments.captioner_networks import caption_graphs, load_blip2
-from diffsr.runtime.caption import CaptionLoop, CaptionSettings, pixel_values
+from diffsr.runtime.caption import CaptionLoop, CaptionSettings, captioner_graphs, pixel_values
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +125,11 @@ def test_captions_are_generates_token_for_token(captioner, blip2, reference, bea
     run = _run(caption_graphs(blip2))
     eos = captioner.eos
     if ending:
-        greedy = CaptionLoop(run, dataclasses.replace(captioner, eos=eos))(images, [], CaptionSettings(max_new_tokens=12))
+        greedy = CaptionLoop(run, captioner_graphs(dataclasses.replace(captioner, eos=eos)))(
+            images, [BOS], CaptionSettings(max_new_tokens=12))
         eos = Counter(t for row in greedy for t in row[2:]).most_common(1)[0][0]
     settings = CaptionSettings(max_new_tokens=12, num_beams=beams)
-    ours = CaptionLoop(run, dataclasses.replace(captioner, eos=eos))(images, [], settings)
+    ours = CaptionLoop(run, captioner_graphs(dataclasses.replace(captioner, eos=eos)))(images, [BOS], settings)
     with torch.no_grad():
         want = reference.generate(pixel_values=images, max_new_tokens=12, num_beams=beams, eos_token_id=eos)[:, 33:].tolist()
     assert _padded(ours, len(want[0])) == want

@@ -75,7 +75,8 @@ def test_every_input_of_the_step_moves_its_output(xpsr_checkpoint):
 
 def test_export_and_parity_hold_every_submodule(xpsr_checkpoint, xpsr_onnx):
     report = check_parity(xpsr_checkpoint, xpsr_onnx, size=(24, 20), steps=3, shapes=("min", "odd"))
-    assert {o.submodule for o in report.outputs} == {"text_encoder", "lr_encoder", "controlnet_unet", "vae_decoder"}
+    assert {o.submodule for o in report.outputs} == {"prompter_image", "prompter_prefill", "prompter_decode",
+                                                     "text_encoder", "lr_encoder", "controlnet_unet", "vae_decoder"}
     assert report.passed, report.to_json()
 
 

@@ -1,0 +1,122 @@
+"""The LLaVA prompter's runner: a prompt slot's instruction and the LQ photo -> the text it writes, on any backend's
+`run` of the prompter's graphs (`export/model/attachments/prompter.py`), decoded as the captioner's are
+(`caption.CaptionLoop`: greedy or beam search, token for token transformers' `generate`).
+
+The photo is prepared as the folder's CLIP image processor prepares it (Pillow bicubic of the short side to S, the
+centre S x S, CLIP's mean and deviation) and the instruction as `LlavaProcessor` does: put in the folder's chat
+template (unless it holds `<image>` itself, as XPSR's high-level question does), `<image>` repeated once per image
+token, BOS first. Both are tested equal to the processor's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from PIL import Image
+
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.attachments.prompter import (
+    CHAT_TEMPLATE,
+    CLIP_MEAN,
+    CLIP_STD,
+    DEFAULT_INSTRUCTION,
+    IMAGE,
+    MAX_TEXT,
+)
+from diffsr.export.model.attachments.prompter import Prompter as PrompterSpec
+from diffsr.export.model.settings import PipelineConfig
+from diffsr.runtime.caption import CaptionSettings, Graphs, RunFn, TextWriter
+
+
+def clip_pixels(rgb: NDArray[np.uint8], size: int, crop: int, mean: tuple[float, ...] = CLIP_MEAN,
+                std: tuple[float, ...] = CLIP_STD) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, crop, crop) float32 as CLIP's image processor makes them: Pillow's bicubic resize of
+    the short side to `size` (the long one in proportion, rounded down), the centre `crop` square, [0, 1], normalised."""
+    h, w = rgb.shape[:2]
+    nh, nw = (int(size * h / w), size) if w <= h else (size, int(size * w / h))
+    img = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.Resampling.BICUBIC), dtype=np.float32)
+    top, left = (nh - crop) // 2, (nw - crop) // 2
+    x = torch.from_numpy(img[top: top + crop, left: left + crop] / 255.0).permute(2, 0, 1)
+    return ((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))[None].float()
+
+
+def prompter_graphs(spec: PrompterSpec) -> Graphs:
+    """LLaVA's graphs: the image features among the prefill's ids."""
+    return Graphs("prompter_image", "prompter_prefill", "prompter_decode", "image_features", spec.eos, spec.pad,
+                  spec.cache_limit)
+
+
+class LlavaPrompter(TextWriter):
+    """A checkpoint's prompter: (H, W, 3) uint8 photo, settings, a slot's instruction -> the text it writes (the new
+    tokens, as `batch_decode` gives them, on one line)."""
+
+    instructed = True
+
+    def __init__(self, spec: PrompterSpec, run: RunFn, device: torch.device | str = "cpu"):
+        super().__init__(prompter_graphs(spec), run, device, spec.part)
+        self.spec = spec
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.spec.path))
+
+    @cached_property
+    def template(self) -> str:
+        """The folder's chat template (the processor's file, or the tokenizer's), else LLaVA-1.5's."""
+        folder = self.spec.path
+        if (folder / "chat_template.jinja").is_file():
+            return (folder / "chat_template.jinja").read_text()
+        if (folder / "chat_template.json").is_file():
+            return str(json.loads((folder / "chat_template.json").read_text())["chat_template"])
+        return str(getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE)
+
+    @cached_property
+    def image_config(self) -> dict[str, Any]:
+        """The image processor's settings: its own file, or the processor's entry (transformers 5 writes it there)."""
+        folder = self.spec.path
+        for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+            if (folder / name).is_file():
+                data = json.loads((folder / name).read_text())
+                data = data.get(key, {}) if key else data
+                if data:
+                    return dict(data)
+        return {}
+
+    def pixels(self, rgb: NDArray[np.uint8]) -> torch.Tensor:
+        c = self.image_config
+        size = c.get("size", {}).get("shortest_edge", self.spec.image_size)
+        crop = c.get("crop_size", {}).get("height", self.spec.image_size)
+        if crop != self.spec.image_size:
+            raise DiffsrError(f"{self.spec.path}: the image processor crops {crop} px, the vision tower takes "
+                              f"{self.spec.image_size}")
+        return clip_pixels(rgb, size, crop, tuple(c.get("image_mean", CLIP_MEAN)), tuple(c.get("image_std", CLIP_STD)))
+
+    def ids(self, instruction: str) -> list[int]:
+        """The prefill's ids: the instruction templated, `<image>` once per image token, BOS first."""
+        text = instruction
+        if IMAGE not in instruction:
+            chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+            text = self.tokenizer.apply_chat_template(chat, chat_template=self.template, tokenize=False,
+                                                      add_generation_prompt=True)
+        if text.count(IMAGE) != 1:
+            raise DiffsrError(f"a prompter's input takes the photo once; {text!r} holds {text.count(IMAGE)} {IMAGE}")
+        ids = list(self.tokenizer(text.replace(IMAGE, IMAGE * self.spec.image_tokens)).input_ids)
+        if len(ids) - self.spec.image_tokens > MAX_TEXT:
+            raise DiffsrError(f"a prompter instruction of {len(ids) - self.spec.image_tokens} tokens is too long: at "
+                              f"most {MAX_TEXT} with its template")
+        return ids
+
+    def __call__(self, rgb: NDArray[np.uint8], cfg: PipelineConfig, instruction: str | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> str:
+        asked = instruction if instruction is not None else (cfg.caption_prompt or DEFAULT_INSTRUCTION)
+        settings = CaptionSettings(max_new_tokens=cfg.caption_tokens, num_beams=cfg.caption_beams)
+        made = self.write(self.pixels(rgb), self.ids(asked), settings, cancelled)
+        return " ".join(str(self.tokenizer.decode(made, skip_special_tokens=True)).split())
