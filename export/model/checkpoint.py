@@ -178,9 +178,10 @@ def check_weights(weights: StoredWeights, expected: dict[str, tuple[int, ...]], 
         raise DiffsrError(f"weights in {weights} do not match its config.json: {detail}")
 
 
-def load_submodule(ckpt: Checkpoint, name: str) -> nn.Module:
-    """The PyTorch reference of one submodule, FP32 on the CPU; reads only its components' files, one
-    tensor at a time, into a network built without weights."""
+def load_submodule(ckpt: Checkpoint, name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The PyTorch reference of one submodule, FP32 (or `dtype`: a 7B language model's in BF16 fits where its FP32
+    does not) on the CPU; reads only its components' files, one tensor at a time, into a network built without
+    weights."""
     with empty_parameters():
         module = build(ckpt, name)
     wanted: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}  # folder -> key -> (parameter, shape)
@@ -192,7 +193,7 @@ def load_submodule(ckpt: Checkpoint, name: str) -> nn.Module:
         weights = stored_weights(ckpt, folder)
         check_weights(weights, {k: shape for k, (_, shape) in keys.items()}, others_allowed=ckpt.model.partial(name))
         stored = {key: weights.locate(key)[1] for key in keys}  # tied keys share one stored tensor: read once
-        read = {k: t.float() if t.is_floating_point() else t for k, t in weights.read(list(dict.fromkeys(stored.values())))}
+        read = {k: t.to(dtype) if t.is_floating_point() else t for k, t in weights.read(list(dict.fromkeys(stored.values())))}
         for key, (parameter, _) in keys.items():
             state[parameter] = read[stored[key]]
     module.load_state_dict(state, strict=True, assign=True)
