@@ -193,7 +193,7 @@ def test_a_served_toy_request_equals_the_in_process_pipeline(toy, toy_server, st
     assert np.abs(remote.astype(int) - direct.image.astype(int)).max() <= 1
     assert captioned.prompt == direct.prompt != ckpt.defaults.caption_suffix  # the caption, as in process
     assert typed.prompt == "a cat"
-    caption = local.prompters["prompt"](lq, ckpt.defaults)
+    caption = local.prompter(lq, ckpt.defaults)
     assert captioned.prompt == clean_caption(caption, ckpt.defaults.caption_drop, ckpt.defaults.caption_suffix)
 
 
