@@ -35,8 +35,8 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def command(name: str | None = None) -> Callable[[F], F]:
-    """Register a command behind the one error boundary."""
+def command(name: str | None = None, group: typer.Typer | None = None) -> Callable[[F], F]:
+    """Register a command behind the one error boundary (on `group`, a command group such as `diffsr gallery`)."""
 
     def register(fn: F) -> F:
         @functools.wraps(fn)
@@ -49,7 +49,7 @@ def command(name: str | None = None) -> Callable[[F], F]:
                 where = f": {e.filename}" if e.filename else ""
                 fail(f"{e.strerror or e}{where}")
 
-        app.command(name)(guarded)
+        (group or app).command(name)(guarded)
         return fn
 
     return register

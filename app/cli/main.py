@@ -1,6 +1,7 @@
 """The `diffsr` command: parse, build a config, call the library, print.
 
-The commands live in three modules by kind (`model_commands`, `serving_commands`, `measure_commands`),
+The commands live in four modules by kind (`model_commands`, `serving_commands`, `measure_commands`,
+`gallery_commands`),
 registered on the one `app` through `common.command`, the error boundary.
 """
 
@@ -10,7 +11,7 @@ import logging
 import sys
 
 # isort: off
-from diffsr.app.cli import model_commands, serving_commands, measure_commands  # noqa: F401  (they register, in this order)
+from diffsr.app.cli import model_commands, serving_commands, measure_commands, gallery_commands  # noqa: F401  (they register, in this order)
 # isort: on
 from diffsr.app.cli.common import app
 

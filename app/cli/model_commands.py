@@ -25,9 +25,13 @@ def init(
                                                           "blip2-tiny or blip2-opt-2.7b")] = None,
     prompter: Annotated[Optional[str], typer.Option(help="also a seeded LLaVA-1.5 prompter in prompter/, which writes "
                                                          "the family's prompts: llava-tiny or llava-1.5-7b")] = None,
+    gallery_encoder: Annotated[Optional[str], typer.Option(help="also a seeded CLIP image encoder in gallery_encoder/, "
+                                                                "for reference galleries: clip-tiny or "
+                                                                "clip-vit-base-patch32")] = None,
 ) -> None:
     """Write a seeded random-weight checkpoint of a preset."""
     from diffsr.export.model.attachments.captioner import captioner_preset, init_captioner
+    from diffsr.export.model.attachments.gallery_encoder import gallery_encoder_preset, init_gallery_encoder
     from diffsr.export.model.attachments.prompter import init_prompter, prompter_preset
     from diffsr.export.model.random_init import init_checkpoint
 
@@ -37,6 +41,8 @@ def init(
         captioner_preset(captioner)  # a bad name fails before anything is written
     if prompter is not None:
         prompter_preset(prompter)
+    if gallery_encoder is not None:
+        gallery_encoder_preset(gallery_encoder)
     with bars() as draw:
         init_checkpoint(preset, seed, out_dir, on_progress=draw)
         if captioner is not None:
@@ -45,7 +51,11 @@ def init(
         if prompter is not None:
             draw(Progress("init", f"prompter ({prompter})", 0, 1))
             init_prompter(prompter, seed, out_dir)
+        if gallery_encoder is not None:
+            draw(Progress("init", f"gallery encoder ({gallery_encoder})", 0, 1))
+            init_gallery_encoder(gallery_encoder, seed, out_dir)
     attached = f" with a {captioner} captioner" if captioner else f" with a {prompter} prompter" if prompter else ""
+    attached += f" and a {gallery_encoder} gallery encoder" if gallery_encoder else ""
     console.print(f"wrote {preset} checkpoint{attached} (seed {seed}) to {out_dir}", highlight=False)
 
 

@@ -3,6 +3,7 @@
 
     prompter/    LLaVA-1.5: a family's prompts of the photo, each from an instruction (`prompter.py`)
     captioner/   BLIP-2 (OPT): the photo's caption, the paper's own prompt (`captioner.py`)
+    gallery_encoder/  CLIP's image encoder: photos embedded for a reference gallery (`gallery_encoder.py`)
 
 A checkpoint holds one attachment that writes prompts at most.
 """
@@ -15,9 +16,11 @@ from typing import Any
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.attachment import Attachment
 from diffsr.export.model.attachments.captioner import Captioner
+from diffsr.export.model.attachments.gallery_encoder import GalleryEncoder
 from diffsr.export.model.attachments.prompter import Prompter
 
-KINDS: dict[str, type[Attachment]] = {Prompter.folder: Prompter, Captioner.folder: Captioner}
+KINDS: dict[str, type[Attachment]] = {Prompter.folder: Prompter, Captioner.folder: Captioner,
+                                      GalleryEncoder.folder: GalleryEncoder}
 
 
 def open_attachments(checkpoint: Path) -> tuple[Attachment, ...]:

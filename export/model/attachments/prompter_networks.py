@@ -17,6 +17,7 @@ from torch import nn
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
+from diffsr.export.model.attachments.clip_vision import clip_hidden
 from diffsr.export.model.attachments.kv_cache import causal, decode_step, padded_cache
 
 
@@ -69,8 +70,7 @@ class Rotary(nn.Module):
 
 class PrompterImage(nn.Module):
     """pixel_values -> the image features: CLIP's vision transformer up to `vision_feature_layer` (the layers after it
-    are never run), CLS left out, through the projector (what `get_image_features` computes). The position embedding
-    is read whole (every patch has one), not through CLIP's non-persistent index buffer, which an export cannot bind."""
+    are never run; `clip_vision.py`), CLS left out, through the projector (what `get_image_features` computes)."""
 
     def __init__(self, llava: LlavaWeights):
         super().__init__()
@@ -80,13 +80,7 @@ class PrompterImage(nn.Module):
         self.depth = int(llava.config.vision_feature_layer) % (layers + 1)  # hidden state k: after k layers
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        tower = self.vision_tower.vision_model
-        e = tower.embeddings
-        patches = e.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-        x = torch.cat([e.class_embedding.expand(patches.shape[0], 1, -1), patches], 1) + e.position_embedding.weight[None]
-        x = tower.pre_layrnorm(x)
-        for layer in tower.encoder.layers[: self.depth]:
-            x = layer(x, attention_mask=None)
+        x = clip_hidden(self.vision_tower.vision_model, pixel_values, self.depth)
         return self.multi_modal_projector(x[:, 1:])  # (B, N, D)
 
 

@@ -1,0 +1,131 @@
+"""The reference gallery on real photos (skimage's) with a seeded clip-tiny gallery encoder: its graph against
+transformers' `CLIPVisionModelWithProjection`, photos prepared as CLIP's image processor prepares them, an index built,
+searched, brought up to date without re-embedding what it holds, reloaded; and the command line."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffsr.calib.data import PHOTOS, photo  # five photos
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.attachments.gallery_encoder import GalleryEmbed, init_gallery_encoder
+from diffsr.runtime.gallery import Encoder, Gallery, build_gallery, nearest
+from diffsr.runtime.prompter import clip_pixels
+
+
+def _model(spec):
+    from transformers import CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection.from_pretrained(str(spec.path), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    return init_gallery_encoder("clip-tiny", 0, tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture()
+def encoder(spec):
+    graph = GalleryEmbed(_model(spec)).eval()
+    return Encoder(spec, lambda pixels: graph(pixels), batch=4)
+
+
+@pytest.fixture()
+def photos(tmp_path):
+    """Ten photos: the calibration set and crops of it, some nested, PNG and JPEG (and a file that is no photo)."""
+    folder = tmp_path / "photos"
+    (folder / "more").mkdir(parents=True)
+    for i, name in enumerate(PHOTOS):
+        full = photo(name, None)
+        Image.fromarray(full).save(folder / f"{name}.png")
+        h, w = full.shape[:2]
+        Image.fromarray(full[h // 4:, : w // 2]).save(folder / "more" / f"{name}-crop.jpg", quality=95)
+    (folder / "notes.txt").write_text("not a photo")
+    return folder
+
+
+def test_the_graph_is_transformers_and_photos_are_prepared_as_clips_processor(spec):
+    from transformers import AutoImageProcessor
+
+    model = _model(spec)
+    image = photo("coffee", None)[:, 60:]  # not square
+    want = AutoImageProcessor.from_pretrained(str(spec.path))(images=image, return_tensors="pt").pixel_values
+    pixels = clip_pixels(image, 28, 28)
+    torch.testing.assert_close(pixels, want, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(GalleryEmbed(model)(pixels), model(pixel_values=pixels).image_embeds,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_build_search_update_and_reload(encoder, photos, tmp_path):
+    index = tmp_path / "index"
+    gallery, added, kept, dropped = build_gallery(photos, index, encoder)
+    assert (len(gallery), added, kept, dropped) == (10, 10, 0, 0)
+    for name in PHOTOS:  # a gallery photo finds itself first
+        first = nearest(gallery, encoder, photo(name, None), 3)[0]
+        assert first.name == f"{name}.png" and first.score > 0.999
+    # new photos: only they are embedded; a changed one is embedded again; a removed one is dropped
+    calls = encoder.calls
+    Image.fromarray(photo("coins", None)).save(photos / "coins.png")
+    Image.fromarray(photo("rocket", None)[::-1]).save(photos / "more" / "rocket-crop.jpg")
+    (photos / "camera.png").unlink()
+    gallery, added, kept, dropped = build_gallery(photos, index, encoder)
+    assert (added, kept, dropped, encoder.calls - calls) == (2, 8, 1, 2) and len(gallery) == 10
+    names = {n for n, _ in gallery.photos.values()}
+    assert "coins.png" in names and "camera.png" not in names
+    reloaded = Gallery.load(index)
+    query = photo("coins", None)
+    assert nearest(reloaded, encoder, query, 10) == nearest(gallery, encoder, query, 10)
+    assert len(nearest(reloaded, encoder, query, 50)) == 10  # k past the gallery: every photo, ranked
+    scores = [m.score for m in nearest(reloaded, encoder, query, 10)]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0.999
+
+
+def test_mistakes_are_refused(spec, encoder, photos, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DiffsrError, match="no photos in"):
+        build_gallery(tmp_path / "empty", tmp_path / "i", encoder)
+    with pytest.raises(DiffsrError, match="photo folder not found"):
+        build_gallery(tmp_path / "nowhere", tmp_path / "i", encoder)
+    with pytest.raises(DiffsrError, match="is not a gallery index"):
+        Gallery.load(tmp_path)
+    gallery, *_ = build_gallery(photos, tmp_path / "index", encoder)
+    with pytest.raises(DiffsrError, match="top-k 0 must be at least 1"):
+        nearest(gallery, encoder, photo("coffee", None), 0)
+    other_spec = init_gallery_encoder("clip-tiny", 1, tmp_path / "other")  # another seed: other vectors
+    other = Encoder(other_spec, lambda pixels: GalleryEmbed(_model(other_spec))(pixels))
+    with pytest.raises(DiffsrError, match="built with another gallery encoder"):
+        build_gallery(photos, tmp_path / "index", other)
+    with pytest.raises(DiffsrError, match="built with another gallery encoder"):
+        nearest(gallery, other, photo("coffee", None), 1)
+    (photos / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DiffsrError, match="cannot decode .*broken.png"):
+        build_gallery(photos, tmp_path / "fresh", encoder)
+
+
+def test_the_command_line_builds_and_searches(tiny_checkpoint, photos, tmp_path):
+    """`diffsr gallery build` and `search` on a checkpoint with a gallery encoder (a copy of the tiny one)."""
+    from diffsr.app.cli.main import app
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint.path, ckpt)
+    init_gallery_encoder("clip-tiny", 0, ckpt)
+    runner = CliRunner()
+    built = runner.invoke(app, ["gallery", "build", str(photos), "--checkpoint", str(ckpt), "--out", str(tmp_path / "i")])
+    assert built.exit_code == 0, built.output
+    assert "10 photos (10 embedded, 0 kept, 0 dropped)" in built.output
+    query = tmp_path / "query.png"
+    Image.fromarray(photo("astronaut", None)).save(query)
+    found = runner.invoke(app, ["gallery", "search", str(query), "--checkpoint", str(ckpt), "--index", str(tmp_path / "i"),
+                                "--top-k", "2"])
+    assert found.exit_code == 0, found.output
+    lines = found.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].endswith("\tastronaut.png") and float(lines[0].split("\t")[0]) > 0.999
+    missing = runner.invoke(app, ["gallery", "build", str(photos), "--checkpoint", str(tiny_checkpoint.path), "--out",
+                                  str(tmp_path / "j")])
+    assert missing.exit_code == 2 and "has no gallery_encoder/" in missing.output
+    assert np.isfinite(float(lines[1].split("\t")[0]))
