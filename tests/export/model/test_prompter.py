@@ -191,3 +191,21 @@ def test_the_runner_writes_what_generate_writes(prompter, graphs, reference, pro
     assert made == " ".join(processor.tokenizer.decode(tokens, skip_special_tokens=True).split())
     assert runner.tokens == 10 and set(runner.timings) == {"prompter_image", "prompter_token"}
     assert json.loads((prompter.path / "config.json").read_text())["image_token_index"] == prompter.image_token
+
+
+def test_a_cancel_stops_the_text_between_decode_steps(prompter, graphs):
+    """The cancel check runs before every decode step: a client's cancel after three steps ends the text there (the
+    endpoint's BLS entry passes its request's `is_cancelled`)."""
+    from diffsr.export.model.settings import PipelineConfig
+
+    run, calls = _run(graphs), []
+
+    def counted(name, **feed):
+        calls.append(name)
+        return run(name, **feed)
+
+    runner = LlavaPrompter(prompter, counted)
+    with pytest.raises(DiffsrError, match="cancelled while writing the prompt"):
+        runner(photo("camera", None), PipelineConfig(caption_tokens=40), LOW_LEVEL,
+               cancelled=lambda: calls.count("prompter_decode") >= 3)
+    assert calls == ["prompter_image", "prompter_prefill", *["prompter_decode"] * 3]
