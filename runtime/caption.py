@@ -204,10 +204,7 @@ def captioner_graphs(spec: CaptionerSpec) -> Graphs:
 class TextWriter:
     """An image-to-text model on a backend's `run`, the loop timed: `timings` holds the last text's image part
     (`<part>_image`) and its mean seconds per decode step (`<part>_token`; each step ends in the stop check, which
-    waits for the device); `tokens` counts the new tokens made so far (for the metrics). `instructed`: whether it
-    follows an instruction (a prompt slot's), or only continues a prompt (a captioner)."""
-
-    instructed = False
+    waits for the device); `tokens` counts the new tokens made so far (for the metrics)."""
 
     def __init__(self, graphs: Graphs, run: RunFn, device: torch.device | str, part: str):
         self.run, self.device, self.part = run, torch.device(device), part

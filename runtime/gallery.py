@@ -8,9 +8,10 @@ embeddings (cosine similarity), an `IndexIDMap2` over an `IndexFlatIP`. Exact se
 millions, faiss' HNSW or IVF indexes trade exactness for speed behind the same calls.
 
 An index is a folder: `index.faiss` (the vectors by id) and `photos.json` (each id's file, relative to the photos'
-folder, and its content's sha256; the encoder's digest; the embedding's width). Building again over the same folder
-embeds only photos that are new or changed, and drops the ones that are gone: adding photos never re-embeds the old
-ones. An index built by another encoder is refused (its vectors would not compare).
+folder, and its content's sha256; the encoder's digest; the embedding's width; the next id). Building again over the
+same folder embeds only photos that are new (by name) or changed (by content), and drops the ones that are gone:
+adding photos never re-embeds the old ones (a photo renamed or moved is embedded again under its new name). An index
+built by another encoder is refused (its vectors would not compare).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Gallery:
     encoder: str  # the encoder's digest
     photos: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (name, sha256)
     index: Any = None
+    next_id: int = 0  # ids are never handed out twice, removals included
 
     def __post_init__(self) -> None:
         import faiss
@@ -95,8 +97,8 @@ class Gallery:
     def add(self, names: list[str], hashes: list[str], vectors: NDArray[np.float32]) -> None:
         if vectors.shape != (len(names), self.dim):
             raise DiffsrError(f"gallery vectors of shape {vectors.shape} for {len(names)} photos of width {self.dim}")
-        start = max(self.photos, default=-1) + 1
-        ids = np.arange(start, start + len(names), dtype=np.int64)
+        ids = np.arange(self.next_id, self.next_id + len(names), dtype=np.int64)
+        self.next_id += len(names)
         self.index.add_with_ids(normalised(vectors), ids)
         self.photos |= {int(i): (n, h) for i, n, h in zip(ids, names, hashes)}
 
@@ -118,13 +120,17 @@ class Gallery:
                 for row_s, row_i in zip(scores, ids)]
 
     def save(self, out: Path) -> None:
+        """Both files written beside their old versions, then moved over them (a crash leaves the old index whole, or
+        at worst a pair that `load` refuses)."""
         import faiss
 
         out.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(out / INDEX_FILE))
+        faiss.write_index(self.index, str(out / (INDEX_FILE + ".new")))
         entries = [{"id": i, "name": n, "sha256": h} for i, (n, h) in sorted(self.photos.items())]
-        (out / PHOTOS_FILE).write_text(json.dumps({"encoder": self.encoder, "dim": self.dim, "photos": entries},
-                                                  indent=1) + "\n")
+        meta = {"encoder": self.encoder, "dim": self.dim, "next_id": self.next_id, "photos": entries}
+        (out / (PHOTOS_FILE + ".new")).write_text(json.dumps(meta, indent=1) + "\n")
+        (out / (INDEX_FILE + ".new")).replace(out / INDEX_FILE)
+        (out / (PHOTOS_FILE + ".new")).replace(out / PHOTOS_FILE)
 
     @classmethod
     def load(cls, path: Path) -> Gallery:
@@ -134,11 +140,13 @@ class Gallery:
             raise DiffsrError(f"{path} is not a gallery index (no {INDEX_FILE} and {PHOTOS_FILE}): make one with "
                               "`diffsr gallery build`")
         meta = json.loads((path / PHOTOS_FILE).read_text())
-        index = faiss.read_index(str(path / INDEX_FILE))
+        index: Any = faiss.read_index(str(path / INDEX_FILE))  # an IndexIDMap2 (its id_map below)
         photos = {int(p["id"]): (p["name"], p["sha256"]) for p in meta["photos"]}
-        if index.ntotal != len(photos):
-            raise DiffsrError(f"{path}: {INDEX_FILE} holds {index.ntotal} vectors, {PHOTOS_FILE} {len(photos)} photos")
-        return cls(int(meta["dim"]), meta["encoder"], photos, index)
+        held = {int(i) for i in faiss.vector_to_array(index.id_map)}
+        if held != set(photos):
+            raise DiffsrError(f"{path}: {INDEX_FILE} and {PHOTOS_FILE} do not name the same photos ({index.ntotal} vectors, "
+                              f"{len(photos)} photos): build the index again")
+        return cls(int(meta["dim"]), meta["encoder"], photos, index, int(meta.get("next_id", max(photos, default=-1) + 1)))
 
 
 def photo_files(folder: Path) -> list[Path]:

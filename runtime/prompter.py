@@ -56,8 +56,6 @@ class LlavaPrompter(TextWriter):
     """A checkpoint's prompter: (H, W, 3) uint8 photo, settings, a slot's instruction -> the text it writes (the new
     tokens, as `batch_decode` gives them, on one line)."""
 
-    instructed = True
-
     def __init__(self, spec: PrompterSpec, run: RunFn, device: torch.device | str = "cpu"):
         super().__init__(prompter_graphs(spec), run, device, spec.part)
         self.spec = spec

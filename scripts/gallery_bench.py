@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -48,7 +47,8 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=10_000)
     ap.add_argument("--preset", default="clip-tiny")
     args = ap.parse_args()
-    shutil.rmtree(args.work, ignore_errors=True)
+    if args.work.exists() and any(args.work.iterdir()):
+        raise SystemExit(f"{args.work} is not empty: give a new folder")
     rng = np.random.default_rng(0)
     write_photos(args.work / "photos", 0, args.photos, rng)
     spec = init_gallery_encoder(args.preset, 0, args.work / "checkpoint")

@@ -54,8 +54,9 @@ def init(
         if gallery_encoder is not None:
             draw(Progress("init", f"gallery encoder ({gallery_encoder})", 0, 1))
             init_gallery_encoder(gallery_encoder, seed, out_dir)
-    attached = f" with a {captioner} captioner" if captioner else f" with a {prompter} prompter" if prompter else ""
-    attached += f" and a {gallery_encoder} gallery encoder" if gallery_encoder else ""
+    parts = [f"a {captioner} captioner" if captioner else "", f"a {prompter} prompter" if prompter else "",
+             f"a {gallery_encoder} gallery encoder" if gallery_encoder else ""]
+    attached = " with " + " and ".join(p for p in parts if p) if any(parts) else ""
     console.print(f"wrote {preset} checkpoint{attached} (seed {seed}) to {out_dir}", highlight=False)
 
 

@@ -144,7 +144,13 @@ class ModelFamily(ABC):
 
     def check_stages(self) -> None:
         """The declaration's own consistency: every once-per-request stage's inputs are prepared from the request or
-        made by an earlier stage; `start` is a tiled stage's output; every step and decode submodule exists."""
+        made by an earlier stage; `start` is a tiled stage's output; every step and decode submodule exists; the prompt
+        slots are the prompt and declared text inputs."""
+        texts = {"prompt", *(i.name for i in self.family_inputs() if i.kind == "text")}
+        slots = [slot.text for slot in self.prompt_slots()]
+        if "prompt" not in slots or not set(slots) <= texts or len(set(slots)) != len(slots):
+            raise DiffsrError(f"{self.name}: prompt slots {slots} must include 'prompt', once each, and name only "
+                              f"declared text inputs ({sorted(texts)})")
         ready = {*self.tokenizer_folders(), *(i.tensor for i in self.request_inputs() if i.kind in PHOTO_KINDS)}
         tiled: set[str] = set()
         for stage in self.stages.once:

@@ -39,7 +39,7 @@ BASE_INPUTS = (
     RequestInput("image", "photo", "the low-quality photo (PNG or JPEG, any size and mode): the output is exactly "
                  "`upscale` times its size", required=True, tiled=True, tensor="photo"),  # named by the family's stages
     RequestInput("prompt", "text", "the prompt (default: the checkpoint's, or the photo's caption where it has a "
-                 "captioner)"),
+                 "captioner or a prompter)"),
     RequestInput("negative_prompt", "text", "the negative prompt of classifier-free guidance"),
     RequestInput("steps", "int", "denoising steps", low=1, high=MAX_STEPS, dtype="int32"),
     RequestInput("guidance_scale", "float", "classifier-free guidance scale (1.0: no guidance)", low=1.0, high=50.0,

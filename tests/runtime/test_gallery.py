@@ -2,6 +2,7 @@
 transformers' `CLIPVisionModelWithProjection`, photos prepared as CLIP's image processor prepares them, an index built,
 searched, brought up to date without re-embedding what it holds, reloaded; and the command line."""
 
+import json
 import shutil
 
 import numpy as np
@@ -77,6 +78,7 @@ def test_build_search_update_and_reload(encoder, photos, tmp_path):
     assert (added, kept, dropped, encoder.calls - calls) == (2, 8, 1, 2) and len(gallery) == 10
     names = {n for n, _ in gallery.photos.values()}
     assert "coins.png" in names and "camera.png" not in names
+    assert sorted(gallery.photos)[-2:] == [10, 11] and gallery.next_id == 12  # new ids, none handed out twice
     reloaded = Gallery.load(index)
     query = photo("coins", None)
     assert nearest(reloaded, encoder, query, 10) == nearest(gallery, encoder, query, 10)
@@ -93,6 +95,13 @@ def test_mistakes_are_refused(spec, encoder, photos, tmp_path):
         build_gallery(tmp_path / "nowhere", tmp_path / "i", encoder)
     with pytest.raises(DiffsrError, match="is not a gallery index"):
         Gallery.load(tmp_path)
+    broken = tmp_path / "broken-index"
+    build_gallery(photos, broken, encoder)
+    meta = json.loads((broken / "photos.json").read_text())
+    meta["photos"] = meta["photos"][1:]  # the two files disagree: refused, not searched with wrong names
+    (broken / "photos.json").write_text(json.dumps(meta))
+    with pytest.raises(DiffsrError, match="do not name the same photos"):
+        Gallery.load(broken)
     gallery, *_ = build_gallery(photos, tmp_path / "index", encoder)
     with pytest.raises(DiffsrError, match="top-k 0 must be at least 1"):
         nearest(gallery, encoder, photo("coffee", None), 0)

@@ -122,9 +122,10 @@ class GalleryEncoder(Attachment):
             raise DiffsrError(f"no gallery encoder in {folder}: add one with `diffsr init --gallery-encoder clip-tiny` or "
                               "copy a CLIP vision folder there")
         config = read_json(folder / "config.json", "gallery encoder file")
-        config = config.get("vision_config", config)
         if config.get("model_type", "clip_vision_model") != "clip_vision_model":
-            raise DiffsrError(f"{folder / 'config.json'} is not a CLIP vision config")
+            raise DiffsrError(f"{folder / 'config.json'} is a {config.get('model_type')!r} config, not a CLIP vision one: "
+                              "save the image tower as CLIPVisionModelWithProjection (a whole CLIP's "
+                              "`CLIPVisionModelWithProjection.from_pretrained(...).save_pretrained(...)`)")
         return cls(folder, config.get("image_size", 224), config.get("projection_dim", 512))
 
     def components(self) -> dict[str, Component]:

@@ -198,9 +198,10 @@ class Prompter(Attachment):
                      trace=5, odd=3, bound=8 * MAX_BEAMS, native=MAX_BEAMS),
             NamedDim("prompter_length", "the templated instruction's tokens, its image tokens included", "length",
                      trace=n + 13, odd=n + 17, bound=n + MAX_TEXT, native=n + 24, least=n + 1),
-            # its trace and odd sizes leave room for the instruction (the prefill pads the cache to it)
+            # its trace and odd sizes leave room for the instruction (the prefill pads the cache to it); its opt, a
+            # templated question and 77 new tokens (XPSR's default: what CLIP reads of a prompt)
             NamedDim("prompter_cache", "cache slots: the instruction, its image tokens and the new tokens", "length",
-                     trace=n + 21, odd=n + 27, bound=self.cache_limit, native=min(n + 24 + 60, self.cache_limit),
+                     trace=n + 21, odd=n + 27, bound=self.cache_limit, native=min(n + 24 + 77, self.cache_limit),
                      least=n + 2),
         )
 
