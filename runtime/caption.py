@@ -31,7 +31,8 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.attachments.captioner import BOS, CLIP_MEAN, CLIP_STD, MAX_PROMPT, PAD
+from diffsr.export.model.attachments.captioner import BOS, MAX_PROMPT, PAD
+from diffsr.export.model.attachments.clip_vision import CLIP_MEAN, CLIP_STD
 from diffsr.export.model.attachments.captioner import Captioner as CaptionerSpec
 from diffsr.export.model.settings import MAX_BEAMS, MAX_NEW_TOKENS, PipelineConfig
 

@@ -30,9 +30,9 @@ from numpy.typing import NDArray
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.progress import Progress
 from diffsr.export.graphs.manifest import checkpoint_digest
-from diffsr.export.model.attachments.gallery_encoder import CLIP_MEAN, CLIP_STD, GalleryEncoder
+from diffsr.export.model.attachments.gallery_encoder import GalleryEncoder
 from diffsr.runtime.image import load_image
-from diffsr.runtime.prompter import clip_pixels
+from diffsr.runtime.prompter import ClipPreparation
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 INDEX_FILE, PHOTOS_FILE = "index.faiss", "photos.json"
@@ -51,17 +51,14 @@ class Encoder:
 
     def __init__(self, spec: GalleryEncoder, embed: Embed, batch: int = 16):
         self.spec, self.embed, self.batch = spec, embed, batch
-        config = json.loads((spec.path / "preprocessor_config.json").read_text())
-        self.size = config.get("size", {}).get("shortest_edge", spec.image_size)
-        self.mean, self.std = tuple(config.get("image_mean", CLIP_MEAN)), tuple(config.get("image_std", CLIP_STD))
+        self.pixels = ClipPreparation.of(spec.path, spec.image_size)
         self.digest = checkpoint_digest(spec.path)
         self.calls = 0  # photos embedded so far
 
     def __call__(self, photos: list[NDArray[np.uint8]]) -> NDArray[np.float32]:
         out = []
         for i in range(0, len(photos), self.batch):
-            pixels = torch.cat([clip_pixels(p, self.size, self.spec.image_size, self.mean, self.std)
-                                for p in photos[i: i + self.batch]])
+            pixels = torch.cat([self.pixels(p) for p in photos[i: i + self.batch]])
             with torch.no_grad():
                 out.append(self.embed(pixels).float().cpu().numpy())
             self.calls += len(photos[i: i + self.batch])

@@ -32,9 +32,12 @@ from diffsr.runtime.step import StepCallback
 @dataclass
 class UpscaleResult:
     image: np.ndarray  # (H, W, 3) uint8
-    prompt: str  # the prompt it was made with (a caption of the image where the prompt policy asked for one)
+    prompts: dict[str, str]  # each prompt slot's text it was made with (a caption where the prompt policy asked for one)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "total"
-    prompts: dict[str, str] = field(default_factory=dict)  # each prompt slot's text it was made with (the prompt's too)
+
+    @property
+    def prompt(self) -> str:
+        return self.prompts["prompt"]
 
 
 class Pipeline:
@@ -98,7 +101,7 @@ class Pipeline:
         with self.stage("postprocess"):
             rgb = finish(decoded, tensors[model.stages.photo], plan.size, cfg.color_fix)
         self.timings["total"] = time.perf_counter() - start
-        return UpscaleResult(rgb, texts["prompt"], dict(self.timings), used_prompts(model, texts))
+        return UpscaleResult(rgb, used_prompts(model, texts), dict(self.timings))
 
     def _writer(self, request: Request, cancelled: Callable[[], bool] | None) -> Write | None:
         """The prompter's text of the request's photo for a slot, timed as its part (its own parts join the timings);

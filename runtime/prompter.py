@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,10 +23,9 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.attachments.clip_vision import CLIP_MEAN, CLIP_STD
 from diffsr.export.model.attachments.prompter import (
     CHAT_TEMPLATE,
-    CLIP_MEAN,
-    CLIP_STD,
     DEFAULT_INSTRUCTION,
     IMAGE,
     MAX_TEXT,
@@ -44,6 +45,36 @@ def clip_pixels(rgb: NDArray[np.uint8], size: int, crop: int, mean: tuple[float,
     top, left = (nh - crop) // 2, (nw - crop) // 2
     x = torch.from_numpy(img[top: top + crop, left: left + crop] / 255.0).permute(2, 0, 1)
     return ((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))[None].float()
+
+
+@dataclass(frozen=True)
+class ClipPreparation:
+    """A folder's CLIP image processor's settings (the prompter's, the gallery encoder's): a photo -> its pixels."""
+
+    size: int  # the short side's
+    crop: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, folder: Path, image_size: int) -> ClipPreparation:
+        """Read from the image processor's own file, or the processor's entry (transformers 5 writes it there); what
+        they leave out is CLIP's at the vision tower's `image_size`."""
+        config: dict[str, Any] = {}
+        for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+            if (folder / name).is_file():
+                data = json.loads((folder / name).read_text())
+                config = dict(data.get(key, {}) if key else data)
+                if config:
+                    break
+        crop = config.get("crop_size", {}).get("height", image_size)
+        if crop != image_size:
+            raise DiffsrError(f"{folder}: the image processor crops {crop} px, the vision tower takes {image_size}")
+        return cls(config.get("size", {}).get("shortest_edge", image_size), crop,
+                   tuple(config.get("image_mean", CLIP_MEAN)), tuple(config.get("image_std", CLIP_STD)))
+
+    def __call__(self, rgb: NDArray[np.uint8]) -> torch.Tensor:
+        return clip_pixels(rgb, self.size, self.crop, self.mean, self.std)
 
 
 def prompter_graphs(spec: PrompterSpec) -> Graphs:
@@ -77,25 +108,8 @@ class LlavaPrompter(TextWriter):
         return str(getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE)
 
     @cached_property
-    def image_config(self) -> dict[str, Any]:
-        """The image processor's settings: its own file, or the processor's entry (transformers 5 writes it there)."""
-        folder = self.spec.path
-        for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-            if (folder / name).is_file():
-                data = json.loads((folder / name).read_text())
-                data = data.get(key, {}) if key else data
-                if data:
-                    return dict(data)
-        return {}
-
-    def pixels(self, rgb: NDArray[np.uint8]) -> torch.Tensor:
-        c = self.image_config
-        size = c.get("size", {}).get("shortest_edge", self.spec.image_size)
-        crop = c.get("crop_size", {}).get("height", self.spec.image_size)
-        if crop != self.spec.image_size:
-            raise DiffsrError(f"{self.spec.path}: the image processor crops {crop} px, the vision tower takes "
-                              f"{self.spec.image_size}")
-        return clip_pixels(rgb, size, crop, tuple(c.get("image_mean", CLIP_MEAN)), tuple(c.get("image_std", CLIP_STD)))
+    def pixels(self) -> ClipPreparation:
+        return ClipPreparation.of(self.spec.path, self.spec.image_size)
 
     def ids(self, instruction: str) -> list[int]:
         """The prefill's ids: the instruction templated, `<image>` once per image token, BOS first."""

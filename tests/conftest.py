@@ -260,6 +260,15 @@ def _serve(repo):
     return srv
 
 
+def _serve_repository(name, ckpt, onnx, tmp_path_factory, **options):
+    """A checkpoint's repository (ONNX Runtime, these `ServingOptions`) under a real tritonserver."""
+    from diffsr.triton_models.repository import ServingOptions, build_repository
+
+    repo = tmp_path_factory.mktemp(f"repo-{name}") / "models"
+    build_repository(ckpt, onnx, repo, "onnxruntime", options=ServingOptions(**options))
+    return _serve(repo)
+
+
 @pytest.fixture(scope="session")
 def tiny_repo(tiny_checkpoint, tiny_onnx, tmp_path_factory):
     from diffsr.triton_models.repository import ServingOptions, build_repository
@@ -283,42 +292,26 @@ def server(tiny_repo):
 def narrow_server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
     """The tiny checkpoint again, tiled (64 px tiles), with one loop instance and a queue of one: a third
     request at once is overload, and the running request's stub is the one a fault test kills."""
-    from diffsr.triton_models.repository import ServingOptions, build_repository
-
-    repo = tmp_path_factory.mktemp("repo-narrow") / "models"
-    options = ServingOptions(sampler_instances=1, max_queue_size=1, warmup=False, **NARROW_TILING)
-    build_repository(tiny_checkpoint, tiny_onnx, repo, "onnxruntime", options=options)
-    return _serve(repo)
+    return _serve_repository("narrow", tiny_checkpoint, tiny_onnx, tmp_path_factory, sampler_instances=1,
+                             max_queue_size=1, warmup=False, **NARROW_TILING)
 
 
 @pytest.fixture(scope="session")
 def sdxl_server(sdxl_checkpoint, sdxl_onnx, tmp_path_factory):
     """The sdxl-tiny checkpoint behind the ensemble entry point (the others have the BLS one)."""
-    from diffsr.triton_models.repository import ServingOptions, build_repository
-
-    repo = tmp_path_factory.mktemp("repo-sdxl") / "models"
-    options = ServingOptions(entry="ensemble", sampler_instances=1, warmup=False)
-    build_repository(sdxl_checkpoint, sdxl_onnx, repo, "onnxruntime", options=options)
-    return _serve(repo)
+    return _serve_repository("sdxl", sdxl_checkpoint, sdxl_onnx, tmp_path_factory, entry="ensemble",
+                             sampler_instances=1, warmup=False)
 
 
 @pytest.fixture(scope="session")
 def dit4sr_server(dit4sr_checkpoint, dit4sr_onnx, tmp_path_factory):
     """The dit4sr-tiny checkpoint behind the BLS entry point, tiled as `narrow_server` (64 px tiles)."""
-    from diffsr.triton_models.repository import ServingOptions, build_repository
-
-    repo = tmp_path_factory.mktemp("repo-dit4sr") / "models"
-    options = ServingOptions(sampler_instances=1, warmup=False, **NARROW_TILING)
-    build_repository(dit4sr_checkpoint, dit4sr_onnx, repo, "onnxruntime", options=options)
-    return _serve(repo)
+    return _serve_repository("dit4sr", dit4sr_checkpoint, dit4sr_onnx, tmp_path_factory, sampler_instances=1,
+                             warmup=False, **NARROW_TILING)
 
 
 @pytest.fixture(scope="session")
 def xpsr_server(xpsr_checkpoint, xpsr_onnx, tmp_path_factory):
     """The xpsr-tiny checkpoint with its llava-tiny prompter behind the BLS entry point, tiled as `narrow_server`."""
-    from diffsr.triton_models.repository import ServingOptions, build_repository
-
-    repo = tmp_path_factory.mktemp("repo-xpsr") / "models"
-    options = ServingOptions(sampler_instances=1, warmup=False, **NARROW_TILING)
-    build_repository(xpsr_checkpoint, xpsr_onnx, repo, "onnxruntime", options=options)
-    return _serve(repo)
+    return _serve_repository("xpsr", xpsr_checkpoint, xpsr_onnx, tmp_path_factory, sampler_instances=1,
+                             warmup=False, **NARROW_TILING)

@@ -102,7 +102,7 @@ def client(
     out_file.write_bytes(result.png)
     console.print(f"{values['image']} -> {out_file} via {protocol}://{url}: {result.latency_s:.3f} s", soft_wrap=True,
                   highlight=False)
-    for slot, text in (result.prompts or {"prompt": result.prompt}).items():  # each prompt it ran with
+    for slot, text in result.prompts.items():  # each prompt it ran with
         console.print(f"{slot}: {text}", soft_wrap=True, highlight=False, markup=False)
 
 

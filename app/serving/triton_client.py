@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -35,8 +35,11 @@ class RequestRefused(DiffsrError):
 class RemoteResult:
     png: bytes
     latency_s: float
-    prompt: str  # the prompt the server made the image with
-    prompts: dict[str, str] = field(default_factory=dict)  # each prompt slot's text it used (`used_<slot>`), by slot
+    prompts: dict[str, str]  # each prompt slot's text the server made the image with (`used_<slot>`), by slot
+
+    @property
+    def prompt(self) -> str:
+        return self.prompts["prompt"]
 
 
 def _module(protocol: str) -> ModuleType:
@@ -137,8 +140,7 @@ class TritonClient:
         except OSError as e:  # refused, unreachable, unknown host
             raise DiffsrError(f"cannot reach the server at {self.url} ({self.protocol}): {e}") from None
         prompts = {name[len(USED):]: result.as_numpy(name).reshape(-1)[0].decode() for name in used}
-        return RemoteResult(result.as_numpy(OUTPUT).reshape(-1)[0], time.perf_counter() - start, prompts["prompt"],
-                            prompts)
+        return RemoteResult(result.as_numpy(OUTPUT).reshape(-1)[0], time.perf_counter() - start, prompts)
 
     @staticmethod
     def _unreachable(e: Any) -> bool:

@@ -5,6 +5,7 @@ runtime (named in `runtime/prompts.PROMPTERS`): one line in each table, no branc
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.dims import NamedDim
 from diffsr.export.model.inputs import PromptSlot
 from diffsr.export.model.parts import Component, Draw
@@ -19,7 +21,7 @@ from diffsr.export.model.signatures import Signature
 
 
 class Attachment(ABC):
-    """An optional model a checkpoint carries in a folder of its own, beside its family's networks, and attached to
+    """(A frozen dataclass whose first field is `path`, its folder.) An optional model a checkpoint carries in a folder of its own, beside its family's networks, and attached to
     any family: an image-to-text model (the BLIP-2 captioner, `attachments/captioner.py`; the LLaVA prompter,
     `attachments/prompter.py`). Its graphs are submodules of the model like the family's own (exported, checked,
     engine-built, budgeted, served); what it makes for a request (the texts it `writes`) is made once per request,
@@ -41,12 +43,16 @@ class Attachment(ABC):
         """What a checkpoint's folder says (its widths), read without building any network."""
 
     @classmethod
-    @abstractmethod
     def from_json(cls, data: dict[str, Any]) -> Attachment:
-        """From its `to_json` (what a manifest or a Triton model rebuilds the signatures from)."""
+        """From its `to_json` (what a manifest or a Triton model rebuilds the signatures from): a dataclass's fields
+        but its `path`, which is its folder's name until a caller gives the real one."""
+        try:
+            return cls(Path(cls.folder), **data)  # type: ignore[call-arg]
+        except TypeError as e:
+            raise DiffsrError(f"{cls.folder} entry {data} is malformed: {e}") from None
 
-    @abstractmethod
-    def to_json(self) -> dict[str, Any]: ...
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}  # type: ignore[call-overload]
 
     @abstractmethod
     def dims(self) -> tuple[NamedDim, ...]: ...

@@ -75,6 +75,17 @@ class Scheduler(ABC):
         self.timesteps: list[float] = []  # the model's timestep input per step
         self._state: torch.Tensor | None = None  # the history `step` keeps
 
+    def _trained_schedule(self, num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+                          prediction_type: str, steps_offset: int, timestep_spacing: str, clip_sample: bool) -> None:
+        """The discrete schedules' (DDIM's, DDPM's) shared settings, checked and kept, and alpha_bar."""
+        choose("prediction_type", prediction_type, ("epsilon", "v_prediction"))
+        choose("timestep_spacing", timestep_spacing, ("leading", "trailing"))
+        if clip_sample:
+            raise DiffsrError("clip_sample=True is not supported (SD checkpoints use False)")
+        self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
+        self.prediction_type, self.timestep_spacing = prediction_type, timestep_spacing
+        self.alphas_cumprod = alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule)
+
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Scheduler:
         keys = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from diffsr.export.core.errors import DiffsrError
-from diffsr.runtime.schedulers.base import Coefficients, Scheduler, alphas_cumprod, choose, spaced_timesteps
+from diffsr.runtime.schedulers.base import Coefficients, Scheduler, spaced_timesteps
 
 
 class DDIMScheduler(Scheduler):
@@ -28,13 +27,8 @@ class DDIMScheduler(Scheduler):
         clip_sample: bool = False,
     ):
         super().__init__()
-        choose("prediction_type", prediction_type, ("epsilon", "v_prediction"))
-        choose("timestep_spacing", timestep_spacing, ("leading", "trailing"))
-        if clip_sample:
-            raise DiffsrError("clip_sample=True is not supported (SD checkpoints use False)")
-        self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
-        self.prediction_type, self.timestep_spacing = prediction_type, timestep_spacing
-        self.alphas_cumprod = alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule)
+        self._trained_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, prediction_type, steps_offset,
+                               timestep_spacing, clip_sample)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self._coef: list[tuple[float, float, float, float]] = []
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.runtime.schedulers.base import Coefficients, Scheduler, alphas_cumprod, choose, spaced_timesteps
+from diffsr.runtime.schedulers.base import Coefficients, Scheduler, choose, spaced_timesteps
 
 
 class DDPMScheduler(Scheduler):
@@ -32,14 +32,9 @@ class DDPMScheduler(Scheduler):
         clip_sample: bool = False,
     ):
         super().__init__()
-        choose("prediction_type", prediction_type, ("epsilon", "v_prediction"))
+        self._trained_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, prediction_type, steps_offset,
+                               timestep_spacing, clip_sample)
         choose("variance_type", variance_type, ("fixed_small",))
-        choose("timestep_spacing", timestep_spacing, ("leading", "trailing"))
-        if clip_sample:
-            raise DiffsrError("clip_sample=True is not supported (SD checkpoints use False)")
-        self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
-        self.prediction_type, self.timestep_spacing = prediction_type, timestep_spacing
-        self.alphas_cumprod = alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule)
         self._coef: list[tuple[float, ...]] = []
 
     def set_timesteps(self, num_inference_steps: int) -> None:

@@ -38,6 +38,8 @@ import torch
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.model.attachment import Attachment
+from diffsr.export.model.attachments.clip_vision import CLIP_MEAN, CLIP_STD
+from diffsr.export.model.attachments.kv_cache import attended_mask, lm_signatures
 from diffsr.export.model.dims import NamedDim
 from diffsr.export.model.parts import Component, Draw
 from diffsr.export.model.settings import MAX_BEAMS, MAX_NEW_TOKENS
@@ -47,8 +49,6 @@ FOLDER = "captioner"
 WEIGHTS = "model.safetensors"
 BOS, PAD = 2, 1  # OPT's `</s>` (BOS and end of text) and `<pad>`
 NEWLINE = "\u010a"  # "\n" as a byte-level token: the published checkpoint's end of caption (id 50118)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 F32, IDS = "float32", "int32"
 MAX_PROMPT = 32  # tokens of a caption prompt (after BOS)
 
@@ -133,16 +133,6 @@ class Captioner(Attachment):
     eos: int
     max_positions: int
 
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "path"}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Captioner:
-        try:
-            return cls(Path(FOLDER), **data)
-        except TypeError as e:
-            raise DiffsrError(f"captioner entry {data} is malformed: {e}") from None
-
     @classmethod
     def open(cls, folder: Path) -> Captioner:
         return open_captioner(folder)
@@ -198,37 +188,22 @@ class Captioner(Attachment):
         )
 
     def declare(self) -> tuple[Signature, ...]:
-        cache = ("caption_batch", self.heads, "cache_length", self.head_dim)
-        kv_in = (TensorSpec("past_keys", F32, (self.layers, *cache)), TensorSpec("past_values", F32, (self.layers, *cache)))
-        kv_out = (TensorSpec("keys", F32, (self.layers, *cache)), TensorSpec("values", F32, (self.layers, *cache)))
-        logits = TensorSpec("logits", F32, ("caption_batch", self.vocab_size))
-        mask = TensorSpec("attention_mask", IDS, ("caption_batch", "cache_length"))
+        prefix = TensorSpec("prefix", F32, ("caption_batch", self.num_query_tokens, self.hidden))
         return (
             Signature("caption_image",
                       inputs=(TensorSpec("pixel_values", F32, ("batch", 3, self.image_size, self.image_size)),),
                       outputs=(TensorSpec("prefix", F32, ("batch", self.num_query_tokens, self.hidden)),)),
-            Signature("caption_prefill",
-                      inputs=(TensorSpec("prefix", F32, ("caption_batch", self.num_query_tokens, self.hidden)),
-                              TensorSpec("input_ids", IDS, ("caption_batch", "prompt_length")), mask),
-                      outputs=(logits, *kv_out)),
-            Signature("caption_decode", inputs=(TensorSpec("input_ids", IDS, ("caption_batch", 1)),
-                                                TensorSpec("position_ids", IDS, ("caption_batch", 1)), mask, *kv_in),
-                      outputs=(logits, *kv_out)),
+            *lm_signatures("caption_prefill", "caption_decode", prefix, "caption_batch", "prompt_length", "cache_length",
+                           self.layers, self.heads, self.head_dim, self.vocab_size),
         )
 
     def sample_draws(self) -> dict[str, Draw]:
         """Token ids in the language model's rows; positions inside the prefix (below every cache length); masks
         of ones and zeros whose first slot is set (a row attends to something)."""
         q, vocab = self.num_query_tokens, self.vocab_size
-
-        def mask(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-            m = torch.randint(0, 2, shape, generator=g, dtype=torch.int32)
-            m[:, 0] = 1
-            return m
-
         return {"input_ids": lambda shape, g: torch.randint(0, vocab, shape, generator=g, dtype=torch.int32),
                 "position_ids": lambda shape, g: torch.randint(0, q, shape, generator=g, dtype=torch.int32),
-                "attention_mask": mask}
+                "attention_mask": attended_mask}
 
 
 def open_captioner(folder: Path) -> Captioner:

@@ -17,7 +17,7 @@ from torch import nn
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
-from diffsr.export.model.attachments.kv_cache import causal, decode_step, padded_cache
+from diffsr.export.model.attachments.kv_cache import DecodeStep, prefill
 
 
 class CaptionImage(nn.Module):
@@ -47,26 +47,10 @@ class CaptionPrefill(nn.Module):
     def forward(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         lm = self.language_model
         embeds = torch.cat([prefix, lm.get_input_embeddings()(input_ids)], dim=1)  # (B, P, D)
-        b, p = embeds.shape[:2]
-        positions = torch.arange(p, device=embeds.device).unsqueeze(0).expand(b, p)
-        mask = causal(p, embeds.device).expand(b, 1, p, p)
-        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
-        return out.logits[:, -1], *padded_cache(out.cache, attention_mask.shape[1])  # (B, V), (N, B, H, L, Dh) twice
+        return prefill(lm, embeds, attention_mask.shape[1])  # (B, V), (N, B, H, L, Dh) twice
 
 
-class CaptionDecode(nn.Module):
-    """One token per row: its logits for the next, and the cache with its key and value written at its position."""
-
-    def __init__(self, blip2: Any):
-        super().__init__()
-        self.language_model = blip2.language_model
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                past_keys: torch.Tensor, past_values: torch.Tensor):
-        return decode_step(self.language_model, input_ids, position_ids, attention_mask, past_keys, past_values)
-
-
-GRAPHS = {"caption_image": CaptionImage, "caption_prefill": CaptionPrefill, "caption_decode": CaptionDecode}
+GRAPHS = {"caption_image": CaptionImage, "caption_prefill": CaptionPrefill, "caption_decode": DecodeStep}
 LM_HEAD, EMBED_TOKENS = "language_model.lm_head.weight", "language_model.model.decoder.embed_tokens.weight"
 
 

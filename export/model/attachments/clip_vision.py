@@ -8,6 +8,10 @@ from typing import Any
 
 import torch
 
+# CLIP's image normalisation (OpenAI's mean and deviation), which every CLIP image processor here uses
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 def clip_hidden(tower: Any, pixel_values: torch.Tensor, depth: int) -> torch.Tensor:
     """(B, 3, S, S) -> (B, 1 + N, D): the hidden states after `depth` layers of `tower` (a transformers

@@ -24,15 +24,13 @@ from torch import nn
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.model.attachment import Attachment
-from diffsr.export.model.attachments.clip_vision import clip_hidden
+from diffsr.export.model.attachments.clip_vision import CLIP_MEAN, CLIP_STD, clip_hidden
 from diffsr.export.model.dims import NamedDim
 from diffsr.export.model.parts import Component
 from diffsr.export.model.signatures import Signature, TensorSpec
 
 FOLDER = "gallery_encoder"
 WEIGHTS = "model.safetensors"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -105,16 +103,6 @@ class GalleryEncoder(Attachment):
     path: Path = field(compare=False)
     image_size: int
     projection_dim: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "path"}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> GalleryEncoder:
-        try:
-            return cls(Path(FOLDER), **data)
-        except TypeError as e:
-            raise DiffsrError(f"gallery_encoder entry {data} is malformed: {e}") from None
 
     @classmethod
     def open(cls, folder: Path) -> GalleryEncoder:

@@ -40,6 +40,8 @@ import torch
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.model.attachment import Attachment
+from diffsr.export.model.attachments.clip_vision import CLIP_MEAN, CLIP_STD
+from diffsr.export.model.attachments.kv_cache import attended_mask, lm_signatures
 from diffsr.export.model.dims import NamedDim
 from diffsr.export.model.parts import Component, Draw
 from diffsr.export.model.settings import MAX_BEAMS, MAX_NEW_TOKENS
@@ -48,8 +50,6 @@ from diffsr.export.model.signatures import Signature, TensorSpec
 FOLDER = "prompter"
 WEIGHTS = "model.safetensors"
 SHARD_BYTES = 2 * 1024**3  # a seeded folder's shards at most (the published: about 5 GB)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE, PAD = "<image>", "<pad>"
 F32, IDS = "float32", "int32"
 MAX_TEXT = 96  # tokens of a templated instruction besides its image tokens (BOS included)
@@ -144,16 +144,6 @@ class Prompter(Attachment):
     pad: int
     max_positions: int
 
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "path"}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Prompter:
-        try:
-            return cls(Path(FOLDER), **data)
-        except TypeError as e:
-            raise DiffsrError(f"prompter entry {data} is malformed: {e}") from None
-
     @classmethod
     def open(cls, folder: Path) -> Prompter:
         return open_prompter(folder)
@@ -206,22 +196,13 @@ class Prompter(Attachment):
         )
 
     def declare(self) -> tuple[Signature, ...]:
-        cache = ("prompter_batch", self.kv_heads, "prompter_cache", self.head_dim)
-        kv_in = (TensorSpec("past_keys", F32, (self.layers, *cache)), TensorSpec("past_values", F32, (self.layers, *cache)))
-        kv_out = (TensorSpec("keys", F32, (self.layers, *cache)), TensorSpec("values", F32, (self.layers, *cache)))
-        logits = TensorSpec("logits", F32, ("prompter_batch", self.vocab_size))
-        mask = TensorSpec("attention_mask", IDS, ("prompter_batch", "prompter_cache"))
+        features = TensorSpec("image_features", F32, ("prompter_batch", self.image_tokens, self.hidden))
         return (
             Signature("prompter_image",
                       inputs=(TensorSpec("pixel_values", F32, ("batch", 3, self.image_size, self.image_size)),),
                       outputs=(TensorSpec("image_features", F32, ("batch", self.image_tokens, self.hidden)),)),
-            Signature("prompter_prefill",
-                      inputs=(TensorSpec("image_features", F32, ("prompter_batch", self.image_tokens, self.hidden)),
-                              TensorSpec("input_ids", IDS, ("prompter_batch", "prompter_length")), mask),
-                      outputs=(logits, *kv_out)),
-            Signature("prompter_decode", inputs=(TensorSpec("input_ids", IDS, ("prompter_batch", 1)),
-                                                 TensorSpec("position_ids", IDS, ("prompter_batch", 1)), mask, *kv_in),
-                      outputs=(logits, *kv_out)),
+            *lm_signatures("prompter_prefill", "prompter_decode", features, "prompter_batch", "prompter_length",
+                           "prompter_cache", self.layers, self.kv_heads, self.head_dim, self.vocab_size),
         )
 
     def sample_draws(self) -> dict[str, Draw]:
@@ -234,14 +215,9 @@ class Prompter(Attachment):
             drawn = torch.randint(0, vocab, shape, generator=g, dtype=torch.int32)
             return torch.where(torch.randint(0, 4, shape, generator=g) == 0, image, drawn).int()
 
-        def mask(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-            m = torch.randint(0, 2, shape, generator=g, dtype=torch.int32)
-            m[:, 0] = 1
-            return m
-
         return {"input_ids": ids,
                 "position_ids": lambda shape, g: torch.randint(0, n, shape, generator=g, dtype=torch.int32),
-                "attention_mask": mask}
+                "attention_mask": attended_mask}
 
 
 def open_prompter(folder: Path) -> Prompter:

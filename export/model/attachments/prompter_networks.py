@@ -18,7 +18,7 @@ from torch import nn
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.model.attachments.clip_vision import clip_hidden
-from diffsr.export.model.attachments.kv_cache import causal, decode_step, padded_cache
+from diffsr.export.model.attachments.kv_cache import DecodeStep, prefill
 
 
 class VisionTower(nn.Module):
@@ -101,26 +101,10 @@ class PrompterPrefill(nn.Module):
         index = (is_image.float().cumsum(1) - 1).clamp(0, image_features.shape[1] - 1).long()
         picked = torch.gather(image_features, 1, index[..., None].expand(-1, -1, image_features.shape[2]))
         embeds = torch.where(is_image[..., None], picked, tokens)
-        b, p = input_ids.shape
-        positions = torch.arange(p, device=embeds.device).unsqueeze(0).expand(b, p)
-        out = lm(inputs_embeds=embeds, attention_mask=causal(p, embeds.device).expand(b, 1, p, p), position_ids=positions,
-                 use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], *padded_cache(out.cache, attention_mask.shape[1])  # (B, V), (N, B, H, L, Dh) twice
+        return prefill(lm, embeds, attention_mask.shape[1], logits_to_keep=1)  # (B, V), (N, B, H, L, Dh) twice
 
 
-class PrompterDecode(nn.Module):
-    """One token per row: its logits for the next, and the cache with its key and value written at its position."""
-
-    def __init__(self, llava: LlavaWeights):
-        super().__init__()
-        self.language_model = llava.language_model
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                past_keys: torch.Tensor, past_values: torch.Tensor):
-        return decode_step(self.language_model, input_ids, position_ids, attention_mask, past_keys, past_values)
-
-
-GRAPHS = {"prompter_image": PrompterImage, "prompter_prefill": PrompterPrefill, "prompter_decode": PrompterDecode}
+GRAPHS = {"prompter_image": PrompterImage, "prompter_prefill": PrompterPrefill, "prompter_decode": DecodeStep}
 
 
 def build_llava(folder: Path) -> nn.Module:
