@@ -25,7 +25,8 @@ from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.inputs import PHOTO_KINDS
 from diffsr.export.model.parts import RunFn
 from diffsr.export.model.settings import Request
-from diffsr.runtime.image import adain, pad_to_multiple, resized, to_uint8, upsample, wavelet_fix
+from diffsr.export.model.signatures import Signature, parse_dim
+from diffsr.runtime.image import adain, output_size, pad_to_multiple, resized, to_uint8, upsample, wavelet_fix
 from diffsr.runtime.tiling import Blender, Tiling
 
 Timer = Callable[[str], AbstractContextManager[None]]  # a stage's name -> a context timing it
@@ -38,8 +39,20 @@ def untimed(_: str) -> Iterator[None]:
 
 def prepare_lq(model: ModelFamily, image: NDArray[np.uint8], scale: int) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, sH', sW') in [-1, 1], replicate-padded to the model's pixel multiple and to at
-    least its `min_pixels` a side."""
-    return pad_to_multiple(upsample(image, scale), model.pixel_multiple, model.min_pixels)
+    least its `min_pixels` a side. A photo the model takes at the latent's sides (`photo_scale` 1: LDM x4's) is
+    resized to the output's latent cells instead (the photo itself where `scale` is the latent factor), padded alike."""
+    at, f = model.photo_scale, model.latent_factor
+    if at == f:
+        return pad_to_multiple(upsample(image, scale), model.pixel_multiple, model.min_pixels)
+    return pad_to_multiple(resized(image, photo_size(model, image, scale)), model.pixel_multiple * at // f,
+                           model.min_pixels * at // f)
+
+
+def photo_size(model: ModelFamily, image: NDArray[np.uint8], scale: int) -> tuple[int, int]:
+    """The prepared photo's (h, w) before padding: the output size at the photo's scale (rounded up)."""
+    at, f = model.photo_scale, model.latent_factor
+    h, w = output_size(image.shape[0], image.shape[1], scale)
+    return -(-h * at // f), -(-w * at // f)
 
 
 def _laid_over(image: NDArray[np.uint8], size: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
@@ -52,7 +65,7 @@ def prepare(model: ModelFamily, request: Request, device: torch.device | str = "
     family's photo inputs (N, 3, H, W) (a tiled one on the photo's padded pixels, a global one at its side)."""
     scale = request.settings.upscale
     lq = prepare_lq(model, request.photo, scale)
-    size = (request.photo.shape[0] * scale, request.photo.shape[1] * scale)
+    size = photo_size(model, request.photo, scale)
     out = {model.stages.photo: lq}
     for spec in model.family_inputs():
         if spec.kind not in PHOTO_KINDS:
@@ -97,7 +110,7 @@ def run_once(model: ModelFamily, run: RunFn, tensors: Mapping[str, torch.Tensor]
     -> (the tiled stages' outputs, the others' outputs). Each stage is timed under its part. A stage whose outputs
     `tensors` already holds (the Triton ensemble ran it as a step of its own) is not run again."""
     made = dict(tensors)
-    tiled: dict[str, torch.Tensor] = {}
+    tiled = {name: made[name] for name in model.tiled_scales() if name in made}  # the photos the step reads
     whole: dict[str, torch.Tensor] = {}
     for stage in model.stages.once:
         sig = model.signature(stage.submodule)
@@ -106,10 +119,26 @@ def run_once(model: ModelFamily, run: RunFn, tensors: Mapping[str, torch.Tensor]
             continue
         feeds = {t.name: made[t.name] for t in sig.inputs}
         with timed(stage.part):
-            out = over_tiles(model, run, stage.submodule, feeds, tiling) if stage.tiled else dict(run(stage.submodule, **feeds))
+            out = (not_run(sig, feeds) if any(0 in v.shape for v in feeds.values())
+                   else over_tiles(model, run, stage.submodule, feeds, tiling) if stage.tiled
+                   else dict(run(stage.submodule, **feeds)))
         made |= out
         (tiled if stage.tiled else whole).update(out)
     return tiled, whole
+
+
+def not_run(sig: Signature, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A stage given an empty list (a request without references) is not run: its outputs are zeros, their sizes
+    those of its inputs (the list's dim 0). The family's networks agree: nothing aggregated over no photos adds
+    nothing."""
+    sizes: dict[str, int] = {}
+    for spec in sig.inputs:
+        for size, dim in zip(feeds[spec.name].shape, spec.shape):
+            if isinstance(dim, str):
+                factor, name = parse_dim(dim)
+                sizes.setdefault(name, int(size) // factor)
+    device = next(iter(feeds.values())).device
+    return {t.name: torch.zeros(t.resolve(sizes), device=device) for t in sig.outputs}
 
 
 def decode(model: ModelFamily, run: RunFn, latent: torch.Tensor, tiling: Tiling) -> torch.Tensor:
@@ -122,6 +151,8 @@ def finish(decoded: torch.Tensor, lq: torch.Tensor, size: tuple[int, int], color
     """Crop decoder output and LQ to the output size, colour-correct, -> (H, W, 3) uint8."""
     h, w = size
     out = decoded[..., :h, :w]
+    if lq.shape[-2:] != decoded.shape[-2:]:  # a photo prepared at the latent's sides: bicubic to the output's
+        lq = F.interpolate(lq, size=tuple(decoded.shape[-2:]), mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
     if color_fix == "adain":
         out = adain(out, lq[..., :h, :w])
     elif color_fix == "wavelet":

@@ -15,7 +15,8 @@ Kinds:
     fixed     a size set by the checkpoint (min = opt = max)
     beams     rows of a captioner's language model: one image's beams, 1 to `native` (images are captioned one
               at a time)
-    length    a sequence length (tokens, cache slots): `least` to `bound`, `native` the opt, whatever the target
+    length    a sequence length or a count (tokens, cache slots, reference photos): `least` to `bound`, `native` the
+              opt, whatever the target
 """
 
 from __future__ import annotations

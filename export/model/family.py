@@ -259,9 +259,22 @@ class ModelFamily(ABC):
         return parse_dim(last)[0]
 
     def tiled_scales(self) -> dict[str, int]:
-        """The tiled once-per-request stages' outputs and their scales: what every step reads a tile's crop of."""
-        return {t.name: scale for s in self.stages.once if s.tiled for t in self.signature(s.submodule).outputs
-                if (scale := self.side_scale(t)) is not None}
+        """What every step reads a tile's crop of, and its scale: the tiled once-per-request stages' outputs, and the
+        prepared photos a step submodule takes (LDM x4's UNet reads the LR photo beside the latent)."""
+        stepped = {t.name for name in self.stages.step for t in self.signature(name).inputs}
+        photos = [t for t in self.prepared() if t.name in stepped]
+        made = [t for s in self.stages.once if s.tiled for t in self.signature(s.submodule).outputs]
+        return {t.name: scale for t in (*photos, *made) if (scale := self.side_scale(t)) is not None}
+
+    @property
+    def photo_scale(self) -> int:
+        """Values per latent cell of the request's prepared photo (`Stages.photo`): the latent factor where the first
+        stage takes it at the output's pixels, 1 where it takes it at the latent's sides (LDM x4's LR photo)."""
+        spec = next(t for t in self.prepared() if t.name == self.stages.photo)
+        scale = self.side_scale(spec)
+        if scale is None:
+            raise DiffsrError(f"{self.name}: the photo {spec.name!r} must have the latent's sides (at some scale)")
+        return scale
 
     # --- the checkpoint ----------------------------------------------------------------------
 
