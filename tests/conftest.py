@@ -74,6 +74,16 @@ def xpsr_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def refsr_checkpoint(tmp_path_factory):
+    """refsr-tiny with a clip-tiny gallery encoder: reference photos given with the request or picked from a gallery."""
+    from diffsr.export.model.attachments.gallery_encoder import init_gallery_encoder
+
+    path = init_checkpoint("refsr-tiny", seed=0, out=tmp_path_factory.mktemp("ckpt") / "refsr-tiny").path
+    init_gallery_encoder("clip-tiny", 0, path)
+    return open_checkpoint(path)
+
+
+@pytest.fixture(scope="session")
 def demo_model():
     """The trained demo model shipped in the repository (read only: tests copy it before writing)."""
     from diffsr.app.cli.demo import DEMO_MODEL
@@ -102,6 +112,7 @@ EXPORTS = {
     "demo": ("demo_model", None),
     "toy": (None, None),
     "xpsr": ("xpsr_checkpoint", ("--no-ort-fusions",)),
+    "refsr": ("refsr_checkpoint", ("--no-ort-fusions",)),
 }
 DEMO_STEPS = "2"
 ROOT = Path(__file__).resolve().parent.parent  # where `tests.toy_family` imports from, as a package of one's own
@@ -219,6 +230,12 @@ def xpsr_onnx(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def refsr_onnx(request, tmp_path_factory):
+    """The refsr-tiny checkpoint exported FP32, without ONNX Runtime's fused variants."""
+    return _exported("refsr", request, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def toy_onnx(request, tmp_path_factory):
     """The toy family's checkpoint, with a blip2-tiny captioner, and its FP32 graphs without ONNX Runtime's fused
     variants: (checkpoint folder, ONNX folder), made in the background by `tests.toy_family.make`."""
@@ -315,3 +332,11 @@ def xpsr_server(xpsr_checkpoint, xpsr_onnx, tmp_path_factory):
     """The xpsr-tiny checkpoint with its llava-tiny prompter behind the BLS entry point, tiled as `narrow_server`."""
     return _serve_repository("xpsr", xpsr_checkpoint, xpsr_onnx, tmp_path_factory, sampler_instances=1,
                              warmup=False, **NARROW_TILING)
+
+
+@pytest.fixture(scope="session")
+def refsr_server(refsr_checkpoint, refsr_onnx, tmp_path_factory):
+    """The refsr-tiny checkpoint behind the ensemble entry point (its reference stages in the sampler, a request's
+    `references` a BYTES tensor of any count), tiled as `narrow_server`."""
+    return _serve_repository("refsr", refsr_checkpoint, refsr_onnx, tmp_path_factory, entry="ensemble",
+                             sampler_instances=1, warmup=False, **NARROW_TILING)

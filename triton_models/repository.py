@@ -207,17 +207,20 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
 
 def split_stages(model: ModelFamily) -> tuple[list[Stage], list[Stage]]:
     """(the once-per-request stages an ensemble runs as steps of its own, those its sampler runs): an untiled stage
-    whose inputs the preprocessing or an earlier such step makes is a step; tiled ones, and any that needs what
-    only the sampler makes, run in the sampler."""
+    whose inputs the preprocessing or an earlier such step makes is a step; tiled ones, any that needs what only the
+    sampler makes, and any that reads a list of photos a request may leave empty (an ensemble cannot skip a step:
+    `runtime.stages.not_run`), run in the sampler."""
     ready = {t.name for t in model.prepared()}
+    emptiable = {i.tensor for i in model.request_inputs() if i.kind == "photos" and not i.low}
     steps, rest = [], []
     for stage in model.stages.once:
         sig = model.signature(stage.submodule)
-        if not stage.tiled and all(t.name in ready for t in sig.inputs):
+        if not stage.tiled and all(t.name in ready and t.name not in emptiable for t in sig.inputs):
             steps.append(stage)
             ready |= {t.name for t in sig.outputs}
         else:
             rest.append(stage)
+            emptiable |= {t.name for t in sig.outputs} if emptiable & {t.name for t in sig.inputs} else set()
     return steps, rest
 
 
@@ -228,7 +231,8 @@ def sampler_inputs(model: ModelFamily) -> list[TensorSpec]:
     made = {t.name: t for s in steps for t in model.signature(s.submodule).outputs}
     own = {t.name for s in rest for t in model.signature(s.submodule).outputs}
     needed = {t.name: t for s in rest for t in model.signature(s.submodule).inputs if t.name not in own}
-    return list(({**needed, **made}).values())
+    stepped = {t.name: t for t in model.prepared() if t.name in model.tiled_scales()}  # photos the step reads
+    return list(({**needed, **stepped, **made}).values())
 
 
 def loop_model(repository: Path) -> str:

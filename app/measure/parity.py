@@ -8,6 +8,7 @@ seed, as PSNR of the final images.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from diffsr.export.model.checkpoint import Checkpoint
 from diffsr.export.model.dims import TARGETS, odd_sizes
 from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.samples import sample_inputs
+from diffsr.export.model.settings import PipelineConfig, Request
 from diffsr.runtime.backends.base import Runner
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
@@ -121,19 +123,34 @@ def run_submodules(
     return results
 
 
+def pipeline_requests(model: ModelFamily, size: tuple[int, int], config: PipelineConfig,
+                      photos: tuple[str, ...]) -> list[tuple[str, Request]]:
+    """(label, request) of each real photo (size = width, height) with every photo input of the family filled
+    (`sample_request`), and again with its optional lists empty (refsr's references: the path without them)."""
+    optional = [spec.name for spec in model.family_inputs() if spec.kind == "photos" and not spec.low]
+    requests = []
+    for i, name in enumerate(photos):
+        request = sample_request(model, photo(name, size), config, i)
+        requests.append((name, request))
+        if optional:
+            kept = {k: v for k, v in request.photos.items() if k not in optional}
+            requests.append((f"{name}, no {', '.join(optional)}", dataclasses.replace(request, photos=kept)))
+    return requests
+
+
 def run_pipelines(reference: Mapping[str, Runner], candidate: Mapping[str, Runner], ckpt: Checkpoint,
                   size: tuple[int, int], steps: int, photos: tuple[str, ...] = ("astronaut",),
-                  ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The final uint8 images of both pipelines on real photos (size = width, height), same seed, as
-    (reference, candidate) per photo; one pipeline's weights in memory at a time."""
-    images, config = [photo(name, size) for name in photos], ckpt.defaults.replace(steps=steps)
+                  ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The final uint8 images of both pipelines on real photos (`pipeline_requests`), same seed, as
+    (label, reference, candidate); one pipeline's weights in memory at a time."""
+    requests = pipeline_requests(ckpt.model, size, ckpt.defaults.replace(steps=steps), photos)
     outputs = []
     for runners in (reference, candidate):
         pipe = Pipeline(runners, ckpt)
-        outputs.append([pipe(sample_request(ckpt.model, image, config, i)).image for i, image in enumerate(images)])
+        outputs.append([pipe(request).image for _, request in requests])
         for runner in runners.values():
             runner.release()
-    return list(zip(outputs[0], outputs[1]))
+    return [(label, ref, out) for (label, _), ref, out in zip(requests, *outputs)]
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -193,7 +210,7 @@ def check_parity(
     rows = run_submodules(ckpt, reference, candidate, labels=shapes, names=names)
     report.outputs = [judge_output(*row, tol) for row in rows]
     if end_to_end:
-        for name, (ref_img, out_img) in zip(photos, run_pipelines(reference, candidate, ckpt, size, steps, photos)):
+        for name, ref_img, out_img in run_pipelines(reference, candidate, ckpt, size, steps, photos):
             report.images.append(judge_image(size, ref_img, out_img, tol, name))
     return report
 
