@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.progress import Progress
 from diffsr.export.graphs.manifest import checkpoint_digest
+from diffsr.export.model.checkpoint import Checkpoint, load_submodule
 from diffsr.export.model.attachments.gallery_encoder import GalleryEncoder
 from diffsr.runtime.image import load_image
 from diffsr.runtime.prompter import ClipPreparation
@@ -81,6 +82,7 @@ class Gallery:
     photos: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (name, sha256)
     index: Any = None
     next_id: int = 0  # ids are never handed out twice, removals included
+    root: str = ""  # the photos' folder, absolute: where a search's picks are read from
 
     def __post_init__(self) -> None:
         import faiss
@@ -124,7 +126,7 @@ class Gallery:
         out.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(out / (INDEX_FILE + ".new")))
         entries = [{"id": i, "name": n, "sha256": h} for i, (n, h) in sorted(self.photos.items())]
-        meta = {"encoder": self.encoder, "dim": self.dim, "next_id": self.next_id, "photos": entries}
+        meta = {"encoder": self.encoder, "dim": self.dim, "next_id": self.next_id, "root": self.root, "photos": entries}
         (out / (PHOTOS_FILE + ".new")).write_text(json.dumps(meta, indent=1) + "\n")
         (out / (INDEX_FILE + ".new")).replace(out / INDEX_FILE)
         (out / (PHOTOS_FILE + ".new")).replace(out / PHOTOS_FILE)
@@ -143,7 +145,19 @@ class Gallery:
         if held != set(photos):
             raise DiffsrError(f"{path}: {INDEX_FILE} and {PHOTOS_FILE} do not name the same photos ({index.ntotal} vectors, "
                               f"{len(photos)} photos): build the index again")
-        return cls(int(meta["dim"]), meta["encoder"], photos, index, int(meta.get("next_id", max(photos, default=-1) + 1)))
+        return cls(int(meta["dim"]), meta["encoder"], photos, index, int(meta.get("next_id", max(photos, default=-1) + 1)),
+                   str(meta.get("root", "")))
+
+    def files(self, matches: list[Match]) -> list[Path]:
+        """The photo files of a search's matches, in its folder; one gone since the build is an error naming it."""
+        if not self.root:
+            raise DiffsrError("this gallery index does not say where its photos are: build it again with `diffsr gallery "
+                              "build`")
+        files = [Path(self.root) / m.name for m in matches]
+        gone = [str(f) for f in files if not f.is_file()]
+        if gone:
+            raise DiffsrError(f"gallery photos {gone} are gone: build the index again over {self.root}")
+        return files
 
 
 def photo_files(folder: Path) -> list[Path]:
@@ -172,6 +186,10 @@ def build_gallery(folder: Path, out: Path, encoder: Encoder,
     if gallery.encoder != encoder.digest or gallery.dim != encoder.spec.projection_dim:
         raise DiffsrError(f"{out} was built with another gallery encoder: build a new index (its vectors would not "
                           "compare with this encoder's)")
+    root = str(folder.resolve())
+    if gallery.root and gallery.root != root:
+        raise DiffsrError(f"{out} indexes the photos of {gallery.root}, not {root}: build a new index for {folder}")
+    gallery.root = root
     hashes = {p: _sha256(p) for p in files}
     names = {p: p.relative_to(folder).as_posix() for p in files}
     held = {n: h for n, h in gallery.photos.values()}
@@ -193,3 +211,21 @@ def nearest(gallery: Gallery, encoder: Encoder, photo: NDArray[np.uint8], k: int
     if gallery.encoder != encoder.digest:
         raise DiffsrError("the gallery was built with another gallery encoder than this checkpoint's")
     return gallery.search(encoder([photo]), k)[0]
+
+
+def torch_encoder(ckpt: Checkpoint, batch: int = 16) -> Encoder:
+    """The checkpoint's gallery encoder on PyTorch (CPU): what builds and searches a gallery."""
+    spec = ckpt.model.attachment("gallery_encoder")
+    if not isinstance(spec, GalleryEncoder):
+        raise DiffsrError(f"{ckpt.path} has no gallery_encoder/: add one with `diffsr init --gallery-encoder clip-tiny`, "
+                          "or copy a CLIP vision folder (CLIPVisionModelWithProjection) there")
+    module = load_submodule(ckpt, "gallery_embed")
+    return Encoder(spec, lambda pixels: module(pixel_values=pixels), batch)
+
+
+def picked_references(index: Path, encoder: Encoder, photo: NDArray[np.uint8], k: int) -> tuple[list[Path], list[Match]]:
+    """The `k` photos of the gallery at `index` most like a request's photo: (their files, the matches), nearest
+    first."""
+    gallery = Gallery.load(index)
+    matches = nearest(gallery, encoder, photo, k)
+    return gallery.files(matches), matches

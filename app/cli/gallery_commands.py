@@ -16,17 +16,10 @@ app.add_typer(gallery, name="gallery")
 
 
 def _encoder(checkpoint: Path, batch: int):  # type: ignore[no-untyped-def]
-    from diffsr.export.core.errors import DiffsrError
-    from diffsr.export.model.checkpoint import load_submodule, open_checkpoint
-    from diffsr.runtime.gallery import Encoder
+    from diffsr.export.model.checkpoint import open_checkpoint
+    from diffsr.runtime.gallery import torch_encoder
 
-    ckpt = open_checkpoint(checkpoint)
-    spec = ckpt.model.attachment("gallery_encoder")
-    if spec is None:
-        raise DiffsrError(f"{checkpoint} has no gallery_encoder/: add one with `diffsr init --gallery-encoder clip-tiny`, "
-                          "or copy a CLIP vision folder (CLIPVisionModelWithProjection) there")
-    module = load_submodule(ckpt, "gallery_embed")
-    return Encoder(spec, lambda pixels: module(pixel_values=pixels), batch)  # type: ignore[arg-type]
+    return torch_encoder(open_checkpoint(checkpoint), batch)
 
 
 @command("build", group=gallery)

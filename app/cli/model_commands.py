@@ -88,11 +88,14 @@ def upscale(
     tile: Annotated[Optional[int], typer.Option(help="tile side in latent cells (default: the model's native side)")] = None,
     tile_overlap: Annotated[Optional[int], typer.Option(help="latent cells shared by neighbouring tiles (default: a quarter tile)")] = None,
     tile_batch: Annotated[Optional[int], typer.Option(help="tiles per submodule call")] = None,
+    gallery: Annotated[Optional[Path], typer.Option(help="a gallery index (`diffsr gallery build`): its photos nearest "
+                                                          "the input join the references")] = None,
+    top_k: Annotated[int, typer.Option(help="how many photos --gallery picks")] = 4,
 ) -> None:
     """Upscale one image x4 (over overlapping tiles where it is larger than the model's native size)."""
     from diffsr.app.cli import tables
     from diffsr.export.model.checkpoint import open_checkpoint
-    from diffsr.runtime.image import save_image
+    from diffsr.runtime.image import load_image, save_image
     from diffsr.runtime.loading import load_pipeline
     from diffsr.runtime.requests import check, parse_request
 
@@ -103,6 +106,17 @@ def upscale(
         raise DiffsrError(f"input image not found: {', '.join(missing)}")
     output_path(out_file, overwrite, photos)
     ckpt = open_checkpoint(checkpoint)
+    if gallery is not None:  # the gallery's picks after any given with the request, as if given by name
+        listed = next((i for i in ckpt.model.family_inputs() if i.kind == "photos"), None)
+        if listed is None:
+            raise DiffsrError(f"--gallery picks reference photos; this {ckpt.model.name} checkpoint takes none (refsr's "
+                              "family does)")
+        from diffsr.runtime.gallery import picked_references, torch_encoder
+
+        files, matches = picked_references(gallery, torch_encoder(ckpt, 1), load_image(image), top_k)
+        values[listed.name] = [*(values.get(listed.name) or []), *files]
+        console.print(f"{listed.name} from {gallery}: " + ", ".join(f"{m.name} ({m.score:.3f})" for m in matches),
+                      soft_wrap=True, highlight=False, markup=False)
     local = ckpt.defaults.replace(start=start, color_fix=color_fix, tile=tile, tile_overlap=tile_overlap,
                                   tile_batch=tile_batch)
     request = parse_request(ckpt.model, local, values)

@@ -152,3 +152,42 @@ def test_client_writes_what_the_endpoint_answers(server, tmp_path, photo_lq):
         direct = remote.upscale(src.read_bytes(), steps=2).png
     assert np.array_equal(decode_image(out.read_bytes()), decode_image(direct))
     assert f"{src} -> {out} via grpc://{server.grpc_url}: " in result.output
+
+
+def test_upscale_takes_references_and_picks_them_from_a_gallery(refsr_checkpoint, tmp_path):
+    """refsr: `--reference` repeated; `--gallery INDEX --top-k K` prints the K photos it picked, nearest first (the
+    query's own file first), and its image is the one those files give as `--reference`; a gallery's photo that is
+    gone is named."""
+    from diffsr.calib.data import PHOTOS, photo
+
+    folder = tmp_path / "gallery"
+    (folder / "more").mkdir(parents=True)
+    for i, name in enumerate(PHOTOS):
+        Image.fromarray(photo(name, (40 + 9 * i, 30 + 5 * i))).save(folder / ("more" if i % 2 else ".") / f"{name}.png")
+    lq = folder / "more" / "coffee.png"  # the query is itself a gallery photo
+    index = tmp_path / "index"
+    assert _run("gallery", "build", folder, "--checkpoint", refsr_checkpoint.path, "--out", index).exit_code == 0
+    ckpt, settings = ("--checkpoint", refsr_checkpoint.path), ("--steps", 2, "--seed", 4)
+    picked = _run("upscale", lq, "-o", tmp_path / "g.png", *ckpt, *settings, "--gallery", index, "--top-k", 2)
+    assert picked.exit_code == 0, picked.output
+    line = next(x for x in picked.output.splitlines() if x.startswith("references from"))
+    names = [part.split(" (")[0] for part in line.split(": ", 1)[1].split(", ")]
+    assert len(names) == 2 and names[0] == "more/coffee.png"
+    given = _run("upscale", lq, "-o", tmp_path / "r.png", *ckpt, *settings,
+                 *[a for n in names for a in ("--reference", folder / n)])
+    assert given.exit_code == 0, given.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), np.asarray(Image.open(tmp_path / "r.png")))
+    assert _run("upscale", lq, "-o", tmp_path / "n.png", *ckpt, *settings).exit_code == 0
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "n.png")), np.asarray(Image.open(tmp_path / "r.png")))
+    (folder / names[1]).unlink()
+    gone = _run("upscale", lq, "-o", tmp_path / "x.png", *ckpt, "--gallery", index, "--top-k", 2)
+    assert gone.exit_code != 0 and "are gone: build the index again" in gone.output
+    no_refs = _run("upscale", lq, "-o", tmp_path / "y.png", "--checkpoint", refsr_checkpoint.path, "--reference",
+                   tmp_path / "missing.png")
+    assert no_refs.exit_code != 0 and "input image not found" in no_refs.output
+
+
+def test_gallery_is_refused_for_a_family_without_references(tiny_checkpoint, lq_png, tmp_path):
+    result = _run("upscale", lq_png, "-o", tmp_path / "o.png", "--checkpoint", tiny_checkpoint.path, "--gallery",
+                  tmp_path)
+    assert result.exit_code != 0 and "--gallery picks reference photos; this sd checkpoint takes none" in result.output
