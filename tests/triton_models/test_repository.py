@@ -176,3 +176,17 @@ def test_engine_tile_batch_shrinks_the_checkpoints_own_default(tiny_checkpoint):
     assert fit_tile_batch(ServingOptions(tile_batch=3), 4, defaults).tile_batch == 3
     with pytest.raises(DiffsrError, match="above the engines' largest batch 2"):
         fit_tile_batch(ServingOptions(tile_batch=3), 2, defaults)
+
+
+def test_an_ensemble_runs_stages_of_an_emptiable_list_in_its_sampler():
+    """refsr's reference encoder reads `references`, which a request may leave empty: the ensemble cannot skip a
+    step, so its sampler runs it (and the stage after it), given the prepared references and the LR photo its step
+    reads; SD's text encoder stays an ensemble step."""
+    from diffsr.export.model.families import preset
+    from diffsr.triton_models.repository import sampler_inputs, split_stages
+
+    refsr = preset("refsr-tiny")
+    steps, rest = split_stages(refsr)
+    assert steps == [] and [s.submodule for s in rest] == ["lr_encoder", "reference_encoder", "reference_attention"]
+    assert {t.name for t in sampler_inputs(refsr)} == {"lr_image", "references"}
+    assert [s.submodule for s in split_stages(preset("tiny"))[0]] == ["text_encoder"]

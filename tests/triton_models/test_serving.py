@@ -392,3 +392,29 @@ def test_any_photo_size_comes_back_at_four_times_with_either_scheduler(server, l
     if w * h < 100 * 100:  # the 732 px one is four tiles a step: its endpoint-vs-pipeline check is the tiled tests'
         direct = local(Request(decode_image(buffer.getvalue()), tiny_checkpoint.defaults.replace(**settings))).image
         assert np.abs(remote.astype(int) - direct.astype(int)).max() <= 1
+
+
+def test_refsr_endpoint_takes_any_number_of_references_as_the_onnxruntime_pipeline(refsr_server, refsr_checkpoint,
+                                                                                  refsr_onnx):
+    """refsr behind the ensemble entry point, tiled, on a non-square photo: `references` is a BYTES tensor of any
+    count (none: the tensor left out), and each answer is byte for byte the in-process ONNX Runtime
+    pipeline's with the same references; references change the answer, their order does not."""
+    from diffsr.app.serving.triton_client import remote_values
+    from diffsr.runtime.requests import parse_request
+
+    ckpt = refsr_checkpoint
+    local = Pipeline(load_runners("onnxruntime", ckpt, onnx_dir=refsr_onnx), ckpt)
+    lq = photo("astronaut", (27, 19))
+    refs = [photo("coffee", (31, 45)), photo("rocket", (60, 13)), photo("camera", (20, 20))]
+    settings = dict(steps=2, seed=7)
+    answers, directs = [], []
+    with TritonClient(refsr_server.grpc_url, "grpc") as client:
+        for given in ([], refs[:1], refs, refs[::-1]):
+            request = parse_request(ckpt.model, ckpt.defaults, {"image": lq, "references": given, **settings})
+            request = Request(request.photo, request.settings.replace(**SERVED_TILING), request.photos)
+            answers.append(_decode(client.upscale(**remote_values(ckpt.model, request), **settings).png))
+            directs.append(local(request).image)
+    for answer, direct in zip(answers, directs):
+        assert np.array_equal(answer, direct) and answer.shape == (76, 108, 3)
+    assert not np.array_equal(answers[0], answers[1]) and not np.array_equal(answers[1], answers[2])
+    assert np.abs(answers[2].astype(int) - answers[3].astype(int)).max() <= 1
