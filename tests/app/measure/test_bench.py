@@ -93,3 +93,18 @@ def test_a_started_server_is_stopped_and_its_repository_removed_on_failure(tiny_
     (server,) = started
     assert server.process is not None and server.process.poll() is not None  # stopped
     assert set(Path(tempfile.gettempdir()).glob("diffsr-bench-*")) == before  # its repository removed
+
+
+def test_bench_has_a_row_for_the_reference_stage(refsr_checkpoint, refsr_onnx, tmp_path):
+    """refsr: the bench's request carries references (two), and the reference stage is a row of its own beside the
+    per-step one, with its FLOPs (once per request: the same whatever the steps)."""
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, [
+        "bench", "--checkpoint", str(refsr_checkpoint.path), "--onnx", str(refsr_onnx), "--size", "24x16",
+        "--steps", "2", "--runs", "1", "--warmup", "0", "--backends", "onnxruntime", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    (record,) = data["records"]
+    assert record["references"]["median_s"] > 0 and record["denoise_step"]["median_s"] > 0
+    assert data["flops"]["references"] > 0 and data["flops"]["denoise_step"] > 0
+    assert "references" in result.output

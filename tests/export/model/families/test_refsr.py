@@ -188,3 +188,22 @@ def test_export_and_parity_cover_the_reference_path(refsr_checkpoint, refsr_onnx
     assert [i.photo for i in report.images] == ["astronaut", "astronaut, no references"]
     assert {o.submodule for o in report.outputs} == set(refsr_checkpoint.model.submodules)
     assert min(i.psnr_db for i in report.images) >= 45
+
+
+def test_the_reference_stages_run_once_per_request_whatever_the_steps(refsr_checkpoint):
+    """With references, over tiles: the reference encoder runs once and the attention once per batch of tiles, for one
+    step as for five; the step runs every step (its count grows, theirs does not)."""
+    ckpt = refsr_checkpoint
+    runners = load_runners("torch", ckpt)
+    pipe = Pipeline(runners, ckpt)
+    counts: list[dict[str, int]] = []
+    for steps in (1, 5):
+        seen: dict[str, int] = {}
+        pipe.run = lambda name, seen=seen, **feed: seen.update({name: seen.get(name, 0) + 1}) or runners[name].infer(feed)
+        request = _request(ckpt, photo("chelsea", (37, 21)), [("coffee", (50, 31)), ("rocket", (20, 9))],
+                           dict(steps=steps, tile=8, tile_overlap=2, tile_batch=64))
+        pipe(request)
+        counts.append(seen)
+    assert counts[0]["reference_encoder"] == counts[1]["reference_encoder"] == 1
+    assert counts[0]["reference_attention"] == counts[1]["reference_attention"] == 1  # every tile in one batch
+    assert counts[1]["unet"] == 5 * counts[0]["unet"]
