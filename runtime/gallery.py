@@ -50,10 +50,12 @@ class Encoder:
     """Photos -> L2-normalised embeddings (float32, (N, P)), prepared as the folder's CLIP image processor prepares
     them, `batch` at a time through `embed` (any backend's call of the `gallery_embed` graph)."""
 
-    def __init__(self, spec: GalleryEncoder, embed: Embed, batch: int = 16):
+    def __init__(self, spec: GalleryEncoder, embed: Embed, batch: int = 16, digest: str | None = None):
         self.spec, self.embed, self.batch = spec, embed, batch
         self.pixels = ClipPreparation.of(spec.path, spec.image_size)
-        self.digest = checkpoint_digest(spec.path)
+        # the encoder folder's digest; given where the folder is a copy without its weights (a server's, whose
+        # repository was checked against the gallery when it was made)
+        self.digest = digest or checkpoint_digest(spec.path)
         self.calls = 0  # photos embedded so far
 
     def __call__(self, photos: list[NDArray[np.uint8]]) -> NDArray[np.float32]:
@@ -223,9 +225,10 @@ def torch_encoder(ckpt: Checkpoint, batch: int = 16) -> Encoder:
     return Encoder(spec, lambda pixels: module(pixel_values=pixels), batch)
 
 
-def picked_references(index: Path, encoder: Encoder, photo: NDArray[np.uint8], k: int) -> tuple[list[Path], list[Match]]:
-    """The `k` photos of the gallery at `index` most like a request's photo: (their files, the matches), nearest
-    first."""
-    gallery = Gallery.load(index)
+def picked_references(index: Path | Gallery, encoder: Encoder, photo: NDArray[np.uint8],
+                      k: int) -> tuple[list[Path], list[Match]]:
+    """The `k` photos of a gallery (or the one at `index`) most like a request's photo: (their files, the matches),
+    nearest first."""
+    gallery = index if isinstance(index, Gallery) else Gallery.load(index)
     matches = nearest(gallery, encoder, photo, k)
     return gallery.files(matches), matches

@@ -340,3 +340,27 @@ def refsr_server(refsr_checkpoint, refsr_onnx, tmp_path_factory):
     `references` a BYTES tensor of any count), tiled as `narrow_server`."""
     return _serve_repository("refsr", refsr_checkpoint, refsr_onnx, tmp_path_factory, entry="ensemble",
                              sampler_instances=1, warmup=False, **NARROW_TILING)
+
+
+@pytest.fixture(scope="session")
+def refsr_gallery(refsr_checkpoint, tmp_path_factory):
+    """A gallery of the skimage photos at odd sizes, built with refsr-tiny's gallery encoder: (its index, its folder)."""
+    from PIL import Image
+
+    from diffsr.calib.data import PHOTOS
+    from diffsr.runtime.gallery import build_gallery, torch_encoder
+
+    folder = tmp_path_factory.mktemp("gallery") / "photos"
+    folder.mkdir()
+    for i, name in enumerate(PHOTOS):
+        Image.fromarray(photo(name, (35 + 11 * i, 50 - 4 * i))).save(folder / f"{name}.png")
+    index = folder.parent / "index"
+    build_gallery(folder, index, torch_encoder(refsr_checkpoint))
+    return index, folder
+
+
+@pytest.fixture(scope="session")
+def refsr_gallery_server(refsr_checkpoint, refsr_onnx, refsr_gallery, tmp_path_factory):
+    """refsr-tiny behind the BLS entry point with a gallery: a request without references gets its two nearest."""
+    return _serve_repository("refsr-gallery", refsr_checkpoint, refsr_onnx, tmp_path_factory, sampler_instances=1,
+                             warmup=False, gallery=str(refsr_gallery[0]), gallery_top_k=2)

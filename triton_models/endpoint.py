@@ -31,9 +31,17 @@ def used_name(slot: str) -> str:
     return f"used_{slot}"
 
 
-def response_specs(model: ModelFamily) -> list[TensorSpec]:
-    """The endpoint's outputs: the PNG, then each prompt slot's text it ran with (the prompt first)."""
-    return [RESPONSE, *(TensorSpec(used_name(slot.text), "bytes", (1,)) for slot in model.prompt_slots())]
+# the gallery photos a server with a gallery (`ServingOptions.gallery`) picked as the request's references, one name a
+# line, nearest first (none: the request gave its own)
+PICKED = TensorSpec("picked_references", "bytes", (1,))
+GALLERY = "gallery"  # the folder of the preprocessing model's copy of the gallery index
+
+
+def response_specs(model: ModelFamily, gallery: bool = False) -> list[TensorSpec]:
+    """The endpoint's outputs: the PNG, then each prompt slot's text it ran with (the prompt first), then, with a
+    gallery, the photos it picked."""
+    return [RESPONSE, *(TensorSpec(used_name(slot.text), "bytes", (1,)) for slot in model.prompt_slots()),
+            *((PICKED,) if gallery else ())]
 
 
 def request_specs(model: ModelFamily) -> list[TensorSpec]:

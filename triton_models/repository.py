@@ -50,6 +50,7 @@ from diffsr.export.model.signatures import Signature, TensorSpec
 from diffsr.runtime.tiling import tiling_for
 from diffsr.triton_models.endpoint import (
     ENSEMBLE,
+    GALLERY,
     OUTPUT,
     RESPONSE,
     SETTINGS,
@@ -82,6 +83,10 @@ class ServingOptions:
     # or controlnet_unet run takes; 0: off, the default (no gain measured on a 2-core CPU: README)
     step_batch: int = 0
     step_batch_delay_us: int = 0  # how long a call may wait for others; 0: only those already queued join
+    # a gallery index (`diffsr gallery build`): a request without references gets its `gallery_top_k` photos nearest
+    # the request's photo (read from the folder the index was built over) and the answer names them
+    gallery: str | None = None
+    gallery_top_k: int = 4
 
     def __post_init__(self) -> None:
         if self.entry not in ENTRIES:
@@ -168,13 +173,15 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
     pipeline_json = json.dumps(defaults.to_json())
     # what every model that parses requests or runs stages needs: the defaults, the training schedule, the limit
     pre_params = dict(pipeline=pipeline_json, scheduler=json.dumps(ckpt.scheduler_config),
-                      max_output_pixels=str(options.max_output_pixels), **model_params)
+                      max_output_pixels=str(options.max_output_pixels), gallery_top_k=str(options.gallery_top_k),
+                      **model_params)
+    responses = response_specs(model, options.gallery is not None)
     device = "cuda" if gpu else "cpu"
 
     decoded = TensorSpec("decoded", "float32", dec.outputs[0].shape)
     ensemble_stages, _ = split_stages(model)
     if options.entry == "bls":  # the entry model parses, pre- and postprocesses and runs the loop, on the client's request
-        sampler = _config(ENSEMBLE, specs, response_specs(model), optional=optional)
+        sampler = _config(ENSEMBLE, specs, responses, optional=optional)
     else:
         sampler = _config("sampler", [*sampler_inputs(model), OUTPUT_SIZE, SETTINGS], [decoded])
     _params(sampler, device=device, cuda_memory_pool_bytes=str(cuda_pool_bytes(ckpt) if gpu else 0),
@@ -185,7 +192,7 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
     policy.default_timeout_microseconds = int(options.queue_timeout_s * 1e6)
     policy.max_queue_size = options.max_queue_size
 
-    pre = _config("preprocess", specs, [*model.prepared(), OUTPUT_SIZE, *response_specs(model)[1:], SETTINGS],
+    pre = _config("preprocess", specs, [*model.prepared(), OUTPUT_SIZE, *responses[1:], SETTINGS],
                   optional=optional)
     _params(pre, device="cpu", **pre_params)
     pre.instance_group.add(count=options.model_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
@@ -201,7 +208,7 @@ def model_configs(ckpt: Checkpoint, flavour: str, options: ServingOptions,
         configs[ENSEMBLE] = sampler
     else:
         configs.update(preprocess=pre, sampler=sampler, postprocess=post)
-        configs[ENSEMBLE] = _ensemble(model, specs, optional, ensemble_stages)
+        configs[ENSEMBLE] = _ensemble(model, specs, optional, ensemble_stages, responses)
     return configs
 
 
@@ -270,10 +277,10 @@ def cuda_pool_bytes(ckpt: Checkpoint) -> int:
 
 
 def _ensemble(model: ModelFamily, specs: list[TensorSpec], optional: tuple[str, ...],
-              stages: list[Stage]) -> mc.ModelConfig:
+              stages: list[Stage], responses: list[TensorSpec]) -> mc.ModelConfig:
     """preprocess -> the untiled once-per-request stages' models -> sampler -> postprocess, every tensor under its
     own name."""
-    config = _config(ENSEMBLE, specs, response_specs(model), optional=optional)
+    config = _config(ENSEMBLE, specs, responses, optional=optional)
     config.platform = "ensemble"
     # the ensemble's tensors share one namespace with its inputs and outputs: a model's tensor whose name an input
     # has (a photo input `style`, a stage's output `style`) goes by another inside it
@@ -284,7 +291,7 @@ def _ensemble(model: ModelFamily, specs: list[TensorSpec], optional: tuple[str, 
     prepared = [t.name for t in model.prepared()]
     steps = [
         ("preprocess", same(s.name for s in specs),
-         inner((*prepared, "output_size", SETTINGS.name)) | same(t.name for t in response_specs(model)[1:])),
+         inner((*prepared, "output_size", SETTINGS.name)) | same(t.name for t in responses[1:])),
         *((s.submodule, inner(t.name for t in model.signature(s.submodule).inputs),
            inner(t.name for t in model.signature(s.submodule).outputs)) for s in stages),
         ("sampler", inner((*(t.name for t in sampler_inputs(model)), "output_size", SETTINGS.name)), inner(("decoded",))),
@@ -344,6 +351,8 @@ def build_repository(
         else:
             (version / "model.py").write_text(_stub(name))
     preprocessing = [n for n in ("preprocess", ENSEMBLE) if n in configs and configs[n].backend == "python"][:1]
+    if options.gallery is not None:
+        _copy_gallery(ckpt, options, out / preprocessing[0] / "1" / GALLERY)
     for folder in dict.fromkeys(ckpt.model.tokenizer_folders().values()):
         for name in preprocessing:
             shutil.copytree(ckpt.path / folder, out / name / "1" / folder)
@@ -357,6 +366,28 @@ def build_repository(
                 "graphs": {str(p.relative_to(out)): file_sha256(p) for p in graphs}}
     (out / REPOSITORY_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return configs
+
+
+def _copy_gallery(ckpt: Checkpoint, options: ServingOptions, to: Path) -> None:
+    """A gallery index copied for the preprocessing model, once it is known to serve: the family takes a list of
+    photos it can fill, the checkpoint's gallery encoder built it, its photos are where it says."""
+    from diffsr.runtime.gallery import INDEX_FILE, PHOTOS_FILE, Gallery
+
+    listed = next((i for i in ckpt.model.family_inputs() if i.kind == "photos"), None)
+    encoder = ckpt.model.attachment("gallery_encoder")
+    if listed is None or encoder is None:
+        raise DiffsrError(f"--gallery: this {ckpt.model.name} checkpoint "
+                          f"{'takes no reference photos' if listed is None else 'has no gallery_encoder/'}")
+    if not 1 <= options.gallery_top_k <= (listed.high or 0):
+        raise DiffsrError(f"--gallery-top-k {options.gallery_top_k}: use 1 to {int(listed.high or 0)} ({listed.name})")
+    index = Path(str(options.gallery))
+    gallery = Gallery.load(index)
+    if gallery.encoder != checkpoint_digest(encoder.path):
+        raise DiffsrError(f"--gallery {index} was built with another gallery encoder than {ckpt.path}'s")
+    gallery.files([])  # an index that does not say where its photos are is refused now, not at the first request
+    to.mkdir(parents=True)
+    for name in (INDEX_FILE, PHOTOS_FILE):
+        shutil.copy(index / name, to / name)
 
 
 def verify_repository(repo: Path) -> None:

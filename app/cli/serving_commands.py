@@ -29,6 +29,9 @@ def triton_repo(
     entry: Annotated[str, typer.Option(help="the endpoint: bls (runs the loop; a cancel reaches it) or ensemble")] = "bls",
     step_batch: Annotated[int, typer.Option(help="onnxruntime flavour: most loops' calls one run of a step submodule takes (0 or 1: off)")] = 0,
     step_batch_delay_us: Annotated[int, typer.Option(help="how long a step call may wait for others to batch with")] = 0,
+    gallery: Annotated[Optional[Path], typer.Option(help="a gallery index (`diffsr gallery build`): a request without "
+                                                          "references gets the photos nearest its photo")] = None,
+    gallery_top_k: Annotated[int, typer.Option(help="how many photos --gallery picks")] = 4,
 ) -> None:
     """Generate the Triton model repository (BLS entry point, per-submodule models)."""
     from diffsr.export.model.checkpoint import open_checkpoint
@@ -37,7 +40,8 @@ def triton_repo(
     w, h = parse_size(max_output)
     options = ServingOptions(sampler_instances=sampler_instances, max_output_pixels=w * h, tile=tile,
                              tile_overlap=tile_overlap, tile_batch=tile_batch, entry=entry, step_batch=step_batch,
-                             step_batch_delay_us=step_batch_delay_us)
+                             step_batch_delay_us=step_batch_delay_us, gallery=str(gallery) if gallery else None,
+                             gallery_top_k=gallery_top_k)
     configs = build_repository(open_checkpoint(checkpoint), onnx, out_dir, flavour, engines, options)
     console.print(f"wrote {len(configs)} models ({flavour}) to {out_dir}: {', '.join(configs)}", soft_wrap=True)
 
@@ -104,6 +108,9 @@ def client(
                   highlight=False)
     for slot, text in result.prompts.items():  # each prompt it ran with
         console.print(f"{slot}: {text}", soft_wrap=True, highlight=False, markup=False)
+    if result.picked:
+        console.print(f"references picked from the server's gallery: {', '.join(result.picked)}", soft_wrap=True,
+                      highlight=False, markup=False)
 
 
 @command()

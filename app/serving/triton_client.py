@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -14,7 +14,7 @@ from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.inputs import PHOTO_KINDS
 from diffsr.export.model.settings import BASE_INPUTS, Request
 from diffsr.runtime.image import encode_png
-from diffsr.triton_models.endpoint import ENSEMBLE, OUTPUT, PROTOCOL_DTYPES, used_name
+from diffsr.triton_models.endpoint import ENSEMBLE, OUTPUT, PICKED, PROTOCOL_DTYPES, used_name
 
 USED = used_name("")  # the prefix of the response's prompt slots
 
@@ -36,6 +36,7 @@ class RemoteResult:
     png: bytes
     latency_s: float
     prompts: dict[str, str]  # each prompt slot's text the server made the image with (`used_<slot>`), by slot
+    picked: list[str] = field(default_factory=list)  # the gallery photos a server with a gallery picked as references
 
     @property
     def prompt(self) -> str:
@@ -128,7 +129,8 @@ class TritonClient:
         inputs = request_inputs(self.protocol, image, self.endpoint(), **settings)
         binary = {"binary_data": True} if self.protocol == "http" else {}
         used = [name for name in self._outputs if name.startswith(USED)]
-        outputs = [self.module.InferRequestedOutput(name, **binary) for name in (OUTPUT, *used)]
+        picks = [name for name in self._outputs if name == PICKED.name]
+        outputs = [self.module.InferRequestedOutput(name, **binary) for name in (OUTPUT, *used, *picks)]
         extra = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         start = time.perf_counter()
         try:
@@ -140,7 +142,8 @@ class TritonClient:
         except OSError as e:  # refused, unreachable, unknown host
             raise DiffsrError(f"cannot reach the server at {self.url} ({self.protocol}): {e}") from None
         prompts = {name[len(USED):]: result.as_numpy(name).reshape(-1)[0].decode() for name in used}
-        return RemoteResult(result.as_numpy(OUTPUT).reshape(-1)[0], time.perf_counter() - start, prompts)
+        picked = [n for name in picks for n in result.as_numpy(name).reshape(-1)[0].decode().split("\n") if n]
+        return RemoteResult(result.as_numpy(OUTPUT).reshape(-1)[0], time.perf_counter() - start, prompts, picked)
 
     @staticmethod
     def _unreachable(e: Any) -> bool:

@@ -418,3 +418,39 @@ def test_refsr_endpoint_takes_any_number_of_references_as_the_onnxruntime_pipeli
         assert np.array_equal(answer, direct) and answer.shape == (76, 108, 3)
     assert not np.array_equal(answers[0], answers[1]) and not np.array_equal(answers[1], answers[2])
     assert np.abs(answers[2].astype(int) - answers[3].astype(int)).max() <= 1
+
+
+def test_a_server_with_a_gallery_picks_references_for_a_request_without(refsr_gallery_server, refsr_gallery,
+                                                                        refsr_checkpoint, refsr_onnx):
+    """BLS entry with a gallery (top 2): a request without references is answered with the gallery's two photos
+    nearest its photo (its own file first, when it is one) and named in `picked_references`; the image is the
+    in-process pipeline's given those files; a request with references of its own keeps them, and nothing is picked."""
+    from diffsr.runtime.image import load_image
+    from diffsr.runtime.requests import parse_request
+
+    ckpt, (_, folder) = refsr_checkpoint, refsr_gallery
+    local = Pipeline(load_runners("onnxruntime", ckpt, onnx_dir=refsr_onnx), ckpt)
+    lq = load_image(folder / "rocket.png")  # a gallery photo itself
+    settings = dict(steps=2, seed=3)
+    with TritonClient(refsr_gallery_server.http_url) as client:
+        picked = client.upscale(_png(lq), **settings)
+        given = client.upscale(_png(lq), references=[_png(photo("camera", (30, 30)))], **settings)
+    assert len(picked.picked) == 2 and picked.picked[0] == "rocket.png" and given.picked == []
+    request = parse_request(ckpt.model, ckpt.defaults, {"image": lq, "references": [folder / n for n in picked.picked],
+                                                        **settings})
+    assert np.array_equal(_decode(picked.png), local(request).image)
+    request = parse_request(ckpt.model, ckpt.defaults, {"image": lq, "references": [photo("camera", (30, 30))],
+                                                        **settings})
+    assert np.array_equal(_decode(given.png), local(request).image)
+
+
+def test_a_gallery_is_refused_where_it_cannot_serve(refsr_checkpoint, refsr_onnx, refsr_gallery, tiny_checkpoint,
+                                                    tiny_onnx, tmp_path):
+    from diffsr.triton_models.repository import ServingOptions, build_repository
+
+    index = str(refsr_gallery[0])
+    with pytest.raises(DiffsrError, match="this sd checkpoint takes no reference photos"):
+        build_repository(tiny_checkpoint, tiny_onnx, tmp_path / "a", options=ServingOptions(gallery=index))
+    with pytest.raises(DiffsrError, match="--gallery-top-k 11: use 1 to 10"):
+        build_repository(refsr_checkpoint, refsr_onnx, tmp_path / "b", options=ServingOptions(gallery=index,
+                                                                                            gallery_top_k=11))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.triton_models.endpoint import used_name
+from diffsr.triton_models.endpoint import PICKED, used_name
 from diffsr.triton_models.models.metrics import Metrics
 from diffsr.triton_models.models.postprocess import Postprocess
 from diffsr.triton_models.models.preprocess import Preprocess, text_tensor
@@ -41,6 +41,7 @@ class TritonPythonModel:
     def _handle(self, request: Any) -> list:
         try:
             req, plan = self.preprocess.parse(request)  # the one parse and check: a mistake fails before any model runs
+            req, picked = self.preprocess.pick(req)
             tensors, prompts = self.preprocess(req, request.is_cancelled)
             decoded = self.sampler(req.settings, plan, tensors, request.is_cancelled, self.metrics, request.request_id())
             png = Postprocess(req.settings.color_fix)(decoded.cpu(), tensors[self.photo].cpu(), plan.size)
@@ -50,4 +51,5 @@ class TritonPythonModel:
             (self.metrics.cancelled if request.is_cancelled() else self.metrics.rejected).increment(1)
             raise
         self.metrics.pixels.increment(plan.size[0] * plan.size[1])
-        return [png, *(text_tensor(used_name(slot), text) for slot, text in prompts.items())]
+        texts = [text_tensor(used_name(slot), text) for slot, text in prompts.items()]
+        return [png, *texts, *([text_tensor(PICKED.name, "\n".join(picked))] if self.preprocess.gallery.gallery else [])]

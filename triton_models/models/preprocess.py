@@ -5,6 +5,7 @@ over BLS, where the policy asks), their token ids. `Preprocess` is shared by the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -15,13 +16,18 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from diffsr.export.model.attachments.gallery_encoder import GalleryEncoder
 from diffsr.export.model.families import model_from_json
+from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.inputs import PromptSlot
+from diffsr.export.model.parts import RunFn
 from diffsr.export.model.settings import PipelineConfig, Request
+from diffsr.runtime.gallery import Encoder, Gallery, picked_references
+from diffsr.runtime.image import load_image
 from diffsr.runtime.prompts import Write, make_prompter, request_texts, used_prompts
 from diffsr.runtime.requests import Plan, check, parse_request
 from diffsr.runtime.stages import prepare, token_ids
-from diffsr.triton_models.endpoint import SETTINGS, tensor_values, used_name
+from diffsr.triton_models.endpoint import GALLERY, PICKED, SETTINGS, tensor_values, used_name
 from diffsr.triton_models.models.common import bls_runners, from_torch
 from diffsr.triton_models.models.metrics import Metrics
 from diffsr.triton_models.models.requests import optional, parameters, respond
@@ -46,6 +52,12 @@ class Preprocess:
         graphs = [name for a in self.model.attachments for name in a.graphs]
         run = bls_runners({name: [t.name for t in sigs[name].outputs] for name in graphs}, gpu=self.device.type == "cuda")
         self.prompter = make_prompter(self.model, run, self.device, folder)
+        self.gallery = Picker(self.model, run, folder / GALLERY, int(params.get("gallery_top_k", 0)))
+
+    def pick(self, req: Request) -> tuple[Request, list[str]]:
+        """The request, with the gallery's photos nearest its photo as its references where it gives none (and the
+        server has a gallery); the names picked."""
+        return self.gallery(req) if self.gallery.gallery is not None else (req, [])
 
     def parse(self, request: Any) -> tuple[Request, Plan]:
         """The request's tensors -> the validated request and its plan; every mistake is the client's (one message)."""
@@ -76,6 +88,26 @@ class Preprocess:
         return write
 
 
+class Picker:
+    """A server's gallery: for a request without references, the `top_k` gallery photos nearest its photo, embedded by
+    the checkpoint's gallery encoder (its `gallery_embed` model, over BLS) and read from the gallery's folder."""
+
+    def __init__(self, model: ModelFamily, run: RunFn, index: Path, top_k: int):
+        self.gallery, self.top_k = (Gallery.load(index), top_k) if index.is_dir() else (None, 0)
+        self.listed = next((i.name for i in model.family_inputs() if i.kind == "photos"), "")
+        spec = model.attachment("gallery_encoder")
+        if self.gallery is not None and isinstance(spec, GalleryEncoder):
+            embed = lambda pixels: run("gallery_embed", pixel_values=pixels)["image_embeds"]  # noqa: E731
+            self.encoder = Encoder(spec, embed, 1, digest=self.gallery.encoder)
+
+    def __call__(self, req: Request) -> tuple[Request, list[str]]:
+        if self.gallery is None or req.photos.get(self.listed):
+            return req, []
+        files, matches = picked_references(self.gallery, self.encoder, req.photo, self.top_k)
+        photos = {**req.photos, self.listed: tuple(load_image(f) for f in files)}
+        return dataclasses.replace(req, photos=photos), [m.name for m in matches]
+
+
 def text_tensor(name: str, text: str) -> Any:
     return pb_utils.Tensor(name, np.array([text.encode()], dtype=np.object_))
 
@@ -94,9 +126,11 @@ class TritonPythonModel:
 
     def _handle(self, request: Any) -> list:
         req, plan = self.preprocess.parse(request)
+        req, picked = self.preprocess.pick(req)
         tensors, prompts = self.preprocess(req, request.is_cancelled)
         tensors["output_size"] = torch.tensor(plan.size, dtype=torch.int32)
         made = {name: from_torch(name, t) for name, t in tensors.items()}
         made |= {used_name(slot): text_tensor(used_name(slot), text) for slot, text in prompts.items()}
         made[SETTINGS.name] = text_tensor(SETTINGS.name, json.dumps(req.settings.to_json()))
+        made[PICKED.name] = text_tensor(PICKED.name, "\n".join(picked))
         return [made[name] for name in self.outputs]
