@@ -129,7 +129,7 @@ def upscale(
     h, w = result.image.shape[:2]
     console.print(f"{image} -> {out_file} ({w}x{h}, {backend}, {settings.scheduler} {settings.steps} steps)",
                   soft_wrap=True, highlight=False)
-    for slot, text in result.prompts.items():  # each prompt it ran with
+    for slot, text in result.prompts.items() if ckpt.model.tokenizer_folders() else ():  # each prompt it ran with
         console.print(f"{slot}: {text}", soft_wrap=True, highlight=False, markup=False)
     console.print(tables.timings(result.timings))
 

@@ -106,8 +106,9 @@ def client(
     out_file.write_bytes(result.png)
     console.print(f"{values['image']} -> {out_file} via {protocol}://{url}: {result.latency_s:.3f} s", soft_wrap=True,
                   highlight=False)
-    for slot, text in result.prompts.items():  # each prompt it ran with
-        console.print(f"{slot}: {text}", soft_wrap=True, highlight=False, markup=False)
+    for slot, text in result.prompts.items():  # each prompt it ran with (none: a model without text, as refsr)
+        if text:
+            console.print(f"{slot}: {text}", soft_wrap=True, highlight=False, markup=False)
     if result.picked:
         console.print(f"references picked from the server's gallery: {', '.join(result.picked)}", soft_wrap=True,
                       highlight=False, markup=False)
