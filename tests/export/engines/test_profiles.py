@@ -118,3 +118,19 @@ def test_dit4sr_profiles_are_at_its_native_512_pixels_with_t5_fixed():
     assert (tiling.size, tiling.overlap) == (64, 24)  # the official tiles: the engine's opt
     edge = engine_profiles(model, target("edge"))["transformer"]
     assert edge["sample"].max == (2, 16, 96, 96) and edge["prompt_embeds"].max == (2, 333, 4096)
+
+
+def test_reference_profiles_cover_one_to_ten_references():
+    """refsr's reference encoder's engine takes 1 to 10 references at both targets (a request with none never reaches
+    it: the stage is not run); the step's profile has no reference dim at all (the step costs the same with any)."""
+    from diffsr.export.engines.build import engine_profiles
+    from diffsr.export.model.dims import TARGETS
+    from diffsr.export.model.families import preset
+
+    model = preset("refsr-tiny")
+    for target in TARGETS.values():
+        profiles = engine_profiles(model, target)
+        refs = profiles["reference_encoder"]["references"]
+        assert (refs.min[0], refs.opt[0], refs.max[0]) == (1, 4, 10) and refs.min[1:] == (3, 32, 32)
+        assert profiles["reference_attention"]["reference_kv"].max[0] == 10
+        assert "references" not in model.signature("unet").dim_names
