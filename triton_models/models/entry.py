@@ -52,4 +52,4 @@ class TritonPythonModel:
             raise
         self.metrics.pixels.increment(plan.size[0] * plan.size[1])
         texts = [text_tensor(used_name(slot), text) for slot, text in prompts.items()]
-        return [png, *texts, *([text_tensor(PICKED.name, "\n".join(picked))] if self.preprocess.gallery.gallery else [])]
+        return [png, *texts, *([text_tensor(PICKED.name, "\n".join(picked))] if self.preprocess.picker.gallery else [])]

@@ -52,12 +52,12 @@ class Preprocess:
         graphs = [name for a in self.model.attachments for name in a.graphs]
         run = bls_runners({name: [t.name for t in sigs[name].outputs] for name in graphs}, gpu=self.device.type == "cuda")
         self.prompter = make_prompter(self.model, run, self.device, folder)
-        self.gallery = Picker(self.model, run, folder / GALLERY, int(params.get("gallery_top_k", 0)))
+        self.picker = Picker(self.model, run, folder / GALLERY, int(params.get("gallery_top_k", 0)))
 
     def pick(self, req: Request) -> tuple[Request, list[str]]:
         """The request, with the gallery's photos nearest its photo as its references where it gives none (and the
         server has a gallery); the names picked."""
-        return self.gallery(req) if self.gallery.gallery is not None else (req, [])
+        return self.picker(req)
 
     def parse(self, request: Any) -> tuple[Request, Plan]:
         """The request's tensors -> the validated request and its plan; every mistake is the client's (one message)."""
