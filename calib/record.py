@@ -20,7 +20,6 @@ from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.progress import OnProgress, Progress, ignore
 from diffsr.export.model.checkpoint import Checkpoint
 from diffsr.runtime.backends.base import Runner
-from diffsr.runtime.image import latent_grid
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
 
@@ -72,11 +71,10 @@ def record_feeds(
     for i, image in enumerate(images):
         for j, prompt in enumerate(prompts):
             config = ckpt.defaults.replace(prompt=prompt, steps=steps, seed=100 * i + j, caption=caption)
-            # whole images, one tile: tiles would give ragged batches (the last batch of tiles smaller), which ONNX
-            # Runtime's INT8 calibrators cannot stack (a model of a small native side sees the photo over many)
-            grid = latent_grid(ckpt.model, image.shape[0] * config.upscale, image.shape[1] * config.upscale)
-            whole = dataclasses.replace(config, tile=max(*grid, ckpt.model.native_latent), tile_overlap=None)
-            pipe(sample_request(ckpt.model, image, whole, i))
+            # the model's native tiles, one a call: batches of several would be ragged (the last batch of tiles
+            # smaller), which ONNX Runtime's INT8 calibrators cannot stack (a photo larger than one tile: refsr-tiny's)
+            tiles = dataclasses.replace(config, tile=None, tile_overlap=None, tile_batch=1)
+            pipe(sample_request(ckpt.model, image, tiles, i))
             if on_run is not None:
                 on_run()
     return {name: r.feeds for name, r in recorders.items()}

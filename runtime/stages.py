@@ -96,9 +96,13 @@ def over_tiles(model: ModelFamily, run: RunFn, name: str, feeds: Mapping[str, to
         return dict(run(name, **feeds))
     scales = {t.name: s for t in sig.outputs if (s := model.side_scale(t)) is not None}
 
+    per_image = set(model.batched_inputs(sig))
+
     def one(group: list[Any]) -> Mapping[str, torch.Tensor]:
+        """A batch of tiles: inputs with the latent's sides cropped to each tile, other per-image inputs repeated for
+        each, the rest (the references' keys and values) shared by all as they are."""
         crops = {k: torch.cat([t.crop(v, scales_in[k]) for t in group]) if scales_in[k] is not None
-                 else v.repeat_interleave(len(group), dim=0) for k, v in feeds.items()}
+                 else v.repeat_interleave(len(group), dim=0) if k in per_image else v for k, v in feeds.items()}
         return run(name, **crops)
 
     return Blender(tiling, grid, set(scales.values()), feeds[source].device)(one, scales)

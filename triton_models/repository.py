@@ -218,7 +218,7 @@ def split_stages(model: ModelFamily) -> tuple[list[Stage], list[Stage]]:
     sampler makes, and any that reads a list of photos a request may leave empty (an ensemble cannot skip a step:
     `runtime.stages.not_run`), run in the sampler."""
     ready = {t.name for t in model.prepared()}
-    emptiable = {i.tensor for i in model.request_inputs() if i.kind == "photos" and not i.low}
+    emptiable = {i.tensor for i in model.photo_lists() if not i.low}
     steps, rest = [], []
     for stage in model.stages.once:
         sig = model.signature(stage.submodule)
@@ -373,7 +373,7 @@ def _copy_gallery(ckpt: Checkpoint, options: ServingOptions, to: Path) -> None:
     photos it can fill, the checkpoint's gallery encoder built it, its photos are where it says."""
     from diffsr.runtime.gallery import INDEX_FILE, PHOTOS_FILE, Gallery
 
-    listed = next((i for i in ckpt.model.family_inputs() if i.kind == "photos"), None)
+    listed = next(iter(ckpt.model.photo_lists()), None)
     encoder = ckpt.model.attachment("gallery_encoder")
     if listed is None or encoder is None:
         raise DiffsrError(f"--gallery: this {ckpt.model.name} checkpoint "
@@ -385,6 +385,9 @@ def _copy_gallery(ckpt: Checkpoint, options: ServingOptions, to: Path) -> None:
     if gallery.encoder != checkpoint_digest(encoder.path):
         raise DiffsrError(f"--gallery {index} was built with another gallery encoder than {ckpt.path}'s")
     gallery.files([])  # an index that does not say where its photos are is refused now, not at the first request
+    if not Path(gallery.root).is_dir():
+        raise DiffsrError(f"--gallery {index}: its photos' folder {gallery.root} is not here: the server reads them from "
+                          "there (mount it at that path)")
     to.mkdir(parents=True)
     for name in (INDEX_FILE, PHOTOS_FILE):
         shutil.copy(index / name, to / name)

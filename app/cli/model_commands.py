@@ -107,7 +107,7 @@ def upscale(
     output_path(out_file, overwrite, photos)
     ckpt = open_checkpoint(checkpoint)
     if gallery is not None:  # the gallery's picks after any given with the request, as if given by name
-        listed = next((i for i in ckpt.model.family_inputs() if i.kind == "photos"), None)
+        listed = next(iter(ckpt.model.photo_lists()), None)
         if listed is None:
             raise DiffsrError(f"--gallery picks reference photos; this {ckpt.model.name} checkpoint takes none (refsr's "
                               "family does)")

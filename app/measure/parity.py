@@ -127,7 +127,7 @@ def pipeline_requests(model: ModelFamily, size: tuple[int, int], config: Pipelin
                       photos: tuple[str, ...]) -> list[tuple[str, Request]]:
     """(label, request) of each real photo (size = width, height) with every photo input of the family filled
     (`sample_request`), and again with its optional lists empty (refsr's references: the path without them)."""
-    optional = [spec.name for spec in model.family_inputs() if spec.kind == "photos" and not spec.low]
+    optional = [spec.name for spec in model.photo_lists() if not spec.low]
     requests = []
     for i, name in enumerate(photos):
         request = sample_request(model, photo(name, size), config, i)

@@ -33,7 +33,7 @@ from torch import nn
 from diffsr.export.core.configs import dataclass_from_json
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.attachment import Attachment
-from diffsr.export.model.dims import MIN_LATENT, NamedDim
+from diffsr.export.model.dims import BATCH_KINDS, MIN_LATENT, NamedDim
 from diffsr.export.model.inputs import PHOTO_KINDS, PromptSlot, RequestInput
 from diffsr.export.model.parts import Component, Draw, RunFn, Stages, Tensors
 from diffsr.export.model.settings import BASE_INPUTS, PipelineConfig
@@ -257,6 +257,17 @@ class ModelFamily(ABC):
         if not isinstance(last, str) or parse_dim(last)[1] not in sides:
             return None
         return parse_dim(last)[0]
+
+    def batched_inputs(self, sig: Signature) -> tuple[str, ...]:
+        """A signature's inputs whose first dim counts images (or tiles): what a batch of tiles repeats per tile."""
+        kinds = {d.name: d.kind for d in self.dims()}
+        return tuple(t.name for t in sig.inputs
+                     if t.shape and isinstance(t.shape[0], str) and kinds.get(parse_dim(t.shape[0])[1]) in BATCH_KINDS)
+
+    def photo_lists(self) -> tuple[RequestInput, ...]:
+        """The family's lists of photos (refsr's references): what a gallery fills, and, where a request may leave
+        one empty, what the stages reading it must do without (`runtime.stages.not_run`)."""
+        return tuple(i for i in self.family_inputs() if i.kind == "photos")
 
     def tiled_scales(self) -> dict[str, int]:
         """What every step reads a tile's crop of, and its scale: the tiled once-per-request stages' outputs, and the

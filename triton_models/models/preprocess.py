@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.attachments.gallery_encoder import GalleryEncoder
 from diffsr.export.model.families import model_from_json
 from diffsr.export.model.family import ModelFamily
@@ -30,7 +31,7 @@ from diffsr.runtime.stages import prepare, token_ids
 from diffsr.triton_models.endpoint import GALLERY, PICKED, SETTINGS, tensor_values, used_name
 from diffsr.triton_models.models.common import bls_runners, from_torch
 from diffsr.triton_models.models.metrics import Metrics
-from diffsr.triton_models.models.requests import optional, parameters, respond
+from diffsr.triton_models.models.requests import StageError, optional, parameters, respond
 
 Cancelled = Callable[[], bool] | None
 
@@ -94,17 +95,23 @@ class Picker:
 
     def __init__(self, model: ModelFamily, run: RunFn, index: Path, top_k: int):
         self.gallery, self.top_k = (Gallery.load(index), top_k) if index.is_dir() else (None, 0)
-        self.listed = next((i.name for i in model.family_inputs() if i.kind == "photos"), "")
+        self.listed = next((i.name for i in model.photo_lists()), "")
         spec = model.attachment("gallery_encoder")
         if self.gallery is not None and isinstance(spec, GalleryEncoder):
             embed = lambda pixels: run("gallery_embed", pixel_values=pixels)["image_embeds"]  # noqa: E731
+            # the encoder's files beside this model (its image processor's settings); its digest the index's, which
+            # `triton-repo` checked against the checkpoint's encoder when it made the repository
+            spec = dataclasses.replace(spec, path=index.parent / spec.folder)
             self.encoder = Encoder(spec, embed, 1, digest=self.gallery.encoder)
 
     def __call__(self, req: Request) -> tuple[Request, list[str]]:
         if self.gallery is None or req.photos.get(self.listed):
             return req, []
-        files, matches = picked_references(self.gallery, self.encoder, req.photo, self.top_k)
-        photos = {**req.photos, self.listed: tuple(load_image(f) for f in files)}
+        try:  # the gallery is the server's: a photo of it gone or broken is the server's fault, not the request's
+            files, matches = picked_references(self.gallery, self.encoder, req.photo, self.top_k)
+            photos = {**req.photos, self.listed: tuple(load_image(f) for f in files)}
+        except DiffsrError as e:
+            raise StageError(f"the server's gallery: {e}") from None
         return dataclasses.replace(req, photos=photos), [m.name for m in matches]
 
 

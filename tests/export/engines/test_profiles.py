@@ -128,8 +128,8 @@ def test_reference_profiles_cover_one_to_ten_references():
     from diffsr.export.model.families import preset
 
     model = preset("refsr-tiny")
-    for target in TARGETS.values():
-        profiles = engine_profiles(model, target)
+    for deployment in TARGETS.values():
+        profiles = engine_profiles(model, deployment)
         refs = profiles["reference_encoder"]["references"]
         assert (refs.min[0], refs.opt[0], refs.max[0]) == (1, 4, 10) and refs.min[1:] == (3, 32, 32)
         assert profiles["reference_attention"]["reference_kv"].max[0] == 10

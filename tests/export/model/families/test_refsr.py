@@ -191,19 +191,45 @@ def test_export_and_parity_cover_the_reference_path(refsr_checkpoint, refsr_onnx
 
 
 def test_the_reference_stages_run_once_per_request_whatever_the_steps(refsr_checkpoint):
-    """With references, over tiles: the reference encoder runs once and the attention once per batch of tiles, for one
-    step as for five; the step runs every step (its count grows, theirs does not)."""
+    """With references, over tiles four a call: the reference encoder runs once and the attention once per batch of
+    tiles, for one step as for five, each batch sharing the references' rows as they are (not copied per tile); the
+    step runs every step (its count grows, theirs does not). Summed rather than averaged, the attention gives the
+    same image whatever the tiles per call."""
     ckpt = refsr_checkpoint
     runners = load_runners("torch", ckpt)
     pipe = Pipeline(runners, ckpt)
     counts: list[dict[str, int]] = []
+    rows: list[int] = []
+
+    def counted(seen, name, **feed):
+        seen[name] = seen.get(name, 0) + 1
+        if name == "reference_attention":
+            rows.append(feed["reference_kv"].shape[0])
+        return runners[name].infer(feed)
+
+    refs = [("coffee", (50, 31)), ("rocket", (20, 9)), ("camera", (33, 33))]
     for steps in (1, 5):
         seen: dict[str, int] = {}
-        pipe.run = lambda name, seen=seen, **feed: seen.update({name: seen.get(name, 0) + 1}) or runners[name].infer(feed)
-        request = _request(ckpt, photo("chelsea", (37, 21)), [("coffee", (50, 31)), ("rocket", (20, 9))],
-                           dict(steps=steps, tile=8, tile_overlap=2, tile_batch=64))
-        pipe(request)
+        pipe.run = lambda name, seen=seen, **feed: counted(seen, name, **feed)
+        pipe(_request(ckpt, photo("chelsea", (37, 21)), refs, dict(steps=steps, tile=8, tile_overlap=2, tile_batch=4)))
         counts.append(seen)
     assert counts[0]["reference_encoder"] == counts[1]["reference_encoder"] == 1
-    assert counts[0]["reference_attention"] == counts[1]["reference_attention"] == 1  # every tile in one batch
-    assert counts[1]["unet"] == 5 * counts[0]["unet"]
+    assert counts[0]["reference_attention"] == counts[1]["reference_attention"] == 7  # 28 tiles, four a call
+    assert set(rows) == {3} and counts[1]["unet"] == 5 * counts[0]["unet"]
+
+
+def test_summed_references_do_not_depend_on_the_tiles_per_call(refsr_checkpoint, tmp_path):
+    import shutil
+
+    from diffsr.export.model.checkpoint import open_checkpoint
+
+    path = tmp_path / "summed"
+    shutil.copytree(refsr_checkpoint.path, path)
+    config = json.loads((path / "reference" / "config.json").read_text())
+    (path / "reference" / "config.json").write_text(json.dumps(config | {"aggregation": "sum"}))
+    ckpt = open_checkpoint(path)
+    pipe = Pipeline(load_runners("torch", ckpt), ckpt)
+    refs = [("coffee", (50, 31)), ("rocket", (20, 9)), ("camera", (33, 33))]
+    images = [pipe(_request(ckpt, photo("chelsea", (37, 21)), refs, dict(steps=2, tile=8, tile_overlap=2,
+                                                                          tile_batch=batch))).image for batch in (1, 4)]
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 1
