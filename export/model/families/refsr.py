@@ -136,7 +136,7 @@ class RefSR(ModelFamily):
 
     def family_inputs(self) -> tuple[RequestInput, ...]:
         return (RequestInput("references", "photos", "a reference photo of similar content (any size and mode; resized "
-                             f"to {self.config.reference_side} pixels square)", low=0, high=MAX_REFERENCES,
+                             "to the model's reference side, square: refsr's 256 px)", low=0, high=MAX_REFERENCES,
                              side=self.config.reference_side, tensor="references", flag="reference"),)
 
     def settings_errors(self, settings: PipelineConfig) -> list[str]:
