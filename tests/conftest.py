@@ -112,7 +112,7 @@ EXPORTS = {
     "demo": ("demo_model", None),
     "toy": (None, None),
     "xpsr": ("xpsr_checkpoint", ("--no-ort-fusions",)),
-    "refsr": ("refsr_checkpoint", ("--no-ort-fusions",)),
+    "refsr": ("refsr_checkpoint", ("--no-ort-fusions", "--fp16", "--calib-photos", "astronaut", "--calib-steps", "3")),
 }
 DEMO_STEPS = "2"
 ROOT = Path(__file__).resolve().parent.parent  # where `tests.toy_family` imports from, as a package of one's own
@@ -231,7 +231,8 @@ def xpsr_onnx(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def refsr_onnx(request, tmp_path_factory):
-    """The refsr-tiny checkpoint exported FP32, without ONNX Runtime's fused variants."""
+    """The refsr-tiny checkpoint exported FP32, without ONNX Runtime's fused variants, and FP16 (through the FP16
+    check: each photo's tiles, its references)."""
     return _exported("refsr", request, tmp_path_factory)
 
 

@@ -107,11 +107,13 @@ class EncoderCopy(nn.Module):
 
 class LevelAttention(nn.Module):
     """One decoder level's cross-attention: queries from the LR features, keys and values from one reference's, per
-    reference; multi-head, `head_dim` channels a head."""
+    reference; multi-head, `head_dim` channels a head. The queries go in `bands` bands of rows, one after the other
+    (the result is the same: each query attends alone), so that where a backend does not fuse attention (ONNX
+    Runtime) the scores it holds at once are a band's, not the whole tile's."""
 
-    def __init__(self, channels: int, out_channels: int, head_dim: int, groups: int, eps: float):
+    def __init__(self, channels: int, out_channels: int, head_dim: int, groups: int, eps: float, bands: int = 1):
         super().__init__()
-        self.heads = channels // head_dim
+        self.heads, self.bands = channels // head_dim, bands
         self.norm_query = nn.GroupNorm(groups, channels, eps=eps)
         self.norm_reference = nn.GroupNorm(groups, channels, eps=eps)
         self.to_q, self.to_k, self.to_v = (nn.Linear(channels, channels) for _ in range(3))
@@ -127,17 +129,22 @@ class LevelAttention(nn.Module):
         aggregated."""
         b, c, h, w = features.shape
         r, d = keys_values.shape[0], c // self.heads
-        q = self.to_q(self.norm_query(features).flatten(2).transpose(1, 2))  # (B, N, C)
-        q = q.view(b, 1, h * w, self.heads, d).transpose(2, 3).expand(b, r, self.heads, h * w, d)
+        q = self.to_q(self.norm_query(features).flatten(2).transpose(1, 2))  # (B, N, C), row after row
         k, v = keys_values.view(r, 2, -1, self.heads, d).transpose(2, 3).unbind(1)  # (R, heads, M, d) each
         m = k.shape[2]
         k, v = (t.unsqueeze(0).expand(b, r, self.heads, m, d).reshape(b * r, self.heads, m, d) for t in (k, v))
-        out = F.scaled_dot_product_attention(q.reshape(b * r, self.heads, h * w, d), k, v)
-        out = out.view(b, r, self.heads, h * w, d).sum(1)
+        bands = q.view(b, self.bands, -1, self.heads, d)  # h divides by `bands`: whole rows in each band
+        out = []
+        for i in range(self.bands):
+            n = bands.shape[2]
+            part = bands[:, i].view(b, 1, n, self.heads, d).transpose(2, 3).expand(b, r, self.heads, n, d)
+            attended = F.scaled_dot_product_attention(part.reshape(b * r, self.heads, n, d), k, v)
+            out.append(attended.view(b, r, self.heads, n, d).sum(1))
+        summed = torch.cat(out, dim=2)  # (B, heads, N, d)
         if aggregation == "mean":
-            out = out / max(r, 1)  # no reference: nothing to add
-        out = self.to_out(out.transpose(1, 2).reshape(b, h * w, c))
-        return out.transpose(1, 2).reshape(b, -1, h, w)
+            summed = summed / max(r, 1)  # no reference: nothing to add
+        result = self.to_out(summed.transpose(1, 2).reshape(b, h * w, c))
+        return result.transpose(1, 2).reshape(b, -1, h, w)
 
 
 class ReferenceParts(nn.Module):
@@ -148,9 +155,11 @@ class ReferenceParts(nn.Module):
         super().__init__()
         self.config = cfg
         self.lr_encoder, self.reference_encoder = EncoderCopy(cfg), EncoderCopy(cfg)
-        ch = cfg.block_out_channels
+        ch, deepest = cfg.block_out_channels, len(cfg.block_out_channels) - 1
+        # a latent side divides by 2 ** deepest cells, so a level's rows divide by 2 ** (deepest - level): its bands
         self.attentions = nn.ModuleList(
-            LevelAttention(ch[level], width, cfg.attention_head_dim, cfg.norm_num_groups, cfg.norm_eps)
+            LevelAttention(ch[level], width, cfg.attention_head_dim, cfg.norm_num_groups, cfg.norm_eps,
+                           bands=2 ** (deepest - level))
             for level, width in zip(cfg.levels, cfg.widths()))
 
 

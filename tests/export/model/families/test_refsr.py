@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from diffsr.app.measure.parity import check_parity
 from diffsr.calib.data import photo
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.precision import Precision
 from diffsr.export.model.checkpoint import load_submodule
 from diffsr.export.model.families import preset
 from diffsr.export.model.families.refsr_networks import LevelAttention, decoder_levels
@@ -104,7 +105,7 @@ def test_the_attention_is_each_reference_alone_then_their_mean():
     attend (softmax(q k^T / sqrt(d)) v, per head) to that reference's keys and values alone; the results' mean,
     projected. The module's result is that, and the same whatever the references' order."""
     torch.manual_seed(0)
-    attn = LevelAttention(16, 24, head_dim=4, groups=4, eps=1e-5).eval()
+    attn = LevelAttention(16, 24, head_dim=4, groups=4, eps=1e-5, bands=3).eval()  # rows in three bands
     lr, refs = torch.randn(2, 16, 3, 5), torch.randn(3, 16, 4, 4)
     with torch.no_grad():
         kv = attn.keys_values(refs)
@@ -233,3 +234,11 @@ def test_summed_references_do_not_depend_on_the_tiles_per_call(refsr_checkpoint,
     images = [pipe(_request(ckpt, photo("chelsea", (37, 21)), refs, dict(steps=2, tile=8, tile_overlap=2,
                                                                           tile_batch=batch))).image for batch in (1, 4)]
     assert np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 1
+
+
+def test_fp16_graphs_hold_the_image_with_references_and_without(refsr_checkpoint, refsr_onnx):
+    """FP16 (through the FP16 check): every graph within FP16's tolerance at the smallest shapes, the pipeline with
+    two references and with none."""
+    report = check_parity(refsr_checkpoint, refsr_onnx, Precision.FP16, size=(32, 24), steps=3, shapes=("min",))
+    assert report.passed, report.to_json()
+    assert len(report.images) == 2 and min(i.psnr_db for i in report.images) >= 40
