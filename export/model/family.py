@@ -203,9 +203,9 @@ class ModelFamily(ABC):
         return -(-MIN_LATENT * self.latent_factor // self.pixel_multiple) * self.pixel_multiple
 
     @property
-    @abstractmethod
     def native_latent(self) -> int:
-        """The latent side the model was trained at: the default tile and the engines' opt."""
+        """The latent side the model was trained at: the default tile and the engines' opt (the config's)."""
+        return int(self.config.native_latent)
 
     @abstractmethod
     def family_dims(self) -> tuple[NamedDim, ...]:

@@ -181,10 +181,6 @@ class DiT4SR(ModelFamily):
         return 2  # the transformer's patch
 
     @property
-    def native_latent(self) -> int:
-        return int(self.config.native_latent)
-
-    @property
     def joint_dim(self) -> int:
         return int(self.config.t5_d_model)
 

@@ -119,10 +119,6 @@ class RefSR(ModelFamily):
     def latent_multiple(self) -> int:
         return 2 ** (len(self.config.unet_channels) - 1)
 
-    @property
-    def native_latent(self) -> int:
-        return int(self.config.native_latent)
-
     def reference_config(self) -> Any:
         """The `reference/` folder's config: the UNet's encoder settings, the references' side, the aggregation."""
         from diffsr.export.model.families.refsr_networks import ReferenceConfig

@@ -200,10 +200,6 @@ class SD(ModelFamily):
         return 2 ** (len(self.config.unet_channels) - 1)  # the UNet halves the latent once per level but the last
 
     @property
-    def native_latent(self) -> int:
-        return int(self.config.native_latent)
-
-    @property
     def latent_channels(self) -> int:
         return int(self.config.latent_channels)
 

@@ -152,10 +152,6 @@ class XPSR(ModelFamily):
         return 2 ** (len(self.config.unet_channels) - 1)
 
     @property
-    def native_latent(self) -> int:
-        return int(self.config.native_latent)
-
-    @property
     def latent_factor(self) -> int:
         return 2 ** (len(self.config.vae_channels) - 1)
 
