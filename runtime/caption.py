@@ -207,9 +207,14 @@ class TextWriter:
     (`<part>_image`) and its mean seconds per decode step (`<part>_token`; each step ends in the stop check, which
     waits for the device); `tokens` counts the new tokens made so far (for the metrics)."""
 
-    def __init__(self, graphs: Graphs, run: RunFn, device: torch.device | str, part: str):
-        self.run, self.device, self.part = run, torch.device(device), part
-        self.loop = CaptionLoop(self._timed, graphs)
+    @staticmethod
+    def graphs_of(spec: Any) -> Graphs:
+        """The attachment's graphs, as the loop calls them (each kind of writer says)."""
+        raise NotImplementedError
+
+    def __init__(self, spec: Any, run: RunFn, device: torch.device | str = "cpu"):
+        self.spec, self.run, self.device, self.part = spec, run, torch.device(device), spec.part
+        self.loop = CaptionLoop(self._timed, type(self).graphs_of(spec))
         self.tokens = 0
         self.timings: dict[str, float] = {}
         self._spent: dict[str, list[float]] = {}
@@ -232,21 +237,21 @@ class TextWriter:
                         f"{self.part}_token": sum(steps) / len(steps) if steps else 0.0}
         return made
 
+    @cached_property
+    def tokenizer(self) -> Any:
+        """The attachment folder's tokenizer."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.spec.path))
+
 
 class ImageCaptioner(TextWriter):
     """A checkpoint's captioner: an (H, W, 3) uint8 image -> its caption, as text (the new tokens only, as
     transformers' `batch_decode` of them gives it), continuing the request's `caption_prompt` (a captioner takes no
     instruction)."""
 
-    def __init__(self, spec: CaptionerSpec, run: RunFn, device: torch.device | str = "cpu"):
-        super().__init__(captioner_graphs(spec), run, device, spec.part)
-        self.spec = spec
-
-    @cached_property
-    def tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(self.spec.path))
+    spec: CaptionerSpec
+    graphs_of = staticmethod(captioner_graphs)
 
     def __call__(self, rgb: NDArray[np.uint8], cfg: PipelineConfig, instruction: str | None = None,
                  cancelled: Callable[[], bool] | None = None) -> str:

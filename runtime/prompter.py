@@ -32,7 +32,7 @@ from diffsr.export.model.attachments.prompter import (
 )
 from diffsr.export.model.attachments.prompter import Prompter as PrompterSpec
 from diffsr.export.model.settings import PipelineConfig
-from diffsr.runtime.caption import CaptionSettings, Graphs, RunFn, TextWriter
+from diffsr.runtime.caption import CaptionSettings, Graphs, TextWriter
 
 
 def clip_pixels(rgb: NDArray[np.uint8], size: int, crop: int, mean: tuple[float, ...] = CLIP_MEAN,
@@ -87,15 +87,8 @@ class LlavaPrompter(TextWriter):
     """A checkpoint's prompter: (H, W, 3) uint8 photo, settings, a slot's instruction -> the text it writes (the new
     tokens, as `batch_decode` gives them, on one line)."""
 
-    def __init__(self, spec: PrompterSpec, run: RunFn, device: torch.device | str = "cpu"):
-        super().__init__(prompter_graphs(spec), run, device, spec.part)
-        self.spec = spec
-
-    @cached_property
-    def tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(self.spec.path))
+    spec: PrompterSpec
+    graphs_of = staticmethod(prompter_graphs)
 
     @cached_property
     def template(self) -> str:

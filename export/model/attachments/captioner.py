@@ -39,10 +39,10 @@ from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.model.attachment import Attachment
 from diffsr.export.model.attachments.clip_vision import CLIP_MEAN, CLIP_STD
-from diffsr.export.model.attachments.kv_cache import attended_mask, lm_signatures
+from diffsr.export.model.attachments.kv_cache import attended_mask, beams_dim, lm_signatures
 from diffsr.export.model.dims import NamedDim
 from diffsr.export.model.parts import Component, Draw
-from diffsr.export.model.settings import MAX_BEAMS, MAX_NEW_TOKENS
+from diffsr.export.model.settings import MAX_NEW_TOKENS
 from diffsr.export.model.signatures import Signature, TensorSpec
 
 FOLDER = "captioner"
@@ -177,8 +177,7 @@ class Captioner(Attachment):
     def dims(self) -> tuple[NamedDim, ...]:
         q = self.num_query_tokens
         return (
-            NamedDim("caption_batch", "language-model rows: an image's beams (1 for greedy search)", "beams",
-                     trace=5, odd=3, bound=8 * MAX_BEAMS, native=MAX_BEAMS),
+            beams_dim("caption_batch"),
             NamedDim("prompt_length", "BOS and the caption prompt's tokens", "length", trace=6, odd=7, bound=1 + MAX_PROMPT,
                      native=1),
             # its trace and odd sizes leave room for the prefix and the prompt (the prefill pads to it)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffsr.export.model.dims import NamedDim
+from diffsr.export.model.settings import MAX_BEAMS
 from diffsr.export.model.signatures import Signature, TensorSpec
 
 F32_MIN = torch.finfo(torch.float32).min
@@ -82,6 +84,12 @@ class DecodeStep(nn.Module):
         layers = range(past_keys.shape[0])
         return (out.logits[:, -1], torch.stack([cache.written[i][0] for i in layers]),
                 torch.stack([cache.written[i][1] for i in layers]))
+
+
+def beams_dim(name: str) -> NamedDim:
+    """A language model's rows: one image's beams (1 for greedy search), up to `MAX_BEAMS` (the profiles' opt)."""
+    return NamedDim(name, "language-model rows: an image's beams (1 for greedy search)", "beams", trace=5, odd=3,
+                    bound=8 * MAX_BEAMS, native=MAX_BEAMS)
 
 
 def lm_signatures(prefill_name: str, decode_name: str, features: TensorSpec, rows: str, length: str, cache: str,

@@ -41,10 +41,10 @@ from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.model.attachment import Attachment
 from diffsr.export.model.attachments.clip_vision import CLIP_MEAN, CLIP_STD
-from diffsr.export.model.attachments.kv_cache import attended_mask, lm_signatures
+from diffsr.export.model.attachments.kv_cache import attended_mask, beams_dim, lm_signatures
 from diffsr.export.model.dims import NamedDim
 from diffsr.export.model.parts import Component, Draw
-from diffsr.export.model.settings import MAX_BEAMS, MAX_NEW_TOKENS
+from diffsr.export.model.settings import MAX_NEW_TOKENS
 from diffsr.export.model.signatures import Signature, TensorSpec
 
 FOLDER = "prompter"
@@ -184,8 +184,7 @@ class Prompter(Attachment):
     def dims(self) -> tuple[NamedDim, ...]:
         n = self.image_tokens
         return (
-            NamedDim("prompter_batch", "language-model rows: an image's beams (1 for greedy search)", "beams",
-                     trace=5, odd=3, bound=8 * MAX_BEAMS, native=MAX_BEAMS),
+            beams_dim("prompter_batch"),
             NamedDim("prompter_length", "the templated instruction's tokens, its image tokens included", "length",
                      trace=n + 13, odd=n + 17, bound=n + MAX_TEXT, native=n + 24, least=n + 1),
             # its trace and odd sizes leave room for the instruction (the prefill pads the cache to it); its opt, a
