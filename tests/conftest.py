@@ -39,6 +39,19 @@ DATA = Path(__file__).parent / "data"
 NARROW_TILING = dict(tile=8, tile_overlap=2)  # 64 px tiles: the tests' small photos are several tiles
 
 
+def graphs_run(modules, names):
+    """run(name, **inputs) over an image-to-text model's graphs as torch modules (`names`: their
+    `runtime.caption.Graphs`): the image graph's output under its name, a language-model graph's as logits, keys and
+    values."""
+
+    def run(name, **inputs):
+        with torch.no_grad():
+            out = modules[name](**inputs)
+        return {names.features: out} if name == names.image else dict(zip(("logits", "keys", "values"), out))
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     path = init_checkpoint("tiny", seed=0, out=tmp_path_factory.mktemp("ckpt") / "tiny").path

@@ -21,6 +21,7 @@ from diffsr.export.model.attachments.captioner import (
 )
 from diffsr.export.model.attachments.captioner_networks import caption_graphs, load_blip2
 from diffsr.runtime.caption import CaptionLoop, CaptionSettings, captioner_graphs, pixel_values
+from tests.conftest import graphs_run
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +40,6 @@ def reference(captioner):
     from transformers import Blip2ForConditionalGeneration
 
     return Blip2ForConditionalGeneration.from_pretrained(str(captioner.path), dtype=torch.float32).eval()
-
-
-def _run(graphs):
-    def run(name, **inputs):
-        with torch.no_grad():
-            out = graphs[name](**inputs)
-        if name == "caption_image":
-            return {"prefix": out}
-        return dict(zip(("logits", "keys", "values"), out))
-
-    return run
 
 
 def test_a_seeded_captioner_is_a_blip2_folder_transformers_loads(captioner):
@@ -122,7 +112,7 @@ def test_captions_are_generates_token_for_token(captioner, blip2, reference, bea
     from collections import Counter
 
     images = torch.cat([pixel_values(photo(name, None), 224) for name in PHOTOS])
-    run = _run(caption_graphs(blip2))
+    run = graphs_run(caption_graphs(blip2), captioner_graphs(captioner))
     eos = captioner.eos
     if ending:
         greedy = CaptionLoop(run, captioner_graphs(dataclasses.replace(captioner, eos=eos)))(

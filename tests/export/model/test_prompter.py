@@ -23,6 +23,7 @@ from diffsr.export.model.attachments.prompter_networks import GRAPHS, build_llav
 from diffsr.export.model.families.xpsr import HIGH_LEVEL, LOW_LEVEL
 from diffsr.runtime.caption import CaptionLoop, CaptionSettings
 from diffsr.runtime.prompter import LlavaPrompter, prompter_graphs
+from tests.conftest import graphs_run
 
 SIDE = 56  # llava-tiny's image size
 
@@ -53,17 +54,6 @@ def processor(prompter):
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(str(prompter.path))
-
-
-def _run(graphs):
-    def run(name, **inputs):
-        with torch.no_grad():
-            out = graphs[name](**inputs)
-        if name == "prompter_image":
-            return {"image_features": out}
-        return dict(zip(("logits", "keys", "values"), out))
-
-    return run
 
 
 def _chat(instruction):
@@ -163,7 +153,7 @@ def test_texts_are_generates_token_for_token(prompter, graphs, reference, proces
     text = processor.apply_chat_template(_chat(LOW_LEVEL), add_generation_prompt=True)
     inputs = processor(text=[text] * len(PHOTOS), images=[photo(name, None) for name in PHOTOS], return_tensors="pt")
     ids = inputs.input_ids[0].tolist()
-    run, eos = _run(graphs), prompter.eos
+    run, eos = graphs_run(graphs, prompter_graphs(prompter)), prompter.eos
     if ending:
         greedy = CaptionLoop(run, prompter_graphs(prompter))(inputs.pixel_values, ids, CaptionSettings(max_new_tokens=12))
         eos = Counter(t for row in greedy for t in row[2:]).most_common(1)[0][0]
@@ -183,7 +173,7 @@ def test_the_runner_writes_what_generate_writes(prompter, graphs, reference, pro
     from diffsr.export.model.settings import PipelineConfig
 
     image = photo("camera", None)
-    runner = LlavaPrompter(prompter, _run(graphs))
+    runner = LlavaPrompter(prompter, graphs_run(graphs, prompter_graphs(prompter)))
     made = runner(image, PipelineConfig(caption_tokens=10), HIGH_LEVEL)
     inputs = processor(text=HIGH_LEVEL, images=image, return_tensors="pt")
     with torch.no_grad():
@@ -198,7 +188,7 @@ def test_a_cancel_stops_the_text_between_decode_steps(prompter, graphs):
     endpoint's BLS entry passes its request's `is_cancelled`)."""
     from diffsr.export.model.settings import PipelineConfig
 
-    run, calls = _run(graphs), []
+    run, calls = graphs_run(graphs, prompter_graphs(prompter)), []
 
     def counted(name, **feed):
         calls.append(name)
