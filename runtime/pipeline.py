@@ -25,7 +25,7 @@ from diffsr.runtime.cuda_graph import StepGraphs
 from diffsr.runtime.loop import denoise
 from diffsr.runtime.prompts import Write, make_prompter, request_texts, used_prompts
 from diffsr.runtime.requests import Plan, check
-from diffsr.runtime.stages import decode, finish, prepare, run_once, token_ids
+from diffsr.runtime.stages import decode, finish, prepare, prompting, run_once, token_ids
 from diffsr.runtime.step import StepCallback
 
 
@@ -75,13 +75,14 @@ class Pipeline:
         start = time.perf_counter()
 
         # 1. Pre-process: the photo bicubic x `upscale` in [-1, 1], padded to the model's multiple; the family's
-        #    other photos as it declares them.
+        #    other photos as it declares them, and as its own processors take them.
         with self.stage("preprocess"):
-            tensors = prepare(model, request, self.device)
+            tensors = prepare(model, request, self.checkpoint.path, self.device)
 
         # 2. Prompt: the request's texts; an attachment (a prompter, a captioner) writes the family's prompt slots where
-        #    the policy asks.
-        texts = request_texts(model, cfg, self._writer(request, cancelled))
+        #    the policy asks; the family's prompting stages (SISRM's segmenter) add their words.
+        tensors, words = prompting(model, self.run, tensors, cfg, self.checkpoint.path, self.stage)
+        texts = request_texts(model, cfg, self._writer(request, cancelled), words)
 
         # 3. Once per request: the texts' token ids, then the family's stages in order (SD: the text encoder, then
         #    the LQ encoder over tiles); the step's conditioning from the untiled ones, the output size and the

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,9 +63,11 @@ def make_prompter(model: ModelFamily, run: RunFn, device: torch.device | str, ro
 Write = Callable[[PromptSlot], str]
 
 
-def request_texts(model: ModelFamily, cfg: PipelineConfig, write: Write | None) -> dict[str, str]:
+def request_texts(model: ModelFamily, cfg: PipelineConfig, write: Write | None,
+                  words: Mapping[str, str] | None = None) -> dict[str, str]:
     """Every text of a request: each prompt slot under the policy (`write(slot)` makes the prompter's text; None: the
-    model has no prompter), the negative prompt, the family's other text inputs (not given: their defaults)."""
+    model has no prompter; `words`: what the family's prompting stages said, by slot), the negative prompt, the
+    family's other text inputs (not given: their defaults)."""
     declared = {i.name for i in model.family_inputs() if i.kind == "text"}
     texts = {"negative_prompt": cfg.negative_prompt}
     texts |= {k: v or "" for k, v in model.input_values(cfg).items() if k in declared}
@@ -76,7 +78,7 @@ def request_texts(model: ModelFamily, cfg: PipelineConfig, write: Write | None) 
         written = None
         if write is not None and prompter is not None and prompter.writes_slot(slot):
             written = functools.partial(write, slot)
-        texts[slot.text] = slot_text(slot, cfg, typed, default, written)
+        texts[slot.text] = slot_text(slot, cfg, typed, default, written, (words or {}).get(slot.text, ""))
     return texts
 
 
@@ -91,15 +93,24 @@ def wants_caption(cfg: PipelineConfig, typed: str | None = None) -> bool:
 
 
 def slot_text(slot: PromptSlot, cfg: PipelineConfig, typed: str | None, default: str,
-              written: Callable[[], str] | None) -> str:
+              written: Callable[[], str] | None, words: str = "") -> str:
     """A slot's text under the policy. `written()` makes the prompter's (None: the checkpoint has none for this slot;
     `requests.check` refuses caption="always" without any). A given text always stays: with `caption="always"` the
     written one follows it after a comma. A cleaned slot's written text is completed by `caption_suffix`
-    (`clean_caption`); with no text given and none written, the default (the prompt's: the suffix alone)."""
-    if not wants_caption(cfg, typed) or written is None:
+    (`clean_caption`); with no text given and none written, the default (the prompt's: the suffix alone).
+
+    `words` (what the family's prompting stages said: SISRM's label words) join every prompt: the given text, the
+    written one, the words, then the suffix (a cleaned slot's), comma-separated."""
+    made = None
+    if wants_caption(cfg, typed) and written is not None:
+        made = written()
+        made = clean_caption(made, cfg.caption_drop, "" if words else cfg.caption_suffix) if slot.cleaned \
+            else " ".join(made.split())
+    if words:
+        suffix = cfg.caption_suffix if slot.cleaned else ""
+        return ", ".join(p for p in (typed, made, words, suffix.strip()) if p)
+    if made is None:
         return typed if typed is not None else default
-    made = written()
-    made = clean_caption(made, cfg.caption_drop, cfg.caption_suffix) if slot.cleaned else " ".join(made.split())
     return made if typed is None else ", ".join(p for p in (typed, made) if p)
 
 

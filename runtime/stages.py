@@ -2,7 +2,10 @@
 declaration (`Stages`, the request inputs, the signatures), none names a submodule.
 
     prepare      the request's photos -> pixels in [-1, 1]: the photo bicubic x `upscale` and padded to the model's
-                 multiple; the family's tiled photos laid over it alike, its global photos resized to their side
+                 multiple; the family's tiled photos laid over it alike, its global photos resized to their side; the
+                 photo as the family's own processors take it (`ModelFamily.view`)
+    prompting    the prompting stages (SISRM's segmenter and label generator) on the prepared photos, and the words
+                 the family reads from them (`ModelFamily.words`)
     token_ids    the request's texts -> token ids, as the family lays out its text batch
     run_once     the once-per-request stages in order, each on the named tensors made so far: tiled stages over the
                  photo's tiles (blended in the latent), the others once
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +28,7 @@ from numpy.typing import NDArray
 from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.inputs import PHOTO_KINDS
 from diffsr.export.model.parts import RunFn
-from diffsr.export.model.settings import Request
+from diffsr.export.model.settings import PipelineConfig, Request
 from diffsr.export.model.signatures import Signature, parse_dim
 from diffsr.runtime.image import adain, output_size, pad_to_multiple, resized, to_uint8, upsample, wavelet_fix
 from diffsr.runtime.tiling import Blender, Tiling
@@ -60,9 +64,10 @@ def _laid_over(image: NDArray[np.uint8], size: tuple[int, int], padded: tuple[in
     return F.pad(resized(image, size), (0, padded[1] - size[1], 0, padded[0] - size[0]), mode="replicate")
 
 
-def prepare(model: ModelFamily, request: Request, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def prepare(model: ModelFamily, request: Request, root: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The request's photos as the stages take them, by tensor name: the photo (1, 3, H, W), then each of the
-    family's photo inputs (N, 3, H, W) (a tiled one on the photo's padded pixels, a global one at its side)."""
+    family's photo inputs (N, 3, H, W) (a tiled one on the photo's padded pixels, a global one at its side), then the
+    photo as the family's own processors prepare it (their files under `root`)."""
     scale = request.settings.upscale
     lq = prepare_lq(model, request.photo, scale)
     size = photo_size(model, request.photo, scale)
@@ -75,7 +80,22 @@ def prepare(model: ModelFamily, request: Request, device: torch.device | str = "
         made = [_laid_over(p, size, padded) if spec.tiled else resized(p, (spec.side, spec.side)) for p in photos]
         empty = lq.new_zeros((0, 3, *(lq.shape[-2:] if spec.tiled else (spec.side, spec.side))))
         out[spec.tensor] = torch.cat(made) if made else empty
+    out |= model.view(request.photo, root)
     return {name: t.to(device) for name, t in out.items()}
+
+
+def prompting(model: ModelFamily, run: RunFn, tensors: Mapping[str, torch.Tensor], settings: PipelineConfig,
+              root: Path, timed: Timer = untimed) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The prompting stages, in order, on the prepared tensors -> (the tensors and their outputs, the words the family
+    reads from them by prompt slot; `root` holds the files it reads them with)."""
+    made = dict(tensors)
+    for stage in model.stages.once:
+        if stage.prompting:
+            with timed(stage.part):
+                made |= run(stage.submodule, **{t.name: made[t.name] for t in model.signature(stage.submodule).inputs})
+    if len(made) == len(tensors):
+        return made, {}
+    return made, model.words(made, model.input_values(settings), root)
 
 
 def token_ids(model: ModelFamily, tokenize: Callable[[list[str]], dict[str, Any]], texts: Mapping[str, str],
@@ -112,11 +132,14 @@ def run_once(model: ModelFamily, run: RunFn, tensors: Mapping[str, torch.Tensor]
              timed: Timer = untimed) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The once-per-request stages, in the family's order, on the prepared tensors and each earlier stage's outputs
     -> (the tiled stages' outputs, the others' outputs). Each stage is timed under its part. A stage whose outputs
-    `tensors` already holds (the Triton ensemble ran it as a step of its own) is not run again."""
+    `tensors` already holds (the Triton ensemble ran it as a step of its own) is not run again, nor is a prompting
+    stage (`prompting` ran it)."""
     made = dict(tensors)
     tiled = {name: made[name] for name in model.tiled_scales() if name in made}  # the photos the step reads
     whole: dict[str, torch.Tensor] = {}
     for stage in model.stages.once:
+        if stage.prompting:  # run with the preparation (`prompting`), which handed on what later stages take
+            continue
         sig = model.signature(stage.submodule)
         if all(t.name in made for t in sig.outputs):
             (tiled if stage.tiled else whole).update({t.name: made[t.name] for t in sig.outputs})

@@ -29,7 +29,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from fnmatch import fnmatch
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -216,11 +218,14 @@ def split_stages(model: ModelFamily) -> tuple[list[Stage], list[Stage]]:
     """(the once-per-request stages an ensemble runs as steps of its own, those its sampler runs): an untiled stage
     whose inputs the preprocessing or an earlier such step makes is a step; tiled ones, any that needs what only the
     sampler makes, and any that reads a list of photos a request may leave empty (an ensemble cannot skip a step:
-    `runtime.stages.not_run`), run in the sampler."""
+    `runtime.stages.not_run`), run in the sampler. Prompting stages run in the preprocessing (which hands their outputs
+    on), in neither."""
     ready = {t.name for t in model.prepared()}
     emptiable = {i.tensor for i in model.photo_lists() if not i.low}
     steps, rest = [], []
     for stage in model.stages.once:
+        if stage.prompting:
+            continue
         sig = model.signature(stage.submodule)
         if not stage.tiled and all(t.name in ready and t.name not in emptiable for t in sig.inputs):
             steps.append(stage)
@@ -353,9 +358,9 @@ def build_repository(
     preprocessing = [n for n in ("preprocess", ENSEMBLE) if n in configs and configs[n].backend == "python"][:1]
     if options.gallery is not None:
         _copy_gallery(ckpt, options, out / preprocessing[0] / "1" / GALLERY)
-    for folder in dict.fromkeys(ckpt.model.tokenizer_folders().values()):
+    for folder, patterns in ckpt.model.reading_folders().items():  # the tokenizers; a family's processor configs
         for name in preprocessing:
-            shutil.copytree(ckpt.path / folder, out / name / "1" / folder)
+            shutil.copytree(ckpt.path / folder, out / name / "1" / folder, ignore=_all_but(patterns))
     for attachment in ckpt.model.attachments:  # what its runner reads (a tokenizer, configs), not its weights
         for name in preprocessing:
             (out / name / "1" / attachment.folder).mkdir()
@@ -366,6 +371,11 @@ def build_repository(
                 "graphs": {str(p.relative_to(out)): file_sha256(p) for p in graphs}}
     (out / REPOSITORY_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return configs
+
+
+def _all_but(patterns: tuple[str, ...]) -> Callable[[str, list[str]], list[str]]:
+    """`shutil.copytree`'s ignore: every file whose name matches none of the patterns."""
+    return lambda folder, names: [n for n in names if not any(fnmatch(n, p) for p in patterns)]
 
 
 def _copy_gallery(ckpt: Checkpoint, options: ServingOptions, to: Path) -> None:

@@ -52,11 +52,12 @@ ONNX_TYPES = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", 
 
 
 def torch_dynamic_shapes(model: ModelFamily, sig: Signature) -> dict[str, dict[int, Any]]:
-    """The signature's named dims as torch.export Dims, within each dim's declared bound; a side as a
-    multiple of its cells (`NamedDim.multiple`)."""
+    """The signature's named dims as torch.export Dims, from each dim's least size (a length's `least`: SegFormer's
+    sides, whose spatial reductions need a few cells) to its declared bound; a side as a multiple of its cells
+    (`NamedDim.multiple`)."""
     base = {}
     for d in model.dims():
-        dim = Dim(d.name if d.multiple == 1 else f"{d.name}_units", min=1, max=d.bound)
+        dim = Dim(d.name if d.multiple == 1 else f"{d.name}_units", min=d.least, max=d.bound)
         base[d.name] = dim if d.multiple == 1 else d.multiple * dim
     shapes: dict[str, dict[int, Any]] = {}
     for spec in sig.inputs:

@@ -31,6 +31,7 @@ from torch import nn
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.model.attachments import open_attachments
+from diffsr.export.model.components import library_names
 from diffsr.export.model.families import model_from_json, module_of
 from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.settings import PipelineConfig
@@ -92,7 +93,7 @@ def check_files(path: Path, model: ModelFamily) -> None:
     for folder, component in model.components().items():
         try:
             _read_json(path / folder / "config.json")
-            StoredWeights(path / folder, component.weights, component.tied).shapes
+            StoredWeights(path / folder, component.weights, component.tied).shapes  # headers: any names
         except DiffsrError as e:
             errors.append(str(e))
     for folder in dict.fromkeys(model.tokenizer_folders().values()):
@@ -159,7 +160,8 @@ def weights_file(ckpt: Checkpoint, folder: str) -> Path:
 
 def stored_weights(ckpt: Checkpoint, folder: str) -> StoredWeights:
     component = ckpt.model.components()[folder]
-    return StoredWeights(ckpt.path / folder, component.weights, component.tied)
+    return StoredWeights(ckpt.path / folder, component.weights, component.tied,
+                         library_names(component, ckpt.path / folder))
 
 
 def check_weights(weights: StoredWeights, expected: dict[str, tuple[int, ...]], others_allowed: bool = False) -> None:

@@ -4,7 +4,9 @@ assigns them). One builder per library: diffusers models, transformers models, a
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +52,11 @@ def diffusers_component(cls: Any) -> Component:
     return Component(build, DIFFUSERS_WEIGHTS)
 
 
-def transformers_component(cls: Any, config_cls: Any, tied: tuple[tuple[str, str], ...] = ()) -> Component:
+def transformers_component(cls: Any, config_cls: Any, tied: tuple[tuple[str, str], ...] = (),
+                           library_keys: bool = False) -> Component:
     """A transformers model of this class from its folder's config.json (a `config_cls` dict); either may be given by
-    its name in transformers. `tied`: its tied weights, saved by transformers under one name."""
+    its name in transformers. `tied`: its tied weights, saved by transformers under one name; `library_keys`: its
+    weights are stored under the names transformers saves them with (`library_names`)."""
 
     def build(folder: Path) -> nn.Module:
         model_class, config_class = _resolve(cls, "transformers"), _resolve(config_cls, "transformers")
@@ -62,7 +66,7 @@ def transformers_component(cls: Any, config_cls: Any, tied: tuple[tuple[str, str
             raise DiffsrError(f"{folder / 'config.json'} is not a valid {config_class.__name__}: {e}") from None
         return module
 
-    return Component(build, WEIGHTS, tied)
+    return Component(build, WEIGHTS, tied, library_keys)
 
 
 def our_component(cls: Any, config_cls: Any) -> Component:
@@ -80,3 +84,38 @@ def our_component(cls: Any, config_cls: Any) -> Component:
 def diffusers_config(net: Any) -> dict[str, Any]:
     """A diffusers network's config.json: its config without the private keys, named by its class."""
     return {k: v for k, v in net.config.items() if not k.startswith("_")} | {"_class_name": type(net).__name__}
+
+
+@functools.lru_cache(maxsize=16)
+def library_names(component: Component, folder: Path) -> Callable[[str], str] | None:
+    """A stored key -> its network's name, as transformers renames it on loading (its conversion mapping for the
+    network's classes: published SegFormer folders hold `encoder.block.0.0.attention.self.key`, which transformers 5
+    loads as `stages.0.blocks.0.attention.k_proj`); None for a component stored under its network's names."""
+    if not component.library_keys:
+        return None
+    from accelerate import init_empty_weights
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    with init_empty_weights(include_buffers=False):
+        conversions = get_model_conversion_mapping(component.build(folder))
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+
+    def rename(key: str) -> str:
+        new, converted = rename_source_key(key, renamings, converters)
+        if converted is not None:
+            raise DiffsrError(f"{folder}: transformers converts its stored {key!r} (merges or splits tensors) on "
+                              "loading; diffsr reads one tensor a key")
+        return str(new)
+
+    return rename
+
+
+def library_tensors(component: Component, net: nn.Module, tensors: dict[str, Any]) -> dict[str, Any]:
+    """A network's tensors under the names its library stores them with (what `library_names` reads back)."""
+    if not component.library_keys:
+        return tensors
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return dict(revert_weight_conversion(net, tensors))

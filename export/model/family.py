@@ -132,15 +132,39 @@ class ModelFamily(ABC):
                     "text")
 
     def prepared(self) -> list[TensorSpec]:
-        """What a request's preparation hands the once-per-request stages (the photos' pixels, token ids): every
-        stage input no earlier stage makes, in the order the stages take them."""
+        """What a request's preparation hands the once-per-request stages (the photos' pixels, token ids, what the
+        prompting stages made): every input of a stage that is not prompting that no earlier such stage makes, in the
+        order the stages take them."""
         made: set[str] = set()
         out: dict[str, TensorSpec] = {}
         for stage in self.stages.once:
+            if stage.prompting:
+                continue
             sig = self.signature(stage.submodule)
             out |= {t.name: t for t in sig.inputs if t.name not in made and t.name not in out}
             made |= {t.name for t in sig.outputs}
         return list(out.values())
+
+    def photo_views(self) -> tuple[str, ...]:
+        """Tensors a family's own image processor makes of the request's photo (SISRM: its segmenter's `pixel_values`,
+        as the segmenter folder's `SegformerImageProcessor` makes them): what `view` returns."""
+        return ()
+
+    def view(self, rgb: np.ndarray[Any, Any], root: Path) -> dict[str, torch.Tensor]:
+        """The request's photo ((H, W, 3) uint8) as the family's processors prepare it (`photo_views`), from the files
+        under `root` (a checkpoint, or a Triton model's copy of its `reading_folders`)."""
+        return {}
+
+    def words(self, made: Tensors, inputs: Mapping[str, Any], root: Path) -> dict[str, str]:
+        """What the prompting stages' outputs say, by prompt slot (SISRM: the names of the classes its label generator
+        ranks highest, for the prompt); `inputs`: the request's family inputs (`input_values`)."""
+        return {}
+
+    def reading_folders(self) -> dict[str, tuple[str, ...]]:
+        """The checkpoint folders a request's preparation reads, each with the file patterns it reads: every
+        tokenizer's files, and a family's own (SISRM: its segmenter's configs, for the image processor and the label
+        names). The endpoint's preprocessing holds a copy of these."""
+        return {folder: ("*",) for folder in self.tokenizer_folders().values()}
 
     def check_stages(self) -> None:
         """The declaration's own consistency: every once-per-request stage's inputs are prepared from the request or
@@ -151,7 +175,8 @@ class ModelFamily(ABC):
         if "prompt" not in slots or not set(slots) <= texts or len(set(slots)) != len(slots):
             raise DiffsrError(f"{self.name}: prompt slots {slots} must include 'prompt', once each, and name only "
                               f"declared text inputs ({sorted(texts)})")
-        ready = {*self.tokenizer_folders(), *(i.tensor for i in self.request_inputs() if i.kind in PHOTO_KINDS)}
+        photos = {*self.photo_views(), *(i.tensor for i in self.request_inputs() if i.kind in PHOTO_KINDS)}
+        ready, early = {*self.tokenizer_folders(), *photos}, set(photos)
         tiled: set[str] = set()
         for stage in self.stages.once:
             sig = self.signature(stage.submodule)
@@ -159,6 +184,12 @@ class ModelFamily(ABC):
             if missing:
                 raise DiffsrError(f"{self.name}: stage {stage.submodule} needs {missing}, which no request input or "
                                   "earlier stage makes")
+            if stage.prompting:
+                late = [t.name for t in sig.inputs if t.name not in early]
+                if stage.tiled or late:
+                    raise DiffsrError(f"{self.name}: prompting stage {stage.submodule} must be untiled and read only "
+                                      f"photos and earlier prompting stages' outputs (it reads {late})")
+                early |= {t.name for t in sig.outputs}
             sideless = [t.name for t in sig.outputs if self.side_scale(t) is None]
             if stage.tiled and (sideless or all(self.side_scale(t) is None for t in sig.inputs)):
                 raise DiffsrError(f"{self.name}: tiled stage {stage.submodule} must take and make tensors with the "

@@ -21,11 +21,15 @@ class Stage:
     photos, token ids, earlier stages' outputs). A `tiled` stage runs over the photo's tiles (each input with latent
     or pixel sides cropped to the tile) and its outputs stay tiled: every step reads its tile's crop. Any other runs
     once on whole tensors and every step reads its outputs whole (through `ModelFamily.conditioning`). `part` names
-    the pipeline part it is timed and benchmarked as ("text", "lq", ...)."""
+    the pipeline part it is timed and benchmarked as ("text", "lq", ...). A `prompting` stage is one the prompt is
+    read from (SISRM's segmenter and label generator: `ModelFamily.words`): it runs with the request's preparation,
+    before the texts are tokenised, untiled, on the prepared photos and earlier prompting stages' outputs; what later
+    stages take of its outputs the preparation hands on."""
 
     submodule: str
     part: str
     tiled: bool = False
+    prompting: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,12 @@ class Stages:
 @dataclass(frozen=True)
 class Component:
     """A checkpoint folder: its network, built from the folder's config.json, and its weights file (or
-    that name's shards and index); `tied`: key pairs naming one tensor, either of which may be stored."""
+    that name's shards and index); `tied`: key pairs naming one tensor, either of which may be stored;
+    `library_keys`: its library stores some keys under other names than its network's (transformers' conversion
+    mapping: SegFormer's `encoder.block.0.0.attention.self.key` is its network's `stages.0.blocks.0.attention.k_proj`),
+    read and written as the library does (`components.library_names`)."""
 
     build: Callable[[Path], nn.Module]
     weights: str
     tied: tuple[tuple[str, str], ...] = ()
+    library_keys: bool = False

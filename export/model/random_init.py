@@ -22,6 +22,7 @@ from torch import nn
 from diffsr.export.core.files import require_new_folder
 from diffsr.export.core.progress import OnProgress, Progress, ignore
 from diffsr.export.model.checkpoint import Checkpoint, checkpoint_meta, open_checkpoint
+from diffsr.export.model.components import library_tensors
 from diffsr.export.model.draw import STORED_DTYPE, draw_parameter
 from diffsr.export.model.families import preset
 from diffsr.export.model.family import ModelFamily
@@ -58,7 +59,8 @@ def init_checkpoint(preset_name: str, seed: int, out: str | Path, on_progress: O
         on_progress(Progress("init", folder, i, len(found)))
         (out / folder).mkdir(parents=True)
         (out / folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tensors = dict(random_tensors(model, folder, net, seed, shapes))  # one component's FP16 tensors at a time
+        # one component's FP16 tensors at a time, under the names its library stores them with
+        tensors = library_tensors(components[folder], net, dict(random_tensors(model, folder, net, seed, shapes)))
         save_file(tensors, str(out / folder / components[folder].weights), {"format": "pt"})
         del tensors
     model.write_extras(out)

@@ -7,7 +7,7 @@ Only headers are read to learn keys and shapes; tensors are read one at a time, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,11 +22,13 @@ from diffsr.export.core.files import read_json
 @dataclass(frozen=True)
 class StoredWeights:
     """`folder/name`, or the shards its `name.index.json` maps keys to. `tied`: pairs of keys naming one
-    tensor (a tied embedding); either may be the one stored."""
+    tensor (a tied embedding); either may be the one stored. `rename`: a stored key -> the network's name of it,
+    where its library renames keys on loading (`components.library_names`); keys here are the network's."""
 
     folder: Path
     name: str
     tied: tuple[tuple[str, str], ...] = field(default=())
+    rename: Callable[[str], str] | None = None
 
     @property
     def file(self) -> Path:
@@ -41,7 +43,22 @@ class StoredWeights:
 
     @cached_property
     def _stored(self) -> dict[str, tuple[Path, tuple[int, ...]]]:
-        """key -> (the file holding it, its shape), each file's header read once."""
+        """key (the network's name) -> (the file holding it, its shape)."""
+        return {self._names.get(key, key): held for key, held in self._as_stored.items()}
+
+    @cached_property
+    def _names(self) -> dict[str, str]:
+        """stored key -> the network's, where they differ."""
+        rename = self.rename
+        return {} if rename is None else {k: new for k in self._as_stored if (new := rename(k)) != k}
+
+    @cached_property
+    def _stored_names(self) -> dict[str, str]:
+        return {network: stored for stored, network in self._names.items()}
+
+    @cached_property
+    def _as_stored(self) -> dict[str, tuple[Path, tuple[int, ...]]]:
+        """key as stored -> (the file holding it, its shape), each file's header read once."""
         if self.file.is_file():
             return {key: (self.file, shape) for key, shape in _header(self.file).items()}
         if not self.index.is_file():
@@ -84,11 +101,14 @@ class StoredWeights:
         return set(self._stored)
 
     def locate(self, key: str) -> tuple[Path, str]:
-        """(file, stored key) of a key; a tied key resolves to its stored partner."""
+        """(file, stored key) of a key (the network's name, or the stored one); a tied key resolves to its stored
+        partner."""
         name = key if key in self._stored else self._partners.get(key, key)
-        if name not in self._stored:
-            raise DiffsrError(f"weights in {self} have no tensor {key!r}")
-        return self._stored[name][0], name
+        if name in self._stored:
+            return self._stored[name][0], self._stored_names.get(name, name)
+        if key in self._as_stored:
+            return self._as_stored[key][0], key
+        raise DiffsrError(f"weights in {self} have no tensor {key!r}")
 
     def read(self, keys: list[str], window: int = 1 << 29) -> Iterator[tuple[str, torch.Tensor]]:
         """(key, tensor) in `keys` order, each file reopened after every `window` bytes read: a mapping keeps

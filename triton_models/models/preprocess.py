@@ -1,6 +1,7 @@
 """Request -> the parsed request and its plan (the one parse and check, `runtime.requests`), then the pipeline's own
-first steps: the photos prepared, the texts (an attachment such as a captioner writing the prompt, through its models
-over BLS, where the policy asks), their token ids. `Preprocess` is shared by the BLS entry and the ensemble's
+first steps: the photos prepared, the prompting stages (SISRM's segmenter, over BLS), the texts (an attachment such as
+a captioner writing the prompt, through its models over BLS, where the policy asks; the prompting stages' words), their
+token ids. `Preprocess` is shared by the BLS entry and the ensemble's
 `preprocess` model, which hands what it made to the ensemble's next steps (the parsed settings as JSON)."""
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from diffsr.runtime.gallery import Encoder, Gallery, picked_references
 from diffsr.runtime.image import load_image
 from diffsr.runtime.prompts import Write, make_prompter, request_texts, used_prompts
 from diffsr.runtime.requests import Plan, check, parse_request
-from diffsr.runtime.stages import prepare, token_ids
+from diffsr.runtime.stages import prepare, prompting, token_ids
 from diffsr.triton_models.endpoint import GALLERY, PICKED, SETTINGS, tensor_values, used_name
 from diffsr.triton_models.models.common import bls_runners, from_torch
 from diffsr.triton_models.models.metrics import Metrics
@@ -48,10 +49,13 @@ class Preprocess:
         self.inputs = list(self.model.request_inputs())
         self.tokenizer = self.model.tokenizer(folder)
         self.device = torch.device(params.get("device", "cpu"))
+        self.folder = folder
         self.metrics = metrics
         sigs = self.model.signatures()
         graphs = [name for a in self.model.attachments for name in a.graphs]
-        run = bls_runners({name: [t.name for t in sigs[name].outputs] for name in graphs}, gpu=self.device.type == "cuda")
+        graphs += [s.submodule for s in self.model.stages.once if s.prompting]
+        run = self.run = bls_runners({name: [t.name for t in sigs[name].outputs] for name in graphs},
+                                     gpu=self.device.type == "cuda")
         self.prompter = make_prompter(self.model, run, self.device, folder)
         self.picker = Picker(self.model, run, folder / GALLERY, int(params.get("gallery_top_k", 0)))
 
@@ -68,8 +72,9 @@ class Preprocess:
     def __call__(self, req: Request, cancelled: Cancelled = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """(the prepared photos and token ids by name, the prompt slots' texts used)."""
         cfg = req.settings
-        tensors = prepare(self.model, req, self.device)
-        texts = request_texts(self.model, cfg, self._writer(req, cancelled))
+        tensors = prepare(self.model, req, self.folder, self.device)
+        tensors, words = prompting(self.model, self.run, tensors, cfg, self.folder)
+        texts = request_texts(self.model, cfg, self._writer(req, cancelled), words)
         tensors |= token_ids(self.model, self.tokenizer, texts, cfg.cfg, self.device)
         return tensors, used_prompts(self.model, texts)
 

@@ -1,4 +1,4 @@
-"""The model families, one module each (`sd`, `sdxl`, `dit4sr`, `xpsr`, `refsr`), registered on import, and the lookups by name.
+"""The model families, one module each (`sd`, `sdxl`, `dit4sr`, `xpsr`, `refsr`, `sisrm`), registered on import, and the lookups by name.
 
 A family defined elsewhere (a package of one's own) registers when its module is imported: `model_from_json` takes
 that module's name (a checkpoint's `diffsr.json`, an export's manifest and a Triton model repository record it) and
@@ -20,7 +20,7 @@ from typing import Any
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.attachments import attachments_from_json
-from diffsr.export.model.families import dit4sr, refsr, sd, sdxl, xpsr  # noqa: F401 (registered on import)
+from diffsr.export.model.families import dit4sr, refsr, sd, sdxl, sisrm, xpsr  # noqa: F401 (registered on import)
 from diffsr.export.model.families.sd import legacy_json
 from diffsr.export.model.family import FAMILIES, ModelFamily
 
