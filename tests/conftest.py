@@ -97,6 +97,12 @@ def refsr_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sisrm_checkpoint(tmp_path_factory):
+    """sisrm-tiny: its segmenter's label words join the prompt; its segmentation conditions every step."""
+    return init_checkpoint("sisrm-tiny", seed=0, out=tmp_path_factory.mktemp("ckpt") / "sisrm-tiny")
+
+
+@pytest.fixture(scope="session")
 def demo_model():
     """The trained demo model shipped in the repository (read only: tests copy it before writing)."""
     from diffsr.app.cli.demo import DEMO_MODEL
@@ -126,6 +132,7 @@ EXPORTS = {
     "toy": (None, None),
     "xpsr": ("xpsr_checkpoint", ("--no-ort-fusions",)),
     "refsr": ("refsr_checkpoint", ("--no-ort-fusions", "--fp16", "--calib-photos", "astronaut", "--calib-steps", "3")),
+    "sisrm": ("sisrm_checkpoint", ("--no-ort-fusions", "--fp16", "--calib-photos", "astronaut", "--calib-steps", "3")),
 }
 DEMO_STEPS = "2"
 ROOT = Path(__file__).resolve().parent.parent  # where `tests.toy_family` imports from, as a package of one's own
@@ -250,6 +257,13 @@ def refsr_onnx(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sisrm_onnx(request, tmp_path_factory):
+    """The sisrm-tiny checkpoint exported FP32, without ONNX Runtime's fused variants, and FP16 (through the FP16
+    check)."""
+    return _exported("sisrm", request, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def toy_onnx(request, tmp_path_factory):
     """The toy family's checkpoint, with a blip2-tiny captioner, and its FP32 graphs without ONNX Runtime's fused
     variants: (checkpoint folder, ONNX folder), made in the background by `tests.toy_family.make`."""
@@ -353,6 +367,14 @@ def refsr_server(refsr_checkpoint, refsr_onnx, tmp_path_factory):
     """The refsr-tiny checkpoint behind the ensemble entry point (its reference stages in the sampler, a request's
     `references` a BYTES tensor of any count), tiled as `narrow_server`."""
     return _serve_repository("refsr", refsr_checkpoint, refsr_onnx, tmp_path_factory, entry="ensemble",
+                             sampler_instances=1, warmup=False, **NARROW_TILING)
+
+
+@pytest.fixture(scope="session")
+def sisrm_server(sisrm_checkpoint, sisrm_onnx, tmp_path_factory):
+    """The sisrm-tiny checkpoint behind the ensemble entry point (its prompting stages run by the preprocessing over
+    BLS, the segmentation handed on to the sampler's tiles), tiled as `narrow_server`."""
+    return _serve_repository("sisrm", sisrm_checkpoint, sisrm_onnx, tmp_path_factory, entry="ensemble",
                              sampler_instances=1, warmup=False, **NARROW_TILING)
 
 

@@ -190,3 +190,25 @@ def test_an_ensemble_runs_stages_of_an_emptiable_list_in_its_sampler():
     assert steps == [] and [s.submodule for s in rest] == ["lr_encoder", "reference_encoder", "reference_attention"]
     assert {t.name for t in sampler_inputs(refsr)} == {"lr_image", "references"}
     assert [s.submodule for s in split_stages(preset("tiny"))[0]] == ["text_encoder"]
+
+
+def test_the_preprocessing_runs_the_prompting_stages_and_hands_their_segmentation_on(sisrm_checkpoint):
+    """sisrm's segmenter and label generator run in the preprocessing (their words join the prompt before it is
+    tokenised): in neither the ensemble's steps nor its sampler; the preprocessing hands on the segmentation at the
+    latent's sides, which the sampler's tiled mask encoder takes, and holds the segmenter's configs (for its image
+    processor and label names), not its weights."""
+    from diffsr.triton_models.repository import ServingOptions, model_configs, sampler_inputs, split_stages
+
+    model = sisrm_checkpoint.model
+    steps, rest = split_stages(model)
+    assert [s.submodule for s in steps] == ["text_encoder"]
+    assert [s.submodule for s in rest] == ["lr_encoder", "mask_encoder"]
+    assert {t.name for t in sampler_inputs(model)} == {"text_embeddings", "lq_image", "segmentation"}
+    configs = model_configs(sisrm_checkpoint, "onnxruntime", ServingOptions(entry="ensemble"))
+    assert {o.name for o in configs["preprocess"].output} >= {"segmentation", "input_ids", "lq_image", "used_prompt"}
+    assert "pixel_values" not in {o.name for o in configs["preprocess"].output}
+    from diffsr.triton_models.repository import _all_but
+
+    ignore = _all_but(model.reading_folders()["segmenter"])
+    assert sorted(ignore("segmenter", sorted(p.name for p in (sisrm_checkpoint.path / "segmenter").iterdir()))) == \
+        ["model.safetensors"]

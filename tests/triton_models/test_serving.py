@@ -454,3 +454,26 @@ def test_a_gallery_is_refused_where_it_cannot_serve(refsr_checkpoint, refsr_onnx
     with pytest.raises(DiffsrError, match="--gallery-top-k 11: use 1 to 10"):
         build_repository(refsr_checkpoint, refsr_onnx, tmp_path / "b", options=ServingOptions(gallery=index,
                                                                                             gallery_top_k=11))
+
+
+def test_sisrm_endpoint_returns_the_label_words_as_the_onnxruntime_pipeline(sisrm_server, sisrm_checkpoint, sisrm_onnx):
+    """SISRM behind the ensemble entry point, tiled, on a non-square photo: the preprocessing segments the photo (its
+    models over BLS), the label words make the prompt the endpoint returns, and the image is byte for byte the
+    in-process ONNX Runtime pipeline's; a typed prompt comes back verbatim, before the words; fewer words change the
+    prompt and the image."""
+    ckpt = sisrm_checkpoint
+    local = Pipeline(load_runners("onnxruntime", ckpt, onnx_dir=sisrm_onnx), ckpt)
+    lq = photo("chelsea", (27, 19))
+    settings = dict(steps=2, seed=7)
+    with TritonClient(sisrm_server.grpc_url, "grpc") as client:
+        answer = client.upscale(_png(lq), **settings)
+        typed = client.upscale(_png(lq), prompt="a cat on a sofa", labels=2, **settings)
+    config = ckpt.defaults.replace(**settings, **SERVED_TILING)
+    direct = local(Request(lq, config))
+    suffix = ckpt.defaults.caption_suffix
+    words = direct.prompt.removesuffix(f", {suffix}").split(", ")
+    assert len(words) == 5 and answer.prompts == direct.prompts
+    assert np.array_equal(_decode(answer.png), direct.image) and direct.image.shape == (76, 108, 3)
+    by_hand = local(Request(lq, config.replace(prompt="a cat on a sofa", inputs={"labels": 2})))
+    assert typed.prompt == by_hand.prompt and typed.prompt.startswith("a cat on a sofa, ")
+    assert np.array_equal(_decode(typed.png), by_hand.image) and not np.array_equal(by_hand.image, direct.image)

@@ -82,7 +82,8 @@ def test_every_preset_builds_its_networks_without_memory(name):
     sd = {"text_encoder", "lq_encoder", "fusion_transformer", "controlnet", "unet", "vae"}
     expected = {"sd": sd, "sdxl": sd | {"text_encoder_2"},
                 "dit4sr": {"text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"},
-                "xpsr": {"text_encoder", "vae", "controlnet", "unet"}, "refsr": {"unet", "vqvae", "reference"}}
+                "xpsr": {"text_encoder", "vae", "controlnet", "unet"}, "refsr": {"unet", "vqvae", "reference"},
+                "sisrm": {"text_encoder", "segmenter", "vae", "controlnet", "unet", "semantic"}}
     assert set(found) == expected[model.name]
     assert all(p.is_meta for net, _ in found.values() for p in net.parameters())
 

@@ -10,10 +10,11 @@ from tests.conftest import DATA
 
 
 def test_unknown_preset_and_family_name_the_choices():
-    with pytest.raises(DiffsrError, match=r"unknown preset 'huge'.*\['demo', 'dit4sr', 'dit4sr-tiny', 'refsr', 'refsr-tiny', 'sd15', 'sdxl', 'sdxl-tiny', 'small', 'tiny', 'xpsr', "
+    with pytest.raises(DiffsrError, match=r"unknown preset 'huge'.*\['demo', 'dit4sr', 'dit4sr-tiny', 'refsr', 'refsr-tiny', 'sd15', 'sdxl', 'sdxl-tiny', 'sisrm', "
+                       r"'sisrm-tiny', 'small', 'tiny', 'xpsr', "
                        r"'xpsr-tiny'\]"):
         preset("huge")
-    with pytest.raises(DiffsrError, match=r"unknown model family 'dit'.*\['dit4sr', 'refsr', 'sd', 'sdxl', 'xpsr'\]"):
+    with pytest.raises(DiffsrError, match=r"unknown model family 'dit'.*\['dit4sr', 'refsr', 'sd', 'sdxl', 'sisrm', 'xpsr'\]"):
         family("dit")
 
 

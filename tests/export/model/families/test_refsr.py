@@ -166,7 +166,7 @@ def test_a_request_without_references_runs_no_reference_stage(refsr_checkpoint):
     from diffsr.runtime.stages import prepare
 
     plan = check(ckpt.model, request.settings, ckpt.scheduler_config, request.photo.shape[:2])
-    tiled, _ = run_once(ckpt.model, run, prepare(ckpt.model, request), tiling_for(ckpt.model, request.settings))
+    tiled, _ = run_once(ckpt.model, run, prepare(ckpt.model, request, ckpt.path), tiling_for(ckpt.model, request.settings))
     assert calls == ["lr_encoder"] and plan.size == (64, 64)
     assert tiled["reference_residuals"].shape == (1, 80, 16, 16) and not tiled["reference_residuals"].any()
     assert set(tiled) == {"lr_image", "z_lq", "reference_residuals"}  # the step reads the LR photo's tile too
