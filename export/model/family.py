@@ -3,7 +3,8 @@
 A family (a `ModelFamily` subclass, one module under `diffsr/export/model/families/`) declares its
 submodules and their signatures, its named dims, checkpoint components (folder -> network), tokenizers,
 latent geometry, what a request carries (`family_inputs`, beside every model's `BASE_INPUTS`), which submodules
-run once per request and which at every step (`Stages`), the model-specific part of a denoising step (`predict`:
+run once per request and which at every step (`Stages`; prompting stages, whose outputs the family reads as words of
+the prompt: `words`), the model-specific part of a denoising step (`predict`:
 noise or velocity, the guidance layout), its default sampler and scheduler config, what INT8 leaves out and what FP16
 keeps whole, and how a new checkpoint is drawn. An instance is a model: the family bound to its config
 (`checkpoint.model`) and to the checkpoint's attachments (`Attachment`: optional models in folders of their own, such
@@ -168,8 +169,9 @@ class ModelFamily(ABC):
 
     def check_stages(self) -> None:
         """The declaration's own consistency: every once-per-request stage's inputs are prepared from the request or
-        made by an earlier stage; `start` is a tiled stage's output; every step and decode submodule exists; the prompt
-        slots are the prompt and declared text inputs."""
+        made by an earlier stage (a prompting stage's: from the photos alone, or earlier prompting stages); `start` is a
+        tiled stage's output; every step and decode submodule exists; the prompt slots are the prompt and declared text
+        inputs."""
         texts = {"prompt", *(i.name for i in self.family_inputs() if i.kind == "text")}
         slots = [slot.text for slot in self.prompt_slots()]
         if "prompt" not in slots or not set(slots) <= texts or len(set(slots)) != len(slots):
