@@ -89,13 +89,11 @@ def prompting(model: ModelFamily, run: RunFn, tensors: Mapping[str, torch.Tensor
     """The prompting stages, in order, on the prepared tensors -> (the tensors and their outputs, the words the family
     reads from them by prompt slot; `root` holds the files it reads them with)."""
     made = dict(tensors)
-    for stage in model.stages.once:
-        if stage.prompting:
-            with timed(stage.part):
-                made |= run(stage.submodule, **{t.name: made[t.name] for t in model.signature(stage.submodule).inputs})
-    if len(made) == len(tensors):
-        return made, {}
-    return made, model.words(made, model.input_values(settings), root)
+    stages = [s for s in model.stages.once if s.prompting]
+    for stage in stages:
+        with timed(stage.part):
+            made |= run(stage.submodule, **{t.name: made[t.name] for t in model.signature(stage.submodule).inputs})
+    return made, model.words(made, model.input_values(settings), root) if stages else {}
 
 
 def token_ids(model: ModelFamily, tokenize: Callable[[list[str]], dict[str, Any]], texts: Mapping[str, str],

@@ -177,6 +177,14 @@ def vae_force_upcast(path: Path) -> bool:
     return bool(read_json(path / "vae" / "config.json", "checkpoint file").get("force_upcast", False))
 
 
+def controlnet_copy_source(folder: str, key: str, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> str:
+    """The seed name of a ControlNet family's tensor: a ControlNet's is its UNet's where the UNet has it (a ControlNet
+    is a trainable copy of the UNet's encoder: `from_unet`)."""
+    if folder == "controlnet" and shapes["unet"].get(key) == shapes["controlnet"][key]:
+        return f"unet/{key}"
+    return f"{folder}/{key}"
+
+
 def _ids(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
     return torch.randint(0, VOCAB_SIZE, shape, generator=g, dtype=torch.int32)
 
@@ -347,11 +355,9 @@ class SD(ModelFamily):
         return found
 
     def copy_source(self, folder: str, key: str, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> str:
-        if folder == "controlnet" and shapes["unet"].get(key) == shapes["controlnet"][key]:
-            return f"unet/{key}"  # ControlNet is a trainable copy of the UNet's encoder
         if folder == "lq_encoder" and key.split(".")[0] in ("encoder", "quant_conv"):
             return f"vae/{key}"  # the LQ encoder starts as the VAE's encoder
-        return f"{folder}/{key}"
+        return controlnet_copy_source(folder, key, shapes)
 
     def write_extras(self, out: Path) -> None:
         build_clip_tokenizer().save_pretrained(str(out / "tokenizer"))

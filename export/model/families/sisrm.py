@@ -43,7 +43,7 @@ from diffsr.export.model.components import (
     transformers_component,
 )
 from diffsr.export.model.dims import BATCH, CFG_BATCH, TEXT_BATCH, NamedDim, latent_sides
-from diffsr.export.model.families.sd import INT8_KEPT, _ids, clip_config, vae_force_upcast, vae_of
+from diffsr.export.model.families.sd import INT8_KEPT, _ids, clip_config, controlnet_copy_source, vae_force_upcast, vae_of
 from diffsr.export.model.family import ModelFamily, guided, register
 from diffsr.export.model.inputs import RequestInput
 from diffsr.export.model.parts import Component, Draw, RunFn, Stage, Stages, Tensors
@@ -352,9 +352,7 @@ class SISRM(ModelFamily):
                 "semantic": (semantic, dataclasses.asdict(semantic.config))}
 
     def copy_source(self, folder: str, key: str, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> str:
-        if folder == "controlnet" and shapes["unet"].get(key) == shapes["controlnet"][key]:
-            return f"unet/{key}"  # the ControlNet is a trainable copy of the UNet's encoder
-        return f"{folder}/{key}"
+        return controlnet_copy_source(folder, key, shapes)
 
     def write_extras(self, out: Path) -> None:
         from transformers import SegformerImageProcessorPil

@@ -40,7 +40,7 @@ from diffsr.export.model.components import (
     transformers_component,
 )
 from diffsr.export.model.dims import BATCH, CFG_BATCH, TEXT_BATCH, NamedDim, latent_sides
-from diffsr.export.model.families.sd import INT8_KEPT, _ids, clip_config, vae_force_upcast, vae_of
+from diffsr.export.model.families.sd import INT8_KEPT, _ids, clip_config, controlnet_copy_source, vae_force_upcast, vae_of
 from diffsr.export.model.family import ModelFamily, guided, register
 from diffsr.export.model.inputs import PromptSlot, RequestInput
 from diffsr.export.model.parts import Component, Draw, RunFn, Stage, Stages, Tensors
@@ -269,9 +269,7 @@ class XPSR(ModelFamily):
                 "unet": (unet, {"_class_name": "UNet2DConditionModel", **unet.config})}
 
     def copy_source(self, folder: str, key: str, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> str:
-        if folder == "controlnet" and shapes["unet"].get(key) == shapes["controlnet"][key]:
-            return f"unet/{key}"  # the ControlNet is a trainable copy of the UNet's encoder (`from_unet`)
-        return f"{folder}/{key}"
+        return controlnet_copy_source(folder, key, shapes)
 
     def write_extras(self, out: Path) -> None:
         build_clip_tokenizer().save_pretrained(str(out / "tokenizer"))

@@ -275,3 +275,18 @@ def test_a_label_count_out_of_range_is_refused(sisrm_checkpoint, labels):
     with pytest.raises(DiffsrError, match="labels"):
         _request(sisrm_checkpoint, photo("coffee", (20, 20)), labels=labels)
 
+
+
+def test_a_prompting_stage_reads_the_photos_alone():
+    """A prompting stage runs before the texts are tokenised: one that reads token ids (or a later stage's outputs), or
+    runs over tiles, is refused when the family is checked."""
+    from diffsr.export.core.errors import DiffsrError
+    from diffsr.export.model.families.sisrm import SISRM
+    from diffsr.export.model.parts import Stage
+
+    stages = SISRM.stages
+    for once in ((Stage("text_encoder", "text", prompting=True), *stages.once[2:]),
+                 (stages.once[0], dataclasses.replace(stages.once[1], tiled=True), *stages.once[2:])):
+        bad = type("Bad", (SISRM,), {"stages": dataclasses.replace(stages, once=once)})
+        with pytest.raises(DiffsrError, match="prompting stage .* must be untiled and read only photos"):
+            bad(SISRM.presets["sisrm-tiny"]).check_stages()
