@@ -93,7 +93,7 @@ def check_files(path: Path, model: ModelFamily) -> None:
     for folder, component in model.components().items():
         try:
             _read_json(path / folder / "config.json")
-            StoredWeights(path / folder, component.weights, component.tied).shapes  # headers: any names
+            StoredWeights(path / folder, component.weights, component.tied).shapes
         except DiffsrError as e:
             errors.append(str(e))
     for folder in dict.fromkeys(model.tokenizer_folders().values()):

@@ -18,7 +18,7 @@ from diffsr.export.model.settings import DEFAULT_PROMPT, PipelineConfig, Request
 from diffsr.runtime.caption import pixel_values
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
-from diffsr.runtime.prompts import clean_caption, prompt_of
+from diffsr.runtime.prompts import clean_caption, prompt_of, slot_text
 
 SETTINGS = dict(steps=2, seed=3)
 CAPTION_GRAPHS = ("caption_image", "caption_prefill", "caption_decode")
@@ -215,3 +215,19 @@ def test_engine_profiles_hold_the_cache_from_its_least_to_its_longest(dit4sr_che
     ids = profiles["caption_prefill"]["input_ids"]
     assert (ids.min, ids.opt, ids.max) == ((1, 1), (1, 1), (5, 33))
     assert profiles["caption_image"]["pixel_values"].max == (4, 3, 224, 224)  # the server's images
+
+
+def test_a_familys_words_follow_the_typed_prompt_and_the_caption_before_the_suffix():
+    """The prompt's parts in order: the typed prompt, the caption (its degraded sentences dropped), the words a family's
+    prompting stages said (SISRM's labels), the suffix; the policy decides, as without words, whether a caption is
+    written."""
+    from diffsr.export.model.inputs import PromptSlot
+
+    cfg, slot = PipelineConfig(caption_suffix="clean", caption_drop="blurry"), PromptSlot("prompt")
+    caption = lambda: "A cat on a sofa. The photo is blurry."  # noqa: E731
+    assert slot_text(slot, cfg, None, "clean", caption, "wall, sofa") == "A cat on a sofa, wall, sofa, clean"
+    assert slot_text(slot, cfg, "mine", "clean", caption, "wall") == "mine, wall, clean"  # auto: typed, no caption
+    assert slot_text(slot, cfg.replace(caption="always"), "mine", "clean", caption, "wall") == \
+        "mine, A cat on a sofa, wall, clean"
+    assert slot_text(slot, cfg, None, "clean", None, "wall") == "wall, clean"
+    assert slot_text(slot, cfg, None, "clean", caption, "") == "A cat on a sofa, clean"  # no words: as before
