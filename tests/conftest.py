@@ -39,6 +39,16 @@ DATA = Path(__file__).parent / "data"
 NARROW_TILING = dict(tile=8, tile_overlap=2)  # 64 px tiles: the tests' small photos are several tiles
 
 
+def diffusers_strict(cls, folder):
+    """A diffusers class built from a checkpoint folder's config.json and given its weights strictly (FP32, eval)."""
+    from safetensors.torch import load_file
+
+    net = cls.from_config(json.loads((folder / "config.json").read_text()))
+    net.load_state_dict({k: v.float() for k, v in load_file(folder / "diffusion_pytorch_model.safetensors").items()},
+                        strict=True)
+    return net.eval()
+
+
 def graphs_run(modules, names):
     """run(name, **inputs) over an image-to-text model's graphs as torch modules (`names`: their
     `runtime.caption.Graphs`): the image graph's output under its name, a language-model graph's as logits, keys and

@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from diffsr.app.measure.parity import check_parity
 from diffsr.calib.data import photo
@@ -27,14 +26,7 @@ from diffsr.runtime.pipeline import Pipeline
 from diffsr.runtime.requests import parse_request
 from diffsr.runtime.stages import run_once
 from diffsr.runtime.tiling import tiling_for
-
-
-def _strict(cls, folder):
-    """A diffusers class built from a checkpoint folder's config.json and given its weights strictly."""
-    net = cls.from_config(json.loads((folder / "config.json").read_text()))
-    net.load_state_dict({k: v.float() for k, v in load_file(folder / "diffusion_pytorch_model.safetensors").items()},
-                        strict=True)
-    return net.eval()
+from tests.conftest import diffusers_strict
 
 
 def test_the_refsr_preset_is_ldm_x4():
@@ -57,8 +49,8 @@ def test_diffusers_loads_the_base_folders_strictly(refsr_checkpoint):
     from diffusers import UNet2DModel, VQModel
 
     path = refsr_checkpoint.path
-    _strict(UNet2DModel, path / "unet")
-    _strict(VQModel, path / "vqvae")
+    diffusers_strict(UNet2DModel, path / "unet")
+    diffusers_strict(VQModel, path / "vqvae")
 
 
 def test_without_references_the_pipeline_is_diffusers_ldm_super_resolution(refsr_checkpoint):
@@ -72,8 +64,8 @@ def test_without_references_the_pipeline_is_diffusers_ldm_super_resolution(refsr
     lr = photo("coffee", (64, 32))  # sides multiples of 32: diffusers' preprocessing resizes nothing
     settings = ckpt.defaults.replace(steps=4, seed=3, tile=64)
     ours = Pipeline(load_runners("torch", ckpt), ckpt)(Request(lr, settings))
-    pipe = LDMSuperResolutionPipeline(vqvae=_strict(VQModel, ckpt.path / "vqvae"),
-                                      unet=_strict(UNet2DModel, ckpt.path / "unet"),
+    pipe = LDMSuperResolutionPipeline(vqvae=diffusers_strict(VQModel, ckpt.path / "vqvae"),
+                                      unet=diffusers_strict(UNet2DModel, ckpt.path / "unet"),
                                       scheduler=DDIMScheduler.from_config(ckpt.scheduler_config))
     theirs = pipe(Image.fromarray(lr), num_inference_steps=4, eta=0.0, generator=torch.Generator().manual_seed(3),
                   output_type="np").images[0]
@@ -87,7 +79,7 @@ def test_the_step_with_zero_residuals_is_the_unet(refsr_checkpoint):
     from diffusers import UNet2DModel
 
     step = load_submodule(refsr_checkpoint, "unet")
-    unet = _strict(UNet2DModel, refsr_checkpoint.path / "unet")
+    unet = diffusers_strict(UNet2DModel, refsr_checkpoint.path / "unet")
     g = torch.Generator().manual_seed(0)
     x, lr = torch.randn(2, 3, 8, 12, generator=g), torch.rand(2, 3, 8, 12, generator=g) * 2 - 1
     t = torch.tensor([700.0, 31.0])

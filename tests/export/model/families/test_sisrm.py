@@ -8,7 +8,6 @@ its library's own class.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 
 import numpy as np
@@ -27,14 +26,7 @@ from diffsr.export.model.families.sisrm_networks import SegmentationAttention, a
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
 from diffsr.runtime.requests import parse_request
-
-
-def _strict(cls, folder):
-    """A diffusers class built from a checkpoint folder's config.json and given its weights strictly."""
-    net = cls.from_config(json.loads((folder / "config.json").read_text()))
-    net.load_state_dict({k: v.float() for k, v in load_file(folder / "diffusion_pytorch_model.safetensors").items()},
-                        strict=True)
-    return net.eval()
+from tests.conftest import diffusers_strict
 
 
 def _segformer(folder):
@@ -71,8 +63,8 @@ def test_transformers_and_diffusers_load_the_folders_as_they_stand(sisrm_checkpo
     path = sisrm_checkpoint.path
     model, processor = _segformer(path / "segmenter")
     assert model.config.id2label == dict(enumerate(ADE20K)) and processor.size == {"height": 128, "width": 128}
-    _strict(UNet2DConditionModel, path / "unet")
-    _strict(ControlNetModel, path / "controlnet")
+    diffusers_strict(UNet2DConditionModel, path / "unet")
+    diffusers_strict(ControlNetModel, path / "controlnet")
 
 
 def test_the_segmenter_graph_is_transformers_on_its_processors_pixels(sisrm_checkpoint, sisrm_onnx):
@@ -167,8 +159,8 @@ def test_the_step_is_sd_controlnet_with_mask_fused_residuals(sisrm_checkpoint):
 
     ckpt = sisrm_checkpoint
     step = load_submodule(ckpt, "controlnet_unet")
-    controlnet = _strict(ControlNetModel, ckpt.path / "controlnet")
-    unet = _strict(UNet2DConditionModel, ckpt.path / "unet")
+    controlnet = diffusers_strict(ControlNetModel, ckpt.path / "controlnet")
+    unet = diffusers_strict(UNet2DConditionModel, ckpt.path / "unet")
     g = torch.Generator().manual_seed(0)
     x, text = torch.randn(4, 4, 8, 12, generator=g), torch.randn(4, 77, 32, generator=g)
     t = torch.tensor([700.0, 31.0, 700.0, 31.0])
