@@ -3,7 +3,8 @@ declaration (`Stages`, the request inputs, the signatures), none names a submodu
 
     prepare      the request's photos -> pixels in [-1, 1]: the photo bicubic x `upscale` and padded to the model's
                  multiple; the family's tiled photos laid over it alike, its global photos resized to their side; the
-                 photo as the family's own processors take it (`ModelFamily.view`)
+                 photo, edge-padded to the prepared photo's frame, as the family's own processors take it
+                 (`ModelFamily.view`)
     prompting    the prompting stages (SISRM's segmenter and label generator) on the prepared photos, and the words
                  the family reads from them (`ModelFamily.words`)
     token_ids    the request's texts -> token ids, as the family lays out its text batch
@@ -64,10 +65,18 @@ def _laid_over(image: NDArray[np.uint8], size: tuple[int, int], padded: tuple[in
     return F.pad(resized(image, size), (0, padded[1] - size[1], 0, padded[0] - size[0]), mode="replicate")
 
 
+def framed(image: NDArray[np.uint8], size: tuple[int, int], padded: tuple[int, int]) -> NDArray[np.uint8]:
+    """The photo at its own pixels, edge-padded as the prepared photo is (`size` its sides before padding, `padded`
+    after): what covers the prepared photo's whole frame, so that a map made of it lines up with the prepared photo."""
+    h, w = image.shape[:2]
+    rows, cols = -(-h * padded[0] // size[0]), -(-w * padded[1] // size[1])
+    return np.pad(image, ((0, rows - h), (0, cols - w), (0, 0)), mode="edge")
+
+
 def prepare(model: ModelFamily, request: Request, root: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The request's photos as the stages take them, by tensor name: the photo (1, 3, H, W), then each of the
     family's photo inputs (N, 3, H, W) (a tiled one on the photo's padded pixels, a global one at its side), then the
-    photo as the family's own processors prepare it (their files under `root`)."""
+    photo, framed as the prepared photo is, as the family's own processors prepare it (their files under `root`)."""
     scale = request.settings.upscale
     lq = prepare_lq(model, request.photo, scale)
     size = photo_size(model, request.photo, scale)
@@ -80,7 +89,8 @@ def prepare(model: ModelFamily, request: Request, root: Path, device: torch.devi
         made = [_laid_over(p, size, padded) if spec.tiled else resized(p, (spec.side, spec.side)) for p in photos]
         empty = lq.new_zeros((0, 3, *(lq.shape[-2:] if spec.tiled else (spec.side, spec.side))))
         out[spec.tensor] = torch.cat(made) if made else empty
-    out |= model.view(request.photo, root)
+    if model.photo_views():
+        out |= model.view(framed(request.photo, size, (int(lq.shape[-2]), int(lq.shape[-1]))), root)
     return {name: t.to(device) for name, t in out.items()}
 
 

@@ -103,6 +103,7 @@ def check_files(path: Path, model: ModelFamily) -> None:
             errors.append(str(e))
     for attachment in model.attachments:
         errors += attachment.file_errors(path / attachment.folder)
+    errors += model.file_errors(path)
     if errors:
         raise DiffsrError(f"checkpoint {path} is incomplete: {'; '.join(errors)}")
 

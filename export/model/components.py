@@ -4,7 +4,6 @@ assigns them). One builder per library: diffusers models, transformers models, a
 
 from __future__ import annotations
 
-import functools
 import importlib
 from collections.abc import Callable
 from pathlib import Path
@@ -86,11 +85,11 @@ def diffusers_config(net: Any) -> dict[str, Any]:
     return {k: v for k, v in net.config.items() if not k.startswith("_")} | {"_class_name": type(net).__name__}
 
 
-@functools.lru_cache(maxsize=16)
 def library_names(component: Component, folder: Path) -> Callable[[str], str] | None:
     """A stored key -> its network's name, as transformers renames it on loading (its conversion mapping for the
     network's classes: published SegFormer folders hold `encoder.block.0.0.attention.self.key`, which transformers 5
-    loads as `stages.0.blocks.0.attention.k_proj`); None for a component stored under its network's names."""
+    loads as `stages.0.blocks.0.attention.k_proj`); None for a component stored under its network's names. Made each
+    call: a meta network, some tens of milliseconds."""
     if not component.library_keys:
         return None
     from accelerate import init_empty_weights

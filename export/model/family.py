@@ -152,9 +152,15 @@ class ModelFamily(ABC):
         return ()
 
     def view(self, rgb: np.ndarray[Any, Any], root: Path) -> dict[str, torch.Tensor]:
-        """The request's photo ((H, W, 3) uint8) as the family's processors prepare it (`photo_views`), from the files
+        """The request's photo ((H, W, 3) uint8, edge-padded to cover the prepared photo's frame, so that what is made
+        of it lines up with the prepared photo) as the family's processors prepare it (`photo_views`), from the files
         under `root` (a checkpoint, or a Triton model's copy of its `reading_folders`)."""
         return {}
+
+    def file_errors(self, path: Path) -> list[str]:
+        """What is wrong with the family's own files under the checkpoint `path` that a request reads (SISRM: its
+        segmenter's image processor and class names), one message each; checked when a checkpoint opens."""
+        return []
 
     def words(self, made: Tensors, inputs: Mapping[str, Any], root: Path) -> dict[str, str]:
         """What the prompting stages' outputs say, by prompt slot (SISRM: the names of the classes its label generator

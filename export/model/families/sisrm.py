@@ -5,8 +5,8 @@ the photo. Presets sisrm (SD-2-base's widths, SegFormer-B2 on ADE20K's 150 class
     segmenter        pixel_values (B, 3, 4s, 4t): the photo as the segmenter folder's image processor prepares it
                      -> seg_logits (B, L, s, t): SegFormer's logits                      once, prompting
     labeller         seg_logits, lq_image (B, 3, 8h, 8w) -> label_scores (B, L): the label generator's class scores
-                     (global average pooling, linear, softmax); segmentation (B, L, h, w): the class probabilities at
-                     the photo's latent grid                                               once, prompting
+                     (global average pooling of the class probabilities, linear, softmax); segmentation (B, L, h, w):
+                     the class probabilities over the prepared photo's frame, at its latent grid  once, prompting
     text_encoder     input_ids (T, 77) -> text_embeddings (T, 77, D)                       once
     lr_encoder       lq_image -> cond_embedding (B, C0, h, w): the ControlNet's conditioning embedding of the photo in
                      [0, 1]; z_lq (B, 4, h, w): the VAE posterior's mean, scaled          once, over tiles
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from diffsr.export.core.errors import DiffsrError
@@ -218,27 +218,51 @@ class SISRM(ModelFamily):
         return ("pixel_values",)
 
     def view(self, rgb: np.ndarray[Any, Any], root: Path) -> dict[str, torch.Tensor]:
-        """The segmenter's `pixel_values`, as its folder's `SegformerImageProcessor` makes them (resized, rescaled,
-        normalised); where the processor does not resize, padded with zeros (the mean colour) to a multiple of 4 a
-        side, and to the graph's least side."""
-        pixels = torch.as_tensor(np.asarray(_processor(root / "segmenter")(images=rgb, return_tensors="np")
-                                            ["pixel_values"]), dtype=torch.float32)
-        h, w = pixels.shape[-2:]
-        side = lambda n: max(n + -n % 4, 4 * MIN_SEGMENT)  # noqa: E731
-        return {"pixel_values": F.pad(pixels, (0, side(w) - w, 0, side(h) - h))}
+        """The segmenter's `pixel_values`, as its folder's `SegformerImageProcessor` makes them of the photo (resized,
+        rescaled, normalised). Where the processor does not resize, the photo is first resized to sides the graphs
+        take (a multiple of 4, from the least side to the bound): resized, not padded, so the segmentation keeps the
+        photo's frame."""
+        processor = _processor(root / "segmenter")
+        if not processor.do_resize:
+            sides = [self._segment_side(n) for n in rgb.shape[:2]]
+            if sides != list(rgb.shape[:2]):
+                rgb = np.asarray(Image.fromarray(rgb).resize((sides[1], sides[0]), Image.Resampling.BICUBIC))
+        pixels = processor(images=rgb, return_tensors="np", input_data_format="channels_last")["pixel_values"]
+        return {"pixel_values": torch.as_tensor(np.asarray(pixels), dtype=torch.float32)}
+
+    def _segment_side(self, pixels: int) -> int:
+        """The side the segmenter's graphs take nearest `pixels`: 4 a cell, MIN_SEGMENT to twice the native cells."""
+        return 4 * min(max(-(-pixels // 4), MIN_SEGMENT), self.config.segmenter_side // 2)
+
+    def file_errors(self, path: Path) -> list[str]:
+        """The segmenter's image processor loads and gives sides the graphs take; `id2label` names the label
+        generator's classes."""
+        folder, errors = path / "segmenter", []
+        try:
+            processor = _processor(folder)
+            if processor.do_resize:
+                side = {processor.size.get("height"), processor.size.get("width")}
+                if any(not isinstance(n, int) or self._segment_side(n) != n for n in side):
+                    errors.append(f"{folder / 'preprocessor_config.json'}: its size {processor.size} must be "
+                                  f"multiples of 4 from {4 * MIN_SEGMENT} to {2 * self.config.segmenter_side} px "
+                                  "(the segmenter's graphs)")
+            names = _label_names(folder)
+            if len(names) != self.num_labels:
+                errors.append(f"{folder / 'config.json'} names {len(names)} classes; the label generator scores "
+                              f"{self.num_labels}")
+        except DiffsrError as e:
+            errors.append(str(e))
+        return errors
 
     def words(self, made: Tensors, inputs: Mapping[str, Any], root: Path) -> dict[str, str]:
         """The names (`id2label`'s, verbatim) of the `labels` classes the label generator scores highest, best first,
         comma-separated, for the prompt."""
         scores, k = made["label_scores"][0], int(inputs["labels"])
         names = _label_names(root / "segmenter")
-        if len(names) != scores.numel():
-            raise DiffsrError(f"{root / 'segmenter'} names {len(names)} classes; the label generator scores "
-                              f"{scores.numel()}")
         return {"prompt": ", ".join(names[i] for i in scores.topk(min(k, len(names))).indices.tolist())} if k else {}
 
     def reading_folders(self) -> dict[str, tuple[str, ...]]:
-        return {"tokenizer": ("*",), "segmenter": ("config.json", "preprocessor_config.json")}
+        return super().reading_folders() | {"segmenter": ("config.json", "preprocessor_config.json")}
 
     def declare(self) -> tuple[Signature, ...]:
         c, f, n = self.config, self.latent_factor, self.num_labels

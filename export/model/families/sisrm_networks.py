@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.families.xpsr_networks import as_tokens
 
 
 @dataclass(frozen=True)
@@ -135,10 +136,6 @@ def residual_levels(controlnet: Any) -> tuple[int, ...]:
     return (*levels, len(controlnet.down_blocks) - 1)
 
 
-def _tokens(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(2).transpose(1, 2)
-
-
 class SISRMStep(nn.Module):
     """One denoising step: SD-2's ControlNet and UNet (diffusers' forwards) with segmentation attention in every
     transformer block and mask-fused residuals. The ControlNet's conditioning embedding runs once per request
@@ -159,7 +156,7 @@ class SISRMStep(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor,
                 cond_embedding: torch.Tensor, mask_embedding: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows = sample.shape[0] // cond_embedding.shape[0]  # guided: the tiles' negative rows, then their positive
-        self.tokens["mask"] = _tokens(F.avg_pool2d(mask_embedding, self.pool)).repeat(rows, 1, 1)
+        self.tokens["mask"] = as_tokens(F.avg_pool2d(mask_embedding, self.pool)).repeat(rows, 1, 1)
         try:
             down, mid = self.controlnet(sample, timestep, encoder_hidden_states=text_embeddings,
                                         controlnet_cond=cond_embedding.repeat(rows, 1, 1, 1), return_dict=False)
@@ -188,16 +185,18 @@ class Segmenter(nn.Module):
 
 
 class LabelStage(nn.Module):
-    """The label generator's class scores, and the segmentation (class probabilities) at the photo's latent grid."""
+    """The label generator's class scores (global average pooling of the segmentation, linear, softmax), and the
+    segmentation (the class probabilities) at the photo's latent grid; the logits cover the prepared photo's frame."""
 
     def __init__(self, semantic: SemanticParts):
         super().__init__()
         self.label_generator, self.factor = semantic.label_generator, semantic.config.latent_factor
 
     def forward(self, seg_logits: torch.Tensor, lq_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.softmax(self.label_generator(seg_logits.mean(dim=(2, 3))), dim=-1)
+        probabilities = seg_logits.softmax(dim=1)  # the segmentation, at the logits' cells
+        scores = torch.softmax(self.label_generator(probabilities.mean(dim=(2, 3))), dim=-1)
         size = (lq_image.shape[-2] // self.factor, lq_image.shape[-1] // self.factor)
-        segmentation = F.interpolate(seg_logits.softmax(dim=1), size=size, mode="bilinear", align_corners=False)
+        segmentation = F.interpolate(probabilities, size=size, mode="bilinear", align_corners=False)
         return scores, segmentation
 
 

@@ -90,7 +90,7 @@ def _like(attn: Transformer2DModel, cross_attention_dim: int) -> Transformer2DMo
                               | {"cross_attention_dim": cross_attention_dim})
 
 
-def _pixels(t: torch.Tensor) -> torch.Tensor:
+def as_tokens(t: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H*W, C): a feature map as tokens, row by row."""
     return t.flatten(2).transpose(1, 2)
 
@@ -153,7 +153,7 @@ class XPSRControlNet(nn.Module):
         attending to the low-level one's pixels."""
         hh = block.attentions[j](h, encoder_hidden_states=high, return_dict=False)[0]
         hl = block.attentions_lowlevel[j](h, encoder_hidden_states=low, return_dict=False)[0]
-        return block.attentions_connect[j](hh, encoder_hidden_states=_pixels(hl), return_dict=False)[0]
+        return block.attentions_connect[j](hh, encoder_hidden_states=as_tokens(hl), return_dict=False)[0]
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, high: torch.Tensor, low: torch.Tensor,
                 cond_embedding: torch.Tensor, conditioning_scale: float = 1.0) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -233,7 +233,7 @@ class XPSRUNet(nn.Module):
                 h = resnet(torch.cat([h, layer_skips[-1 - j]], dim=1), emb)
                 if attentions is not None:
                     h = attentions[j](h, encoder_hidden_states=high, return_dict=False)[0]
-                h = block.pixel_attentions[j](h, encoder_hidden_states=_pixels(layer_pixels[-1 - j]), return_dict=False)[0]
+                h = block.pixel_attentions[j](h, encoder_hidden_states=as_tokens(layer_pixels[-1 - j]), return_dict=False)[0]
             for up in block.upsamplers or []:
                 h = up(h, skips[-1].shape[2:] if skips else None)
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))

@@ -8,16 +8,19 @@ its library's own class.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file
 
 from diffsr.app.measure.parity import check_parity
 from diffsr.calib.data import photo
+from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.precision import Precision
 from diffsr.export.model.checkpoint import load_submodule, open_checkpoint
 from diffsr.export.model.families import preset
@@ -26,6 +29,7 @@ from diffsr.export.model.families.sisrm_networks import SegmentationAttention, a
 from diffsr.runtime.loading import load_runners
 from diffsr.runtime.pipeline import Pipeline
 from diffsr.runtime.requests import parse_request
+from diffsr.runtime.stages import prepare
 from tests.conftest import diffusers_strict
 
 
@@ -87,8 +91,9 @@ def test_the_segmenter_graph_is_transformers_on_its_processors_pixels(sisrm_chec
 
 def test_a_published_segformer_folder_loads_in_diffsr(sisrm_checkpoint, tmp_path):
     """A SegFormer folder as transformers publishes one (`save_pretrained` of another width, its image processor
-    without a resize) replaces the checkpoint's: diffsr's segmenter is that model, its photo the processor's, padded
-    to a multiple of 4 a side, and the pipeline runs on it."""
+    without a resize) replaces the checkpoint's: diffsr's segmenter is that model, its photo the processor's of the
+    photo resized to sides the graphs take (multiples of 4, 128 to 256 px for sisrm-tiny), and the pipeline runs on
+    it."""
     from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessorPil
 
     path = tmp_path / "ckpt"
@@ -103,13 +108,52 @@ def test_a_published_segformer_folder_loads_in_diffsr(sisrm_checkpoint, tmp_path
     ckpt = open_checkpoint(path)
     rgb = photo("astronaut", (150, 130))  # (width, height)
     pixels = ckpt.model.view(rgb, path)["pixel_values"]
-    assert pixels.shape == (1, 3, 132, 152) and torch.all(pixels[..., 130:, :] == 0) and torch.all(pixels[..., 150:] == 0)
+    resized = np.asarray(Image.fromarray(rgb).resize((152, 132), Image.Resampling.BICUBIC))
+    assert torch.equal(pixels, SegformerImageProcessorPil(do_resize=False)(resized, return_tensors="pt")["pixel_values"])
+    assert ckpt.model.view(photo("astronaut", (300, 40)), path)["pixel_values"].shape == (1, 3, 128, 256)
     with torch.no_grad():
         ours = load_submodule(ckpt, "segmenter")(pixels)
         theirs = published(pixel_values=pixels).logits
     assert torch.allclose(ours, theirs, atol=1e-5) and ours.shape == (1, 150, 33, 38)
     result = Pipeline(load_runners("torch", ckpt), ckpt)(_request(ckpt, photo("astronaut", (30, 26)), steps=1))
     assert result.image.shape == (104, 120, 3)
+
+
+def test_the_segmenter_sees_the_prepared_photos_frame(sisrm_checkpoint):
+    """A photo whose prepared frame is padded (37 x 21 px -> 148 x 84 out, padded to 160 x 96): the segmenter's pixels
+    are its processor's of the photo edge-padded to 40 x 24 px, the frame at the photo's own pixels, so its map (which
+    the labeller stretches over the frame) lines up with the prepared photo."""
+    ckpt = sisrm_checkpoint
+    rgb = photo("coffee", (37, 21))
+    tensors = prepare(ckpt.model, _request(ckpt, rgb), ckpt.path)
+    assert tensors["lq_image"].shape[-2:] == (96, 160)
+    edged = np.concatenate([rgb, np.repeat(rgb[-1:], 3, axis=0)])
+    edged = np.concatenate([edged, np.repeat(edged[:, -1:], 3, axis=1)], axis=1)
+    _, processor = _segformer(ckpt.path / "segmenter")
+    assert torch.equal(tensors["pixel_values"], processor(images=edged, return_tensors="pt")["pixel_values"])
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("classes", "names 149 classes; the label generator scores 150"),
+    ("size", "its size .* must be multiples of 4 from 128 to 256 px"),
+    ("processor", "its image processor does not load"),
+])
+def test_a_segmenter_folder_a_request_cannot_use_is_refused_on_opening(sisrm_checkpoint, tmp_path, broken, message):
+    """Before any weights load, naming the file: id2label's classes not the label generator's, a processor's size
+    the graphs do not take, a processor config that does not parse."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(sisrm_checkpoint.path, path)
+    config, processor = path / "segmenter" / "config.json", path / "segmenter" / "preprocessor_config.json"
+    if broken == "classes":
+        data = json.loads(config.read_text())
+        data["id2label"].pop("149")
+        config.write_text(json.dumps(data))
+    elif broken == "size":
+        processor.write_text(json.dumps(json.loads(processor.read_text()) | {"size": {"height": 130, "width": 128}}))
+    else:
+        processor.write_text("{")
+    with pytest.raises(DiffsrError, match=message):
+        open_checkpoint(path)
 
 
 def test_the_segmentation_attention_is_eq_7_and_8():
@@ -184,13 +228,14 @@ def test_the_step_is_sd_controlnet_with_mask_fused_residuals(sisrm_checkpoint):
 
 
 def _label_words(ckpt, rgb, k):
-    """The label generator written out: the SegFormer logits' global average, the linear layer, softmax, the top k
-    classes' `id2label` names."""
+    """The label generator written out: the segmentation's (the SegFormer logits' softmax over classes) global
+    average, the linear layer, softmax, the top k classes' `id2label` names; the photo framed as the pipeline frames
+    it (`rgb` is one whose prepared frame is not padded)."""
     model, processor = _segformer(ckpt.path / "segmenter")
     weights = load_file(ckpt.path / "semantic" / "model.safetensors")
     with torch.no_grad():
         logits = model(pixel_values=processor(images=rgb, return_tensors="pt")["pixel_values"]).logits
-        scores = torch.softmax(F.linear(logits.mean((2, 3)), weights["label_generator.weight"].float(),
+        scores = torch.softmax(F.linear(logits.softmax(1).mean((2, 3)), weights["label_generator.weight"].float(),
                                         weights["label_generator.bias"].float()), -1)[0]
     return ", ".join(model.config.id2label[i] for i in scores.topk(k).indices.tolist())
 
@@ -262,8 +307,6 @@ def test_fp16_graphs_hold_the_image(sisrm_checkpoint, sisrm_onnx):
 
 @pytest.mark.parametrize("labels", [-1, 21])
 def test_a_label_count_out_of_range_is_refused(sisrm_checkpoint, labels):
-    from diffsr.export.core.errors import DiffsrError
-
     with pytest.raises(DiffsrError, match="labels"):
         _request(sisrm_checkpoint, photo("coffee", (20, 20)), labels=labels)
 
@@ -272,7 +315,6 @@ def test_a_label_count_out_of_range_is_refused(sisrm_checkpoint, labels):
 def test_a_prompting_stage_reads_the_photos_alone():
     """A prompting stage runs before the texts are tokenised: one that reads token ids (or a later stage's outputs), or
     runs over tiles, is refused when the family is checked."""
-    from diffsr.export.core.errors import DiffsrError
     from diffsr.export.model.families.sisrm import SISRM
     from diffsr.export.model.parts import Stage
 
