@@ -121,6 +121,11 @@ class DPMSolverMultistepScheduler(Scheduler):
         return prev
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timestep: float) -> torch.Tensor:
-        """alpha_t x_0 + sigma_t noise at a step's timestep (the first, to start from the LQ latent)."""
-        alpha, sigma = self._sigma_alpha[self.timesteps.index(timestep)]
+        """alpha_t x_0 + sigma_t noise: at a step's timestep (the first, to start from the LQ latent) as its step
+        computes them; at any other training timestep (XPSR's added noise level) from the training schedule."""
+        if timestep in self.timesteps:
+            alpha, sigma = self._sigma_alpha[self.timesteps.index(timestep)]
+        else:
+            a = self.alphas_cumprod[int(timestep)]
+            alpha, sigma = float(a**0.5), float((1 - a) ** 0.5)
         return alpha * original + sigma * noise

@@ -63,6 +63,8 @@ class FlowMatchEulerScheduler(Scheduler):
         return sample + (sigma_next - sigma) * model_output
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timestep: float) -> torch.Tensor:
-        """A point of the path at the step of `timestep`: (1 - sigma) x0 + sigma noise."""
-        sigma = self.sigmas[self.timesteps.index(timestep)]
+        """A point of the path at `timestep`: (1 - sigma) x0 + sigma noise, sigma the step's (or, at another
+        timestep, timestep / num_train_timesteps)."""
+        sigma = (self.sigmas[self.timesteps.index(timestep)] if timestep in self.timesteps
+                 else float(timestep) / self.num_train_timesteps)
         return sigma * noise + (1.0 - sigma) * original

@@ -11,6 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler as FlowReference
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.families.sd import SD_SCHEDULER_CONFIG
+from diffsr.export.model.families.xpsr import XPSR_SCHEDULER_CONFIG
 from diffsr.runtime.schedulers import SCHEDULERS, make_scheduler
 from diffsr.runtime.schedulers.ddim import DDIMScheduler
 from diffsr.runtime.step import LEADING_COLUMNS, step_table
@@ -102,6 +103,25 @@ def test_ddim_adds_noise_at_any_trained_timestep():
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     for t in (1, 500, 951, 999):
         assert (ours.add_noise(x0, noise, t) - ref.add_noise(x0, noise, torch.tensor([t]))).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["ddpm", "dpmpp-2m"])
+def test_the_diffusion_schedulers_noise_to_a_timestep_off_their_steps(name):
+    """XPSR's added noise level (800) is no step's timestep at 2 steps: every diffusion scheduler noises to it as the
+    training schedule does (diffusers' DDPM's `add_noise`), not only DDIM (dpmpp-2m looked it up among its steps)."""
+    ours, ref = make_scheduler(name, XPSR_SCHEDULER_CONFIG), DDPMReference.from_config(XPSR_SCHEDULER_CONFIG)
+    ours.set_timesteps(2)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert 800 not in ours.timesteps
+    assert (ours.add_noise(x0, noise, 800) - ref.add_noise(x0, noise, torch.tensor([800]))).abs().max() <= 1e-6
+
+
+def test_flow_matching_noises_to_a_timestep_off_its_steps():
+    ours = make_scheduler("flow-euler", SD35_SCHEDULER_CONFIG)
+    ours.set_timesteps(20)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert 800.0 not in ours.timesteps
+    assert torch.allclose(ours.add_noise(x0, noise, 800), 0.8 * noise + 0.2 * x0)
 
 
 def test_step_stays_on_the_inputs_dtype():
