@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from PIL import Image
 
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.files import read_json
 from diffsr.export.core.progress import Progress
 from diffsr.export.graphs.manifest import checkpoint_digest
 from diffsr.export.model.checkpoint import Checkpoint, load_submodule
@@ -51,6 +53,8 @@ class Encoder:
     them, `batch` at a time through `embed` (any backend's call of the `gallery_embed` graph)."""
 
     def __init__(self, spec: GalleryEncoder, embed: Embed, batch: int = 16, digest: str | None = None):
+        if batch < 1:
+            raise DiffsrError(f"batch={batch}: embed at least 1 photo at a time")
         self.spec, self.embed, self.batch = spec, embed, batch
         self.pixels = ClipPreparation.of(spec.path, spec.image_size)
         # the encoder folder's digest; given where the folder is a copy without its weights (a server's, whose
@@ -140,14 +144,23 @@ class Gallery:
         if not (path / INDEX_FILE).is_file() or not (path / PHOTOS_FILE).is_file():
             raise DiffsrError(f"{path} is not a gallery index (no {INDEX_FILE} and {PHOTOS_FILE}): make one with "
                               "`diffsr gallery build`")
-        meta = json.loads((path / PHOTOS_FILE).read_text())
-        index: Any = faiss.read_index(str(path / INDEX_FILE))  # an IndexIDMap2 (its id_map below)
-        photos = {int(p["id"]): (p["name"], p["sha256"]) for p in meta["photos"]}
-        held = {int(i) for i in faiss.vector_to_array(index.id_map)}
+        meta = read_json(path / PHOTOS_FILE, "gallery index file", "build the index again with `diffsr gallery build`")
+        try:
+            index: Any = faiss.read_index(str(path / INDEX_FILE))  # an IndexIDMap2 (its id_map below)
+            held = {int(i) for i in faiss.vector_to_array(index.id_map)}
+        except (RuntimeError, AttributeError) as e:
+            raise DiffsrError(f"{path / INDEX_FILE} is no gallery index faiss reads ({str(e).splitlines()[0]}): build "
+                              "the index again with `diffsr gallery build`") from None
+        try:
+            photos = {int(p["id"]): (str(p["name"]), str(p["sha256"])) for p in meta["photos"]}
+            dim, encoder = int(meta["dim"]), str(meta["encoder"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DiffsrError(f"{path / PHOTOS_FILE} is malformed ({type(e).__name__}: {e}): build the index again with "
+                              "`diffsr gallery build`") from None
         if held != set(photos):
             raise DiffsrError(f"{path}: {INDEX_FILE} and {PHOTOS_FILE} do not name the same photos ({index.ntotal} vectors, "
                               f"{len(photos)} photos): build the index again")
-        return cls(int(meta["dim"]), meta["encoder"], photos, index, int(meta.get("next_id", max(photos, default=-1) + 1)),
+        return cls(dim, encoder, photos, index, int(meta.get("next_id", max(photos, default=-1) + 1)),
                    str(meta.get("root", "")))
 
     def files(self, matches: list[Match]) -> list[Path]:
@@ -159,6 +172,11 @@ class Gallery:
         gone = [str(f) for f in files if not f.is_file()]
         if gone:
             raise DiffsrError(f"gallery photos {gone} are gone: build the index again over {self.root}")
+        stored = {name: sha for name, sha in self.photos.values()}
+        changed = [str(f) for f, m in zip(files, matches) if _sha256(f) != stored[m.name]]
+        if changed:  # picked by the old photo's embedding
+            raise DiffsrError(f"gallery photos {changed} changed since the index was built: build it again over "
+                              f"{self.root}")
         return files
 
 
@@ -170,6 +188,16 @@ def photo_files(folder: Path) -> list[Path]:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _unreadable(path: Path) -> str:
+    """Why Pillow cannot read a photo file (its header and structure checked without decoding it), or ''."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return str(e) or type(e).__name__
+    return ""
 
 
 def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
@@ -184,6 +212,9 @@ def build_gallery(folder: Path, out: Path, encoder: Encoder,
     files = photo_files(folder)
     if not files:
         raise DiffsrError(f"no photos in {folder} (looked for {', '.join(PHOTO_SUFFIXES)})")
+    if out.exists() and not out.is_dir():
+        raise DiffsrError(f"--out {out} is a file: give the index's folder (made if new)")
+    out.mkdir(parents=True, exist_ok=True)  # now, not after the embedding: a folder that cannot be made says so first
     gallery = Gallery.load(out) if (out / PHOTOS_FILE).exists() else Gallery(encoder.spec.projection_dim, encoder.digest)
     if gallery.encoder != encoder.digest or gallery.dim != encoder.spec.projection_dim:
         raise DiffsrError(f"{out} was built with another gallery encoder: build a new index (its vectors would not "
@@ -200,6 +231,9 @@ def build_gallery(folder: Path, out: Path, encoder: Encoder,
     gone = set(held) - current
     gallery.remove(gone | changed)
     todo = [p for p in files if names[p] not in held or names[p] in changed]
+    broken = [f"{p}: {e}" for p in todo if (e := _unreadable(p))]
+    if broken:  # before the embedding, which may take minutes
+        raise DiffsrError(f"{len(broken)} photo(s) in {folder} do not decode; remove or mend them: {'; '.join(broken[:5])}")
     for done, chunk in enumerate(_chunks(todo, encoder.batch)):
         gallery.add([names[p] for p in chunk], [hashes[p] for p in chunk], encoder([load_image(p) for p in chunk]))
         if on_progress is not None:

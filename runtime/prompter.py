@@ -10,12 +10,10 @@ token, BOS first. Both are tested equal to the processor's.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,12 +21,13 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.model.attachments.clip_vision import CLIP_MEAN, CLIP_STD
+from diffsr.export.model.attachments.clip_vision import CLIP_MEAN, CLIP_STD, clip_processing
 from diffsr.export.model.attachments.prompter import (
     CHAT_TEMPLATE,
     DEFAULT_INSTRUCTION,
     IMAGE,
     MAX_TEXT,
+    parse_template,
 )
 from diffsr.export.model.attachments.prompter import Prompter as PrompterSpec
 from diffsr.export.model.settings import PipelineConfig
@@ -38,8 +37,13 @@ from diffsr.runtime.caption import CaptionSettings, Graphs, TextWriter
 def clip_pixels(rgb: NDArray[np.uint8], size: int, crop: int, mean: tuple[float, ...] = CLIP_MEAN,
                 std: tuple[float, ...] = CLIP_STD) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, crop, crop) float32 as CLIP's image processor makes them: Pillow's bicubic resize of
-    the short side to `size` (the long one in proportion, rounded down), the centre `crop` square, [0, 1], normalised."""
+    the short side to `size` (the long one in proportion, rounded down), the centre `crop` square, [0, 1], normalised.
+    A photo over 16 times longer than wide (or wide than long) has its centre band of that ratio resized."""
     h, w = rgb.shape[:2]
+    band = 16 * min(h, w)
+    if max(h, w) > band:  # a long thin photo: only its centre band (which holds the crop) is resized, not all of it
+        rgb = rgb[(h - band) // 2: (h - band) // 2 + band] if h > w else rgb[:, (w - band) // 2: (w - band) // 2 + band]
+        h, w = rgb.shape[:2]
     nh, nw = (int(size * h / w), size) if w <= h else (size, int(size * w / h))
     img = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.Resampling.BICUBIC), dtype=np.float32)
     top, left = (nh - crop) // 2, (nw - crop) // 2
@@ -58,20 +62,8 @@ class ClipPreparation:
 
     @classmethod
     def of(cls, folder: Path, image_size: int) -> ClipPreparation:
-        """Read from the image processor's own file, or the processor's entry (transformers 5 writes it there); what
-        they leave out is CLIP's at the vision tower's `image_size`."""
-        config: dict[str, Any] = {}
-        for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-            if (folder / name).is_file():
-                data = json.loads((folder / name).read_text())
-                config = dict(data.get(key, {}) if key else data)
-                if config:
-                    break
-        crop = config.get("crop_size", {}).get("height", image_size)
-        if crop != image_size:
-            raise DiffsrError(f"{folder}: the image processor crops {crop} px, the vision tower takes {image_size}")
-        return cls(config.get("size", {}).get("shortest_edge", image_size), crop,
-                   tuple(config.get("image_mean", CLIP_MEAN)), tuple(config.get("image_std", CLIP_STD)))
+        """Read from the folder's image processor settings (`clip_processing`)."""
+        return cls(*clip_processing(folder, image_size))
 
     def __call__(self, rgb: NDArray[np.uint8]) -> torch.Tensor:
         return clip_pixels(rgb, self.size, self.crop, self.mean, self.std)
@@ -94,10 +86,9 @@ class LlavaPrompter(TextWriter):
     def template(self) -> str:
         """The folder's chat template (the processor's file, or the tokenizer's), else LLaVA-1.5's."""
         folder = self.spec.path
-        if (folder / "chat_template.jinja").is_file():
-            return (folder / "chat_template.jinja").read_text()
-        if (folder / "chat_template.json").is_file():
-            return str(json.loads((folder / "chat_template.json").read_text())["chat_template"])
+        for name in ("chat_template.jinja", "chat_template.json"):
+            if (folder / name).is_file():
+                return parse_template(folder / name)
         return str(getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE)
 
     @cached_property

@@ -395,6 +395,8 @@ def _copy_gallery(ckpt: Checkpoint, options: ServingOptions, to: Path) -> None:
     if gallery.encoder != checkpoint_digest(encoder.path):
         raise DiffsrError(f"--gallery {index} was built with another gallery encoder than {ckpt.path}'s")
     gallery.files([])  # an index that does not say where its photos are is refused now, not at the first request
+    if not len(gallery):
+        raise DiffsrError(f"--gallery {index} holds no photos: build it over a folder of photos")
     if not Path(gallery.root).is_dir():
         raise DiffsrError(f"--gallery {index}: its photos' folder {gallery.root} is not here: the server reads them from "
                           "there (mount it at that path)")

@@ -27,7 +27,7 @@ def build(
     folder: Annotated[Path, typer.Argument(help="a folder of photos (searched recursively: PNG, JPEG, WebP, BMP, TIFF)")],
     checkpoint: Annotated[Path, typer.Option(help="a checkpoint with a gallery_encoder/ folder")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="the index folder: made, or brought up to date")],
-    batch: Annotated[int, typer.Option(help="photos embedded at once")] = 16,
+    batch: Annotated[int, typer.Option(min=1, help="photos embedded at once")] = 16,
 ) -> None:
     """Embed a folder's photos into an index; again over the same folder, only new or changed photos are embedded."""
     from diffsr.runtime.gallery import build_gallery

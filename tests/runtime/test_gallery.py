@@ -111,9 +111,48 @@ def test_mistakes_are_refused(spec, encoder, photos, tmp_path):
         build_gallery(photos, tmp_path / "index", other)
     with pytest.raises(DiffsrError, match="built with another gallery encoder"):
         nearest(gallery, other, photo("coffee", None), 1)
+    calls = encoder.calls
     (photos / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(DiffsrError, match="cannot decode .*broken.png"):
+    with pytest.raises(DiffsrError, match="1 photo.* do not decode.*broken.png"):
         build_gallery(photos, tmp_path / "fresh", encoder)
+    assert encoder.calls == calls  # before any photo was embedded
+    (photos / "broken.png").unlink()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(DiffsrError, match="is a file: give the index's folder"):
+        build_gallery(photos, tmp_path / "a-file", encoder)
+    with pytest.raises(DiffsrError, match="embed at least 1 photo"):
+        Encoder(spec, encoder.embed, batch=0)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda i: (i / "photos.json").write_text("{"), "gallery index file is not valid JSON"),
+    (lambda i: (i / "photos.json").write_text(json.dumps({k: v for k, v in json.loads((i / "photos.json").read_text())
+                                                          .items() if k != "dim"})), "photos.json is malformed .*dim"),
+    (lambda i: (i / "index.faiss").write_bytes((i / "index.faiss").read_bytes()[:50]), "index.faiss is no gallery index"),
+], ids=["json", "key", "faiss"])
+def test_a_damaged_index_is_refused_in_one_line(encoder, photos, tmp_path, damage, message):
+    build_gallery(photos, tmp_path / "index", encoder)
+    damage(tmp_path / "index")
+    with pytest.raises(DiffsrError, match=message):
+        Gallery.load(tmp_path / "index")
+
+
+def test_a_gallery_photo_changed_since_the_build_is_not_used(encoder, photos, tmp_path):
+    """Its vector is the old photo's: picked, it would be ranked by another photo's score."""
+    gallery, *_ = build_gallery(photos, tmp_path / "index", encoder)
+    match = nearest(gallery, encoder, photo("coffee", None), 1)
+    assert gallery.files(match) == [photos / "coffee.png"]
+    Image.fromarray(photo("astronaut", None)).save(photos / "coffee.png")
+    with pytest.raises(DiffsrError, match="changed since the index was built"):
+        gallery.files(match)
+
+
+def test_a_long_thin_photo_is_prepared_from_its_centre_band():
+    """A 20,000 x 3 photo: the centre band (16 times its short side) resized, not the whole photo (which took
+    gigabytes at 200,000 px); a photo within that ratio is prepared as before, as CLIP's processor."""
+    thin = np.random.default_rng(0).integers(0, 255, (3, 20_000, 3), dtype=np.uint8)
+    band = thin[:, 10_000 - 24: 10_000 + 24]
+    torch.testing.assert_close(clip_pixels(thin, 28, 28), clip_pixels(band, 28, 28), rtol=0, atol=0)
 
 
 def test_the_command_line_builds_and_searches(tiny_checkpoint, photos, tmp_path):
@@ -137,4 +176,7 @@ def test_the_command_line_builds_and_searches(tiny_checkpoint, photos, tmp_path)
     missing = runner.invoke(app, ["gallery", "build", str(photos), "--checkpoint", str(tiny_checkpoint.path), "--out",
                                   str(tmp_path / "j")])
     assert missing.exit_code == 2 and "has no gallery_encoder/" in missing.output
+    none = runner.invoke(app, ["gallery", "build", str(photos), "--checkpoint", str(ckpt), "--out", str(tmp_path / "k"),
+                               "--batch", "0"])  # it made an empty index
+    assert none.exit_code == 2 and "'--batch': Input should be greater than or equal to 1" in none.output, none.output
     assert np.isfinite(float(lines[1].split("\t")[0]))

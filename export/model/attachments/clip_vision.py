@@ -4,13 +4,45 @@ and position embeddings, the pre-norm, then the first `depth` encoder layers. Th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.files import read_json
+
 # CLIP's image normalisation (OpenAI's mean and deviation), which every CLIP image processor here uses
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_processing(folder: Path, image_size: int) -> tuple[int, int, tuple[float, ...], tuple[float, ...]]:
+    """A folder's CLIP image processor's settings (the short side's size, the crop, the mean and deviation), read from
+    the processor's own file or the processor's entry (transformers 5 writes it there); what they leave out is CLIP's
+    at the vision tower's `image_size`. Settings that do not parse, or do not make the tower's input, are refused
+    naming the file."""
+    config: dict[str, Any] = {}
+    source = folder
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        if (folder / name).is_file():
+            data = read_json(folder / name, "image processor file")
+            config, source = dict(data.get(key) or {} if key else data), folder / name
+            if config:
+                break
+    try:
+        crop = int(config.get("crop_size", {}).get("height", image_size))
+        size = int(config.get("size", {}).get("shortest_edge", image_size))
+        mean = tuple(float(v) for v in config.get("image_mean", CLIP_MEAN))
+        std = tuple(float(v) for v in config.get("image_std", CLIP_STD))
+    except (AttributeError, TypeError, ValueError) as e:
+        raise DiffsrError(f"{source}: its image processor settings do not parse ({e})") from None
+    if crop != image_size:
+        raise DiffsrError(f"{source}: the image processor crops {crop} px, the vision tower takes {image_size}")
+    if size < crop or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise DiffsrError(f"{source}: the image processor's short side ({size} px) must be at least its crop ({crop}), "
+                          f"its image_mean and image_std three numbers each, the deviations above 0")
+    return size, crop, mean, std
 
 
 def clip_hidden(tower: Any, pixel_values: torch.Tensor, depth: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch import nn
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.model.attachment import Attachment
-from diffsr.export.model.attachments.clip_vision import CLIP_MEAN, CLIP_STD, clip_hidden
+from diffsr.export.model.attachments.clip_vision import CLIP_MEAN, CLIP_STD, clip_hidden, clip_processing
 from diffsr.export.model.dims import NamedDim
 from diffsr.export.model.parts import Component
 from diffsr.export.model.signatures import Signature, TensorSpec
@@ -134,6 +134,10 @@ class GalleryEncoder(Attachment):
         if not (folder / "preprocessor_config.json").is_file():
             return [f"gallery encoder file missing: {folder / 'preprocessor_config.json'}: copy the CLIP image "
                     "processor's config"]
+        try:
+            clip_processing(folder, self.image_size)
+        except DiffsrError as e:
+            return [str(e)]
         return []
 
 

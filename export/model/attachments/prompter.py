@@ -40,7 +40,7 @@ import torch
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.core.files import read_json
 from diffsr.export.model.attachment import Attachment
-from diffsr.export.model.attachments.clip_vision import CLIP_MEAN, CLIP_STD
+from diffsr.export.model.attachments.clip_vision import CLIP_MEAN, CLIP_STD, clip_processing
 from diffsr.export.model.attachments.kv_cache import attended_mask, beams_dim, lm_signatures
 from diffsr.export.model.dims import NamedDim
 from diffsr.export.model.parts import Component, Draw
@@ -170,6 +170,13 @@ class Prompter(Attachment):
         if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
             errors.append(f"prompter file missing: {folder / 'tokenizer.json'} (or tokenizer.model): copy the "
                           "prompter's tokenizer files")
+        try:
+            clip_processing(folder, self.image_size)
+            for name in ("chat_template.jinja", "chat_template.json"):
+                if (folder / name).is_file():
+                    parse_template(folder / name)
+        except DiffsrError as e:
+            errors.append(str(e))
         return errors
 
     def serving_files(self, folder: Path) -> list[Path]:
@@ -217,6 +224,24 @@ class Prompter(Attachment):
         return {"input_ids": ids,
                 "position_ids": lambda shape, g: torch.randint(0, n, shape, generator=g, dtype=torch.int32),
                 "attention_mask": attended_mask}
+
+
+def parse_template(path: Path) -> str:
+    """A chat template file's template (`chat_template.jinja`, or the `chat_template` of `chat_template.json`), parsed
+    as Jinja: one that does not parse is refused naming the file, not found at the first request."""
+    import jinja2
+
+    if path.suffix == ".json":
+        text = read_json(path, "prompter file").get("chat_template")
+        if not isinstance(text, str):
+            raise DiffsrError(f"{path} holds no chat_template string")
+    else:
+        text = path.read_text(encoding="utf-8")
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise DiffsrError(f"{path}: the chat template does not parse (line {e.lineno}: {e.message})") from None
+    return text
 
 
 def open_prompter(folder: Path) -> Prompter:

@@ -5,6 +5,8 @@ texts token for token equal to `generate`, on real photos."""
 import dataclasses
 import json
 
+import re
+
 import pytest
 import torch
 
@@ -107,6 +109,18 @@ def test_presets_and_errors(prompter, tmp_path):
         import shutil
 
         shutil.rmtree(prompter.path.parent / "captioner")
+    for name, text, message in (("chat_template.jinja", "{% for %}", "chat template does not parse"),
+                                ("preprocessor_config.json", "{", "image processor file is not valid JSON"),
+                                ("preprocessor_config.json", '{"size": {"shortest_edge": 8}}', "short side .8 px. must be "
+                                 "at least its crop")):
+        path = prompter.path / name
+        kept = path.read_bytes() if path.exists() else None
+        path.write_text(text)
+        try:
+            assert any(re.search(message, e) for e in prompter.file_errors(prompter.path)), prompter.file_errors(prompter.path)
+        finally:
+            path.write_bytes(kept) if kept is not None else path.unlink()
+    assert prompter.file_errors(prompter.path) == []
     runner = LlavaPrompter(prompter, run=lambda name, **feed: pytest.fail("nothing runs"))
     with pytest.raises(DiffsrError, match="takes the photo once"):
         runner.ids(f"{IMAGE} and {IMAGE}")
