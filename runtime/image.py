@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffsr.export.core.errors import DiffsrError
 from diffsr.export.model.family import ModelFamily
@@ -39,7 +39,7 @@ def decode_image(data: bytes, source: str = "image") -> np.ndarray:
             if img.width * img.height > MAX_INPUT_PIXELS:
                 raise DiffsrError(f"{source} is {img.width}x{img.height}, above the {MAX_INPUT_PIXELS} pixel limit")
             img.load()
-            return to_rgb(img)
+            return to_rgb(ImageOps.exif_transpose(img))  # as viewers show it (a camera's orientation tag applied)
     except UnidentifiedImageError:
         raise DiffsrError(f"cannot decode {source}: its {len(data)} bytes are no image format Pillow reads (send a PNG "
                           "or JPEG)") from None
@@ -49,6 +49,8 @@ def decode_image(data: bytes, source: str = "image") -> np.ndarray:
 
 def load_image(path: str | Path) -> np.ndarray:
     path = Path(path)
+    if path.is_dir():
+        raise DiffsrError(f"{path} is a folder, not a photo: give a photo file")
     if not path.is_file():
         raise DiffsrError(f"input image not found: {path}")
     return decode_image(path.read_bytes(), str(path))

@@ -90,7 +90,7 @@ def upscale(
     tile_batch: Annotated[Optional[int], typer.Option(help="tiles per submodule call")] = None,
     gallery: Annotated[Optional[Path], typer.Option(help="a gallery index (`diffsr gallery build`): its photos nearest "
                                                           "the input join the references")] = None,
-    top_k: Annotated[int, typer.Option(help="how many photos --gallery picks")] = 4,
+    top_k: Annotated[Optional[int], typer.Option(help="how many photos --gallery picks (default 4)")] = None,
 ) -> None:
     """Upscale one image x4 (over overlapping tiles where it is larger than the model's native size)."""
     from diffsr.app.cli import tables
@@ -105,6 +105,8 @@ def upscale(
     if missing:  # before the checkpoint is read
         raise DiffsrError(f"input image not found: {', '.join(missing)}")
     output_path(out_file, overwrite, photos)
+    if top_k is not None and gallery is None:
+        raise DiffsrError("--top-k says how many photos --gallery picks: give --gallery INDEX too")
     ckpt = open_checkpoint(checkpoint)
     if gallery is not None:  # the gallery's picks after any given with the request, as if given by name
         listed = next(iter(ckpt.model.photo_lists()), None)
@@ -113,7 +115,8 @@ def upscale(
                               "family does)")
         from diffsr.runtime.gallery import picked_references, torch_encoder
 
-        files, matches = picked_references(gallery, torch_encoder(ckpt, 1), load_image(image), top_k)
+        files, matches = picked_references(gallery, torch_encoder(ckpt, 1), load_image(image),
+                                           4 if top_k is None else top_k)
         values[listed.name] = [*(values.get(listed.name) or []), *files]
         console.print(f"{listed.name} from {gallery}: " + ", ".join(f"{m.name} ({m.score:.3f})" for m in matches),
                       soft_wrap=True, highlight=False, markup=False)
@@ -163,7 +166,7 @@ def demo(
 def export_cmd(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint folder")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for the ONNX files and manifest.json")],
-    opset: Annotated[int, typer.Option(help="ONNX opset (TensorRT 10 reads 9 to 20)")] = 18,
+    opset: Annotated[int, typer.Option(min=18, max=20, help="ONNX opset: 18 to 20 (what PyTorch's exporter writes and TensorRT 10 reads)")] = 18,
     fp16: Annotated[bool, typer.Option("--fp16", help="also write FP16 graphs, layers kept FP32 by the FP16 check")] = False,
     calib_photos: Annotated[str, typer.Option(help="FP16 check: skimage photos, comma-separated")] = "astronaut,coffee,chelsea",
     calib_steps: Annotated[int, typer.Option(help="FP16 check: sampler steps per run (its timesteps are checked)")] = 20,

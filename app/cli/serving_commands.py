@@ -31,17 +31,19 @@ def triton_repo(
     step_batch_delay_us: Annotated[int, typer.Option(help="how long a step call may wait for others to batch with")] = 0,
     gallery: Annotated[Optional[Path], typer.Option(help="a gallery index (`diffsr gallery build`): a request without "
                                                           "references gets the photos nearest its photo")] = None,
-    gallery_top_k: Annotated[int, typer.Option(help="how many photos --gallery picks")] = 4,
+    gallery_top_k: Annotated[Optional[int], typer.Option(help="how many photos --gallery picks (default 4)")] = None,
 ) -> None:
     """Generate the Triton model repository (BLS entry point, per-submodule models)."""
     from diffsr.export.model.checkpoint import open_checkpoint
     from diffsr.triton_models.repository import ServingOptions, build_repository
 
+    if gallery_top_k is not None and gallery is None:
+        raise DiffsrError("--gallery-top-k says how many photos --gallery picks: give --gallery INDEX too")
     w, h = parse_size(max_output)
     options = ServingOptions(sampler_instances=sampler_instances, max_output_pixels=w * h, tile=tile,
                              tile_overlap=tile_overlap, tile_batch=tile_batch, entry=entry, step_batch=step_batch,
                              step_batch_delay_us=step_batch_delay_us, gallery=str(gallery) if gallery else None,
-                             gallery_top_k=gallery_top_k)
+                             gallery_top_k=4 if gallery_top_k is None else gallery_top_k)
     configs = build_repository(open_checkpoint(checkpoint), onnx, out_dir, flavour, engines, options)
     console.print(f"wrote {len(configs)} models ({flavour}) to {out_dir}: {', '.join(configs)}", soft_wrap=True)
 

@@ -45,6 +45,17 @@ def require_writable(path: Path) -> None:
         raise DiffsrError(f"cannot write {path}: folder {folder} is not writable")
 
 
+def require_image_name(path: Path) -> None:
+    """An output photo's name must say a format Pillow writes (checked before the work, not after it)."""
+    from PIL import Image
+
+    Image.init()
+    suffix = path.suffix.lower()
+    if Image.registered_extensions().get(suffix) not in Image.SAVE:
+        raise DiffsrError(f"cannot write {path}: {suffix or 'no extension'} names no image format; end it in .png "
+                          "(lossless) or .jpg")
+
+
 def linked_copy(src: Path, out: Path) -> Path:
     """A new folder `out` holding `src`'s files: the graphs as hard links where the file system allows (no
     second copy of SDXL's gigabytes; every writer here replaces a graph file, never rewrites it in place),

@@ -140,6 +140,10 @@ class RefSR(ModelFamily):
         if settings.cfg:
             errors.append(f"guidance_scale={settings.guidance_scale}: the {self.name} family has no text conditioning "
                           "to guide by; use 1.0")
+        for name in ("prompt", "negative_prompt"):
+            if getattr(settings, name):  # it would be ignored: say so rather than make the image without it
+                errors.append(f"{name}={getattr(settings, name)!r}: the {self.name} family has no text conditioning; "
+                              "leave it out")
         return errors
 
     def family_dims(self) -> tuple[NamedDim, ...]:

@@ -124,6 +124,8 @@ class SISRMConfig:
         if (2 ** (len(self.unet_channels) - 1)) % self.mask_pool:
             raise DiffsrError(f"mask_pool {self.mask_pool} must divide the latent multiple "
                               f"{2 ** (len(self.unet_channels) - 1)}")
+        if not 0 <= self.labels <= MAX_LABELS:
+            raise DiffsrError(f"labels {self.labels}: a prompt takes 0 to {MAX_LABELS} label words")
         if self.segmenter_side % 32 or self.segmenter_side < 4 * MIN_SEGMENT:
             raise DiffsrError(f"segmenter_side {self.segmenter_side} must divide by 32 (SegFormer's four stages) and be "
                               f"at least {4 * MIN_SEGMENT}")
@@ -155,7 +157,9 @@ def _processor(folder: Path) -> Any:
     from transformers import SegformerImageProcessorPil  # the processor on PIL (its torchvision twin needs torchvision)
 
     try:
-        return SegformerImageProcessorPil.from_pretrained(str(folder))
+        if not (folder / "preprocessor_config.json").is_file():  # else transformers takes the path for a hub name
+            raise OSError(f"no preprocessor_config.json in {folder}")
+        return SegformerImageProcessorPil.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise DiffsrError(f"{folder}: its image processor does not load ({type(e).__name__}: {e}): copy the segmenter's "
                           "preprocessor_config.json there") from None

@@ -195,3 +195,50 @@ def test_upscale_never_writes_over_its_own_photo(tiny_checkpoint, png, tmp_path)
     _one_line_error(_run("upscale", png, "-o", png, "--checkpoint", tiny_checkpoint.path),
                     f"--out {png} is the input photo {png}: write the result to another file, or pass --overwrite")
     assert png.read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (("-o", "{tmp}/x.txt"), "cannot write {tmp}/x.txt: .txt names no image format"),
+    (("-o", "{tmp}/x"), "cannot write {tmp}/x: no extension names no image format"),
+    (("-o", "{tmp}/x.png", "--top-k", "3"), "--top-k says how many photos --gallery picks: give --gallery INDEX too"),
+])
+def test_upscale_refuses_before_the_work(tiny_checkpoint, png, tmp_path, args, message):
+    """An output name that says no image format (it failed after the whole run), --top-k without a gallery (it was
+    ignored)."""
+    result = _run("upscale", png, *[a.format(tmp=tmp_path) for a in args], "--checkpoint", tiny_checkpoint.path)
+    _one_line_error(result, message.format(tmp=tmp_path))
+
+
+def test_a_folder_given_as_a_photo_is_named_a_folder(tiny_checkpoint, tmp_path):
+    from diffsr.export.core.errors import DiffsrError
+    from diffsr.runtime.image import load_image
+
+    with pytest.raises(DiffsrError, match="is a folder, not a photo"):
+        load_image(tmp_path)
+
+
+def test_a_photo_is_read_as_its_orientation_tag_shows_it(tmp_path):
+    """A camera's JPEG stored landscape with EXIF orientation 6 (rotate 90 degrees clockwise to view) is read as viewers
+    show it: portrait."""
+    from diffsr.runtime.image import load_image
+
+    stored = Image.new("RGB", (32, 24), (200, 30, 30))
+    stored.paste((30, 30, 200), (0, 0, 16, 24))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "tagged.jpg", exif=exif, quality=95)
+    rgb = load_image(tmp_path / "tagged.jpg")
+    assert rgb.shape == (32, 24, 3)
+    assert rgb[2, 12, 2] > 150 and rgb[-3, 12, 0] > 150  # the stored left (blue) is now the top, red the bottom
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused(tiny_checkpoint, tmp_path):
+    result = _run("export", "--checkpoint", tiny_checkpoint.path, "--out", tmp_path / "o", "--opset", "7")
+    assert result.exit_code == 2 and "'--opset': Input should be greater than or equal to 18" in result.output, result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_gallery_top_k_without_a_gallery_is_refused(tiny_checkpoint, tmp_path):
+    result = _run("triton-repo", "--checkpoint", tiny_checkpoint.path, "--onnx", tmp_path, "--out", tmp_path / "r",
+                  "--gallery-top-k", "3")
+    _one_line_error(result, "--gallery-top-k says how many photos --gallery picks: give --gallery INDEX too")

@@ -164,12 +164,16 @@ def test_a_request_without_references_runs_no_reference_stage(refsr_checkpoint):
     assert set(tiled) == {"lr_image", "z_lq", "reference_residuals"}  # the step reads the LR photo's tile too
 
 
-def test_guidance_is_refused_and_the_prompt_is_not_read(refsr_checkpoint):
-    """LDM x4 has no text: a guidance scale is refused with the request, in its words; a prompt tokenises to nothing."""
+def test_guidance_and_prompts_are_refused_and_the_prompt_is_not_read(refsr_checkpoint):
+    """LDM x4 has no text: a guidance scale or a prompt is refused with the request, in its words (a prompt was ignored
+    silently); a prompt tokenises to nothing."""
     ckpt = refsr_checkpoint
-    request = _request(ckpt, photo("camera", (16, 16)), [], guidance_scale=3.0)
-    with pytest.raises(DiffsrError, match="guidance_scale=3.0: the refsr family has no text conditioning"):
-        Pipeline(load_runners("torch", ckpt), ckpt).plan(request)
+    pipe = Pipeline(load_runners("torch", ckpt), ckpt)
+    for setting, message in (({"guidance_scale": 3.0}, "guidance_scale=3.0: the refsr family has no text conditioning"),
+                             ({"prompt": "a cat"}, "prompt='a cat': the refsr family has no text conditioning"),
+                             ({"negative_prompt": "blur"}, "negative_prompt='blur': the refsr family")):
+        with pytest.raises(DiffsrError, match=message):
+            pipe.plan(_request(ckpt, photo("camera", (16, 16)), [], **setting))
     assert ckpt.model.tokenizer(ckpt.path)(["anything"]) == {}
 
 
