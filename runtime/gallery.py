@@ -214,7 +214,10 @@ def build_gallery(folder: Path, out: Path, encoder: Encoder,
         raise DiffsrError(f"no photos in {folder} (looked for {', '.join(PHOTO_SUFFIXES)})")
     if out.exists() and not out.is_dir():
         raise DiffsrError(f"--out {out} is a file: give the index's folder (made if new)")
-    out.mkdir(parents=True, exist_ok=True)  # now, not after the embedding: a folder that cannot be made says so first
+    try:  # now, not after the embedding
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DiffsrError(f"cannot make the index folder {out}: {e.strerror}") from None
     gallery = Gallery.load(out) if (out / PHOTOS_FILE).exists() else Gallery(encoder.spec.projection_dim, encoder.digest)
     if gallery.encoder != encoder.digest or gallery.dim != encoder.spec.projection_dim:
         raise DiffsrError(f"{out} was built with another gallery encoder: build a new index (its vectors would not "
