@@ -68,9 +68,11 @@ def record_feeds(
     prompts = list(prompts)
     # an attachment that writes the prompts (a prompter, a captioner) is run on every photo, so its graphs are recorded
     caption = "always" if ckpt.model.prompter() is not None else None
+    texts = bool(ckpt.model.tokenizer_folders())  # a family without text conditioning (refsr) refuses a prompt
     for i, image in enumerate(images):
         for j, prompt in enumerate(prompts):
-            config = ckpt.defaults.replace(prompt=prompt, steps=steps, seed=100 * i + j, caption=caption)
+            config = ckpt.defaults.replace(prompt=prompt if texts else None, steps=steps, seed=100 * i + j,
+                                           caption=caption)
             # the model's native tiles, one a call: batches of several would be ragged (the last batch of tiles
             # smaller), which ONNX Runtime's INT8 calibrators cannot stack (a photo larger than one tile: refsr-tiny's)
             tiles = dataclasses.replace(config, tile=None, tile_overlap=None, tile_batch=1)

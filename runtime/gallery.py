@@ -234,7 +234,7 @@ def build_gallery(folder: Path, out: Path, encoder: Encoder,
     gone = set(held) - current
     gallery.remove(gone | changed)
     todo = [p for p in files if names[p] not in held or names[p] in changed]
-    broken = [f"{p}: {e}" for p in todo if (e := _unreadable(p))]
+    broken = [f"{p}: {why}" for p in todo if (why := _unreadable(p))]
     if broken:  # before the embedding, which may take minutes
         raise DiffsrError(f"{len(broken)} photo(s) in {folder} do not decode; remove or mend them: {'; '.join(broken[:5])}")
     for done, chunk in enumerate(_chunks(todo, encoder.batch)):

@@ -29,7 +29,9 @@ def read_json(path: Path, what: str, hint: str = "") -> dict[str, Any]:
 
 def require_new_folder(out: Path) -> None:
     """An output folder must not exist yet, or be empty: nothing of the user's is overwritten."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise DiffsrError(f"output folder {out} is a file: choose a new --out")
+    if out.exists() and any(out.iterdir()):
         raise DiffsrError(f"output folder {out} is not empty: choose a new --out or remove it")
 
 

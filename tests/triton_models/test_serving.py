@@ -454,6 +454,13 @@ def test_a_gallery_is_refused_where_it_cannot_serve(refsr_checkpoint, refsr_onnx
     with pytest.raises(DiffsrError, match="--gallery-top-k 11: use 1 to 10"):
         build_repository(refsr_checkpoint, refsr_onnx, tmp_path / "b", options=ServingOptions(gallery=index,
                                                                                             gallery_top_k=11))
+    from diffsr.runtime.gallery import Gallery
+
+    emptied = Gallery.load(refsr_gallery[0])
+    emptied.remove({name for name, _ in emptied.photos.values()})
+    emptied.save(tmp_path / "empty")
+    with pytest.raises(DiffsrError, match="--gallery .*empty holds no photos"):
+        build_repository(refsr_checkpoint, refsr_onnx, tmp_path / "c", options=ServingOptions(gallery=str(tmp_path / "empty")))
 
 
 def test_sisrm_endpoint_returns_the_label_words_as_the_onnxruntime_pipeline(sisrm_server, sisrm_checkpoint, sisrm_onnx):

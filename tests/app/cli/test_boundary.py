@@ -109,7 +109,7 @@ def test_a_path_under_a_file_is_one_line(tiny_checkpoint, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     _one_line_error(_run("export", "--checkpoint", tiny_checkpoint.path, "--out", blocker / "onnx"), "file.txt")
-    _one_line_error(_run("init", "--out", blocker), "is not empty")
+    _one_line_error(_run("init", "--out", blocker), f"output folder {blocker} is a file: choose a new --out")
 
 
 def test_gpu_check_json_path_is_checked_first(tmp_path):
