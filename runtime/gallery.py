@@ -34,7 +34,7 @@ from diffsr.export.core.progress import Progress
 from diffsr.export.graphs.manifest import checkpoint_digest
 from diffsr.export.model.checkpoint import Checkpoint, load_submodule
 from diffsr.export.model.attachments.gallery_encoder import GalleryEncoder
-from diffsr.runtime.image import load_image
+from diffsr.runtime.image import MAX_INPUT_PIXELS, load_image
 from diffsr.runtime.prompter import ClipPreparation
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -154,14 +154,14 @@ class Gallery:
         try:
             photos = {int(p["id"]): (str(p["name"]), str(p["sha256"])) for p in meta["photos"]}
             dim, encoder = int(meta["dim"]), str(meta["encoder"])
+            next_id = int(meta.get("next_id", max(photos, default=-1) + 1))
         except (KeyError, TypeError, ValueError) as e:
             raise DiffsrError(f"{path / PHOTOS_FILE} is malformed ({type(e).__name__}: {e}): build the index again with "
                               "`diffsr gallery build`") from None
         if held != set(photos):
             raise DiffsrError(f"{path}: {INDEX_FILE} and {PHOTOS_FILE} do not name the same photos ({index.ntotal} vectors, "
                               f"{len(photos)} photos): build the index again")
-        return cls(dim, encoder, photos, index, int(meta.get("next_id", max(photos, default=-1) + 1)),
-                   str(meta.get("root", "")))
+        return cls(dim, encoder, photos, index, next_id, str(meta.get("root", "")))
 
     def files(self, matches: list[Match]) -> list[Path]:
         """The photo files of a search's matches, in its folder; one gone since the build is an error naming it."""
@@ -194,6 +194,8 @@ def _unreadable(path: Path) -> str:
     """Why Pillow cannot read a photo file (its header and structure checked without decoding it), or ''."""
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_INPUT_PIXELS:
+                return f"{img.width}x{img.height}, above the {MAX_INPUT_PIXELS} pixel limit"
             img.verify()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return str(e) or type(e).__name__

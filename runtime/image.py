@@ -39,7 +39,8 @@ def decode_image(data: bytes, source: str = "image") -> np.ndarray:
             if img.width * img.height > MAX_INPUT_PIXELS:
                 raise DiffsrError(f"{source} is {img.width}x{img.height}, above the {MAX_INPUT_PIXELS} pixel limit")
             img.load()
-            return to_rgb(ImageOps.exif_transpose(img))  # as viewers show it (a camera's orientation tag applied)
+            ImageOps.exif_transpose(img, in_place=True)  # as viewers show it (a camera's orientation tag applied)
+            return to_rgb(img)
     except UnidentifiedImageError:
         raise DiffsrError(f"cannot decode {source}: its {len(data)} bytes are no image format Pillow reads (send a PNG "
                           "or JPEG)") from None

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, Tim
 from rich.progress import Progress as RichProgress
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.core.files import require_image_name, require_writable
+from diffsr.export.core.files import require_writable
 from diffsr.export.core.precision import Precision
 from diffsr.export.core.progress import Progress
 
@@ -115,4 +115,3 @@ def output_path(out: Path, overwrite: bool, inputs: list[Path]) -> None:
             raise DiffsrError(f"--out {out} is the input photo {given}: write the result to another file, or pass "
                               "--overwrite to replace the photo")
     require_writable(out)
-    require_image_name(out)

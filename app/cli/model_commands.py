@@ -11,6 +11,7 @@ import typer
 from diffsr.app.cli.common import bars, command, console, out, output_path, parse_precision, parse_size, writable
 from diffsr.app.cli.request_options import request_options
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.files import require_image_name
 from diffsr.export.core.precision import Precision
 from diffsr.export.core.progress import Progress
 from diffsr.runtime.backends.names import BACKENDS
@@ -105,6 +106,7 @@ def upscale(
     if missing:  # before the checkpoint is read
         raise DiffsrError(f"input image not found: {', '.join(missing)}")
     output_path(out_file, overwrite, photos)
+    require_image_name(out_file)
     if top_k is not None and gallery is None:
         raise DiffsrError("--top-k says how many photos --gallery picks: give --gallery INDEX too")
     ckpt = open_checkpoint(checkpoint)

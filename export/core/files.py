@@ -47,15 +47,14 @@ def require_writable(path: Path) -> None:
         raise DiffsrError(f"cannot write {path}: folder {folder} is not writable")
 
 
-def require_image_name(path: Path) -> None:
-    """An output photo's name must say a format Pillow writes (checked before the work, not after it)."""
-    from PIL import Image
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")  # what an upscaled photo is written as
 
-    Image.init()
-    suffix = path.suffix.lower()
-    if Image.registered_extensions().get(suffix) not in Image.SAVE:
-        raise DiffsrError(f"cannot write {path}: {suffix or 'no extension'} names no image format; end it in .png "
-                          "(lossless) or .jpg")
+
+def require_image_name(path: Path) -> None:
+    """An output photo's name must say a format it is written in whole (checked before the work, not after it)."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise DiffsrError(f"cannot write {path}: {path.suffix or 'no extension'} names no photo format diffsr writes "
+                          f"({', '.join(IMAGE_SUFFIXES)}); .png keeps every pixel")
 
 
 def linked_copy(src: Path, out: Path) -> Path:

@@ -25,8 +25,9 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 # Bumped whenever the export produces different graphs from the same inputs (2: fake-tensor tracing,
 # folded weight transposes, no pattern rewriter; 3: each dim within its declared bound, no process-dependent
-# metadata); graphs of another revision are never "up to date".
-EXPORTER_REVISION = 3
+# metadata; 4: sisrm's label generator pools the class probabilities); graphs of another revision are never "up to
+# date".
+EXPORTER_REVISION = 4
 FUSED = "ort_fused"  # key, in an FP32 entry, of the graph with ONNX Runtime's fused kernels (`ort_fusions`)
 LIBRARIES = ("diffsr", "torch", "onnx", "onnxruntime", "onnxscript", "diffusers", "transformers")
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from diffsr.calib.data import PHOTOS, photo  # five photos
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.model.attachments.clip_vision import CLIP_STD
 from diffsr.export.model.attachments.gallery_encoder import GalleryEmbed, init_gallery_encoder
 from diffsr.runtime.gallery import Encoder, Gallery, build_gallery, nearest
 from diffsr.runtime.prompter import clip_pixels
@@ -147,12 +148,37 @@ def test_a_gallery_photo_changed_since_the_build_is_not_used(encoder, photos, tm
         gallery.files(match)
 
 
-def test_a_long_thin_photo_is_prepared_from_its_centre_band():
-    """A 20,000 x 3 photo: the centre band (16 times its short side) resized, not the whole photo (which took
-    gigabytes at 200,000 px); a photo within that ratio is prepared as before, as CLIP's processor."""
-    thin = np.random.default_rng(0).integers(0, 255, (3, 20_000, 3), dtype=np.uint8)
-    band = thin[:, 10_000 - 24: 10_000 + 24]
-    torch.testing.assert_close(clip_pixels(thin, 28, 28), clip_pixels(band, 28, 28), rtol=0, atol=0)
+@pytest.mark.parametrize("sides", [(3, 51), (3, 52), (20_000, 3)], ids=["wide", "wider", "tall"])
+def test_a_long_thin_photo_is_prepared_from_the_crops_region_as_clips_processor_prepares_it(spec, sides):
+    """Over 16 times longer than wide: only the crop's source region is resized, not the whole photo (which took
+    gigabytes at 200,000 px), and the pixels are still the processor's, within a level of 8 bits (Pillow samples the
+    region with the whole photo's scale)."""
+    from transformers import AutoImageProcessor
+
+    thin = np.random.default_rng(0).integers(0, 255, (*sides, 3), dtype=np.uint8)
+    want = AutoImageProcessor.from_pretrained(str(spec.path))(images=thin, return_tensors="pt",
+                                                              input_data_format="channels_last").pixel_values
+    level = 1 / 255 / min(CLIP_STD)
+    torch.testing.assert_close(clip_pixels(thin, 28, 28), want, rtol=0, atol=level * 1.01)
+
+
+def test_a_processor_config_in_the_older_integer_form_reads_as_transformers_reads_it(spec, tmp_path):
+    """openai's CLIP folders write `"size": 224, "crop_size": 224`: the short side and the square."""
+    from diffsr.export.model.attachments.clip_vision import clip_processing
+
+    folder = tmp_path / "older"
+    shutil.copytree(spec.path, folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps(config | {"size": 28, "crop_size": 28}))
+    assert clip_processing(folder, 28) == clip_processing(spec.path, 28) and spec.file_errors(folder) == []
+
+
+def test_a_photo_over_the_pixel_limit_is_refused_before_the_embedding(encoder, photos, tmp_path):
+    Image.new("L", (4097, 4097)).save(photos / "huge.png")
+    calls = encoder.calls
+    with pytest.raises(DiffsrError, match="huge.png: 4097x4097, above the 16777216 pixel limit"):
+        build_gallery(photos, tmp_path / "index", encoder)
+    assert encoder.calls == calls
 
 
 def test_the_command_line_builds_and_searches(tiny_checkpoint, photos, tmp_path):

@@ -27,15 +27,16 @@ def clip_processing(folder: Path, image_size: int) -> tuple[int, int, tuple[floa
     for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
         if (folder / name).is_file():
             data = read_json(folder / name, "image processor file")
-            config, source = dict(data.get(key) or {} if key else data), folder / name
+            config, source = (data.get(key) or {} if key else data), folder / name
             if config:
                 break
     try:
-        crop = int(config.get("crop_size", {}).get("height", image_size))
-        size = int(config.get("size", {}).get("shortest_edge", image_size))
+        crop, size = config.get("crop_size", image_size), config.get("size", image_size)
+        crop = int(crop["height"] if isinstance(crop, dict) else crop)  # an int: the square's side (older files)
+        size = int(size["shortest_edge"] if isinstance(size, dict) else size)  # an int: the short side's
         mean = tuple(float(v) for v in config.get("image_mean", CLIP_MEAN))
         std = tuple(float(v) for v in config.get("image_std", CLIP_STD))
-    except (AttributeError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise DiffsrError(f"{source}: its image processor settings do not parse ({e})") from None
     if crop != image_size:
         raise DiffsrError(f"{source}: the image processor crops {crop} px, the vision tower takes {image_size}")

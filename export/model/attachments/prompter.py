@@ -227,18 +227,21 @@ class Prompter(Attachment):
 
 
 def parse_template(path: Path) -> str:
-    """A chat template file's template (`chat_template.jinja`, or the `chat_template` of `chat_template.json`), parsed
-    as Jinja: one that does not parse is refused naming the file, not found at the first request."""
+    """A chat template file's template (`chat_template.jinja`, or the `chat_template` of `chat_template.json`),
+    compiled as transformers compiles it to render (its Jinja environment and extensions: `{% generation %}`, loop
+    controls): one that does not compile is refused naming the file, not found at the first request."""
     import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    if path.suffix == ".json":
-        text = read_json(path, "prompter file").get("chat_template")
-        if not isinstance(text, str):
-            raise DiffsrError(f"{path} holds no chat_template string")
-    else:
-        text = path.read_text(encoding="utf-8")
     try:
-        jinja2.Environment().parse(text)
+        text = read_json(path, "prompter file").get("chat_template") if path.suffix == ".json" else path.read_text(
+            encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DiffsrError(f"{path} is not UTF-8 text") from None
+    if not isinstance(text, str):
+        raise DiffsrError(f"{path} holds no chat_template string")
+    try:
+        _compile_jinja_template(text)
     except jinja2.TemplateSyntaxError as e:
         raise DiffsrError(f"{path}: the chat template does not parse (line {e.lineno}: {e.message})") from None
     return text

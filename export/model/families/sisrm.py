@@ -250,6 +250,9 @@ class SISRM(ModelFamily):
                     errors.append(f"{folder / 'preprocessor_config.json'}: its size {processor.size} must be "
                                   f"multiples of 4 from {4 * MIN_SEGMENT} to {2 * self.config.segmenter_side} px "
                                   "(the segmenter's graphs)")
+        except DiffsrError as e:
+            errors.append(str(e))
+        try:
             names = _label_names(folder)
             if len(names) != self.num_labels:
                 errors.append(f"{folder / 'config.json'} names {len(names)} classes; the label generator scores "

@@ -198,8 +198,9 @@ def test_upscale_never_writes_over_its_own_photo(tiny_checkpoint, png, tmp_path)
 
 
 @pytest.mark.parametrize("args, message", [
-    (("-o", "{tmp}/x.txt"), "cannot write {tmp}/x.txt: .txt names no image format"),
-    (("-o", "{tmp}/x"), "cannot write {tmp}/x: no extension names no image format"),
+    (("-o", "{tmp}/x.txt"), "cannot write {tmp}/x.txt: .txt names no photo format diffsr writes"),
+    (("-o", "{tmp}/x.ico"), "cannot write {tmp}/x.ico: .ico names no photo format"),  # Pillow's: at most 256 px
+    (("-o", "{tmp}/x"), "cannot write {tmp}/x: no extension names no photo format"),
     (("-o", "{tmp}/x.png", "--top-k", "3"), "--top-k says how many photos --gallery picks: give --gallery INDEX too"),
 ])
 def test_upscale_refuses_before_the_work(tiny_checkpoint, png, tmp_path, args, message):

@@ -121,6 +121,14 @@ def test_presets_and_errors(prompter, tmp_path):
         finally:
             path.write_bytes(kept) if kept is not None else path.unlink()
     assert prompter.file_errors(prompter.path) == []
+    template = prompter.path / "chat_template.jinja"
+    kept = template.read_text()
+    template.write_text("{% for m in messages %}{% if loop.first %}{% continue %}{% endif %}{% generation %}"
+                        "{{ m['content'] }}{% endgeneration %}{% endfor %}")  # transformers' own tags render
+    try:
+        assert prompter.file_errors(prompter.path) == []
+    finally:
+        template.write_text(kept)
     runner = LlavaPrompter(prompter, run=lambda name, **feed: pytest.fail("nothing runs"))
     with pytest.raises(DiffsrError, match="takes the photo once"):
         runner.ids(f"{IMAGE} and {IMAGE}")
