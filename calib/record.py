@@ -68,7 +68,7 @@ def record_feeds(
     prompts = list(prompts)
     # an attachment that writes the prompts (a prompter, a captioner) is run on every photo, so its graphs are recorded
     caption = "always" if ckpt.model.prompter() is not None else None
-    texts = bool(ckpt.model.tokenizer_folders())  # a family without text conditioning (refsr) refuses a prompt
+    texts = bool(ckpt.model.tokenizer_folders())  # a model without text (refsr) refuses a prompt (settings_errors)
     for i, image in enumerate(images):
         for j, prompt in enumerate(prompts):
             config = ckpt.defaults.replace(prompt=prompt if texts else None, steps=steps, seed=100 * i + j,

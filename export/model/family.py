@@ -103,8 +103,17 @@ class ModelFamily(ABC):
 
     def settings_errors(self, settings: PipelineConfig) -> list[str]:
         """What a request's (or a checkpoint's default) settings ask that this model cannot give, one line each: a
-        caption without a captioner, a family input that is not declared or out of its range."""
+        caption without a captioner, guidance or a prompt for a model without text (no tokenizer: LDM x4's; it would
+        be ignored), a family input that is not declared or out of its range."""
         errors = []
+        if not self.tokenizer_folders():
+            if settings.cfg:
+                errors.append(f"guidance_scale={settings.guidance_scale}: the {self.name} family has no text "
+                              "conditioning to guide by; use 1.0")
+            for name in ("prompt", "negative_prompt"):
+                if getattr(settings, name):
+                    errors.append(f"{name}={getattr(settings, name)!r}: the {self.name} family has no text "
+                                  "conditioning; leave it out")
         if settings.caption == "always" and self.prompter() is None:
             errors.append('caption="always" needs an attachment that writes the prompt (a prompter/ or captioner/ '
                           'folder: `diffsr init --prompter llava-tiny` or `--captioner blip2-tiny`, or a LLaVA-1.5 or '

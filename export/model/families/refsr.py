@@ -135,17 +135,6 @@ class RefSR(ModelFamily):
                              "to the model's reference side, square: refsr's 256 px)", low=0, high=MAX_REFERENCES,
                              side=self.config.reference_side, tensor="references", flag="reference"),)
 
-    def settings_errors(self, settings: PipelineConfig) -> list[str]:
-        errors = super().settings_errors(settings)
-        if settings.cfg:
-            errors.append(f"guidance_scale={settings.guidance_scale}: the {self.name} family has no text conditioning "
-                          "to guide by; use 1.0")
-        for name in ("prompt", "negative_prompt"):
-            if getattr(settings, name):  # it would be ignored: say so rather than make the image without it
-                errors.append(f"{name}={getattr(settings, name)!r}: the {self.name} family has no text conditioning; "
-                              "leave it out")
-        return errors
-
     def family_dims(self) -> tuple[NamedDim, ...]:
         return (BATCH, REFERENCES, *latent_sides(self.latent_multiple, self.native_latent))
 
