@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from diffsr.export.core.errors import DiffsrError
-from diffsr.export.core.files import read_json
+from diffsr.export.core.files import PHOTO_SUFFIXES, read_json
 from diffsr.export.core.progress import Progress
 from diffsr.export.graphs.manifest import checkpoint_digest
 from diffsr.export.model.checkpoint import Checkpoint, load_submodule
@@ -37,9 +37,10 @@ from diffsr.export.model.attachments.gallery_encoder import GalleryEncoder
 from diffsr.runtime.image import MAX_INPUT_PIXELS, load_image
 from diffsr.runtime.prompter import ClipPreparation
 
-PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 INDEX_FILE, PHOTOS_FILE = "index.faiss", "photos.json"
 Embed = Callable[[torch.Tensor], torch.Tensor]  # pixel_values (B, 3, S, S) -> image_embeds (B, P)
+
+TOP_K = 4  # the gallery photos picked as references where no count is given (upscale, a server)
 
 
 @dataclass(frozen=True)

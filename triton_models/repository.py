@@ -49,6 +49,7 @@ from diffsr.export.model.family import ModelFamily
 from diffsr.export.model.parts import Stage
 from diffsr.export.model.settings import PipelineConfig
 from diffsr.export.model.signatures import Signature, TensorSpec
+from diffsr.runtime.gallery import TOP_K
 from diffsr.runtime.tiling import tiling_for
 from diffsr.triton_models.endpoint import (
     ENSEMBLE,
@@ -88,7 +89,7 @@ class ServingOptions:
     # a gallery index (`diffsr gallery build`): a request without references gets its `gallery_top_k` photos nearest
     # the request's photo (read from the folder the index was built over) and the answer names them
     gallery: str | None = None
-    gallery_top_k: int = 4
+    gallery_top_k: int = TOP_K
 
     def __post_init__(self) -> None:
         if self.entry not in ENTRIES:

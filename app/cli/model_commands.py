@@ -115,10 +115,10 @@ def upscale(
         if listed is None:
             raise DiffsrError(f"--gallery picks reference photos; this {ckpt.model.name} checkpoint takes none (refsr's "
                               "family does)")
-        from diffsr.runtime.gallery import picked_references, torch_encoder
+        from diffsr.runtime.gallery import TOP_K, picked_references, torch_encoder
 
         files, matches = picked_references(gallery, torch_encoder(ckpt, 1), load_image(image),
-                                           4 if top_k is None else top_k)
+                                           TOP_K if top_k is None else top_k)
         values[listed.name] = [*(values.get(listed.name) or []), *files]
         console.print(f"{listed.name} from {gallery}: " + ", ".join(f"{m.name} ({m.score:.3f})" for m in matches),
                       soft_wrap=True, highlight=False, markup=False)

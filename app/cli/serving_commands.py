@@ -35,6 +35,7 @@ def triton_repo(
 ) -> None:
     """Generate the Triton model repository (BLS entry point, per-submodule models)."""
     from diffsr.export.model.checkpoint import open_checkpoint
+    from diffsr.runtime.gallery import TOP_K
     from diffsr.triton_models.repository import ServingOptions, build_repository
 
     if gallery_top_k is not None and gallery is None:
@@ -43,7 +44,7 @@ def triton_repo(
     options = ServingOptions(sampler_instances=sampler_instances, max_output_pixels=w * h, tile=tile,
                              tile_overlap=tile_overlap, tile_batch=tile_batch, entry=entry, step_batch=step_batch,
                              step_batch_delay_us=step_batch_delay_us, gallery=str(gallery) if gallery else None,
-                             gallery_top_k=4 if gallery_top_k is None else gallery_top_k)
+                             gallery_top_k=TOP_K if gallery_top_k is None else gallery_top_k)
     configs = build_repository(open_checkpoint(checkpoint), onnx, out_dir, flavour, engines, options)
     console.print(f"wrote {len(configs)} models ({flavour}) to {out_dir}: {', '.join(configs)}", soft_wrap=True)
 

@@ -29,11 +29,11 @@ from PIL import Image
 from diffsr.app.measure.parity import psnr_db
 from diffsr.calib.data import sample_request
 from diffsr.export.core.errors import DiffsrError
+from diffsr.export.core.files import PHOTO_SUFFIXES
 from diffsr.export.core.precision import Precision
 from diffsr.export.core.progress import OnProgress, Progress, ignore
 from diffsr.runtime.image import load_image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SSIM_WINDOW = 11  # pixels: the Gaussian window's side (sigma 1.5)
 BICUBIC = "bicubic"  # the first row
 REFERENCE = "torch fp32"  # the row the others' dB difference is against, where it ran
@@ -79,12 +79,12 @@ def _images(folder: Path, tag: str) -> list[Path]:
     folder), else all those not tagged for the other side."""
     if not folder.is_dir():
         raise DiffsrError(f"{tag} folder {folder} does not exist")
-    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
     tagged = [p for p in found if p.stem.upper().endswith(f"_{tag}")]
     other = "LR" if tag == "HR" else "HR"
     chosen = tagged or [p for p in found if not p.stem.upper().endswith(f"_{other}")]
     if not chosen:
-        raise DiffsrError(f"{tag} folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DiffsrError(f"{tag} folder {folder} has no images ({', '.join(PHOTO_SUFFIXES)})")
     return chosen
 
 

@@ -47,14 +47,15 @@ def require_writable(path: Path) -> None:
         raise DiffsrError(f"cannot write {path}: folder {folder} is not writable")
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")  # what an upscaled photo is written as
+# the photo formats diffsr reads from a folder (a gallery, eval's pairs) and writes an upscaled photo as, whole
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def require_image_name(path: Path) -> None:
     """An output photo's name must say a format it is written in whole (checked before the work, not after it)."""
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
+    if path.suffix.lower() not in PHOTO_SUFFIXES:
         raise DiffsrError(f"cannot write {path}: {path.suffix or 'no extension'} names no photo format diffsr writes "
-                          f"({', '.join(IMAGE_SUFFIXES)}); .png keeps every pixel")
+                          f"({', '.join(PHOTO_SUFFIXES)}); .png keeps every pixel")
 
 
 def linked_copy(src: Path, out: Path) -> Path:
